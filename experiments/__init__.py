@@ -1,0 +1,30 @@
+"""Experiment registry: ``launch.py --experiment=NAME`` runs ``experiments/<module>.run``.
+
+Each experiment module defines ``get_config(tiny: bool = False) -> ConfigDict``
+and ``run(config, workdir) -> dict`` (the paths and headline numbers it wrote).
+The ``tiny`` setting runs in seconds and is what the tests use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+REGISTRY: dict[str, str] = {
+    "train": "experiments.train",
+}
+
+
+def list_experiments() -> list[str]:
+  return sorted(REGISTRY)
+
+
+def get_experiment(name: str) -> ModuleType:
+  """Imports the experiment module registered as ``name``.
+
+  Raises:
+    ValueError: unknown name (the message lists the valid names).
+  """
+  if name not in REGISTRY:
+    raise ValueError(f"Unknown experiment {name!r}; valid experiments: {list_experiments()}")
+  return importlib.import_module(REGISTRY[name])

@@ -1,0 +1,60 @@
+"""Config fields and helpers shared by experiments."""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+
+def base_config(**fields) -> ml_collections.ConfigDict:
+  """Fields every experiment has: model, dataset, seed, data_dir, cache_dir."""
+  config = ml_collections.ConfigDict()
+  config.model = "resnet8"
+  config.dataset = "digits"
+  config.seed = 0
+  config.data_dir = ""
+  config.cache_dir = ""
+  config.progress = True
+  config.update(fields)
+  return config
+
+
+def parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """Applies ``key=value`` overrides (values parsed as Python literals, else strings).
+
+  Raises:
+    ValueError: malformed override, unknown key (lists valid keys) or a value of the wrong type.
+  """
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"Config override {item!r} must look like key=value.")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    target = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+      if part not in target:
+        raise ValueError(f"Unknown config key {key!r}; valid keys: {sorted(config.keys())}")
+      target = target[part]
+    if parts[-1] not in target:
+      raise ValueError(f"Unknown config key {key!r}; valid keys: {sorted(target.keys())}")
+    value = parse_value(text)
+    current = target[parts[-1]]
+    if isinstance(current, tuple) and not isinstance(value, tuple):
+      value = (value,)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+      value = text
+    try:
+      target[parts[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"Config override {item!r}: {e}") from e

@@ -1,0 +1,61 @@
+"""Runs one experiment: ``python launch.py --experiment=NAME [--model=...] [--config key=value]``.
+
+Output goes to ``<workdir>/<experiment>/``. Experiments are listed in
+``experiments/__init__.py``; ``--experiment=help`` prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+import experiments
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("experiment", "train", "Experiment to run; one of "
+                    f"{experiments.list_experiments()}.")
+flags.DEFINE_string("workdir", "workdir", "Results go to <workdir>/<experiment>/.")
+flags.DEFINE_string("model", None, "Zoo model (overrides the experiment's default).")
+flags.DEFINE_string("dataset", None, "'digits' (embedded) or a prepared tfds name.")
+flags.DEFINE_integer("seed", None, "Seed (model training and stochastic perturbations).")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+flags.DEFINE_string("cache_dir", None, "Zoo checkpoint cache (default ~/.cache/safer_jax/zoo).")
+flags.DEFINE_bool("tiny", False, "Run the experiment's tiny setting (seconds; used by tests).")
+flags.DEFINE_multi_string("config", [], "Config override key=value, repeatable, e.g. "
+                          "--config epochs=5 --config bits='(8,4,2)'.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keep orbax/jax INFO chatter out; -v 0 restores it.
+  try:
+    module = experiments.get_experiment(FLAGS.experiment)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  config = module.get_config(tiny=FLAGS.tiny)
+  for name in ("model", "dataset", "seed", "data_dir", "cache_dir"):
+    value = getattr(FLAGS, name)
+    if value is not None and name in config:
+      config[name] = value
+  try:
+    common.apply_overrides(config, FLAGS.config)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  workdir = os.path.join(FLAGS.workdir, FLAGS.experiment)
+  os.makedirs(workdir, exist_ok=True)
+  print(f"safer_jax: experiment {FLAGS.experiment} -> {os.path.abspath(workdir)}", flush=True)
+  result = module.run(config, workdir)
+  for key, path in sorted(result.get("paths", {}).items()):
+    print(f"  wrote {key}: {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,25 @@
+"""safer_jax: which layers of a trained network can be perturbed, and which must be protected.
+
+>>> import safer_jax as sj
+>>> ds = sj.load_dataset("digits")                      # embedded, no download
+>>> entry = sj.pretrained("resnet8", ds, seed=0)        # trains once, then restores (orbax)
+>>> sj.evaluate(entry.model.apply, entry.variables, ds.eval)
+{'accuracy': 0.98..., 'loss': 0.05..., 'num_examples': 359}
+"""
+
+from safer_jax import data, layers, models, train, zoo
+from safer_jax.data import Dataset, Split, load_dataset
+from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
+from safer_jax.models import get_model, list_models
+from safer_jax.train import TrainConfig, evaluate, init_variables
+from safer_jax.train import train as fit
+from safer_jax.zoo import pretrained
+
+__all__ = [
+    "data", "layers", "models", "train", "zoo",
+    "Dataset", "Split", "load_dataset",
+    "find_layers", "get_kernel", "replace_kernel", "select_layers",
+    "get_model", "list_models",
+    "TrainConfig", "evaluate", "fit", "init_variables",
+    "pretrained",
+]

@@ -1,0 +1,158 @@
+"""Layers of a Flax parameter pytree, named by their path.
+
+A *layer* is any module in the parameter pytree that holds a ``kernel`` leaf
+(``nn.Dense``, ``nn.Conv`` and depthwise ``nn.Conv``). It is named by the
+``'/'``-joined path of its module, e.g. ``'block2/conv1'``; its kernel leaf is
+``params['block2']['conv1']['kernel']``. For Dense and Conv kernels the last
+axis is the output-channel axis (Dense ``(in, out)``, Conv ``(kh, kw, in/groups,
+out)``).
+
+All functions are pure: they return new pytrees and never mutate their input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+
+Params = Mapping[str, Any]
+
+KERNEL = "kernel"
+
+
+def _flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def _unwrap(params: Params) -> Params:
+  """Accepts either ``variables`` (with a ``'params'`` collection) or params."""
+  if "params" in params and isinstance(params["params"], Mapping):
+    return params["params"]
+  return params
+
+
+def find_layers(params: Params) -> list[str]:
+  """Returns the paths of all modules that hold a ``kernel``, in pytree order.
+
+  Args:
+    params: a Flax ``params`` pytree (nested dicts), or a ``variables`` dict
+      with a ``'params'`` collection.
+
+  Returns:
+    Layer paths such as ``['stem/conv', 'block1/conv1', ..., 'head']`` in the
+    order of the (sorted) flattened pytree.
+  """
+  flat = _flatten(_unwrap(params))
+  return ["/".join(path[:-1]) for path in flat if path[-1] == KERNEL]
+
+
+def select_layers(params: Params, patterns: str | Sequence[str] | None = None) -> list[str]:
+  """Selects layers whose path fully matches one of the regex ``patterns``.
+
+  Args:
+    params: params or variables pytree.
+    patterns: a regex or list of regexes matched with ``re.fullmatch`` against
+      layer paths. ``None`` selects every layer.
+
+  Returns:
+    The selected layer paths, in pytree order.
+
+  Raises:
+    ValueError: if a pattern is not a valid regex, or matches no layer (the
+      error lists the available layer paths).
+  """
+  layers = find_layers(params)
+  if not layers:
+    raise ValueError("The parameter pytree holds no layer with a 'kernel' leaf.")
+  if patterns is None:
+    return layers
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  selected: set[str] = set()
+  for pattern in patterns:
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"Layer pattern {pattern!r} is not a valid regex: {e}") from e
+    hits = [name for name in layers if regex.fullmatch(name)]
+    if not hits:
+      raise ValueError(
+          f"Layer pattern {pattern!r} matches no layer. Available layers: {layers}")
+    selected.update(hits)
+  return [name for name in layers if name in selected]
+
+
+def match_rules(name: str, rules: Sequence[tuple[str, Any]], default: Any = None) -> Any:
+  """Returns the value of the first ``(regex, value)`` rule that fully matches ``name``."""
+  for pattern, value in rules:
+    if re.fullmatch(pattern, name):
+      return value
+  return default
+
+
+def _node(params: Params, layer: str) -> Mapping[str, Any]:
+  node: Any = _unwrap(params)
+  for part in layer.split("/"):
+    if not isinstance(node, Mapping) or part not in node:
+      raise KeyError(f"Layer {layer!r} not found. Available layers: {find_layers(params)}")
+    node = node[part]
+  return node
+
+
+def get_layer_params(params: Params, layer: str) -> dict[str, jax.Array]:
+  """Returns the leaves of one layer, e.g. ``{'kernel': ..., 'bias': ...}``."""
+  return dict(_node(params, layer))
+
+
+def get_kernel(params: Params, layer: str) -> jax.Array:
+  """Returns the kernel of ``layer``; shape ``(..., out_channels)``."""
+  return _node(params, layer)[KERNEL]
+
+
+def replace_leaves(params: Params, layer: str, new_leaves: Mapping[str, Any]) -> dict:
+  """Returns a copy of ``params`` with some leaves of ``layer`` replaced.
+
+  Only the dicts on the path to ``layer`` are copied; all other subtrees (and
+  array leaves) are shared with the input, so this is cheap inside ``jit``.
+  Works on ``variables`` too (the ``'params'`` collection is updated).
+  """
+  if "params" in params and isinstance(params["params"], Mapping):
+    out = dict(params)
+    out["params"] = replace_leaves(params["params"], layer, new_leaves)
+    return out
+  parts = layer.split("/")
+  _node(params, layer)  # raises a clear KeyError if missing.
+
+  def rec(node, i):
+    node = dict(node)
+    if i == len(parts):
+      for key, value in new_leaves.items():
+        if key not in node:
+          raise KeyError(f"Layer {layer!r} has no leaf {key!r}; it has {sorted(node)}")
+        node[key] = value
+      return node
+    node[parts[i]] = rec(node[parts[i]], i + 1)
+    return node
+
+  return rec(params, 0)
+
+
+def replace_kernel(params: Params, layer: str, kernel: jax.Array) -> dict:
+  """Returns a copy of ``params`` whose ``layer`` kernel is ``kernel``."""
+  return replace_leaves(params, layer, {KERNEL: kernel})
+
+
+def num_params(params: Params, layer: str, include: Iterable[str] = (KERNEL,)) -> int:
+  """Number of scalar parameters in the given leaves of ``layer``."""
+  node = _node(params, layer)
+  return int(sum(node[k].size for k in include if k in node))

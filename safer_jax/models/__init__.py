@@ -1,0 +1,54 @@
+"""The model zoo: Flax models selected by name, with stable, explicit layer names.
+
+>>> model = get_model('resnet8', num_classes=10)
+>>> variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+>>> logits = model.apply(variables, images)            # eval mode, (B, num_classes)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from safer_jax.models.common import StagedModel
+from safer_jax.models.lenet import LeNet
+from safer_jax.models.mlp import MLP
+from safer_jax.models.mobilenet import MobileNetV2
+from safer_jax.models.resnet import ResNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "lenet": LeNet,
+    "resnet8": functools.partial(ResNet, depth=8),
+    "resnet20": functools.partial(ResNet, depth=20),
+    "mobilenet_v2": MobileNetV2,
+}
+ALIASES = {"resnet": "resnet8"}
+
+
+def list_models() -> list[str]:
+  return sorted(MODELS)
+
+
+def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+  """Returns an (uninitialised) zoo model by name.
+
+  Args:
+    name: one of :func:`list_models` (``'resnet'`` is an alias of ``'resnet8'``).
+    num_classes: size of the output layer.
+    **kwargs: model fields (e.g. ``hidden=(256,)`` for ``'mlp'``).
+
+  Raises:
+    ValueError: unknown name (the message lists the valid names).
+  """
+  key = ALIASES.get(name, name)
+  if key not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; valid names: {list_models()} "
+                     f"(aliases: {ALIASES}).")
+  return MODELS[key](num_classes=num_classes, **kwargs)
+
+
+__all__ = ["MODELS", "get_model", "list_models", "StagedModel", "MLP", "LeNet", "ResNet",
+           "MobileNetV2"]

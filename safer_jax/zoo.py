@@ -1,0 +1,192 @@
+"""Trained-model cache: the first request for (model, dataset, seed) trains and saves with orbax;
+later requests restore in seconds.
+
+Each entry lives in ``<cache_dir>/<model>-<dataset>-seed<seed>-<config hash>/`` as an
+orbax ``CheckpointManager`` step holding the variables and a JSON record with a
+SHA-256 checksum of every parameter leaf. A checkpoint that fails to restore,
+has the wrong structure or whose checksum differs (truncated or corrupted
+files) is reported, deleted and retrained — never silently loaded. Orbax
+writes to a temporary directory and renames it when complete, so a half-written
+save is never seen as a finished step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from safer_jax import data as data_lib
+from safer_jax import models as models_lib
+from safer_jax import train as train_lib
+
+log = logging.getLogger(__name__)
+
+ZOO_VERSION = 1  # bump when a zoo model or the training recipe changes.
+
+# Per-model training recipes (epochs on the embedded digits dataset; < 1 min on 2 CPU cores).
+RECIPES: dict[str, train_lib.TrainConfig] = {
+    "mlp": train_lib.TrainConfig(epochs=30),
+    "lenet": train_lib.TrainConfig(epochs=30),
+    "resnet8": train_lib.TrainConfig(epochs=20),
+    "resnet20": train_lib.TrainConfig(epochs=15),
+    "mobilenet_v2": train_lib.TrainConfig(epochs=15),
+}
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A cached checkpoint could not be restored intact."""
+
+
+def default_cache_dir() -> str:
+  """``$SAFER_JAX_CACHE`` or ``~/.cache/safer_jax/zoo``."""
+  return os.environ.get("SAFER_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "safer_jax", "zoo")
+
+
+def checksum(tree: Any) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (order-independent of dict order)."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.asarray(leaf)
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(arr.dtype).encode())
+    h.update(str(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
+
+
+@dataclasses.dataclass
+class ZooEntry:
+  """A trained model: the module, its variables and how they were obtained.
+
+  Attributes:
+    name: zoo model name.
+    model: the Flax module (``model.apply(variables, images)`` gives logits).
+    variables: ``{'params': ..., 'batch_stats': ...}`` as NumPy-backed jax arrays.
+    dataset: the dataset it was trained on.
+    metrics: eval metrics right after training (``accuracy``, ``loss``).
+    path: checkpoint directory.
+    restored: True when loaded from the cache, False when trained now.
+  """
+  name: str
+  model: nn.Module
+  variables: dict
+  dataset: data_lib.Dataset
+  metrics: dict
+  path: str
+  restored: bool
+
+  @property
+  def apply_fn(self):
+    return self.model.apply
+
+
+def _entry_dir(cache_dir: str, model: str, dataset: str, seed: int,
+               config: train_lib.TrainConfig) -> str:
+  record = json.dumps({"v": ZOO_VERSION, "cfg": dataclasses.asdict(config)}, sort_keys=True)
+  tag = hashlib.sha256(record.encode()).hexdigest()[:8]
+  return os.path.join(os.path.abspath(cache_dir), f"{model}-{dataset}-seed{seed}-{tag}")
+
+
+def save_checkpoint(path: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+  """Saves ``variables`` and ``meta`` (+ checksum) as step 0 of a CheckpointManager at ``path``."""
+  meta = dict(meta, checksum=checksum(variables))
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1)) as mngr:
+    mngr.save(0, args=ocp.args.Composite(variables=ocp.args.StandardSave(dict(variables)),
+                                         meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+
+def restore_checkpoint(path: str, abstract_variables: Any) -> tuple[dict, dict]:
+  """Restores and verifies a checkpoint written by :func:`save_checkpoint`.
+
+  Args:
+    path: checkpoint directory.
+    abstract_variables: the expected tree (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    ``(variables, meta)``.
+
+  Raises:
+    FileNotFoundError: no finished checkpoint at ``path``.
+    CorruptCheckpointError: restore failed, structure differs or checksum mismatch.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(path)
+  with ocp.CheckpointManager(path) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No finished checkpoint in {path}")
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(f"Checkpoint {path} failed to restore: {e!r}") from e
+  variables, meta = dict(restored["variables"]), dict(restored["meta"])
+  expected = jax.tree.structure(abstract_variables)
+  if jax.tree.structure(variables) != expected:
+    raise CorruptCheckpointError(f"Checkpoint {path} has a different structure than the model.")
+  got = checksum(variables)
+  if got != meta.get("checksum"):
+    raise CorruptCheckpointError(
+        f"Checkpoint {path} checksum mismatch (stored {meta.get('checksum')}, restored {got}).")
+  return variables, meta
+
+
+def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits", seed: int = 0,
+               *, cache_dir: str | None = None, config: train_lib.TrainConfig | None = None,
+               data_dir: str | None = None, retrain: bool = False,
+               progress: bool = True) -> ZooEntry:
+  """Returns a trained zoo model, training and caching it on first use.
+
+  Args:
+    model: zoo model name (see :func:`safer_jax.models.list_models`).
+    dataset: dataset name (``'digits'`` or a prepared tfds name) or a loaded Dataset.
+    seed: training seed (init and data order).
+    cache_dir: cache root (default :func:`default_cache_dir`).
+    config: training recipe; default ``RECIPES[model]`` with ``seed``.
+    data_dir: tfds data directory for non-embedded datasets.
+    retrain: ignore and overwrite any cached checkpoint.
+    progress: show training progress.
+
+  Returns:
+    A :class:`ZooEntry`.
+  """
+  ds = dataset if isinstance(dataset, data_lib.Dataset) else data_lib.load_dataset(
+      dataset, data_dir=data_dir)
+  net = models_lib.get_model(model, num_classes=ds.num_classes)
+  name = models_lib.ALIASES.get(model, model)
+  if config is None:
+    config = dataclasses.replace(RECIPES.get(name, train_lib.TrainConfig()), seed=seed)
+  path = _entry_dir(cache_dir or default_cache_dir(), name, ds.name, seed, config)
+  abstract = jax.eval_shape(lambda: train_lib.init_variables(net, ds.input_shape, config.seed))
+  if not retrain and os.path.isdir(path):
+    try:
+      variables, meta = restore_checkpoint(path, abstract)
+      log.info("Restored %s from %s", name, path)
+      return ZooEntry(name, net, variables, ds, meta.get("metrics", {}), path, restored=True)
+    except FileNotFoundError:
+      pass
+    except CorruptCheckpointError as e:
+      log.warning("%s -- deleting it and retraining.", e)
+      print(f"WARNING: {e} -- retraining.", flush=True)
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  variables, history = train_lib.train(net, ds, config, progress=progress)
+  meta = {"model": name, "dataset": ds.name, "seed": seed, "config": dataclasses.asdict(config),
+          "metrics": history["eval"], "train_seconds": history["train_seconds"],
+          "zoo_version": ZOO_VERSION}
+  save_checkpoint(path, variables, meta)
+  return ZooEntry(name, net, jax.device_get(variables), ds, history["eval"], path, restored=False)

@@ -1,0 +1,22 @@
+"""Shared fixtures: a per-session zoo cache and the embedded dataset."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def digits():
+  from safer_jax import data
+  return data.load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory):
+  """A zoo cache shared by the tests of one session (models train once)."""
+  return str(tmp_path_factory.mktemp("zoo"))

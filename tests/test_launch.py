@@ -1,0 +1,56 @@
+"""End-to-end tests of launch.py and the experiment registry."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import experiments
+from experiments import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(args, cache, timeout=600):
+  env = dict(os.environ, SAFER_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_unknown_experiment_lists_valid_ones(tmp_path):
+  out = _launch(["--experiment=nope", f"--workdir={tmp_path}"], str(tmp_path))
+  assert out.returncode == 2
+  assert "Unknown experiment 'nope'" in out.stderr and "train" in out.stderr
+
+
+def test_registry_error():
+  with pytest.raises(ValueError, match="valid experiments"):
+    experiments.get_experiment("nope")
+
+
+def test_config_overrides():
+  config = common.base_config(bits=(8, 4), lr=0.1)
+  common.apply_overrides(config, ["bits=(6,2)", "lr=1", "model=lenet", "seed=3"])
+  assert config.bits == (6, 2) and config.lr == 1.0 and config.model == "lenet"
+  assert config.seed == 3
+  with pytest.raises(ValueError, match="Unknown config key 'nope'"):
+    common.apply_overrides(config, ["nope=1"])
+  with pytest.raises(ValueError, match="key=value"):
+    common.apply_overrides(config, ["seed"])
+
+
+@pytest.mark.parametrize("name", experiments.list_experiments())
+def test_every_experiment_has_a_tiny_config(name):
+  module = experiments.get_experiment(name)
+  config = module.get_config(tiny=True)
+  assert "model" in config and "dataset" in config
+
+
+def test_train_experiment_writes_files(tmp_path, zoo_cache):
+  out = _launch(["--experiment=train", "--tiny", f"--workdir={tmp_path}"], zoo_cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  metrics = json.load(open(tmp_path / "train" / "metrics.json"))
+  assert metrics["rows"][0]["model"] == "mlp"
+  assert metrics["rows"][0]["accuracy"] > 0.9

@@ -1,0 +1,69 @@
+"""Tests of the model zoo: shapes, names, stages, and that training lowers the loss."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from safer_jax import layers, models, train
+
+ALL = models.list_models()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("input_shape,num_classes", [((8, 8, 1), 10), ((16, 16, 3), 7)])
+def test_output_shape(name, input_shape, num_classes):
+  model = models.get_model(name, num_classes=num_classes)
+  variables = train.init_variables(model, input_shape, seed=0)
+  logits = model.apply(variables, jnp.ones((3, *input_shape)))
+  assert logits.shape == (3, num_classes)
+  assert np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stage_prefix_suffix_equals_full_forward(name):
+  model = models.get_model(name)
+  variables = train.init_variables(model, (8, 8, 1), seed=0)
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  full = model.apply(variables, x)
+  for k in range(1, len(model.stage_names)):
+    h = model.apply(variables, x, stop=k)
+    np.testing.assert_allclose(model.apply(variables, h, start=k), full, rtol=1e-5, atol=1e-5)
+  # every layer belongs to a named stage.
+  stages = set(model.stage_names)
+  assert all(path.split("/")[0] in stages for path in layers.find_layers(variables))
+
+
+def test_layer_paths_are_stable_names():
+  v = train.init_variables(models.get_model("resnet8"), (8, 8, 1), 0)
+  assert layers.find_layers(v) == [
+      "stem/conv", "stage1_block1/conv1", "stage1_block1/conv2", "stage2_block1/conv1",
+      "stage2_block1/conv2", "stage2_block1/shortcut", "stage3_block1/conv1",
+      "stage3_block1/conv2", "stage3_block1/shortcut", "head/fc"]
+  mb = train.init_variables(models.get_model("mobilenet_v2"), (8, 8, 1), 0)
+  dw = layers.get_kernel(mb, "block2/depthwise")
+  assert dw.shape[:3] == (3, 3, 1)  # one input channel per group: depthwise.
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(ValueError, match=r"Unknown model 'vgg'.*mlp"):
+    models.get_model("vgg")
+
+
+def test_resnet_bad_depth():
+  with pytest.raises(ValueError, match="depth=9"):
+    train.init_variables(models.ResNet(depth=9), (8, 8, 1), 0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_short_training_lowers_loss(name, digits):
+  small = dataclasses.replace(digits, train=digits.train.take(256), eval=digits.eval.take(128))
+  model = models.get_model(name)
+  init = train.init_variables(model, small.input_shape, seed=0)
+  before = train.evaluate(model.apply, init, small.train)["loss"]
+  config = train.TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3)
+  variables, history = train.train(model, small, config, progress=False)
+  after = train.evaluate(model.apply, variables, small.train)["loss"]
+  assert after < 0.8 * before, (before, after, history["train_loss"])

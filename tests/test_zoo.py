@@ -1,0 +1,77 @@
+"""Tests of the orbax model-zoo cache: bit-identical restore, corruption detection."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from safer_jax import train, zoo
+
+TINY = train.TrainConfig(epochs=2)
+
+
+def _assert_identical(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_first_request_trains_then_restores_bit_identical(tmp_path, digits):
+  first = zoo.pretrained("lenet", digits, seed=0, cache_dir=str(tmp_path), config=TINY,
+                         progress=False)
+  assert not first.restored
+  second = zoo.pretrained("lenet", digits, seed=0, cache_dir=str(tmp_path), config=TINY,
+                          progress=False)
+  assert second.restored and second.path == first.path
+  _assert_identical(first.variables, second.variables)
+  assert second.metrics["accuracy"] == pytest.approx(first.metrics["accuracy"])
+  # a different seed is a different entry.
+  other = zoo.pretrained("lenet", digits, seed=1, cache_dir=str(tmp_path), config=TINY,
+                         progress=False)
+  assert other.path != first.path
+
+
+def _largest_data_file(path):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes"])
+def test_damaged_checkpoint_is_detected_and_retrained(tmp_path, digits, damage):
+  entry = zoo.pretrained("mlp", digits, seed=0, cache_dir=str(tmp_path), config=TINY,
+                         progress=False)
+  victim = _largest_data_file(entry.path)
+  with open(victim, "r+b") as f:
+    if damage == "truncate":
+      f.truncate(os.path.getsize(victim) // 2)
+    else:
+      f.seek(os.path.getsize(victim) // 2)
+      chunk = f.read(64)
+      f.seek(os.path.getsize(victim) // 2)
+      f.write(bytes(b ^ 0xFF for b in chunk))
+  abstract = jax.eval_shape(lambda: entry.variables)
+  with pytest.raises(zoo.CorruptCheckpointError):
+    zoo.restore_checkpoint(entry.path, abstract)
+  again = zoo.pretrained("mlp", digits, seed=0, cache_dir=str(tmp_path), config=TINY,
+                         progress=False)
+  assert not again.restored  # retrained, not silently loaded
+  _assert_identical(entry.variables, again.variables)  # deterministic retraining
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path, digits):
+  """An orbax tmp directory (save interrupted before commit) is not a finished step."""
+  path = str(tmp_path / "entry")
+  os.makedirs(os.path.join(path, "0.orbax-checkpoint-tmp-123"))
+  with pytest.raises(FileNotFoundError):
+    zoo.restore_checkpoint(path, {"params": {}})
+  del digits
+
+
+def test_checksum_detects_one_changed_value():
+  tree = {"params": {"a": np.zeros((3,), np.float32)}}
+  other = {"params": {"a": np.array([0, 0, 1e-30], np.float32)}}
+  assert zoo.checksum(tree) != zoo.checksum(other)
+  assert zoo.checksum(tree) == zoo.checksum({"params": {"a": np.zeros((3,), np.float32)}})
