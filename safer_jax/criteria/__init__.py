@@ -1,0 +1,69 @@
+"""Layer-sensitivity criteria: cheap per-layer scores (higher = more sensitive).
+
+Every criterion has the signature::
+
+  scores = criterion(loss_fn, params, batches, *, layers=None, key=None, **opts)
+
+with ``loss_fn(params, batch) -> scalar`` the mean loss over a batch, ``params``
+a Flax params pytree, ``batches`` a sequence of batches (gradients and
+Hessians are averaged over them, each batch weighted equally) and ``layers``
+``None`` or regex patterns over layer paths (``safer_jax.layers``). Each
+criterion acts on the layers' kernels; second-order ones on the Hessian block
+of one kernel at a time. Data-free criteria accept ``loss_fn=batches=None``.
+"""
+
+from safer_jax.criteria.corruption import PGAResult
+from safer_jax.criteria.corruption import corruption_first_order
+from safer_jax.criteria.corruption import corruption_pga
+from safer_jax.criteria.corruption import dual_norm
+from safer_jax.criteria.corruption import pga_corruption
+from safer_jax.criteria.corruption import project
+from safer_jax.criteria.curvature import TraceEstimate
+from safer_jax.criteria.curvature import hawq_v2
+from safer_jax.criteria.curvature import hessian_trace
+from safer_jax.criteria.curvature import hutchinson_trace
+from safer_jax.criteria.curvature import top_eigenvalue
+from safer_jax.criteria.data_free import param_count
+from safer_jax.criteria.data_free import quant_error
+from safer_jax.criteria.data_free import random
+from safer_jax.criteria.data_free import spectral_norm
+from safer_jax.criteria.data_free import weight_norm
+from safer_jax.criteria.gradient import fisher
+from safer_jax.criteria.gradient import grad_norm
+from safer_jax.criteria.gradient import taylor
+from safer_jax.criteria.gradient import taylor_abs
+from safer_jax.criteria.integrated import integrated_gradients
+from safer_jax.criteria.integrated import integrated_gradients_attributions
+from safer_jax.criteria.integrated import quadrature
+from safer_jax.criteria.registry import CRITERIA
+from safer_jax.criteria.registry import compute_all
+from safer_jax.criteria.registry import get_criterion
+
+__all__ = [
+    "CRITERIA",
+    "PGAResult",
+    "TraceEstimate",
+    "compute_all",
+    "corruption_first_order",
+    "corruption_pga",
+    "dual_norm",
+    "fisher",
+    "get_criterion",
+    "grad_norm",
+    "hawq_v2",
+    "hessian_trace",
+    "hutchinson_trace",
+    "integrated_gradients",
+    "integrated_gradients_attributions",
+    "param_count",
+    "pga_corruption",
+    "project",
+    "quadrature",
+    "quant_error",
+    "random",
+    "spectral_norm",
+    "taylor",
+    "taylor_abs",
+    "top_eigenvalue",
+    "weight_norm",
+]

@@ -1,0 +1,234 @@
+"""Shared plumbing for the criteria: argument checks, batch handling, gradients.
+
+Private module. Every public criterion has the signature::
+
+  scores = criterion(loss_fn, params, batches, *, layers=None, key=None, **opts)
+
+and returns ``{layer_path: float}`` (higher = more sensitive / important).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safer_jax import layers as layers_lib
+
+Params = Mapping[str, Any]
+Batch = Any
+LossFn = Callable[[Params, Batch], jax.Array]
+Scores = dict[str, float]
+
+ALLOWED_P = ("1", "2", "inf")
+
+
+def resolve_layers(params: Params, layers: str | Sequence[str] | None) -> list[str]:
+  """Layer paths selected by the regex ``layers`` (``None``: all layers)."""
+  return layers_lib.select_layers(params, layers)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def check_finite_kernels(params: Params, names: Sequence[str]) -> None:
+  """Raises ``ValueError`` naming the first layer whose kernel has NaN/inf."""
+  flags = jax.device_get(_all_finite([layers_lib.get_kernel(params, n) for n in names]))
+  for name, ok in zip(names, flags):
+    if not bool(ok):
+      raise ValueError(f"Layer {name!r} has a non-finite (NaN or inf) kernel.")
+
+
+def check_finite_params(params: Params) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``params`` with NaN/inf.
+
+  Data-dependent criteria evaluate the whole network, so every leaf is checked.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  floats = [(p, x) for p, x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  flags = jax.device_get(_all_finite([x for _, x in floats]))
+  for (path, _), ok in zip(floats, flags):
+    if not bool(ok):
+      parts = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+      if parts and parts[0] == "params":
+        parts = parts[1:]
+      leaf = parts[-1] if parts else "?"
+      layer = "/".join(parts[:-1])
+      raise ValueError(f"Layer {layer!r} has a non-finite (NaN or inf) {leaf!r} parameter.")
+
+
+def as_batch_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
+  """Materialises ``batches`` as a list (criteria may pass over them several times).
+
+  A single batch given as a ``Mapping`` (e.g. ``{'image': ..., 'label': ...}``)
+  is accepted and wrapped in a list.
+  """
+  if batches is None:
+    raise ValueError(
+        "This criterion needs data: `batches` must be a non-empty sequence of batches.")
+  if isinstance(batches, Mapping):
+    return [batches]
+  out = list(batches)
+  if not out:
+    raise ValueError("`batches` is empty; this criterion needs at least one batch.")
+  return out
+
+
+def setup(loss_fn: LossFn | None, params: Params, batches: Any,
+          layers: Any) -> tuple[list[str], list[Batch]]:
+  """Common checks of data-dependent criteria: returns (layer names, batch list)."""
+  if loss_fn is None or not callable(loss_fn):
+    raise ValueError("This criterion needs a `loss_fn(params, batch) -> scalar`.")
+  names = resolve_layers(params, layers)
+  check_finite_params(params)
+  return names, as_batch_list(batches)
+
+
+def setup_data_free(params: Params, layers: Any) -> list[str]:
+  names = resolve_layers(params, layers)
+  check_finite_kernels(params, names)
+  return names
+
+
+def normalize_p(p: Any) -> str:
+  """Maps ``p`` to one of ``'1'``, ``'2'``, ``'inf'``; raises ``ValueError`` otherwise."""
+  if isinstance(p, str):
+    key = p.strip().lower()
+    if key in ("inf", "infinity", "linf", "max"):
+      return "inf"
+    if key in ("1", "l1"):
+      return "1"
+    if key in ("2", "l2"):
+      return "2"
+  elif isinstance(p, (int, float, np.integer, np.floating)) and not isinstance(p, bool):
+    if math.isinf(p) and p > 0:
+      return "inf"
+    if p == 1:
+      return "1"
+    if p == 2:
+      return "2"
+  raise ValueError(f"Unsupported norm p={p!r}; allowed: 1, 2, inf (float('inf') or 'inf').")
+
+
+def p_value(p: str) -> float:
+  return math.inf if p == "inf" else float(p)
+
+
+def check_bits(bits: Any) -> int:
+  """Validates a quantization bit width: an integer in [1, 16] (1 = binary, sign codes)."""
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 16:
+    raise ValueError(f"Unsupported bit width bits={bits!r}; allowed: an integer from 1 to 16.")
+  return int(bits)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+  return int(value)
+
+
+def check_nonneg_float(name: str, value: Any) -> float:
+  try:
+    out = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.") from None
+  if not math.isfinite(out) or out < 0:
+    raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
+  return out
+
+
+@functools.partial(jax.jit, static_argnames="p")
+def vector_norm(x: jax.Array, p: str) -> jax.Array:
+  """The p-norm of ``x`` flattened; ``p`` in {'1', '2', 'inf'}."""
+  x = jnp.ravel(x)
+  if p == "1":
+    return jnp.sum(jnp.abs(x))
+  if p == "2":
+    return jnp.sqrt(jnp.sum(jnp.square(x)))
+  return jnp.max(jnp.abs(x))
+
+
+def with_kernels(params: Params, kernels: Mapping[str, jax.Array]) -> Params:
+  for name, kernel in kernels.items():
+    params = layers_lib.replace_kernel(params, name, kernel)
+  return params
+
+
+def kernels_of(params: Params, names: Sequence[str]) -> dict[str, jax.Array]:
+  return {n: layers_lib.get_kernel(params, n) for n in names}
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, static: tuple) -> Callable:
+  return jax.jit(builder(loss_fn, *static))
+
+
+def cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, *static: Any) -> Callable:
+  """``jax.jit(builder(loss_fn, *static))``, memoised on ``(builder, loss_fn, static)``.
+
+  Criteria called one after the other with the same ``loss_fn`` (e.g. by
+  ``compute_all``) then share compiled functions. An unhashable ``loss_fn`` is
+  compiled afresh each call. The cache keeps up to 128 entries alive.
+  """
+  try:
+    return _cached_jit(builder, loss_fn, static)
+  except TypeError:  # Unhashable loss_fn or static option.
+    return jax.jit(builder(loss_fn, *static))
+
+
+def _grad_step(loss_fn: LossFn, names: tuple[str, ...]) -> Callable:
+  def step(params, batch):
+    def f(kernels):
+      return loss_fn(with_kernels(params, kernels), batch)
+    return jax.value_and_grad(f)(kernels_of(params, names))
+  return step
+
+
+def mean_value_and_grads(loss_fn: LossFn, params: Params, batches: Sequence[Batch],
+                         names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Loss and gradient w.r.t. the selected kernels, averaged over ``batches``.
+
+  Each batch is weighted equally (``loss_fn`` is a mean over its batch).
+  COST: one forward + one backward pass per batch.
+  """
+  step = cached_jit(_grad_step, loss_fn, tuple(names))
+  total_loss, total_grad = None, None
+  for batch in batches:
+    loss, grads = step(params, batch)
+    if total_grad is None:
+      total_loss, total_grad = loss, grads
+    else:
+      total_loss = total_loss + loss
+      total_grad = jax.tree.map(jnp.add, total_grad, grads)
+  n = len(batches)
+  return total_loss / n, jax.tree.map(lambda g: g / n, total_grad)
+
+
+def _identity(loss_fn: LossFn) -> LossFn:
+  return loss_fn
+
+
+def mean_loss(loss_fn: LossFn, params: Params, batches: Sequence[Batch]) -> jax.Array:
+  """Loss averaged over ``batches`` (one forward pass per batch)."""
+  f = cached_jit(_identity, loss_fn)
+  return sum(f(params, b) for b in batches) / len(batches)
+
+
+def layer_loss(loss_fn: LossFn, name: str) -> Callable[[Params, jax.Array, Batch], jax.Array]:
+  """``f(params, kernel, batch)``: the loss as a function of one layer's kernel."""
+
+  def f(params, kernel, batch):
+    return loss_fn(layers_lib.replace_kernel(params, name, kernel), batch)
+
+  return f
+
+
+def to_float(x: Any) -> float:
+  return float(jax.device_get(x))

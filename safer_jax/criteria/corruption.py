@@ -1,0 +1,278 @@
+"""Parameter-corruption criteria (Zhang et al., AAAI 2021, arXiv 2006.05620).
+
+The indicator of a layer is the worst loss increase over corruptions ``a`` of
+its kernel within a p-norm ball,
+
+  Delta(eps) = max_{||a||_p <= eps_abs, ||a||_0 <= n} L(W + a) - L(W),
+
+with every other parameter fixed and ``L`` averaged over the given batches.
+``eps`` is *relative* to the layer's weights, ``eps_abs = eps * ||W||_p`` (our
+choice, so that layers of different scales are comparable; pass
+``relative=False`` to use ``eps`` as an absolute radius).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safer_jax import layers as layers_lib
+from safer_jax.criteria import _common
+from safer_jax.perturb import corruption_direction
+
+
+def _check_n(n: Any) -> int | None:
+  if n is None:
+    return None
+  return _common.check_positive_int("n_sparse", n)
+
+
+def eps_absolute(kernel: jax.Array, eps: float, p: Any, relative: bool = True) -> float:
+  """The absolute radius ``eps * ||W||_p`` (or ``eps`` if not ``relative``)."""
+  p = _common.normalize_p(p)
+  eps = _common.check_nonneg_float("eps", eps)
+  if not relative:
+    return eps
+  return eps * _common.to_float(_common.vector_norm(kernel, p))
+
+
+@functools.partial(jax.jit, static_argnames=("p", "n"))
+def dual_norm(g: jax.Array, p: Any, n: int | None = None) -> jax.Array:
+  """``max_{||a||_p <= 1, ||a||_0 <= n} <g, a>``: the q-norm of the n largest |g|.
+
+  ``1/p + 1/q = 1``: p=1 -> max |g|, p=2 -> ||g||_2, p=inf -> sum |g|. With
+  ``n`` only the n largest entries of |g| count (no effect for p=1).
+  """
+  p = _common.normalize_p(p)
+  a = jnp.abs(jnp.ravel(g))
+  if n is not None and n < a.size:
+    a = jax.lax.top_k(a, n)[0]
+  if p == "1":
+    return jnp.max(a)
+  if p == "2":
+    return jnp.sqrt(jnp.sum(jnp.square(a)))
+  return jnp.sum(a)
+
+
+def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
+                           layers: Any = None, key: jax.Array | None = None, eps: float = 1e-2,
+                           p: Any = 2, n_sparse: int | None = None,
+                           relative: bool = True) -> _common.Scores:
+  """First-order estimate of the worst-case corruption loss increase, eps_abs * ||g||_q.
+
+  The maximiser of <g, a> over ``||a||_p <= eps_abs`` (and at most ``n_sparse``
+  non-zeros) is ``safer_jax.perturb.corruption_direction``; its value is
+  ``eps_abs * ||g||_q`` with ``1/p + 1/q = 1`` (p=2: ||g||_2, p=inf: sum |g|,
+  p=1: max |g|). With ``n_sparse`` the q-norm is taken over the ``n_sparse``
+  largest |g| (p=inf: their sum; p=2: their 2-norm; p=1: unchanged).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
+    params: Flax params pytree.
+    batches: sequence of batches.
+    layers: ``None`` or regex pattern(s).
+    key: ignored.
+    eps: radius, relative to ``||W||_p`` (absolute if ``relative=False``).
+    p: 1, 2 or inf (``float('inf')`` or ``'inf'``).
+    n_sparse: optional maximum number of corrupted weights.
+    relative: whether ``eps`` is relative to the layer's ``||W||_p``.
+
+  Returns:
+    ``{layer: eps_abs * ||g||_q}`` (units: loss). COST: 1 forward + 1
+    backward pass per batch (all layers at once).
+
+  Raises:
+    ValueError: bad ``p``/``eps``/``n_sparse``, non-finite parameters, a
+      pattern matching no layer, no data.
+  """
+  del key
+  p = _common.normalize_p(p)
+  n_sparse = _check_n(n_sparse)
+  _common.check_nonneg_float("eps", eps)
+  names, batches = _common.setup(loss_fn, params, batches, layers)
+  _, grads = _common.mean_value_and_grads(loss_fn, params, batches, names)
+  out = {}
+  for name in names:
+    e = eps_absolute(layers_lib.get_kernel(params, name), eps, p, relative)
+    out[name] = e * _common.to_float(dual_norm(grads[name], p, n_sparse))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("p", "n"))
+def project(a: jax.Array, eps_abs: float, p: Any, n: int | None = None) -> jax.Array:
+  """Euclidean projection of ``a`` onto ``{||a||_p <= eps_abs, ||a||_0 <= n}``.
+
+  p=2: rescale onto the sphere if outside; p=inf: clip to [-eps_abs, eps_abs];
+  p=1: the sort-based simplex projection (Duchi et al. 2008). With ``n``, the
+  n largest |a| are kept first (hard thresholding), which makes the projection
+  exact for the L2 and L-inf balls (and for L1, Kyrillidis et al. 2013).
+  Exact up to float rounding (the result's norm may exceed ``eps_abs`` by a few
+  ulps). Jitted; ``p`` and ``n`` are static.
+  """
+  p = _common.normalize_p(p)
+  if n is not None and n < a.size:
+    flat = jnp.ravel(a)
+    idx = jax.lax.top_k(jnp.abs(flat), n)[1]
+    flat = jnp.zeros_like(flat).at[idx].set(flat[idx])
+    a = jnp.reshape(flat, a.shape)
+  if p == "inf":
+    return jnp.clip(a, -eps_abs, eps_abs)
+  if p == "2":
+    norm = jnp.linalg.norm(jnp.ravel(a))
+    return a * jnp.minimum(1.0, eps_abs / jnp.maximum(norm, 1e-30))
+  flat = jnp.ravel(a)
+  u = jnp.abs(flat)
+  srt = jnp.sort(u)[::-1]
+  css = jnp.cumsum(srt)
+  ks = jnp.arange(1, u.size + 1, dtype=u.dtype)
+  rho = jnp.max(jnp.where(srt - (css - eps_abs) / ks > 0, jnp.arange(u.size), 0))
+  theta = jnp.maximum((css[rho] - eps_abs) / (rho + 1), 0.0)
+  proj = jnp.sign(flat) * jnp.maximum(u - theta, 0.0)
+  proj = jnp.where(jnp.sum(u) <= eps_abs, flat, proj)
+  return jnp.reshape(proj, a.shape)
+
+
+class PGAResult(NamedTuple):
+  """Outcome of ``pga_corruption`` for one layer.
+
+  Attributes:
+    corruption: the best corruption found, same shape as the kernel.
+    loss_increase: ``L(W + corruption) - L(W)`` (the best over all iterates).
+    initial_increase: the loss increase of the start (first-order maximiser).
+    eps_abs: the absolute radius used.
+    losses: ``L(W + a_t)`` for every iterate t = 0..steps (a_0 = start).
+  """
+  corruption: jax.Array
+  loss_increase: float
+  initial_increase: float
+  eps_abs: float
+  losses: list[float]
+
+
+def pga_corruption(loss_fn: _common.LossFn, params: _common.Params, batches: Any, layer: str, *,
+                   eps: float = 1e-2, p: Any = 2, steps: int = 10, step_size: float = 0.25,
+                   n_sparse: int | None = None, relative: bool = True) -> PGAResult:
+  """Worst-case corruption of one layer by projected gradient ascent (PGA).
+
+  Starts from the first-order maximiser ``a_0 = corruption_direction(g, eps_abs)``
+  and iterates ``a <- Proj(a + corruption_direction(grad_a L(W + a), step_size *
+  eps_abs))`` (the steepest-ascent step for the p-norm: normalised gradient for
+  p=2, sign for p=inf), projecting exactly onto the ball (see ``project``). The
+  best iterate is kept, so the result is never worse than the start and never
+  leaves the ball.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
+    params: Flax params pytree.
+    batches: sequence of batches.
+    layer: the layer path.
+    eps: radius, relative to ``||W||_p`` (absolute if ``relative=False``).
+    p: 1, 2 or inf.
+    steps: number of ascent steps (0: evaluate the first-order maximiser only).
+    step_size: step length as a fraction of ``eps_abs``.
+    n_sparse: optional maximum number of corrupted weights.
+    relative: whether ``eps`` is relative to ``||W||_p``.
+
+  Returns:
+    A ``PGAResult``. COST: ``steps + 1`` forward+backward passes per batch,
+    plus one forward + backward at ``W`` and one forward at ``W + a_steps``.
+
+  Raises:
+    ValueError: bad options, non-finite parameters, unknown layer, no data.
+  """
+  p = _common.normalize_p(p)
+  n_sparse = _check_n(n_sparse)
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+    raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
+  step_size = _common.check_nonneg_float("step_size", step_size)
+  names, batches = _common.setup(loss_fn, params, batches, re.escape(layer))
+  return _pga_layer(loss_fn, params, batches, names[0], eps, p, int(steps), step_size, n_sparse,
+                    relative)
+
+
+def _layer_value_and_grad(loss_fn, name):
+  return jax.value_and_grad(_common.layer_loss(loss_fn, name), argnums=1)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "n"))
+def _pga_start(g, eps_abs, p, n):
+  return project(corruption_direction(g, eps_abs, p=_common.p_value(p), n=n), eps_abs, p, n)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "n"))
+def _pga_step(a, grad_a, eps_abs, step_abs, p, n):
+  step = corruption_direction(grad_a, step_abs, p=_common.p_value(p))
+  return project(a + step, eps_abs, p, n)
+
+
+def _pga_layer(loss_fn, params, batches, name, eps, p, steps, step_size, n_sparse, relative):
+  kernel = layers_lib.get_kernel(params, name)
+  e = eps_absolute(kernel, eps, p, relative)
+  vg = _common.cached_jit(_layer_value_and_grad, loss_fn, name)
+  loss_only = _common.cached_jit(_common.layer_loss, loss_fn, name)
+
+  def value_and_grad(a):
+    vals, grads = zip(*(vg(params, kernel + a, b) for b in batches))
+    return sum(vals) / len(batches), sum(grads) / len(batches)
+
+  base, g = value_and_grad(jnp.zeros_like(kernel))
+  base = _common.to_float(base)
+  a = _pga_start(g, e, p, n_sparse)
+  best_a, best_loss, losses = a, None, []
+  for t in range(steps + 1):
+    if t < steps:
+      loss, ga = value_and_grad(a)
+    else:
+      loss = sum(loss_only(params, kernel + a, b) for b in batches) / len(batches)
+    loss = _common.to_float(loss)
+    losses.append(loss)
+    if best_loss is None or loss > best_loss:
+      best_a, best_loss = a, loss
+    if t < steps:
+      a = _pga_step(a, ga, e, step_size * e, p, n_sparse)
+  return PGAResult(best_a, best_loss - base, losses[0] - base, e, losses)
+
+
+def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
+                   layers: Any = None, key: jax.Array | None = None, eps: float = 1e-2,
+                   p: Any = 2, steps: int = 10, step_size: float = 0.25,
+                   n_sparse: int | None = None, relative: bool = True) -> _common.Scores:
+  """Worst-case corruption loss increase L(W + a) - L(W) of each layer, by PGA.
+
+  A tighter (larger) estimate of the corruption indicator than
+  ``corruption_first_order``: multi-step projected gradient ascent within the
+  eps-ball, from the first-order maximiser, keeping the best iterate. See
+  ``pga_corruption`` for the algorithm.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
+    params: Flax params pytree.
+    batches: sequence of batches.
+    layers: ``None`` or regex pattern(s).
+    key: ignored.
+    eps, p, steps, step_size, n_sparse, relative: see ``pga_corruption``.
+
+  Returns:
+    ``{layer: L(W + a) - L(W)}`` (units: loss; >= the first-order start's
+    increase). COST per layer: ``steps + 2`` forward+backward passes per batch.
+
+  Raises:
+    ValueError: bad options, non-finite parameters, a pattern matching no layer,
+      no data.
+  """
+  del key
+  p = _common.normalize_p(p)
+  n_sparse = _check_n(n_sparse)
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+    raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
+  step_size = _common.check_nonneg_float("step_size", step_size)
+  _common.check_nonneg_float("eps", eps)
+  names, batches = _common.setup(loss_fn, params, batches, layers)
+  return {n: _pga_layer(loss_fn, params, batches, n, eps, p, int(steps), step_size, n_sparse,
+                        relative).loss_increase for n in names}
+

@@ -1,0 +1,467 @@
+"""The layer-sensitivity ground truth (the SAfER "dataset"), vectorised.
+
+For every layer ``l``, perturbation family ``f``, magnitude ``m`` and seed ``s``,
+perturb the kernel of ``l`` alone and measure accuracy and loss on held-out
+data. One row per cell in a tidy table::
+
+    layer, family, magnitude, magnitude_index, seed, accuracy, loss,
+    accuracy_drop, loss_increase, num_params
+
+How it is fast:
+
+* **Vectorised** — all perturbed copies of one layer (families x magnitudes x
+  seeds) are generated in one compiled call per family and evaluated with
+  ``vmap`` over the stacked kernels, in chunks of at most ``max_parallel``
+  copies so memory stays bounded (every chunk has the same size, the last one
+  padded, so each layer compiles once). Under ``vmap`` the operations that do
+  not depend on the perturbed kernel (everything before it) run once per chunk,
+  not once per copy.
+* **Prefix reuse** — for staged models (every zoo model, see
+  :mod:`safer_jax.models.common`) the activations entering the stage that holds
+  layer ``l`` are computed once and only the suffix is re-run per copy. For an
+  arbitrary ``apply_fn`` the engine falls back to full forwards.
+* **No branch over layers** — each layer gets its own compiled function (a
+  ``lax.switch`` over layers under ``vmap`` would compute every branch).
+
+Deterministic families (quantize, magnitude/structured prune, corrupt) do not
+depend on the seed: they are evaluated once and reported with ``seed = 0``.
+Stochastic families (bitflip, noise, random prune) get one row per seed; the
+PRNG key of a cell is :func:`cell_key` (seed, layer, family, magnitude index),
+so the table is identical across runs, chunk sizes and the naive loop.
+
+Resumable: with ``results_path``, the table is rewritten atomically after each
+(layer, family) group; a restarted sweep skips finished cells, and refuses to
+mix results from a different setup (fingerprint check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from safer_jax import data as data_lib
+from safer_jax import io
+from safer_jax import layers as layers_lib
+from safer_jax import perturb
+from safer_jax.progress import Progress
+from safer_jax.train import cross_entropy
+
+COLUMNS = ["layer", "family", "magnitude", "magnitude_index", "seed", "accuracy", "loss",
+           "accuracy_drop", "loss_increase", "num_params"]
+DEFAULT_FAMILIES = ("quantize", "prune", "bitflip", "noise")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """What to sweep.
+
+  Attributes:
+    families: ``{family: magnitudes}``; magnitudes mildest first (e.g. bits
+      ``(8, 6, 4, 3, 2)``). ``None`` grids use the family's default grid.
+    seeds: seeds of stochastic families.
+    layers: regex patterns (``re.fullmatch``) selecting layers; None = all.
+    family_options: ``{family: {option: value}}`` forwarded to the family
+      function (e.g. ``{'bitflip': {'representation': 'float32'}}``).
+    max_parallel: at most this many perturbed copies per compiled call.
+    eval_batch_size: examples per compiled call.
+    use_prefix: reuse the activations before the perturbed layer's stage.
+  """
+  families: Mapping[str, Sequence[float] | None] = dataclasses.field(
+      default_factory=lambda: {f: None for f in DEFAULT_FAMILIES})
+  seeds: Sequence[int] = (0, 1, 2)
+  layers: Sequence[str] | None = None
+  family_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  max_parallel: int = 64
+  eval_batch_size: int = 1024
+  use_prefix: bool = True
+
+  def grids(self) -> dict[str, tuple[float, ...]]:
+    out = {}
+    for name, grid in self.families.items():
+      family = perturb.get_family(name)
+      grid = tuple(family.default_grid if grid is None else grid)
+      if not grid:
+        raise ValueError(f"Family {name!r} has an empty magnitude grid.")
+      perturb.validate_magnitude(name, np.asarray(grid, np.float64))
+      out[name] = grid
+    return out
+
+
+def is_stochastic(family: str, options: Mapping[str, Any]) -> bool:
+  return perturb.get_family(family).stochastic or options.get("method") == "random"
+
+
+def cell_key(seed: int, layer: str, family: str, magnitude_index: int) -> jax.Array:
+  """The PRNG key of one cell; stable across runs, processes and chunkings."""
+  key = jax.random.key(seed)
+  key = jax.random.fold_in(key, zlib.crc32(layer.encode()) & 0x7FFFFFFF)
+  key = jax.random.fold_in(key, zlib.crc32(family.encode()) & 0x7FFFFFFF)
+  return jax.random.fold_in(key, magnitude_index)
+
+
+def cells(layer: str, family: str, grid: Sequence[float], seeds: Sequence[int],
+          options: Mapping[str, Any]) -> list[tuple[float, int, int]]:
+  """(magnitude, magnitude_index, seed) of every cell of one (layer, family) pair."""
+  seeds = list(seeds) if is_stochastic(family, options) else [0]
+  return [(float(m), i, int(s)) for i, m in enumerate(grid) for s in seeds]
+
+
+# ---------------------------------------------------------------------------
+# Model access: staged (prefix reuse) or a plain apply function.
+# ---------------------------------------------------------------------------
+
+
+def _stage_of(model: Any, layer: str) -> int:
+  names = getattr(model, "stage_names", None)
+  if not names:
+    return 0
+  head = layer.split("/")[0]
+  return names.index(head) if head in names else 0
+
+
+def _apply_fn(model: Any) -> Callable:
+  return model.apply if hasattr(model, "apply") else model
+
+
+def _suffix_fn(model: Any, stage: int) -> Callable:
+  if getattr(model, "stage_names", None):
+    return lambda v, h: model.apply(v, h, start=stage)
+  return _apply_fn(model)
+
+
+def _batches(split: data_lib.Split, batch_size: int):
+  n = len(split)
+  bs = min(batch_size, n)
+  for lo in range(0, n, bs):
+    images, labels = split.images[lo:lo + bs], split.labels[lo:lo + bs]
+    m = labels.shape[0]
+    mask = np.zeros((bs,), np.float32)
+    mask[:m] = 1.0
+    if m < bs:
+      images = np.concatenate([images, np.zeros((bs - m, *images.shape[1:]), images.dtype)])
+      labels = np.concatenate([labels, np.zeros((bs - m,), labels.dtype)])
+    yield images, labels, mask
+
+
+# Compiled functions live as long as the process, so repeated sweeps (resume, notebooks,
+# several families run one after another) compile each (model, layer) once.
+_EVAL_FNS: dict[tuple, tuple[Any, Callable]] = {}
+_PREFIX_FNS: dict[tuple, tuple[Any, Callable]] = {}
+_STACK_FNS: dict[tuple, Callable] = {}
+
+
+class _Engine:
+  """Compiled pieces, cached per model / layer / stage / family."""
+
+  def __init__(self, model: Any, variables: Mapping[str, Any], split: data_lib.Split,
+               config: SweepConfig):
+    self.model, self.variables, self.config = model, variables, config
+    self.batches = list(_batches(split, config.eval_batch_size))
+    self.n = len(split)
+    self._prefix_cache: tuple[int, list] | None = None
+
+  def prefix(self, stage: int) -> list:
+    """Activations entering ``stage`` for every eval batch (cached for the current stage)."""
+    if self._prefix_cache is not None and self._prefix_cache[0] == stage:
+      return self._prefix_cache[1]
+    if stage == 0:
+      hs = [images for images, _, _ in self.batches]
+    else:
+      key = (id(self.model), stage)
+      if key not in _PREFIX_FNS:
+        model = self.model
+        _PREFIX_FNS[key] = (model, jax.jit(lambda v, x: model.apply(v, x, stop=stage)))
+      run = _PREFIX_FNS[key][1]
+      hs = [run(self.variables, images) for images, _, _ in self.batches]
+    self._prefix_cache = (stage, hs)
+    return hs
+
+  def eval_fn(self, layer: str, stage: int) -> Callable:
+    """jit: ``(variables, kernels (P, ...), h, labels, mask) -> (correct (P,), loss_sum (P,))``."""
+    key = (id(self.model), layer, stage)
+    if key not in _EVAL_FNS:
+      suffix = _suffix_fn(self.model, stage)
+
+      def one(variables, kernel, h, labels, mask):
+        v = layers_lib.replace_kernel(variables, layer, kernel)
+        logits = suffix(v, h)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return jnp.sum(correct * mask), jnp.sum(cross_entropy(logits, labels) * mask)
+
+      _EVAL_FNS[key] = (self.model, jax.jit(jax.vmap(one, in_axes=(None, 0, None, None, None))))
+    return _EVAL_FNS[key][1]
+
+  def evaluate_kernels(self, layer: str, kernels: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and mean loss of ``P`` perturbed copies (kernels stacked on axis 0)."""
+    stage = _stage_of(self.model, layer) if self.config.use_prefix else 0
+    fn = self.eval_fn(layer, stage)
+    hs = self.prefix(stage)
+    correct = jnp.zeros(kernels.shape[0])
+    loss = jnp.zeros(kernels.shape[0])
+    for h, (_, labels, mask) in zip(hs, self.batches):
+      c, l = fn(self.variables, kernels, h, labels, mask)
+      correct, loss = correct + c, loss + l
+    return np.asarray(correct) / self.n, np.asarray(loss) / self.n
+
+
+@jax.jit
+def _nonfinite(tree) -> jax.Array:
+  return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+
+
+def check_variables(variables: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the first parameter leaf holding NaN or inf."""
+  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+  bad = np.asarray(_nonfinite([leaf for _, leaf in flat]))
+  if bad.any():
+    path = jax.tree_util.keystr(flat[int(np.argmax(bad))][0])
+    raise ValueError(f"Parameter {path} holds NaN or inf values; the sweep needs finite weights.")
+
+
+def perturb_stack(family: str, options: Mapping[str, Any]) -> Callable:
+  """jit: ``(kernel, magnitudes (P,), keys (P,), grad) -> kernels (P, *kernel.shape)``."""
+  cache_key = (family, json.dumps(dict(options), sort_keys=True, default=str))
+  if cache_key not in _STACK_FNS:
+    fam = perturb.get_family(family)
+    opts = dict(options)
+
+    # lax.map, not vmap: generating P kernels is cheap next to evaluating them, and a
+    # sequential map compiles about twice as fast as a vmapped PRNG (measured on CPU).
+    @jax.jit
+    def stack(kernel, magnitudes, keys, grad):
+      return jax.lax.map(lambda mk: fam.fn(kernel, mk[0], mk[1], grad=grad, **opts),
+                         (magnitudes, keys))
+
+    _STACK_FNS[cache_key] = stack
+  return _STACK_FNS[cache_key]
+
+
+def loss_gradients(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
+                   batch_size: int = 1024) -> dict:
+  """Gradient of the mean cross-entropy on ``split`` w.r.t. ``variables['params']``."""
+  apply = _apply_fn(model)
+  n = len(split)
+
+  @jax.jit
+  def grad_sum(params, images, labels, mask):
+    def f(p):
+      logits = apply({**variables, "params": p}, images)
+      return jnp.sum(cross_entropy(logits, labels) * mask)
+    return jax.grad(f)(params)
+
+  total = None
+  for images, labels, mask in _batches(split, batch_size):
+    g = grad_sum(variables["params"], images, labels, mask)
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+  return jax.tree.map(lambda x: x / n, total)
+
+
+def fingerprint(variables: Mapping[str, Any], split: data_lib.Split, config: SweepConfig,
+                extra: Mapping[str, Any] | None = None) -> str:
+  """A hash of what determines the table: weights, eval data, grids, seeds, options."""
+  from safer_jax.zoo import checksum  # pylint: disable=import-outside-toplevel
+  record = {"weights": checksum(variables),
+            "data": hashlib.sha256(np.ascontiguousarray(split.images).tobytes()
+                                   + split.labels.tobytes()).hexdigest(),
+            "grids": config.grids(), "seeds": list(config.seeds),
+            "options": {k: dict(v) for k, v in config.family_options.items()},
+            "extra": dict(extra or {})}
+  return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_partial(results_path: str | None, fp: str) -> pd.DataFrame:
+  if not results_path or not os.path.exists(results_path):
+    return pd.DataFrame(columns=COLUMNS)
+  meta_path = results_path + ".fingerprint"
+  stored = open(meta_path, encoding="utf-8").read().strip() if os.path.exists(meta_path) else ""
+  if stored != fp:
+    raise ValueError(f"{results_path} holds results of a different sweep setup (weights, data, "
+                     f"grids, seeds or options differ). Delete it or use another workdir.")
+  return pd.read_csv(results_path)
+
+
+def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
+              config: SweepConfig = SweepConfig(), *, results_path: str | None = None,
+              progress: bool = True, grads: Mapping[str, Any] | None = None) -> pd.DataFrame:
+  """Runs the sensitivity sweep; returns (and optionally saves) the tidy table.
+
+  Args:
+    model: a staged zoo model (prefix reuse) or any ``apply_fn(variables,
+      images (B, H, W, C)) -> logits (B, K)`` (full forwards).
+    variables: model variables (``params`` and, if any, ``batch_stats``).
+    split: held-out data (:class:`~safer_jax.data.Split`).
+    config: families, grids, seeds, layers and chunking.
+    results_path: CSV path; enables resuming (see module docstring).
+    progress: show cells done / total and an ETA.
+    grads: loss gradient w.r.t. params for the ``'corrupt'`` family (computed
+      on ``split`` with :func:`loss_gradients` if needed and not given).
+
+  Returns:
+    DataFrame with :data:`COLUMNS`, sorted by layer order, family, magnitude
+    index and seed. ``accuracy`` is a fraction, ``loss`` in nats/example.
+
+  Raises:
+    ValueError: unknown family, magnitude out of range, layer pattern matching
+      nothing, NaN/inf weights, or a results file of another setup.
+  """
+  grids = config.grids()
+  if config.max_parallel < 1:
+    raise ValueError(f"max_parallel={config.max_parallel} must be >= 1.")
+  check_variables(variables)
+  layer_names = layers_lib.select_layers(variables, config.layers)
+  fp = fingerprint(variables, split, config)
+  done = _load_partial(results_path, fp)
+  finished = {(r.layer, r.family, int(r.magnitude_index), int(r.seed))
+              for r in done.itertuples()}
+  if "corrupt" in grids and grads is None:
+    grads = loss_gradients(model, variables, split, config.eval_batch_size)
+
+  engine = _Engine(model, variables, split, config)
+  baseline = engine.evaluate_kernels(
+      layer_names[0], jnp.asarray(layers_lib.get_kernel(variables, layer_names[0]))[None])
+  base_acc, base_loss = float(baseline[0][0]), float(baseline[1][0])
+
+  plan = []  # per layer: [(family, options, cells to do)]
+  for layer in sorted(layer_names, key=lambda name: _stage_of(model, name)):
+    groups = []
+    for family, grid in grids.items():
+      opts = config.family_options.get(family, {})
+      todo = [c for c in cells(layer, family, grid, config.seeds, opts)
+              if (layer, family, c[1], c[2]) not in finished]
+      if todo:
+        groups.append((family, opts, todo))
+    if groups:
+      plan.append((layer, groups))
+  per_layer = [sum(len(g[2]) for g in groups) for _, groups in plan]
+  total = sum(per_layer)
+  # One chunk size for every layer: each layer's suffix compiles once.
+  chunk = min(config.max_parallel, max(per_layer, default=1))
+  bar = Progress(total, "sweep", enabled=progress and total > 0, unit="cell")
+  rows = [done] if len(done) else []
+  for layer, groups in plan:
+    kernel = jnp.asarray(layers_lib.get_kernel(variables, layer))
+    grad = None if grads is None else layers_lib.get_kernel(grads, layer)
+    stacks, meta = [], []
+    for family, opts, todo in groups:
+      mags = jnp.asarray([c[0] for c in todo], jnp.float32)
+      keys = jnp.stack([cell_key(c[2], layer, family, c[1]) for c in todo])
+      stacks.append(perturb_stack(family, opts)(kernel, mags, keys, grad))
+      meta += [(family, *c) for c in todo]
+    kernels = jnp.concatenate(stacks)
+    count = len(meta)
+    accs, losses = [], []
+    for lo in range(0, count, chunk):
+      idx = np.arange(lo, lo + chunk).clip(max=count - 1)  # pad with the last copy
+      a, l = engine.evaluate_kernels(layer, kernels[idx])
+      valid = min(chunk, count - lo)
+      accs.append(a[:valid])
+      losses.append(l[:valid])
+      bar.update(valid, postfix=layer)
+    acc, loss = np.concatenate(accs), np.concatenate(losses)
+    rows.append(pd.DataFrame({
+        "layer": layer, "family": [m[0] for m in meta], "magnitude": [m[1] for m in meta],
+        "magnitude_index": [m[2] for m in meta], "seed": [m[3] for m in meta],
+        "accuracy": acc, "loss": loss, "accuracy_drop": base_acc - acc,
+        "loss_increase": loss - base_loss, "num_params": int(kernel.size)}))
+    if results_path:
+      _save(results_path, pd.concat(rows, ignore_index=True), fp)
+  bar.close()
+  table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
+  table = _sorted(table, layer_names, list(grids))
+  table.attrs.update(baseline_accuracy=base_acc, baseline_loss=base_loss)
+  if results_path:
+    _save(results_path, table, fp)
+  return table
+
+
+def _sorted(table: pd.DataFrame, layer_order: list[str], family_order: list[str]) -> pd.DataFrame:
+  table = table.assign(_l=table["layer"].map({n: i for i, n in enumerate(layer_order)}),
+                       _f=table["family"].map({n: i for i, n in enumerate(family_order)}))
+  table = table.sort_values(["_l", "_f", "magnitude_index", "seed"], kind="stable")
+  return table.drop(columns=["_l", "_f"]).reset_index(drop=True)[COLUMNS]
+
+
+def _save(path: str, table: pd.DataFrame, fp: str) -> None:
+  io.write_text(path + ".fingerprint", fp)
+  io.write_csv(path, table)
+
+
+def naive_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
+                config: SweepConfig = SweepConfig(), *, progress: bool = True,
+                grads: Mapping[str, Any] | None = None) -> pd.DataFrame:
+  """The reference: a Python loop, one jitted full evaluation per perturbed model.
+
+  Same cells, keys and table as :func:`run_sweep`, computed the plain way: the
+  family function on one kernel, :func:`safer_jax.layers.replace_kernel`, and
+  :func:`safer_jax.train.evaluate` on the full model.
+  Used by tests and by the ``bench_sweep`` experiment.
+  """
+  from safer_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  grids = config.grids()
+  check_variables(variables)
+  apply = _apply_fn(model)
+  layer_names = layers_lib.select_layers(variables, config.layers)
+  if "corrupt" in grids and grads is None:
+    grads = loss_gradients(model, variables, split, config.eval_batch_size)
+  base = evaluate(apply, variables, split, config.eval_batch_size)
+  todo = [(layer, family, c) for layer in layer_names for family, grid in grids.items()
+          for c in cells(layer, family, grid, config.seeds, config.family_options.get(family, {}))]
+  bar = Progress(len(todo), "naive", enabled=progress, unit="cell")
+  rows = []
+  for layer, family, (mag, mi, seed) in todo:
+    opts = config.family_options.get(family, {})
+    kernel = layers_lib.get_kernel(variables, layer)
+    grad = None if grads is None else layers_lib.get_kernel(grads, layer)
+    new = perturb.get_family(family).fn(kernel, mag, cell_key(seed, layer, family, mi),
+                                        grad=grad, **opts)
+    m = evaluate(apply, layers_lib.replace_kernel(variables, layer, new), split,
+                 config.eval_batch_size)
+    rows.append({"layer": layer, "family": family, "magnitude": mag, "magnitude_index": mi,
+                 "seed": seed, "accuracy": m["accuracy"], "loss": m["loss"],
+                 "accuracy_drop": base["accuracy"] - m["accuracy"],
+                 "loss_increase": m["loss"] - base["loss"],
+                 "num_params": int(layers_lib.get_kernel(variables, layer).size)})
+    bar.update(1)
+  bar.close()
+  return _sorted(pd.DataFrame(rows, columns=COLUMNS), layer_names, list(grids))
+
+
+def importance(table: pd.DataFrame, metric: str = "accuracy_drop") -> pd.DataFrame:
+  """Per-layer importance per family: area under the (seed-averaged) ``metric`` curve.
+
+  Magnitudes are placed at equally spaced positions in [0, 1], mildest first,
+  and the curve is integrated with the trapezoid rule (a single magnitude:
+  its value). Returns a DataFrame ``layer x family`` (layers in table order).
+  """
+  mean = table.groupby(["layer", "family", "magnitude_index"], sort=False)[metric].mean()
+  out = {}
+  for (layer, family), curve in mean.groupby(level=[0, 1], sort=False):
+    values = curve.sort_index(level=2).to_numpy()
+    if values.size == 1:
+      out[(layer, family)] = float(values[0])
+    else:
+      x = np.linspace(0.0, 1.0, values.size)
+      out[(layer, family)] = float(np.sum((values[1:] + values[:-1]) * np.diff(x)) / 2)
+  frame = pd.Series(out).unstack()
+  order = list(dict.fromkeys(table["layer"]))
+  return frame.reindex(order)
+
+
+def summary_stats(table: pd.DataFrame) -> pd.DataFrame:
+  """Mean and std over seeds of accuracy drop and loss increase per (layer, family, magnitude)."""
+  g = table.groupby(["layer", "family", "magnitude_index", "magnitude"], sort=False)
+  out = g.agg(accuracy_drop=("accuracy_drop", "mean"), accuracy_drop_std=("accuracy_drop", "std"),
+              loss_increase=("loss_increase", "mean"),
+              loss_increase_std=("loss_increase", "std"), seeds=("seed", "count"))
+  return out.reset_index().fillna({"accuracy_drop_std": 0.0, "loss_increase_std": 0.0})
+

@@ -1,0 +1,416 @@
+"""Tests of safer_jax.criteria against independent references on tiny models."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from safer_jax import criteria
+from safer_jax.perturb import corruption_direction, quantize
+
+LAYERS = ("dense1", "dense2")
+
+
+def mlp_loss(params, batch):
+  """Mean softmax cross-entropy of a 2-layer tanh MLP, in plain JAX."""
+  h = jnp.tanh(batch["x"] @ params["dense1"]["kernel"] + params["dense1"]["bias"])
+  logits = h @ params["dense2"]["kernel"] + params["dense2"]["bias"]
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  params = {
+      "dense1": {"kernel": normal(6, 8) / math.sqrt(6), "bias": 0.1 * normal(8)},
+      "dense2": {"kernel": normal(8, 4) / math.sqrt(8), "bias": 0.1 * normal(4)},
+  }
+  batches = [{"x": normal(16, 6), "y": jnp.asarray(rng.integers(0, 4, 16), jnp.int32)}
+             for _ in range(2)]
+  return params, batches
+
+
+def _replace(params, layer, kernel):
+  out = {name: dict(leaves) for name, leaves in params.items()}
+  out[layer]["kernel"] = kernel
+  return out
+
+
+def _mean_loss(params, batches):
+  return float(np.mean([mlp_loss(params, b) for b in batches]))
+
+
+def _layer_grad(params, batches, layer):
+  """Reference: jax.grad of the full loss, averaged over batches by hand."""
+  gs = [jax.grad(mlp_loss)(params, b)[layer]["kernel"] for b in batches]
+  return np.mean(np.stack(gs), axis=0)
+
+
+def _dense_hessian(params, batches, layer):
+  """Reference: the layer's Hessian block from jax.hessian, as a dense (n, n) matrix."""
+  kernel = params[layer]["kernel"]
+  f = lambda k: jnp.mean(jnp.stack([mlp_loss(_replace(params, layer, k), b) for b in batches]))
+  h = jax.jit(jax.hessian(f))(kernel)
+  return np.asarray(h, np.float64).reshape(kernel.size, kernel.size)
+
+
+# ----------------------------------------------------------------------------- data-free
+
+
+@pytest.mark.parametrize("ord_,per_param", [("l1", False), ("l2", False), ("linf", False),
+                                            ("l1", True), ("l2", True)])
+def test_weight_norm_matches_numpy(mlp, ord_, per_param):
+  params, _ = mlp
+  scores = criteria.weight_norm(None, params, None, ord=ord_, per_param=per_param)
+  for layer in LAYERS:
+    w = np.asarray(params[layer]["kernel"], np.float64).ravel()
+    ref = {"l1": np.linalg.norm(w, 1), "l2": np.linalg.norm(w, 2),
+           "linf": np.linalg.norm(w, np.inf)}
+    expected = ref[ord_]
+    if per_param:
+      expected /= w.size if ord_ == "l1" else math.sqrt(w.size)
+    np.testing.assert_allclose(scores[layer], expected, rtol=1e-5)
+
+
+def test_spectral_norm_param_count_quant_error(mlp):
+  params, _ = mlp
+  spec = criteria.spectral_norm(None, params, None)
+  count = criteria.param_count(None, params, None)
+  qerr = criteria.quant_error(None, params, None, bits=3)
+  for layer in LAYERS:
+    w = np.asarray(params[layer]["kernel"], np.float64)
+    np.testing.assert_allclose(spec[layer], np.linalg.svd(w, compute_uv=False)[0], rtol=1e-5)
+    assert count[layer] == w.size
+    q = np.asarray(quantize(params[layer]["kernel"], 3), np.float64)
+    np.testing.assert_allclose(qerr[layer], np.sum((q - w) ** 2), rtol=1e-4)
+    assert qerr[layer] > 0
+
+
+def test_spectral_norm_reshapes_conv_kernels():
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 2, 5)), jnp.float32)
+  params = {"conv": {"kernel": w}}
+  ref = np.linalg.svd(np.asarray(w).reshape(-1, 5), compute_uv=False)[0]
+  np.testing.assert_allclose(criteria.spectral_norm(None, params, None)["conv"], ref, rtol=1e-5)
+
+
+def test_random_needs_key_and_is_reproducible(mlp):
+  params, _ = mlp
+  with pytest.raises(ValueError, match="key"):
+    criteria.random(None, params, None)
+  a = criteria.random(None, params, None, key=jax.random.key(3))
+  b = criteria.random(None, params, None, key=jax.random.key(3))
+  assert a == b and set(a) == set(LAYERS)
+
+
+# ----------------------------------------------------------------------------- gradient
+
+
+def test_gradient_criteria_match_manual_grad(mlp):
+  params, batches = mlp
+  gn = criteria.grad_norm(mlp_loss, params, batches)
+  ta = criteria.taylor(mlp_loss, params, batches)
+  tabs = criteria.taylor_abs(mlp_loss, params, batches)
+  for layer in LAYERS:
+    g = _layer_grad(params, batches, layer).astype(np.float64)
+    w = np.asarray(params[layer]["kernel"], np.float64)
+    np.testing.assert_allclose(gn[layer], np.linalg.norm(g), rtol=1e-5)
+    np.testing.assert_allclose(ta[layer], abs(np.sum(g * w)), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(tabs[layer], np.sum(np.abs(g * w)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_fisher_matches_python_loop(mlp, chunk_size):
+  params, batches = mlp
+  scores = criteria.fisher(mlp_loss, params, batches, chunk_size=chunk_size)
+  grad = jax.jit(jax.grad(mlp_loss))
+  for layer in LAYERS:
+    sq, count = 0.0, 0
+    for batch in batches:
+      for i in range(batch["x"].shape[0]):
+        one = {"x": batch["x"][i:i + 1], "y": batch["y"][i:i + 1]}
+        sq = sq + np.asarray(grad(params, one)[layer]["kernel"], np.float64) ** 2
+        count += 1
+    w = np.asarray(params[layer]["kernel"], np.float64)
+    np.testing.assert_allclose(scores[layer], np.sum(sq / count * w ** 2), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- curvature
+
+
+def test_hutchinson_trace_within_three_stderr(mlp):
+  params, batches = mlp
+  est = criteria.hutchinson_trace(mlp_loss, params, batches, key=jax.random.key(1),
+                                  rel_tol=2e-2, max_probes=512)
+  for layer in LAYERS:
+    exact = np.trace(_dense_hessian(params, batches, layer))
+    e = est[layer]
+    assert 0 < e.stderr and e.num_probes <= 512 and e.num_probes % 16 == 0
+    assert e.stderr <= 2e-2 * abs(e.mean) or e.num_probes == 512
+    assert abs(e.mean - exact) <= 3 * e.stderr, (layer, e, exact)
+  trace = criteria.hessian_trace(mlp_loss, params, batches, key=jax.random.key(1),
+                                 rel_tol=2e-2, max_probes=512)
+  assert trace == {n: e.mean for n, e in est.items()}
+
+
+def test_hawq_v2_is_trace_over_n_times_quant_error(mlp):
+  params, batches = mlp
+  key = jax.random.key(2)
+  est = criteria.hutchinson_trace(mlp_loss, params, batches, key=key, max_probes=64)
+  qerr = criteria.quant_error(None, params, None, bits=4)
+  scores = criteria.hawq_v2(mlp_loss, params, batches, key=key, bits=4, max_probes=64)
+  for layer in LAYERS:
+    n = params[layer]["kernel"].size
+    np.testing.assert_allclose(scores[layer], est[layer].mean / n * qerr[layer], rtol=1e-6)
+
+
+def test_top_eigenvalue_lanczos_and_power(mlp):
+  params, batches = mlp
+  lanczos = criteria.top_eigenvalue(mlp_loss, params, batches, tol=1e-4)
+  power = criteria.top_eigenvalue(mlp_loss, params, batches, method="power", max_iter=1000,
+                                  tol=1e-7)
+  for layer in LAYERS:
+    eig = np.linalg.eigvalsh(_dense_hessian(params, batches, layer))
+    np.testing.assert_allclose(lanczos[layer], eig[-1], rtol=1e-2)
+    largest_magnitude = eig[np.argmax(np.abs(eig))]
+    np.testing.assert_allclose(power[layer], largest_magnitude, rtol=1e-2)
+  with pytest.raises(ValueError, match="method"):
+    criteria.top_eigenvalue(mlp_loss, params, batches, method="arnoldi")
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _random_directions(seed, shape, count, p):
+  """``count`` random corruptions with unit p-norm (NumPy)."""
+  rng = np.random.default_rng(seed)
+  if p == np.inf:
+    a = rng.uniform(-1.0, 1.0, (count,) + shape)
+  else:
+    a = rng.standard_normal((count,) + shape)
+  norm = np.linalg.norm(a.reshape(count, -1), ord=p, axis=1)
+  return a / norm.reshape((count,) + (1,) * len(shape))
+
+
+@pytest.mark.parametrize("p", [2, np.inf])
+def test_first_order_maximiser_beats_random_and_matches_closed_form(mlp, p):
+  params, batches = mlp
+  eps = 0.05
+  scores = criteria.corruption_first_order(mlp_loss, params, batches, eps=eps, p=p)
+  q = {2: 2, np.inf: 1}[p]
+  for i, layer in enumerate(LAYERS):
+    w = params[layer]["kernel"]
+    g = _layer_grad(params, batches, layer)
+    eps_abs = eps * float(np.linalg.norm(np.asarray(w).ravel(), p))
+    closed_form = eps_abs * np.linalg.norm(g.ravel(), q)
+    np.testing.assert_allclose(scores[layer], closed_form, rtol=1e-5)
+    a = np.asarray(corruption_direction(jnp.asarray(g), eps_abs, p=p))
+    assert np.linalg.norm(a.ravel(), p) <= eps_abs * (1 + 1e-5)
+    best = float(np.sum(g * a))
+    np.testing.assert_allclose(best, closed_form, rtol=1e-5)
+    rand = eps_abs * _random_directions(i, w.shape, 1000, p)
+    assert np.all(np.linalg.norm(rand.reshape(1000, -1), p, axis=1) <= eps_abs * (1 + 1e-5))
+    assert np.max(np.sum(rand * g, axis=(1, 2))) < best
+
+
+@pytest.mark.parametrize("p", [1, 2, np.inf])
+def test_first_order_n_sparse(mlp, p):
+  params, batches = mlp
+  n = 5
+  scores = criteria.corruption_first_order(mlp_loss, params, batches, eps=0.1, p=p, n_sparse=n,
+                                           relative=False)
+  for layer in LAYERS:
+    top = np.sort(np.abs(_layer_grad(params, batches, layer).ravel()))[::-1][:n]
+    expected = 0.1 * {1: top[0], 2: np.linalg.norm(top), np.inf: np.sum(top)}[p]
+    np.testing.assert_allclose(scores[layer], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p,n_sparse", [(2, None), (np.inf, None), (1, None), (2, 10)])
+def test_pga_stays_in_ball_and_never_loses(mlp, p, n_sparse):
+  params, batches = mlp
+  base = _mean_loss(params, batches)
+  for layer in LAYERS:
+    res = criteria.pga_corruption(mlp_loss, params, batches, layer, eps=0.2, p=p, steps=8,
+                                  step_size=0.3, n_sparse=n_sparse)
+    a = np.asarray(res.corruption).ravel()
+    w = np.asarray(params[layer]["kernel"]).ravel()
+    np.testing.assert_allclose(res.eps_abs, 0.2 * np.linalg.norm(w, p), rtol=1e-5)
+    assert np.linalg.norm(a, p) <= res.eps_abs * (1 + 1e-5)
+    if n_sparse is not None:
+      assert np.count_nonzero(a) <= n_sparse
+    assert res.loss_increase >= res.initial_increase
+    assert res.loss_increase == max(res.losses) - base or math.isclose(
+        res.loss_increase, max(res.losses) - base, rel_tol=1e-5, abs_tol=1e-6)
+    corrupted = _replace(params, layer, params[layer]["kernel"] + res.corruption)
+    np.testing.assert_allclose(_mean_loss(corrupted, batches) - base, res.loss_increase,
+                               rtol=1e-3, atol=1e-6)
+  scores = criteria.corruption_pga(mlp_loss, params, batches, eps=0.2, p=p, steps=8,
+                                   step_size=0.3, n_sparse=n_sparse)
+  first = criteria.corruption_first_order(mlp_loss, params, batches, eps=0.2, p=p,
+                                          n_sparse=n_sparse)
+  assert set(scores) == set(first) == set(LAYERS)
+  assert all(s > 0 for s in scores.values())
+
+
+def test_project_l1_matches_bisection():
+  a = jnp.asarray(np.random.default_rng(5).standard_normal((7, 9)), jnp.float32)
+  eps = 2.0
+  proj = np.asarray(criteria.project(a, eps, 1), np.float64)
+  u = np.abs(np.asarray(a, np.float64))
+  lo, hi = 0.0, u.max()
+  for _ in range(100):  # Reference: bisection on the soft threshold.
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if np.maximum(u - mid, 0).sum() > eps else (lo, mid)
+  ref = np.sign(np.asarray(a)) * np.maximum(u - lo, 0)
+  np.testing.assert_allclose(proj, ref, atol=1e-5)
+  inside = 0.01 * a
+  np.testing.assert_array_equal(criteria.project(inside, eps, 1), inside)
+
+
+# ----------------------------------------------------------------------------- integrated gradients
+
+
+@pytest.mark.parametrize("baseline,rule,steps", [("zero", "gauss_legendre", 32),
+                                                 ("quantized", "gauss_legendre", 16),
+                                                 ("zero", "riemann", 64)])
+def test_integrated_gradients_completeness(mlp, baseline, rule, steps):
+  params, batches = mlp
+  attr = criteria.integrated_gradients_attributions(mlp_loss, params, batches, baseline=baseline,
+                                                    bits=3, steps=steps, rule=rule, chunk_size=8)
+  scores = criteria.integrated_gradients(mlp_loss, params, batches, baseline=baseline, bits=3,
+                                         steps=steps, rule=rule)
+  for layer in LAYERS:
+    w = params[layer]["kernel"]
+    w0 = jnp.zeros_like(w) if baseline == "zero" else quantize(w, 3)
+    delta = _mean_loss(params, batches) - _mean_loss(_replace(params, layer, w0), batches)
+    assert abs(delta) > 1e-3
+    np.testing.assert_allclose(float(jnp.sum(attr[layer])), delta, rtol=1e-2)
+    np.testing.assert_allclose(scores[layer], float(jnp.sum(jnp.abs(attr[layer]))), rtol=1e-4)
+
+
+def test_quadrature_rules_integrate_polynomials():
+  for rule, steps in [("gauss_legendre", 4), ("riemann", 400)]:
+    x, w = criteria.quadrature(steps, rule)
+    np.testing.assert_allclose(np.sum(w), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.sum(w * x ** 5), 1 / 6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- registry, errors
+
+
+def test_unknown_criterion_lists_valid_names():
+  with pytest.raises(ValueError, match="fisher"):
+    criteria.get_criterion("fishr")
+  assert criteria.get_criterion("fisher") is criteria.fisher
+
+
+@pytest.mark.parametrize("name", sorted(criteria.CRITERIA))
+def test_nan_params_raise_naming_the_layer(mlp, name):
+  params, batches = mlp
+  bad = _replace(params, "dense2", params["dense2"]["kernel"].at[0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="dense2"):
+    criteria.get_criterion(name)(mlp_loss, bad, batches, key=jax.random.key(0))
+
+
+def test_nan_bias_raises_for_data_dependent_criteria(mlp):
+  params, batches = mlp
+  bias = params["dense1"]["bias"].at[0].set(jnp.inf)
+  bad = {**params, "dense1": {**params["dense1"], "bias": bias}}
+  with pytest.raises(ValueError, match="dense1.*bias"):
+    criteria.grad_norm(mlp_loss, bad, batches)
+
+
+def test_pattern_matching_no_layer_raises(mlp):
+  params, batches = mlp
+  with pytest.raises(ValueError, match="conv.*"):
+    criteria.weight_norm(None, params, None, layers="conv.*")
+  with pytest.raises(ValueError, match="matches no layer"):
+    criteria.grad_norm(mlp_loss, params, batches, layers=["dense1", "nope"])
+  assert set(criteria.taylor(mlp_loss, params, batches, layers="dense2")) == {"dense2"}
+
+
+@pytest.mark.parametrize("bad_p", [3, 0, "two", -np.inf])
+def test_bad_p_raises(mlp, bad_p):
+  params, batches = mlp
+  with pytest.raises(ValueError, match=f"p={bad_p!r}.*allowed"):
+    criteria.corruption_first_order(mlp_loss, params, batches, p=bad_p)
+
+
+@pytest.mark.parametrize("bad_bits", [0, 17, 4.5, "4"])
+def test_bad_bits_raise(mlp, bad_bits):
+  params, batches = mlp
+  with pytest.raises(ValueError, match=f"bits={bad_bits!r}.*allowed"):
+    criteria.quant_error(None, params, None, bits=bad_bits)
+  with pytest.raises(ValueError, match=f"bits={bad_bits!r}"):
+    criteria.integrated_gradients(mlp_loss, params, batches, baseline="quantized", bits=bad_bits)
+
+
+def test_missing_data_raises(mlp):
+  params, _ = mlp
+  with pytest.raises(ValueError, match="batch"):
+    criteria.grad_norm(mlp_loss, params, [])
+  with pytest.raises(ValueError, match="loss_fn"):
+    criteria.grad_norm(None, params, [{"x": jnp.zeros((1, 6))}])
+
+
+class _Block(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.tanh(nn.Dense(5, name="dense")(x))
+
+
+class _TinyNet(nn.Module):
+  """Flax model with a conv stem and a nested block: layers 'conv', 'block/dense', 'head'."""
+  use_conv: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if self.use_conv:
+      x = nn.relu(nn.Conv(3, (2, 2), name="conv")(x))
+    x = _Block(name="block")(jnp.mean(x, axis=(1, 2)))
+    return nn.Dense(3, name="head")(x)
+
+
+def _flax_problem(use_conv):
+  model = _TinyNet(use_conv=use_conv)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.standard_normal((4, 5, 5, 2)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 3, 4), jnp.int32)}
+  variables = model.init(jax.random.key(0), batch["image"])
+
+  def loss_fn(variables, batch):
+    logits = model.apply(variables, batch["image"])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], 1))
+
+  return loss_fn, variables, batch
+
+
+def test_compute_all_runs_every_criterion_on_a_flax_model():
+  loss_fn, variables, batch = _flax_problem(use_conv=False)
+  options = {"hessian_trace": {"max_probes": 16}, "hawq_v2": {"max_probes": 16},
+             "top_eigenvalue": {"max_iter": 10}, "corruption_pga": {"steps": 2},
+             "integrated_gradients": {"steps": 4}}
+  scores, seconds = criteria.compute_all(sorted(criteria.CRITERIA), loss_fn, variables,
+                                         iter([batch, batch]), layers="block/.*",
+                                         key=jax.random.key(1), options=options)
+  assert set(scores) == set(seconds) == set(criteria.CRITERIA)
+  for name, s in scores.items():
+    assert set(s) == {"block/dense"}, name
+    assert all(isinstance(v, float) and math.isfinite(v) for v in s.values()), name
+    assert seconds[name] >= 0
+  with pytest.raises(ValueError, match="not requested"):
+    criteria.compute_all(["taylor"], loss_fn, variables, [batch], options={"fisher": {}})
+
+
+def test_gradient_criteria_on_a_conv_layer():
+  loss_fn, variables, batch = _flax_problem(use_conv=True)
+  scores, _ = criteria.compute_all(["grad_norm", "fisher", "corruption_first_order"], loss_fn,
+                                   variables, [batch], layers="conv")
+  g = jax.jit(jax.grad(loss_fn))(variables, batch)["params"]["conv"]["kernel"]
+  np.testing.assert_allclose(scores["grad_norm"]["conv"], np.linalg.norm(np.ravel(g)), rtol=1e-5)
+  assert all(set(s) == {"conv"} and s["conv"] > 0 for s in scores.values())

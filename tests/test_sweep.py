@@ -1,0 +1,167 @@
+"""Tests of the sweep engine against a plain loop, resume, determinism and bad inputs."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from safer_jax import layers, models, perturb, sweep, train
+
+
+@pytest.fixture(scope="module")
+def tiny(digits):
+  """A briefly trained LeNet and 64 eval images."""
+  model = models.get_model("lenet")
+  small = dataclasses.replace(digits, train=digits.train.take(512))
+  variables, _ = train.train(model, small, train.TrainConfig(epochs=4), progress=False)
+  return model, variables, digits.eval.take(64)
+
+
+CONFIG = sweep.SweepConfig(
+    families={"quantize": (8, 3, 2), "prune": (0.5, 0.9), "bitflip": (1e-2, 5e-2),
+              "noise": (0.5, 2.0), "corrupt": (0.1, 0.5)},
+    seeds=(0, 1), max_parallel=5)
+
+
+def _plain_loop(model, variables, split, config):
+  """Independent reference: perturb one kernel, full forward, NumPy accuracy, per cell."""
+  grads = sweep.loss_gradients(model, variables, split)
+  logits0 = np.asarray(model.apply(variables, split.images))
+  base_acc = np.mean(logits0.argmax(1) == split.labels)
+  rows = []
+  for layer in layers.find_layers(variables):
+    for family, grid in config.grids().items():
+      fam = perturb.get_family(family)
+      for i, m in enumerate(grid):
+        for s in (config.seeds if fam.stochastic else (0,)):
+          if fam.stochastic:  # the sweep's documented per-cell key
+            kernel = fam.fn(layers.get_kernel(variables, layer), m,
+                            sweep.cell_key(s, layer, family, i))
+            params = layers.replace_kernel(variables["params"], layer, kernel)
+          else:  # the pytree-level API
+            params = perturb.perturb_params(variables["params"], [layer], family, m, None,
+                                            grads=grads if fam.needs_grad else None)
+          logits = np.asarray(model.apply({**variables, "params": params}, split.images))
+          rows.append((layer, family, i, s, np.mean(logits.argmax(1) == split.labels)))
+  columns = ["layer", "family", "magnitude_index", "seed", "accuracy"]
+  return pd.DataFrame(rows, columns=columns), base_acc
+
+
+def test_engine_equals_plain_loop(tiny):
+  model, variables, split = tiny
+  table = sweep.run_sweep(model, variables, split, CONFIG, progress=False)
+  ref, base_acc = _plain_loop(model, variables, split, CONFIG)
+  assert len(table) == len(ref)
+  merged = table.merge(ref, on=["layer", "family", "magnitude_index", "seed"],
+                       suffixes=("", "_ref"))
+  assert len(merged) == len(ref)
+  np.testing.assert_allclose(merged["accuracy"], merged["accuracy_ref"], atol=1e-6)
+  np.testing.assert_allclose(table.attrs["baseline_accuracy"], base_acc)
+  np.testing.assert_allclose(table["accuracy_drop"], base_acc - table["accuracy"], atol=1e-6)
+  # deterministic families have one row per magnitude, stochastic ones one per seed.
+  assert set(table[table.family == "quantize"].seed) == {0}
+  assert set(table[table.family == "noise"].seed) == {0, 1}
+  # the damage grows with magnitude somewhere: 2-bit and 90% pruning hurt some layer.
+  assert table[(table.family == "quantize") & (table.magnitude == 2)].accuracy_drop.max() > 0.02
+
+
+def test_engine_equals_naive_sweep_and_no_prefix(tiny):
+  model, variables, split = tiny
+  config = dataclasses.replace(CONFIG, families={"noise": (0.5, 2.0), "quantize": (2,)})
+  a = sweep.run_sweep(model, variables, split, config, progress=False)
+  b = sweep.naive_sweep(model, variables, split, config, progress=False)
+  c = sweep.run_sweep(model, variables, split, dataclasses.replace(config, use_prefix=False,
+                                                                   max_parallel=64),
+                      progress=False)
+  np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-6)
+  np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(a["loss"], c["loss"], rtol=1e-4, atol=1e-5)
+  # a plain apply function (no stages) gives the same table by full forwards.
+  d = sweep.run_sweep(lambda v, x: model.apply(v, x), variables, split, config, progress=False)
+  np.testing.assert_allclose(a["loss"], d["loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seeds_identical_table(tiny):
+  model, variables, split = tiny
+  config = dataclasses.replace(CONFIG, families={"bitflip": (1e-2,), "noise": (1.0,)})
+  a = sweep.run_sweep(model, variables, split, config, progress=False)
+  b = sweep.run_sweep(model, variables, split, config, progress=False)
+  pd.testing.assert_frame_equal(a, b)
+  c = sweep.run_sweep(model, variables, split, dataclasses.replace(config, seeds=(5, 6)),
+                      progress=False)
+  assert not np.array_equal(a["loss"].to_numpy(), c["loss"].to_numpy())
+
+
+def test_resume_after_interruption(tiny, tmp_path, monkeypatch):
+  model, variables, split = tiny
+  config = dataclasses.replace(CONFIG, families={"quantize": (4, 2), "noise": (1.0,)})
+  path = str(tmp_path / "table.csv")
+  full = sweep.run_sweep(model, variables, split, config, progress=False)
+
+  calls = {"n": 0}
+  original = sweep._Engine.evaluate_kernels
+
+  def flaky(self, layer, kernels):
+    calls["n"] += 1
+    if calls["n"] == 4:  # baseline + 2 layers done, then "killed"
+      raise KeyboardInterrupt
+    return original(self, layer, kernels)
+
+  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", flaky)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(model, variables, split, config, progress=False, results_path=path)
+  partial = pd.read_csv(path)  # a complete, readable file: whole layers only
+  assert 0 < len(partial) < len(full)
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", original)
+
+  counted = {"n": 0}
+
+  def counting(self, layer, kernels):
+    counted["n"] += kernels.shape[0]
+    return original(self, layer, kernels)
+
+  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", counting)
+  resumed = sweep.run_sweep(model, variables, split, config, progress=False, results_path=path)
+  assert counted["n"] < len(full) + 1  # finished cells were not redone
+  pd.testing.assert_frame_equal(resumed, full, check_dtype=False)
+  # a different setup refuses to resume into the same file.
+  with pytest.raises(ValueError, match="different sweep setup"):
+    sweep.run_sweep(model, variables, split, dataclasses.replace(config, seeds=(9,)),
+                    progress=False, results_path=path)
+
+
+def test_importance_is_area_under_drop_curve():
+  table = pd.DataFrame({
+      "layer": ["a"] * 3 + ["b"] * 3, "family": "quantize", "magnitude": [8, 4, 2] * 2,
+      "magnitude_index": [0, 1, 2] * 2, "seed": 0,
+      "accuracy_drop": [0.0, 0.2, 0.4, 0.0, 0.0, 0.1]})
+  imp = sweep.importance(table)
+  np.testing.assert_allclose(imp.loc["a", "quantize"], 0.2)  # trapezoid on [0, .5, 1]
+  np.testing.assert_allclose(imp.loc["b", "quantize"], 0.025)
+
+
+@pytest.mark.parametrize("families,match", [
+    ({"quantize": (0,)}, "bits=0"), ({"prune": (1.5,)}, "ratio=1.5"),
+    ({"bitflip": (-0.1,)}, "rate=-0.1"), ({"blur": (1,)}, "Unknown perturbation family 'blur'"),
+])
+def test_bad_grids(tiny, families, match):
+  model, variables, split = tiny
+  with pytest.raises(ValueError, match=match):
+    sweep.run_sweep(model, variables, split, sweep.SweepConfig(families=families),
+                    progress=False)
+
+
+def test_bad_layers_and_nan_weights(tiny):
+  model, variables, split = tiny
+  with pytest.raises(ValueError, match="matches no layer"):
+    sweep.run_sweep(model, variables, split, sweep.SweepConfig(layers=["nope/.*"]),
+                    progress=False)
+  kernel = layers.get_kernel(variables, "conv2/conv")
+  bad = layers.replace_kernel(variables, "conv2/conv", kernel.at[0, 0, 0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match=r"conv2.*NaN"):
+    sweep.run_sweep(model, bad, split, progress=False)
