@@ -11,7 +11,10 @@ import importlib
 from types import ModuleType
 
 REGISTRY: dict[str, str] = {
+    "criteria_benchmark": "experiments.criteria_benchmark",
     "train": "experiments.train",
+    "sensitivity": "experiments.sensitivity",
+    "bench_sweep": "experiments.bench_sweep",
 }
 
 

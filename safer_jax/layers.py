@@ -156,3 +156,28 @@ def num_params(params: Params, layer: str, include: Iterable[str] = (KERNEL,)) -
   """Number of scalar parameters in the given leaves of ``layer``."""
   node = _node(params, layer)
   return int(sum(node[k].size for k in include if k in node))
+
+
+def execution_order(apply_fn: Any, variables: Params, example: jax.Array) -> list[str]:
+  """Layer paths in the order a Flax model calls them (one forward on ``example``).
+
+  Dicts that pass through JAX transformations or checkpoints come back with
+  sorted keys, so the pytree order is not the network order; this recovers it
+  with ``capture_intermediates``. ``apply_fn`` is a Flax ``Module.apply``;
+  anything else (or a failure) falls back to :func:`find_layers` order.
+
+  Args:
+    apply_fn: ``model.apply``.
+    variables: the model variables.
+    example: one input batch, e.g. ``images[:1]``.
+  """
+  known = find_layers(variables)
+  try:
+    _, state = apply_fn(variables, example, capture_intermediates=True,
+                        mutable=["intermediates"])
+  except Exception:  # pylint: disable=broad-except
+    return known
+  flat = _flatten(state.get("intermediates", {}))
+  order = list(dict.fromkeys("/".join(p[:-1]) for p in flat if p[-1] == "__call__"))
+  ordered = [name for name in order if name in known]
+  return ordered + [name for name in known if name not in ordered]

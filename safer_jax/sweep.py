@@ -129,6 +129,14 @@ def _stage_of(model: Any, layer: str) -> int:
   return names.index(head) if head in names else 0
 
 
+def _ordered_layers(model: Any, variables, split: data_lib.Split,
+                    patterns: Sequence[str] | None) -> list[str]:
+  """Selected layers, in the order the network runs them (where it can be recovered)."""
+  selected = set(layers_lib.select_layers(variables, patterns))
+  order = layers_lib.execution_order(_apply_fn(model), variables, split.images[:1])
+  return [name for name in order if name in selected]
+
+
 def _apply_fn(model: Any) -> Callable:
   return model.apply if hasattr(model, "apply") else model
 
@@ -318,7 +326,7 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   if config.max_parallel < 1:
     raise ValueError(f"max_parallel={config.max_parallel} must be >= 1.")
   check_variables(variables)
-  layer_names = layers_lib.select_layers(variables, config.layers)
+  layer_names = _ordered_layers(model, variables, split, config.layers)
   fp = fingerprint(variables, split, config)
   done = _load_partial(results_path, fp)
   finished = {(r.layer, r.family, int(r.magnitude_index), int(r.seed))
@@ -332,7 +340,7 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   base_acc, base_loss = float(baseline[0][0]), float(baseline[1][0])
 
   plan = []  # per layer: [(family, options, cells to do)]
-  for layer in sorted(layer_names, key=lambda name: _stage_of(model, name)):
+  for layer in layer_names:  # network order: consecutive layers share a stage's prefix
     groups = []
     for family, grid in grids.items():
       opts = config.family_options.get(family, {})
@@ -410,7 +418,7 @@ def naive_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   grids = config.grids()
   check_variables(variables)
   apply = _apply_fn(model)
-  layer_names = layers_lib.select_layers(variables, config.layers)
+  layer_names = _ordered_layers(model, variables, split, config.layers)
   if "corrupt" in grids and grads is None:
     grads = loss_gradients(model, variables, split, config.eval_batch_size)
   base = evaluate(apply, variables, split, config.eval_batch_size)

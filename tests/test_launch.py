@@ -54,3 +54,29 @@ def test_train_experiment_writes_files(tmp_path, zoo_cache):
   metrics = json.load(open(tmp_path / "train" / "metrics.json"))
   assert metrics["rows"][0]["model"] == "mlp"
   assert metrics["rows"][0]["accuracy"] > 0.9
+
+
+def test_sensitivity_experiment_writes_table_and_plots(tmp_path, zoo_cache):
+  out = _launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"], zoo_cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  work = tmp_path / "sensitivity"
+  for name in ("table.csv", "summary.csv", "importance.csv", "meta.json", "heatmap.png",
+               "lines.png"):
+    assert (work / name).stat().st_size > 0, name
+  import pandas as pd
+  table = pd.read_csv(work / "table.csv")
+  assert set(table.family) == {"quantize", "prune", "bitflip", "noise"}
+  assert set(table.layer) == {"dense1/fc", "dense2/fc", "head/fc"}
+  # a second run resumes: nothing left to compute, same table.
+  again = _launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"], zoo_cache)
+  assert again.returncode == 0
+  pd.testing.assert_frame_equal(pd.read_csv(work / "table.csv"), table)
+
+
+def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, zoo_cache):
+  out = _launch(["--experiment=bench_sweep", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False"], zoo_cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.load(open(tmp_path / "bench_sweep" / "bench.json"))
+  assert result["same_numbers"] is True
+  assert result["speedup_warm"] > 0 and result["cells"] > 0
