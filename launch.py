@@ -15,7 +15,7 @@ import experiments
 from experiments import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("experiment", "train", "Experiment to run; one of "
+flags.DEFINE_string("experiment", "quant_sweep", "Experiment to run; one of "
                     f"{experiments.list_experiments()}.")
 flags.DEFINE_string("workdir", "workdir", "Results go to <workdir>/<experiment>/.")
 flags.DEFINE_string("model", None, "Zoo model (overrides the experiment's default).")

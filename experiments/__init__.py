@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "train": "experiments.train",
     "sensitivity": "experiments.sensitivity",
     "bench_sweep": "experiments.bench_sweep",
+    "quant_sweep": "experiments.quant_sweep",
 }
 
 

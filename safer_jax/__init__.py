@@ -7,19 +7,23 @@
 {'accuracy': 0.98..., 'loss': 0.05..., 'num_examples': 359}
 """
 
-from safer_jax import data, layers, models, train, zoo
+from safer_jax import (budget, criteria, data, layers, mixed_precision, models, perturb, sweep,
+                       train, zoo)
 from safer_jax.data import Dataset, Split, load_dataset
 from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
 from safer_jax.models import get_model, list_models
+from safer_jax.sweep import SweepConfig, importance, run_sweep
 from safer_jax.train import TrainConfig, evaluate, init_variables
 from safer_jax.train import train as fit
 from safer_jax.zoo import pretrained
 
 __all__ = [
-    "data", "layers", "models", "train", "zoo",
+    "budget", "criteria", "data", "layers", "mixed_precision", "models", "perturb", "sweep",
+    "train", "zoo",
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",
     "get_model", "list_models",
+    "SweepConfig", "importance", "run_sweep",
     "TrainConfig", "evaluate", "fit", "init_variables",
     "pretrained",
 ]

@@ -80,3 +80,23 @@ def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, zoo_cache):
   result = json.load(open(tmp_path / "bench_sweep" / "bench.json"))
   assert result["same_numbers"] is True
   assert result["speedup_warm"] > 0 and result["cells"] > 0
+
+
+def test_quant_sweep_tiny_end_to_end(tmp_path, zoo_cache):
+  out = _launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False"], zoo_cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  import pandas as pd
+  work = tmp_path / "quant_sweep"
+  results = pd.read_csv(work / "results.csv")
+  assert set(results.source) == {"oracle", "quant_error", "fisher", "uniform", "random"}
+  assert (results.avg_bits <= results.budget_avg_bits + 1e-9).all()
+  assert (work / "accuracy_vs_bits.png").stat().st_size > 0
+  assert "At 3 bits average" in (work / "summary.md").read_text()
+
+
+def test_quant_sweep_rejects_bad_bits(tmp_path, zoo_cache):
+  out = _launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "candidates=(0,4)"], zoo_cache)
+  assert out.returncode != 0 and "bits=0" in out.stderr
+  assert not (tmp_path / "quant_sweep" / "results.csv").exists()

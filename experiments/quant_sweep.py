@@ -1,0 +1,170 @@
+"""Mixed-precision quantization under a size budget: does a sensitivity ranking beat uniform bits?
+
+For each cost source (the measured oracle, each criterion, and the baselines
+uniform and random) and each budget (average bits per weight, weighted by
+parameter count): allocate a bit width per layer exactly (multiple-choice
+knapsack, :func:`safer_jax.budget.allocate_bits`), build that model and measure
+its real accuracy and loss on the eval split. Costs are computed on
+calibration data from the *training* split, never on the eval split.
+
+Writes ``results.csv`` (one row per source x budget, with the per-layer bits),
+``costs.json`` (the cost tables), ``summary.md`` and ``accuracy_vs_bits.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+import numpy as np
+import pandas as pd
+
+from experiments import common
+from safer_jax import budget, io, layers, mixed_precision, train, zoo
+
+
+def get_config(tiny: bool = False):
+  config = common.base_config()
+  config.candidates = (2, 3, 4, 5, 6, 8)
+  config.budgets = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+  config.sources = mixed_precision.COST_SOURCES
+  config.random_seeds = (0, 1, 2)
+  config.calib_examples = 256
+  config.calib_batch_size = 128
+  config.tie_groups = ""  # e.g. "stage2_block1/conv1+stage2_block1/shortcut;..."
+  if tiny:
+    config.model = "mlp"
+    config.budgets = (3.0, 6.0)
+    config.sources = ("oracle", "quant_error", "fisher")
+    config.random_seeds = (0,)
+    config.calib_examples = 128
+  return config
+
+
+def _tie_groups(text: str) -> list[list[str]] | None:
+  groups = [[name for name in group.split("+") if name] for group in text.split(";") if group]
+  return groups or None
+
+
+def run(config, workdir: str) -> dict:
+  entry = zoo.pretrained(config.model, config.dataset, config.seed,
+                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
+                         progress=config.progress)
+  variables, split = entry.variables, entry.dataset.eval
+  names = layers.find_layers(variables)
+  sizes = {n: int(layers.get_kernel(variables, n).size) for n in names}
+  ties = _tie_groups(config.tie_groups)
+  if ties:
+    layers.select_layers(variables, [n for g in ties for n in g])  # unknown names -> error
+  candidates = tuple(int(b) for b in config.candidates)
+  for b in candidates:
+    if not 1 <= b <= 16:
+      raise ValueError(f"bits={b} in candidates is out of range; allowed: integers 1..16")
+  min_avg = min(candidates)
+  for avg in config.budgets:
+    if avg < min_avg:
+      raise ValueError(f"budget {avg} average bits is below the smallest candidate "
+                       f"({min_avg} bits): infeasible.")
+  calib = entry.dataset.train.take(config.calib_examples)
+  print(f"cost tables from {len(calib)} calibration images: {list(config.sources)}", flush=True)
+  tables, seconds = mixed_precision.cost_tables(
+      entry.model, variables, calib, candidates, tuple(config.sources),
+      batch_size=config.calib_batch_size, seed=config.seed, progress=config.progress)
+  base = train.evaluate(entry.model.apply, variables, split)
+  rows = []
+  plan = [(s, None) for s in config.sources] + [("uniform", None)] + [
+      ("random", seed) for seed in config.random_seeds]
+  for avg in config.budgets:
+    cap = budget.budget_from_avg_bits(sizes, avg)
+    for source, seed in plan:
+      if source == "uniform":
+        alloc = budget.uniform_allocation(sizes, candidates, cap)
+      elif source == "random":
+        alloc = budget.random_allocation(sizes, candidates, cap, seed, tie_groups=ties)
+      else:
+        alloc = budget.allocate_bits(tables[source], sizes, candidates, cap, tie_groups=ties)
+      quantized = mixed_precision.quantize_model(variables, alloc.bits)
+      m = train.evaluate(entry.model.apply, quantized, split)
+      rows.append({"source": source, "seed": -1 if seed is None else seed, "budget_avg_bits": avg,
+                   "avg_bits": alloc.avg_bits, "size_bytes": alloc.size_bytes,
+                   "accuracy": m["accuracy"], "loss": m["loss"],
+                   "accuracy_drop": base["accuracy"] - m["accuracy"],
+                   "bits": json.dumps({n: int(alloc.bits[n]) for n in names}),
+                   "solver": alloc.method})
+    print(f"  budget {avg:4.1f} bits: " + ", ".join(
+        f"{r['source']} {100 * r['accuracy']:.1f}%" for r in rows[-len(plan):]
+        if r["seed"] <= 0), flush=True)
+  results = pd.DataFrame(rows)
+  summary = _summary(results, base, entry, seconds)
+  paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
+           "costs": io.write_json(os.path.join(workdir, "costs.json"),
+                                  {"tables": tables, "seconds": seconds, "sizes": sizes,
+                                   "baseline": base, "model": entry.name,
+                                   "versions": io.versions()}),
+           "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
+           "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_bits.png"))}
+  print(summary)
+  return {"paths": paths, "results": results}
+
+
+def _mean_by_source(results: pd.DataFrame) -> pd.DataFrame:
+  return results.groupby(["source", "budget_avg_bits"], sort=False).agg(
+      accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
+      avg_bits=("avg_bits", "mean")).reset_index()
+
+
+def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict) -> str:
+  mean = _mean_by_source(results)
+  pivot = mean.pivot(index="source", columns="budget_avg_bits", values="accuracy")
+  order = list(dict.fromkeys(results["source"]))
+  pivot = pivot.reindex(order)
+  budgets = list(pivot.columns)
+  lines = [f"# quant_sweep: {entry.name} on {entry.dataset.name}", "",
+           f"Float accuracy {100 * base['accuracy']:.2f}%. Eval accuracy (%) of the "
+           f"mixed-precision model at each budget (average bits per weight); random: mean of "
+           f"{int((results.source == 'random').sum() / max(len(budgets), 1))} seeds. Best per "
+           f"budget in bold.", "",
+           "| source | " + " | ".join(f"{b:g} bits" for b in budgets) + " | cost time (s) |",
+           "|---|" + "---|" * (len(budgets) + 1)]
+  best = pivot.max(axis=0)
+  for source, row in pivot.iterrows():
+    cells = [(f"**{100 * v:.2f}**" if np.isclose(v, best[b]) else f"{100 * v:.2f}")
+             for b, v in row.items()]
+    lines.append(f"| {source} | " + " | ".join(cells) + f" | {seconds.get(source, 0.0):.1f} |")
+  criteria_rows = pivot.drop(index=[s for s in ("oracle", "uniform", "random") if s in pivot.index])
+  lines.append("")
+  for b in budgets:
+    parts = []
+    if "oracle" in pivot.index:
+      parts.append(f"oracle {100 * pivot.loc['oracle', b]:.2f}%")
+    if len(criteria_rows):
+      top = criteria_rows[b].idxmax()
+      parts.append(f"best criterion ({top}) {100 * criteria_rows.loc[top, b]:.2f}%")
+    parts.append(f"uniform {100 * pivot.loc['uniform', b]:.2f}%")
+    lines.append(f"- At {b:g} bits average: " + ", ".join(parts) + ".")
+  return "\n".join(lines) + "\n"
+
+
+def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  mean = _mean_by_source(results)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for source in dict.fromkeys(results["source"]):
+    sub = mean[mean.source == source].sort_values("avg_bits")
+    style = {"oracle": dict(color="black", lw=2.5), "uniform": dict(color="red", ls="--", lw=2),
+             "random": dict(color="gray", ls=":", lw=2)}.get(source, dict(lw=1.4))
+    ax.errorbar(sub["avg_bits"], 100 * sub["accuracy"], yerr=100 * sub["accuracy_std"].fillna(0),
+                marker="o", ms=3.5, label=source, capsize=2, **style)
+  ax.axhline(100 * base["accuracy"], color="green", lw=0.8, ls="-.", label="float32")
+  ax.set_xlabel("average bits per weight (parameter-weighted)")
+  ax.set_ylabel("eval accuracy (%)")
+  ax.set_title(f"{entry.name} on {entry.dataset.name}: mixed precision under a size budget")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return io.save_figure(path, fig)
+
+
+

@@ -1,0 +1,160 @@
+"""Mixed-precision quantization: per-layer sensitivity tables s_l(b) and the models they give.
+
+A *cost table* maps ``layer -> {bits: cost}``; lower cost = less damage expected
+from quantizing that layer to that width. :func:`safer_jax.budget.allocate_bits`
+turns a table into the exact min-cost allocation under a size budget, and
+:func:`quantize_model` builds that model (per-output-channel symmetric
+round-to-nearest, :func:`safer_jax.perturb.quantize`).
+
+Sources of cost tables (``COST_SOURCES``), each computed on calibration batches:
+
+* ``oracle`` — measured: loss increase when that layer alone is quantized
+  (the sensitivity sweep's quantize family). One forward per (layer, bits).
+* ``hawq`` — HAWQ-V2: Tr(H_l)/n_l · ||Q_b(W_l) − W_l||², trace by Hutchinson.
+* ``fisher`` — diagonal empirical Fisher: Σ_i E_x[g_i²] (Q_b(w)_i − w_i)²
+  (per-example gradients by ``vmap``).
+* ``corruption`` — Zhang et al.'s first-order bound ||g_l||₂ · ||Q_b(W_l) − W_l||₂
+  (the worst loss increase of a corruption of that norm).
+* ``integrated_gradients`` — Σ|IG| along the path from Q_b(W_l) to W_l (SInGE-style).
+* ``quant_error`` — data-free ||Q_b(W_l) − W_l||².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safer_jax import criteria
+from safer_jax import data as data_lib
+from safer_jax import layers as layers_lib
+from safer_jax import perturb
+from safer_jax import sweep
+
+CostTable = dict[str, dict[int, float]]
+COST_SOURCES = ("oracle", "hawq", "fisher", "corruption", "integrated_gradients", "quant_error")
+
+
+def quant_errors(params, names: Sequence[str], candidates: Sequence[int]) -> dict:
+  """``{layer: {bits: Q_b(W) - W}}`` (arrays, kernel shape)."""
+  out = {}
+  for name in names:
+    w = jnp.asarray(layers_lib.get_kernel(params, name))
+    out[name] = {int(b): perturb.quantize(w, int(b)) - w for b in candidates}
+  return out
+
+
+def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, Any]],
+                    names: Sequence[str]) -> dict[str, jax.Array]:
+  """E_x[g_x²] per kernel entry, per-example gradients by ``vmap``; cost: one backward per example."""
+
+  @jax.jit
+  def batch_sq(p, batch):
+    def one(image, label):
+      return jax.grad(loss_fn)(p, {"image": image[None], "label": label[None]})
+    grads = jax.vmap(one)(batch["image"], batch["label"])
+    return {n: jnp.sum(jnp.square(layers_lib.get_kernel(grads, n)), axis=0) for n in names}
+
+  total, count = None, 0
+  for batch in batches:
+    sq = batch_sq(params, batch)
+    total = sq if total is None else {n: total[n] + sq[n] for n in names}
+    count += int(batch["label"].shape[0])
+  return {n: total[n] / count for n in names}
+
+
+def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
+                candidates: Sequence[int], sources: Sequence[str] = COST_SOURCES, *,
+                batch_size: int = 128, max_batches: int = 2, seed: int = 0,
+                hutchinson_probes: int = 32, ig_steps: int = 8,
+                progress: bool = False) -> tuple[dict[str, CostTable], dict[str, float]]:
+  """Cost tables ``{source: {layer: {bits: cost}}}`` and each source's wall time (s).
+
+  Args:
+    model: zoo model (or apply function).
+    variables: its variables.
+    calib: calibration data (not the eval split the final accuracy is measured on).
+    candidates: bit widths, e.g. ``(2, 3, 4, 5, 6, 8)``.
+    sources: names from :data:`COST_SOURCES`.
+    batch_size: calibration batch size; ``max_batches`` batches are used.
+    seed: PRNG seed of the Hutchinson probes.
+    hutchinson_probes: at most this many probes (stops earlier at 1% rel. s.e.).
+    ig_steps: Gauss-Legendre nodes of the integrated-gradients path.
+    progress: show the oracle sweep's progress.
+
+  Raises:
+    ValueError: unknown source (lists the valid ones).
+  """
+  import time  # pylint: disable=import-outside-toplevel
+  from safer_jax.benchmark import batches_from_split, classifier_loss_fn  # pylint: disable=import-outside-toplevel
+  unknown = [s for s in sources if s not in COST_SOURCES]
+  if unknown:
+    raise ValueError(f"Unknown cost source(s) {unknown}; valid: {list(COST_SOURCES)}")
+  candidates = [int(b) for b in candidates]
+  params = variables["params"]
+  names = layers_lib.find_layers(params)
+  loss_fn = classifier_loss_fn(model, variables)
+  batches = batches_from_split(calib, batch_size, max_batches)
+  tables, seconds = {}, {}
+  errors = quant_errors(params, names, candidates)
+  sq = {n: {b: float(jnp.sum(jnp.square(e))) for b, e in errs.items()} for n, errs in errors.items()}
+
+  def timed(source, fn):
+    t0 = time.perf_counter()
+    tables[source] = fn()
+    seconds[source] = time.perf_counter() - t0
+
+  if "oracle" in sources:
+    def oracle():
+      calib_split = data_lib.Split(np.concatenate([b["image"] for b in batches]),
+                                   np.concatenate([b["label"] for b in batches]))
+      table = sweep.run_sweep(model, variables, calib_split, sweep.SweepConfig(
+          families={"quantize": tuple(candidates)}, seeds=(0,)), progress=progress)
+      return {n: {int(r.magnitude): float(r.loss_increase)
+                  for r in table[table.layer == n].itertuples()} for n in names}
+    timed("oracle", oracle)
+  if "hawq" in sources:
+    def hawq():
+      est = criteria.hutchinson_trace(loss_fn, params, batches, key=jax.random.key(seed),
+                                      max_probes=hutchinson_probes)
+      return {n: {b: float(est[n].mean) / layers_lib.get_kernel(params, n).size * sq[n][b]
+                  for b in candidates} for n in names}
+    timed("hawq", hawq)
+  if "fisher" in sources:
+    def fisher():
+      diag = fisher_diagonal(loss_fn, params, batches, names)
+      return {n: {b: float(jnp.sum(diag[n] * jnp.square(errors[n][b]))) for b in candidates}
+              for n in names}
+    timed("fisher", fisher)
+  if "corruption" in sources:
+    def corruption():
+      grads = jax.tree.map(lambda *g: sum(g) / len(g),
+                           *[jax.grad(loss_fn)(params, b) for b in batches])
+      return {n: {b: float(jnp.linalg.norm(layers_lib.get_kernel(grads, n).ravel()))
+                  * float(np.sqrt(sq[n][b])) for b in candidates} for n in names}
+    timed("corruption", corruption)
+  if "integrated_gradients" in sources:
+    def integrated():
+      per_bits = {b: criteria.integrated_gradients(loss_fn, params, batches,
+                                                   baseline="quantized", bits=b, steps=ig_steps)
+                  for b in candidates}
+      return {n: {b: float(per_bits[b][n]) for b in candidates} for n in names}
+    timed("integrated_gradients", integrated)
+  if "quant_error" in sources:
+    timed("quant_error", lambda: {n: dict(sq[n]) for n in names})
+  return tables, seconds
+
+
+def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int]) -> dict:
+  """Variables with each listed layer's kernel fake-quantized to ``bits[layer]`` bits.
+
+  Per-output-channel symmetric round-to-nearest; other leaves are unchanged.
+  """
+  out = dict(variables)
+  for name, b in bits.items():
+    w = layers_lib.get_kernel(variables, name)
+    out = layers_lib.replace_kernel(out, name, perturb.quantize(w, int(b)))
+  return out

@@ -1,0 +1,165 @@
+"""Tests of the rank-agreement metrics and the criteria_benchmark experiment end to end."""
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from safer_jax import benchmark, criteria, data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _layers(values):
+  return {f"layer{i}": float(v) for i, v in enumerate(values)}
+
+
+def test_perfect_agreement():
+  truth = _layers([0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.4, 0.8])
+  out = benchmark.rank_agreement({k: 10 * v + 1 for k, v in truth.items()}, truth)
+  assert out["spearman"] == pytest.approx(1.0) and out["kendall"] == pytest.approx(1.0)
+  assert out["topk"] == 1.0 and out["k"] == 2 and out["num_layers"] == 8
+  assert out["spearman_lo"] == pytest.approx(1.0) and out["spearman_hi"] == pytest.approx(1.0)
+
+
+def test_reversed_agreement():
+  truth = _layers(range(8))
+  out = benchmark.rank_agreement({k: -v for k, v in truth.items()}, truth)
+  assert out["spearman"] == pytest.approx(-1.0) and out["kendall"] == pytest.approx(-1.0)
+  assert out["topk"] == 0.0
+
+
+def test_small_example_by_hand_and_scipy():
+  # ranks of x: 1 2 3 4 5 ; ranks of y: 2 1 4 3 5 -> sum d^2 = 4, rho = 1 - 6*4/(5*24) = 0.8.
+  # pairs: 10, 8 concordant, 2 discordant -> tau = 0.6.
+  x, y = [1.0, 2.0, 3.0, 4.0, 5.0], [20.0, 10.0, 40.0, 30.0, 50.0]
+  out = benchmark.rank_agreement(_layers(x), _layers(y), k_frac=0.4)
+  assert out["spearman"] == pytest.approx(0.8) and out["kendall"] == pytest.approx(0.6)
+  # k = round(0.4 * 5) = 2: top-2 of x = {3, 4}, of y = {4, 2} -> overlap 1/2.
+  assert out["k"] == 2 and out["topk"] == pytest.approx(0.5)
+  assert out["spearman_p"] == pytest.approx(scipy.stats.spearmanr(x, y).pvalue)
+
+
+def test_ties_match_scipy():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, 12).astype(float)
+  y = x + rng.integers(0, 3, 12)
+  out = benchmark.rank_agreement(_layers(x), _layers(y))
+  assert out["spearman"] == pytest.approx(scipy.stats.spearmanr(x, y).statistic)
+  assert out["kendall"] == pytest.approx(scipy.stats.kendalltau(x, y).statistic)
+
+
+def test_bootstrap_equals_scipy_per_resample():
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 4, 9).astype(float)
+  y = x + rng.normal(size=9)
+  rho, tau = benchmark.bootstrap_correlations(x, y, n_boot=40, seed=3)
+  idx = np.random.default_rng(3).integers(0, 9, size=(40, 9))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    ref_rho = [scipy.stats.spearmanr(x[i], y[i]).statistic for i in idx]
+    ref_tau = [scipy.stats.kendalltau(x[i], y[i]).statistic for i in idx]
+  np.testing.assert_allclose(rho, ref_rho, atol=1e-12)
+  np.testing.assert_allclose(tau, ref_tau, atol=1e-12)
+
+
+def test_constant_scores_give_nan_without_crash():
+  truth = _layers([0.1, 0.5, 0.3, 0.9])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no scipy ConstantInputWarning either
+    out = benchmark.rank_agreement({k: 1.0 for k in truth}, truth)
+  for key in ("spearman", "kendall", "spearman_lo", "spearman_hi", "kendall_lo", "kendall_hi"):
+    assert math.isnan(out[key]), key
+  assert out["topk"] == pytest.approx(0.25)  # k = 1 of 4: chance level k / L.
+  out = benchmark.rank_agreement(truth, {k: 0.0 for k in truth})  # constant truth
+  assert math.isnan(out["spearman"]) and math.isnan(out["kendall"])
+
+
+def test_tied_topk_is_expected_overlap():
+  # Top-2 of scores: layer0 for sure, one of the 2 tied layers (1, 2) -> 1/2 each.
+  scores, truth = [3.0, 1.0, 1.0, 0.0], [3.0, 2.0, 0.0, 1.0]
+  assert benchmark.topk_overlap(np.array(scores), np.array(truth), 2) == pytest.approx(0.75)
+
+
+def test_bootstrap_ci_contains_estimate():
+  rng = np.random.default_rng(2)
+  truth = np.arange(20.0)
+  out = benchmark.rank_agreement(_layers(truth + rng.normal(0, 3, 20)), _layers(truth))
+  assert 0.7 < out["spearman"] < 1
+  assert out["spearman_lo"] <= out["spearman"] <= out["spearman_hi"]
+  assert out["kendall_lo"] <= out["kendall"] <= out["kendall_hi"]
+  assert out["n_boot_valid"] == 1000
+
+
+def test_too_few_layers_give_nan_ci():
+  out = benchmark.rank_agreement(_layers([1.0, 2.0]), _layers([1.0, 3.0]))
+  assert out["spearman"] == pytest.approx(1.0) and math.isnan(out["spearman_lo"])
+
+
+def test_nonfinite_layers_left_out_and_missing_layers_raise():
+  truth = _layers([1.0, 2.0, 3.0, 4.0])
+  scores = dict(truth, layer0=float("nan"))
+  assert benchmark.rank_agreement(scores, truth)["num_layers"] == 3
+  with pytest.raises(ValueError, match="lack 1 layer"):
+    benchmark.rank_agreement({"layer0": 1.0, "layer1": 2.0, "layer2": 3.0}, truth)
+  with pytest.raises(ValueError, match="k_frac"):
+    benchmark.rank_agreement(truth, truth, k_frac=0)
+
+
+def test_compare_criteria_long_format():
+  truth = pd.DataFrame({"quantize": [0.1, 0.2, 0.3], "noise": [0.3, 0.2, 0.1]},
+                       index=["a", "b", "c"])
+  table = benchmark.compare_criteria({"up": {"a": 1, "b": 2, "c": 3},
+                                      "flat": {"a": 1, "b": 1, "c": 1}}, truth, n_boot=50)
+  assert list(table.columns) == benchmark.AGREEMENT_COLUMNS
+  assert list(zip(table.criterion, table.family)) == [
+      ("up", "quantize"), ("up", "noise"), ("flat", "quantize"), ("flat", "noise")]
+  assert table.spearman.tolist()[:2] == pytest.approx([1.0, -1.0])
+  assert table.spearman.iloc[2:].isna().all()
+
+
+def test_loss_fn_and_batches(digits):
+  from safer_jax import models, train  # pylint: disable=import-outside-toplevel
+  batches = benchmark.batches_from_split(digits.train, 100, 3)
+  assert len(batches) == 3 and batches[0]["image"].shape[0] == 100
+  assert len(benchmark.batches_from_split(digits.train.take(30), 100)) == 1
+  model = models.get_model("mlp")
+  variables = train.init_variables(model, digits.input_shape, 0)
+  loss_fn = benchmark.classifier_loss_fn(model, variables)
+  logits = model.apply(variables, batches[0]["image"])
+  ref = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                      jnp.asarray(batches[0]["label"])[:, None], axis=1))
+  assert float(jax.jit(loss_fn)(variables["params"], batches[0])) == pytest.approx(
+      float(ref), rel=1e-5)
+  scores, _ = criteria.compute_all(["grad_norm"], loss_fn, variables["params"], batches)
+  assert set(scores["grad_norm"]) == {"dense1/fc", "dense2/fc", "head/fc"}
+
+
+def test_experiment_end_to_end(tmp_path, zoo_cache):
+  env = dict(os.environ, SAFER_JAX_CACHE=zoo_cache, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "launch.py", "--experiment=criteria_benchmark", "--tiny",
+                        f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  workdir = tmp_path / "criteria_benchmark"
+  for name in ("agreement.csv", "agreement.md", "heatmap.png", "costs.csv", "costs.md",
+               "scores.json", "mlp/sweep.csv", "mlp/truth.csv"):
+    assert (workdir / name).exists(), name
+  table = pd.read_csv(workdir / "agreement.csv")
+  pairs = set(zip(table[table.metric == "accuracy_drop"].criterion,
+                  table[table.metric == "accuracy_drop"].family))
+  assert pairs == {(c, f) for c in criteria.CRITERIA
+                   for f in ("quantize", "prune", "bitflip", "noise")}
+  assert set(table.metric) == {"accuracy_drop", "loss_increase"}
+  assert "best criterion per family" in out.stdout
+  assert "| criterion | quantize | prune | bitflip | noise |" in (workdir / "agreement.md").read_text()
+  costs = pd.read_csv(workdir / "costs.csv")
+  assert set(costs.criterion) == set(criteria.CRITERIA) | {"sweep (ground truth)"}
