@@ -75,6 +75,11 @@ class SweepConfig:
     max_parallel: at most this many perturbed copies per compiled call.
     eval_batch_size: examples per compiled call.
     use_prefix: reuse the activations before the perturbed layer's stage.
+    shard: spread the perturbed copies of each chunk over all local devices
+      (``jax.sharding.NamedSharding`` on a 1-D ``'copies'`` mesh; weights and
+      data replicated). Each copy is computed whole on one device, so the table
+      is identical to the single-device one. Chunks are rounded up to a
+      multiple of the device count.
   """
   families: Mapping[str, Sequence[float] | None] = dataclasses.field(
       default_factory=lambda: {f: None for f in DEFAULT_FAMILIES})
@@ -84,6 +89,7 @@ class SweepConfig:
   max_parallel: int = 64
   eval_batch_size: int = 1024
   use_prefix: bool = True
+  shard: bool = True
 
   def grids(self) -> dict[str, tuple[float, ...]]:
     out = {}
@@ -177,6 +183,12 @@ class _Engine:
     self.batches = list(_batches(split, config.eval_batch_size))
     self.n = len(split)
     self._prefix_cache: tuple[int, list] | None = None
+    devices = jax.local_devices()
+    self.sharding = None
+    if config.shard and len(devices) > 1:
+      mesh = jax.sharding.Mesh(np.asarray(devices), ("copies",))
+      self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("copies"))
+    self.num_devices = len(devices) if self.sharding is not None else 1
 
   def prefix(self, stage: int) -> list:
     """Activations entering ``stage`` for every eval batch (cached for the current stage)."""
@@ -214,6 +226,8 @@ class _Engine:
     stage = _stage_of(self.model, layer) if self.config.use_prefix else 0
     fn = self.eval_fn(layer, stage)
     hs = self.prefix(stage)
+    if self.sharding is not None and kernels.shape[0] % self.num_devices == 0:
+      kernels = jax.device_put(kernels, self.sharding)
     correct = jnp.zeros(kernels.shape[0])
     loss = jnp.zeros(kernels.shape[0])
     for h, (_, labels, mask) in zip(hs, self.batches):
@@ -354,6 +368,7 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   total = sum(per_layer)
   # One chunk size for every layer: each layer's suffix compiles once.
   chunk = min(config.max_parallel, max(per_layer, default=1))
+  chunk = -(-chunk // engine.num_devices) * engine.num_devices  # whole copies per device
   bar = Progress(total, "sweep", enabled=progress and total > 0, unit="cell")
   rows = [done] if len(done) else []
   for layer, groups in plan:
