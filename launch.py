@@ -13,6 +13,7 @@ from absl import app, flags, logging
 
 import experiments
 from experiments import common
+from safer_jax.report import build_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "quant_sweep", "Experiment to run; one of "
@@ -54,6 +55,8 @@ def main(argv):
   result = module.run(config, workdir)
   for key, path in sorted(result.get("paths", {}).items()):
     print(f"  wrote {key}: {path}")
+  report = build_report(FLAGS.workdir)
+  print(f"report (every experiment in {FLAGS.workdir}): {report['md']} and {report['html']}")
   return 0
 
 

@@ -88,9 +88,24 @@ def run(config, workdir: str) -> dict:
           "seeds": list(scfg.seeds), "cells": len(table), "seconds": seconds,
           "checkpoint": entry.path, "versions": io.versions()}
   paths["meta"] = io.write_json(os.path.join(workdir, "meta.json"), meta)
+  paths["summary_md"] = io.write_text(os.path.join(workdir, "summary.md"),
+                                      _markdown(entry, split, table, imp, seconds))
   print(f"{len(table)} cells in {seconds:.1f}s; baseline accuracy "
         f"{table.attrs['baseline_accuracy']:.4f}. Most sensitive layer per family "
         f"(area under the accuracy-drop curve):")
   for family in imp.columns:
     print(f"  {family:9s} {imp[family].idxmax():28s} {imp[family].max():.4f}")
   return {"paths": paths, "table": table, "importance": imp}
+
+
+def _markdown(entry, split, table, imp, seconds: float) -> str:
+  lines = [f"# sensitivity: {entry.name} on {entry.dataset.name}", "",
+           f"{len(table)} cells on {len(split)} eval images in {seconds:.1f} s; float accuracy "
+           f"{100 * table.attrs['baseline_accuracy']:.2f}%. Importance = area under the "
+           f"seed-averaged accuracy-drop curve over the magnitude grid (higher = more "
+           f"sensitive); the most sensitive layer per family in bold.", "",
+           "| layer | " + " | ".join(imp.columns) + " |", "|---|" + "---|" * len(imp.columns)]
+  for layer, row in imp.iterrows():
+    cells = [f"**{v:.4f}**" if v == imp[f].max() else f"{v:.4f}" for f, v in row.items()]
+    lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
