@@ -25,6 +25,8 @@ flags.DEFINE_integer("seed", None, "Seed (model training and stochastic perturba
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("cache_dir", None, "Zoo checkpoint cache (default ~/.cache/safer_jax/zoo).")
 flags.DEFINE_bool("tiny", False, "Run the experiment's tiny setting (seconds; used by tests).")
+flags.DEFINE_bool("xla_cache", True, "Keep compiled XLA programs in ~/.cache/safer_jax/xla "
+                  "($SAFER_JAX_XLA_CACHE) so reruns skip most compilation.")
 flags.DEFINE_multi_string("config", [], "Config override key=value, repeatable, e.g. "
                           "--config epochs=5 --config bits='(8,4,2)'.")
 
@@ -34,6 +36,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep orbax/jax INFO chatter out; -v 0 restores it.
+  if FLAGS.xla_cache:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("SAFER_JAX_XLA_CACHE") or
+                      os.path.join(os.path.expanduser("~"), ".cache", "safer_jax", "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   try:
     module = experiments.get_experiment(FLAGS.experiment)
   except ValueError as e:

@@ -16,6 +16,8 @@ REGISTRY: dict[str, str] = {
     "sensitivity": "experiments.sensitivity",
     "bench_sweep": "experiments.bench_sweep",
     "quant_sweep": "experiments.quant_sweep",
+    "prune_sweep": "experiments.prune_sweep",
+    "bitflip_protect": "experiments.bitflip_protect",
 }
 
 

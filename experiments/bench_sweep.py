@@ -36,6 +36,8 @@ def _timed(fn):
 
 
 def run(config, workdir: str) -> dict:
+  # Cold timings must include compilation: no persistent XLA cache for this run.
+  jax.config.update("jax_enable_compilation_cache", False)
   entry, split = sensitivity.load(config)
   scfg = sensitivity.sweep_config(config)
   kwargs = dict(progress=config.progress)

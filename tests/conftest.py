@@ -20,3 +20,10 @@ def digits():
 def zoo_cache(tmp_path_factory):
   """A zoo cache shared by the tests of one session (models train once)."""
   return str(tmp_path_factory.mktemp("zoo"))
+
+
+def pytest_configure(config):
+  """Subprocess launches share one throw-away persistent XLA cache (never the user's)."""
+  del config
+  import tempfile
+  os.environ.setdefault("SAFER_JAX_XLA_CACHE", tempfile.mkdtemp(prefix="safer_jax_xla_"))

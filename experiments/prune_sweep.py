@@ -1,0 +1,264 @@
+"""Per-layer pruning ratios under a global sparsity budget: does a sensitivity ranking help?
+
+For each global sparsity target and each source of per-layer ratios, prune
+every layer's kernel by unstructured magnitude pruning
+(:func:`safer_jax.perturb.prune`) at its ratio and measure eval accuracy and
+loss, without fine-tuning. Sources:
+
+* ``uniform`` — the same ratio everywhere; ``erk`` — Erdős–Rényi-Kernel
+  (RigL); ``global_magnitude`` — one magnitude threshold over all layers.
+* cost-guided (exact min-cost allocation over candidate ratios,
+  :func:`safer_jax.budget.allocate_ratios`), with cost tables
+  ``layer -> {ratio -> cost}``:
+
+  - ``oracle`` — measured loss increase of pruning that layer alone at that
+    ratio (sensitivity sweep, ``prune`` family) on calibration images;
+  - ``magnitude`` — data-free Σ w² over the weights that ratio removes;
+  - ``fisher`` — Σ F_ii w_i² over the removed weights, F the diagonal
+    empirical Fisher (:func:`safer_jax.mixed_precision.fisher_diagonal`).
+
+Costs are computed on calibration data from the *training* split, never on
+the eval split. With ``bn_recalibration`` (default), every pruned model is also
+evaluated after re-estimating its BatchNorm statistics on those calibration
+images (no weight is trained): columns ``accuracy_bn`` / ``loss_bn``. Writes ``results.csv`` (one row per source x target, with the
+per-layer ratios), ``costs.json``, ``summary.md`` and ``accuracy_vs_sparsity.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from experiments import common
+from safer_jax import budget, io, layers, mixed_precision, perturb, sweep, train, zoo
+from safer_jax.benchmark import batches_from_split, classifier_loss_fn
+
+FIXED_SOURCES = ("uniform", "erk", "global_magnitude")
+COST_SOURCES = ("oracle", "magnitude", "fisher")
+
+
+def get_config(tiny: bool = False):
+  config = common.base_config()
+  config.targets = (0.5, 0.7, 0.8, 0.9, 0.95)
+  # 0.98 / 0.99 make 0.95 reachable for the cost-guided allocation: with 0.95 as the largest
+  # candidate, the per-layer flooring of the pruned count leaves a 0.95 target out of reach.
+  config.candidates = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+  config.sources = FIXED_SOURCES + COST_SOURCES
+  config.calib_examples = 256
+  config.calib_batch_size = 128
+  config.bn_recalibration = True
+  if tiny:
+    config.model = "mlp"
+    config.targets = (0.5, 0.9)
+    config.calib_examples = 128
+  return config
+
+
+def _sorted_by_magnitude(w) -> np.ndarray:
+  """Flat indices of ``w`` in pruning order (|w| ascending, ties: lower index first)."""
+  return np.argsort(np.abs(np.asarray(w, np.float32)).reshape(-1), kind="stable")
+
+
+def removed_cost_table(kernels: dict, weights: dict, candidates) -> dict:
+  """``{layer: {ratio: Σ weights_i over the entries magnitude pruning removes at ratio}}``."""
+  out = {}
+  for name, w in kernels.items():
+    order = _sorted_by_magnitude(w)
+    vals = np.asarray(weights[name], np.float64).reshape(-1)[order]
+    csum = np.concatenate([[0.0], np.cumsum(vals)])
+    out[name] = {float(r): float(csum[budget.prune_count(r, vals.size)]) for r in candidates}
+  return out
+
+
+def cost_tables(entry, variables, calib, names, candidates, sources, *, batch_size, progress):
+  """Cost tables ``{source: {layer: {ratio: cost}}}`` and each one's wall time (s)."""
+  kernels = {n: np.asarray(layers.get_kernel(variables, n)) for n in names}
+  tables, seconds = {}, {}
+  if "oracle" in sources:
+    t0 = time.perf_counter()
+    table = sweep.run_sweep(entry.model, variables, calib, sweep.SweepConfig(
+        families={"prune": tuple(candidates)}, seeds=(0,)), progress=progress)
+    tables["oracle"] = {n: {float(r.magnitude): float(r.loss_increase)
+                            for r in table[table.layer == n].itertuples()} for n in names}
+    seconds["oracle"] = time.perf_counter() - t0
+  if "magnitude" in sources:
+    t0 = time.perf_counter()
+    tables["magnitude"] = removed_cost_table(kernels, {n: w.astype(np.float64) ** 2
+                                                       for n, w in kernels.items()}, candidates)
+    seconds["magnitude"] = time.perf_counter() - t0
+  if "fisher" in sources:
+    t0 = time.perf_counter()
+    batches = batches_from_split(calib, batch_size, max(1, len(calib) // batch_size))
+    diag = mixed_precision.fisher_diagonal(classifier_loss_fn(entry.model, variables),
+                                           variables["params"], batches, names)
+    tables["fisher"] = removed_cost_table(
+        kernels, {n: np.asarray(diag[n], np.float64) * kernels[n].astype(np.float64) ** 2
+                  for n in names}, candidates)
+    seconds["fisher"] = time.perf_counter() - t0
+  return tables, seconds
+
+
+def ratios_for(source: str, target: float, kernels: dict, tables: dict, candidates) -> dict:
+  sizes = {n: int(w.size) for n, w in kernels.items()}
+  if source == "uniform":
+    return budget.uniform_ratios(sizes, target)
+  if source == "erk":
+    return budget.erk_ratios({n: w.shape for n, w in kernels.items()}, target)
+  if source == "global_magnitude":
+    return budget.global_magnitude_ratios(kernels, target)
+  return budget.allocate_ratios(tables[source], sizes, candidates, target)
+
+
+def prune_model(variables, ratios: dict) -> dict:
+  """Variables with each listed layer's kernel magnitude-pruned at ``ratios[layer]``."""
+  out = dict(variables)
+  for name, r in ratios.items():
+    w = layers.get_kernel(variables, name)
+    out = layers.replace_kernel(out, name, perturb.prune(jnp.asarray(w), float(r)))
+  return out
+
+
+BN_MOMENTUM = 0.9  # safer_jax.models.common.batch_norm
+
+
+def recalibrate_bn(model, variables, images) -> dict:
+  """Variables whose BatchNorm statistics are those of ``images`` (one train-mode forward).
+
+  Running averages start from zero, so the updated value is ``(1 - momentum) *
+  batch statistic`` and is divided back. Models without ``batch_stats``: unchanged.
+  """
+  if "batch_stats" not in variables:
+    return variables
+  zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  _, state = model.apply({**variables, "batch_stats": zero}, jnp.asarray(images), train=True,
+                         mutable=["batch_stats"])
+  return {**variables,
+          "batch_stats": jax.tree.map(lambda x: x / (1 - BN_MOMENTUM), state["batch_stats"])}
+
+
+def run(config, workdir: str) -> dict:
+  entry = zoo.pretrained(config.model, config.dataset, config.seed,
+                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
+                         progress=config.progress)
+  variables, split = entry.variables, entry.dataset.eval
+  names = layers.find_layers(variables)
+  kernels = {n: np.asarray(layers.get_kernel(variables, n)) for n in names}
+  sizes = {n: int(w.size) for n, w in kernels.items()}
+  candidates = tuple(float(r) for r in config.candidates)
+  unknown = [s for s in config.sources if s not in FIXED_SOURCES + COST_SOURCES]
+  if unknown:
+    raise ValueError(f"Unknown source(s) {unknown}; valid: {list(FIXED_SOURCES + COST_SOURCES)}")
+  calib = entry.dataset.train.take(config.calib_examples)
+  cost_sources = [s for s in config.sources if s in COST_SOURCES]
+  print(f"cost tables from {len(calib)} calibration images: {cost_sources}", flush=True)
+  tables, seconds = cost_tables(entry, variables, calib, names, candidates, cost_sources,
+                                batch_size=config.calib_batch_size, progress=config.progress)
+  base = train.evaluate(entry.model.apply, variables, split)
+  bn = bool(config.bn_recalibration) and "batch_stats" in variables
+  rows = []
+  for target in config.targets:
+    for source in config.sources:
+      try:
+        ratios = ratios_for(source, float(target), kernels, tables, candidates)
+      except ValueError as e:  # e.g. an unreachable target for the candidate ratios
+        print(f"  {source} at {target}: {e}", flush=True)
+        continue
+      pruned = prune_model(variables, ratios)
+      m = train.evaluate(entry.model.apply, pruned, split)
+      row = {"source": source, "target": float(target),
+             "achieved_sparsity": budget.global_sparsity(ratios, sizes),
+             "accuracy": m["accuracy"], "loss": m["loss"],
+             "accuracy_drop": base["accuracy"] - m["accuracy"]}
+      if bn:
+        mb = train.evaluate(entry.model.apply, recalibrate_bn(entry.model, pruned, calib.images),
+                            split)
+        row.update(accuracy_bn=mb["accuracy"], loss_bn=mb["loss"])
+      rows.append({**row, "ratios": json.dumps({n: float(ratios[n]) for n in names})})
+    print(f"  sparsity {target:.2f}: " + ", ".join(
+        f"{r['source']} {100 * r['accuracy']:.1f}%"
+        + (f" (bn {100 * r['accuracy_bn']:.1f}%)" if bn else "")
+        for r in rows if r["target"] == target), flush=True)
+  results = pd.DataFrame(rows)
+  summary = _summary(results, base, entry, seconds)
+  paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
+           "costs": io.write_json(os.path.join(workdir, "costs.json"),
+                                  {"tables": {s: {n: {str(r): c for r, c in t.items()}
+                                                  for n, t in tab.items()}
+                                              for s, tab in tables.items()},
+                                   "seconds": seconds, "sizes": sizes, "baseline": base,
+                                   "model": entry.name, "versions": io.versions()}),
+           "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
+           "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_sparsity.png"))}
+  print(summary)
+  return {"paths": paths, "results": results}
+
+
+def _table(results: pd.DataFrame, column: str, seconds: dict) -> list[str]:
+  pivot = results.pivot(index="source", columns="target", values=column)
+  pivot = pivot.reindex(list(dict.fromkeys(results["source"])))
+  targets = list(pivot.columns)
+  lines = ["| source | " + " | ".join(f"{t:g}" for t in targets) + " | cost time (s) |",
+           "|---|" + "---|" * (len(targets) + 1)]
+  best = pivot.max(axis=0)
+  for source, row in pivot.iterrows():
+    cells = ["-" if np.isnan(v) else (f"**{100 * v:.2f}**" if np.isclose(v, best[t])
+                                       else f"{100 * v:.2f}") for t, v in row.items()]
+    lines.append(f"| {source} | " + " | ".join(cells) + f" | {seconds.get(source, 0.0):.1f} |")
+  lines.append("")
+  for t in targets:
+    col = pivot[t].dropna()
+    if len(col) and not np.isclose(col.max(), col.min()):
+      lines.append(f"- At sparsity {t:g}: best {col.idxmax()} {100 * col.max():.2f}%"
+                   + (f", uniform {100 * col['uniform']:.2f}%." if "uniform" in col else "."))
+    elif len(col):
+      lines.append(f"- At sparsity {t:g}: all sources tie at {100 * col.max():.2f}%.")
+  return lines
+
+
+def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict) -> str:
+  lines = [f"# prune_sweep: {entry.name} on {entry.dataset.name}", "",
+           f"Dense accuracy {100 * base['accuracy']:.2f}%. Eval accuracy (%) after one-shot "
+           f"unstructured magnitude pruning at each global sparsity target (columns), no "
+           f"fine-tuning. Best per target in bold; '-' = target unreachable for that source.", ""]
+  lines += _table(results, "accuracy", seconds)
+  if "accuracy_bn" in results:
+    lines += ["", "## With BatchNorm statistics re-estimated on the calibration images", ""]
+    lines += _table(results, "accuracy_bn", seconds)
+  lines.append("")
+  dev = (results["achieved_sparsity"] - results["target"]).groupby(results["source"],
+                                                                   sort=False).agg(["min", "max"])
+  lines.append("Achieved minus target sparsity (min / max over targets): " + "; ".join(
+      f"{s} {r['min']:+.1e} / {r['max']:+.1e}" for s, r in dev.iterrows()) + ".")
+  return "\n".join(lines) + "\n"
+
+
+def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  panels = [("accuracy", "no fine-tuning")]
+  if "accuracy_bn" in results:
+    panels.append(("accuracy_bn", "BatchNorm re-estimated"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False,
+                           sharey=True)
+  for ax, (column, title) in zip(axes[0], panels):
+    for source in dict.fromkeys(results["source"]):
+      sub = results[results.source == source].sort_values("achieved_sparsity")
+      style = {"oracle": dict(color="black", lw=2.5), "uniform": dict(color="red", ls="--", lw=2),
+               "global_magnitude": dict(color="gray", ls=":", lw=2)}.get(source, dict(lw=1.4))
+      ax.plot(sub["achieved_sparsity"], 100 * sub[column], marker="o", ms=3.5, label=source,
+              **style)
+    ax.axhline(100 * base["accuracy"], color="green", lw=0.8, ls="-.", label="dense")
+    ax.set_xlabel("global sparsity (fraction of kernel weights removed)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("eval accuracy (%)")
+  axes[0][-1].legend(fontsize=8)
+  fig.suptitle(f"{entry.name} on {entry.dataset.name}: pruning ratios under a sparsity budget")
+  return io.save_figure(path, fig)
