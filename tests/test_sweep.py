@@ -30,7 +30,8 @@ CONFIG = sweep.SweepConfig(
 def _plain_loop(model, variables, split, config):
   """Independent reference: perturb one kernel, full forward, NumPy accuracy, per cell."""
   grads = sweep.loss_gradients(model, variables, split)
-  logits0 = np.asarray(model.apply(variables, split.images))
+  forward = jax.jit(model.apply)  # full forward, no stages, no vmap
+  logits0 = np.asarray(forward(variables, split.images))
   base_acc = np.mean(logits0.argmax(1) == split.labels)
   rows = []
   for layer in layers.find_layers(variables):
@@ -45,7 +46,7 @@ def _plain_loop(model, variables, split, config):
           else:  # the pytree-level API
             params = perturb.perturb_params(variables["params"], [layer], family, m, None,
                                             grads=grads if fam.needs_grad else None)
-          logits = np.asarray(model.apply({**variables, "params": params}, split.images))
+          logits = np.asarray(forward({**variables, "params": params}, split.images))
           rows.append((layer, family, i, s, np.mean(logits.argmax(1) == split.labels)))
   columns = ["layer", "family", "magnitude_index", "seed", "accuracy"]
   return pd.DataFrame(rows, columns=columns), base_acc
