@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "quant_sweep": "experiments.quant_sweep",
     "prune_sweep": "experiments.prune_sweep",
     "bitflip_protect": "experiments.bitflip_protect",
+    "attribution_preservation": "experiments.attribution_preservation",
 }
 
 
