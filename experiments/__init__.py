@@ -19,6 +19,8 @@ REGISTRY: dict[str, str] = {
     "prune_sweep": "experiments.prune_sweep",
     "bitflip_protect": "experiments.bitflip_protect",
     "attribution_preservation": "experiments.attribution_preservation",
+    "corruption": "experiments.corruption",
+    "acr_train": "experiments.acr_train",
 }
 
 
