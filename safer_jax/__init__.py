@@ -7,8 +7,8 @@
 {'accuracy': 0.98..., 'loss': 0.05..., 'num_examples': 359}
 """
 
-from safer_jax import (budget, criteria, data, layers, mixed_precision, models, perturb, sweep,
-                       train, zoo)
+from safer_jax import (acr, attribution, benchmark, budget, criteria, data, layers,
+                       mixed_precision, models, perturb, sweep, train, wcam, zoo)
 from safer_jax.data import Dataset, Split, load_dataset
 from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
 from safer_jax.models import get_model, list_models
@@ -18,8 +18,8 @@ from safer_jax.train import train as fit
 from safer_jax.zoo import pretrained
 
 __all__ = [
-    "budget", "criteria", "data", "layers", "mixed_precision", "models", "perturb", "sweep",
-    "train", "zoo",
+    "acr", "attribution", "benchmark", "budget", "criteria", "data", "layers", "mixed_precision",
+    "models", "perturb", "sweep", "train", "wcam", "zoo",
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",
     "get_model", "list_models",
