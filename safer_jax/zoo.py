@@ -32,7 +32,7 @@ from safer_jax import train as train_lib
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 1  # bump when a zoo model or the training recipe changes.
+ZOO_VERSION = 2  # bump when a zoo model or the training recipe changes (2: im2col tiny convs).
 
 # Per-model training recipes (epochs on the embedded digits dataset; < 1 min on 2 CPU cores).
 RECIPES: dict[str, train_lib.TrainConfig] = {

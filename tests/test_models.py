@@ -67,3 +67,17 @@ def test_short_training_lowers_loss(name, digits):
   variables, history = train.train(model, small, config, progress=False)
   after = train.evaluate(model.apply, variables, small.train)["loss"]
   assert after < 0.8 * before, (before, after, history["train_loss"])
+
+
+@pytest.mark.parametrize("hw,cin,cout,k,stride,padding", [
+    (2, 64, 64, 3, 1, "SAME"), (4, 32, 64, 3, 2, "SAME"), (3, 8, 5, 3, 1, "VALID"),
+    (2, 16, 8, 1, 1, "SAME"), (8, 4, 6, 3, 1, "SAME"), (5, 3, 7, 3, 2, ((1, 0), (0, 1)))])
+def test_zoo_convolution_matches_lax(hw, cin, cout, k, stride, padding):
+  from safer_jax.models import common
+  x = jax.random.normal(jax.random.key(0), (7, hw, hw, cin))
+  w = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+  got = jax.jit(lambda a, b: common.conv_general_dilated(a, b, (stride, stride), padding,
+                                                         dimension_numbers=dn))(x, w)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,54 @@ import jax.numpy as jnp
 
 StageSpec = tuple[str, Callable[[str], nn.Module]]
 
+# XLA:CPU runs a dense 3x3 convolution whose output map is 2x2 (or smaller) with >= 32 channels
+# at ~5 GFLOP/s, 25x below its other convolutions (measured on jaxlib 0.10.2: a 2x2x64 -> 64
+# conv on 359 images took 20 ms, a 4x4x64 -> 64 one 3.4 ms). The last ResNet stage on 8x8
+# inputs is such a case and dominated every forward. On those tiny maps im2col + one matmul
+# is exact up to float rounding and ~10x faster.
+_IM2COL_MAX_OUTPUT_PIXELS = 4
+
+
+def _im2col_conv(x, kernel, strides, pads):
+  kh, kw, cin, cout = kernel.shape
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  cols = [xp[:, a:a + (ho - 1) * sh + 1:sh, b:b + (wo - 1) * sw + 1:sw, :]
+          for a in range(kh) for b in range(kw)]
+  return jnp.concatenate(cols, axis=-1) @ kernel.reshape(kh * kw * cin, cout)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+  """``lax.conv_general_dilated``, except im2col + matmul on tiny output maps (see above).
+
+  Used by every zoo convolution; parameters (``kernel`` HWIO) are unchanged.
+  """
+  plain = (feature_group_count != 1 or kwargs or lhs.ndim != 4
+           or any(d != 1 for d in (lhs_dilation or (1, 1)))
+           or any(d != 1 for d in (rhs_dilation or (1, 1)))
+           or dimension_numbers != jax.lax.conv_dimension_numbers(
+               lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+  if not plain:
+    pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+            if isinstance(padding, str) else padding)
+    out_h = (lhs.shape[1] + sum(pads[0]) - rhs.shape[0]) // window_strides[0] + 1
+    out_w = (lhs.shape[2] + sum(pads[1]) - rhs.shape[1]) // window_strides[1] + 1
+    if out_h * out_w <= _IM2COL_MAX_OUTPUT_PIXELS and rhs.shape[0] * rhs.shape[1] > 1:
+      return _im2col_conv(lhs, rhs, window_strides, pads)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision, **kwargs)
+
+
+def Conv(*args, **kwargs) -> nn.Conv:  # pylint: disable=invalid-name
+  """``nn.Conv`` using :func:`conv_general_dilated` (same parameters and names)."""
+  return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+
 
 def batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
@@ -80,7 +128,7 @@ class ConvPool(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     del train
-    x = nn.relu(nn.Conv(self.features, (3, 3), padding="SAME", name="conv")(x))
+    x = nn.relu(Conv(self.features, (3, 3), padding="SAME", name="conv")(x))
     if x.shape[1] >= 4 and x.shape[2] >= 4:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
@@ -96,7 +144,7 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=False):
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding="SAME",
+    x = Conv(self.features, self.kernel_size, strides=self.strides, padding="SAME",
                 feature_group_count=self.groups, use_bias=False, name="conv")(x)
     x = batch_norm(train, "bn")(x)
     return activation(self.act)(x)

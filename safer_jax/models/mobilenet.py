@@ -30,12 +30,12 @@ class InvertedResidual(nn.Module):
     hidden = x.shape[-1] * self.expansion
     y = x
     if self.expansion != 1:
-      y = nn.Conv(hidden, (1, 1), use_bias=False, name="expand")(y)
+      y = common.Conv(hidden, (1, 1), use_bias=False, name="expand")(y)
       y = nn.relu6(common.batch_norm(train, "expand_bn")(y))
-    y = nn.Conv(hidden, (3, 3), strides=self.strides, padding="SAME", feature_group_count=hidden,
+    y = common.Conv(hidden, (3, 3), strides=self.strides, padding="SAME", feature_group_count=hidden,
                 use_bias=False, name="depthwise")(y)
     y = nn.relu6(common.batch_norm(train, "depthwise_bn")(y))
-    y = nn.Conv(self.features, (1, 1), use_bias=False, name="project")(y)
+    y = common.Conv(self.features, (1, 1), use_bias=False, name="project")(y)
     y = common.batch_norm(train, "project_bn")(y)
     if self.strides == 1 and x.shape[-1] == self.features:
       y = x + y

@@ -20,13 +20,13 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=False):
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
+    y = common.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
                 name="conv1")(x)
     y = nn.relu(common.batch_norm(train, "bn1")(y))
-    y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
+    y = common.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
     y = common.batch_norm(train, "bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
+      x = common.Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
                   name="shortcut")(x)
       x = common.batch_norm(train, "shortcut_bn")(x)
     return nn.relu(x + y)
