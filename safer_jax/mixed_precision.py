@@ -48,8 +48,12 @@ def quant_errors(params, names: Sequence[str], candidates: Sequence[int]) -> dic
 
 
 def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, Any]],
-                    names: Sequence[str]) -> dict[str, jax.Array]:
-  """E_x[g_x²] per kernel entry, per-example gradients by ``vmap``; cost: one backward per example."""
+                    names: Sequence[str], chunk_size: int = 16) -> dict[str, jax.Array]:
+  """E_x[g_x²] per kernel entry, per-example gradients by ``vmap``; cost: one backward per example.
+
+  Examples are processed ``chunk_size`` at a time (per-example gradients of a whole batch
+  of a depthwise-conv model take tens of GB).
+  """
 
   @jax.jit
   def batch_sq(p, batch):
@@ -60,9 +64,11 @@ def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, An
 
   total, count = None, 0
   for batch in batches:
-    sq = batch_sq(params, batch)
-    total = sq if total is None else {n: total[n] + sq[n] for n in names}
-    count += int(batch["label"].shape[0])
+    size = int(batch["label"].shape[0])
+    for lo in range(0, size, chunk_size):
+      sq = batch_sq(params, {k: v[lo:lo + chunk_size] for k, v in batch.items()})
+      total = sq if total is None else {n: total[n] + sq[n] for n in names}
+    count += size
   return {n: total[n] / count for n in names}
 
 
