@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import attribution, io, train, wcam, zoo
+from safer_jax import attribution, io, train, wcam
 
 VARIANTS = ("compressed", "plain_ft", "wcam_ft")
 
@@ -65,9 +65,7 @@ def _label(method: str, level: float) -> str:
 
 
 def run(config, workdir: str) -> dict:
-  entry = zoo.pretrained(config.model, config.dataset, config.seed,
-                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
-                         progress=config.progress)
+  entry = common.pretrained(config)
   model, teacher, split = entry.model, entry.variables, entry.dataset.eval
   levels = [_parse_level(t) for t in config.levels]
   images = np.asarray(split.images)

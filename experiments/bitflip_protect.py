@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import criteria, io, layers, perturb, sweep, train, zoo
+from safer_jax import criteria, io, layers, perturb, sweep, train
 from safer_jax.benchmark import batches_from_split, classifier_loss_fn
 
 PER_PARAM = "_per_param"
@@ -208,9 +208,7 @@ def protection_plans(rules, scores, sizes, fractions, random_seeds) -> list[dict
 
 
 def run(config, workdir: str) -> dict:
-  entry = zoo.pretrained(config.model, config.dataset, config.seed,
-                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
-                         progress=config.progress)
+  entry = common.pretrained(config)
   variables, split = entry.variables, entry.dataset.eval
   names = layers.find_layers(variables)
   sizes = {n: int(layers.get_kernel(variables, n).size) for n in names}

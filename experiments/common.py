@@ -6,6 +6,8 @@ import ast
 
 import ml_collections
 
+from safer_jax import zoo
+
 
 def base_config(**fields) -> ml_collections.ConfigDict:
   """Fields every experiment has: model, dataset, seed, data_dir, cache_dir."""
@@ -58,3 +60,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
       target[parts[-1]] = value
     except TypeError as e:
       raise ValueError(f"Config override {item!r}: {e}") from e
+
+
+def pretrained(config) -> zoo.ZooEntry:
+  """The trained zoo model named by ``config`` (model, dataset, seed, cache_dir, data_dir)."""
+  return zoo.pretrained(config.model, config.dataset, config.seed,
+                        cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
+                        progress=config.progress)

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import budget, io, layers, mixed_precision, perturb, sweep, train, zoo
+from safer_jax import budget, io, layers, mixed_precision, perturb, sweep, train
 from safer_jax.benchmark import batches_from_split, classifier_loss_fn
 
 FIXED_SOURCES = ("uniform", "erk", "global_magnitude")
@@ -143,9 +143,7 @@ def recalibrate_bn(model, variables, images) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  entry = zoo.pretrained(config.model, config.dataset, config.seed,
-                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
-                         progress=config.progress)
+  entry = common.pretrained(config)
   variables, split = entry.variables, entry.dataset.eval
   names = layers.find_layers(variables)
   kernels = {n: np.asarray(layers.get_kernel(variables, n)) for n in names}

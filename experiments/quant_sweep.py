@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import budget, io, layers, mixed_precision, train, zoo
+from safer_jax import budget, io, layers, mixed_precision, train
 
 
 def get_config(tiny: bool = False):
@@ -48,9 +48,7 @@ def _tie_groups(text: str) -> list[list[str]] | None:
 
 
 def run(config, workdir: str) -> dict:
-  entry = zoo.pretrained(config.model, config.dataset, config.seed,
-                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
-                         progress=config.progress)
+  entry = common.pretrained(config)
   variables, split = entry.variables, entry.dataset.eval
   names = layers.find_layers(variables)
   sizes = {n: int(layers.get_kernel(variables, n).size) for n in names}

@@ -55,9 +55,7 @@ def sweep_config(config) -> sweep.SweepConfig:
 
 
 def load(config) -> tuple[zoo.ZooEntry, object]:
-  entry = zoo.pretrained(config.model, config.dataset, config.seed,
-                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
-                         progress=config.progress)
+  entry = common.pretrained(config)
   split = entry.dataset.eval.take(config.eval_examples or None)
   return entry, split
 

@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -41,7 +40,6 @@ from safer_jax import train as train_lib
 from safer_jax.criteria import _common
 from safer_jax.criteria.corruption import project
 from safer_jax.perturb import corruption_direction
-from safer_jax.progress import Progress
 
 Kernels = Mapping[str, jax.Array]
 SCOPES = ("layer", "global")
@@ -302,31 +300,10 @@ def train_acr(model: nn.Module, dataset: data_lib.Dataset,
     ``(variables, history)`` with per-epoch ``train_loss``, ``train_seconds``
     and the final ``eval`` metrics.
   """
-  n = len(dataset.train)
-  bs = min(config.batch_size, n)
-  steps_per_epoch = n // bs
-  if variables is None:
-    variables = train_lib.init_variables(model, dataset.input_shape, config.seed)
-  variables = dict(variables)
-  tx = train_lib.make_optimizer(config, steps_per_epoch)
-  opt_state = tx.init(variables["params"])
-  plain_step = train_lib.make_train_step(model, tx)
-  acr_step = make_acr_step(model, tx, acr)
-  rng = np.random.default_rng(config.seed)
-  bar = Progress(config.epochs, f"acr {type(model).__name__}", enabled=progress, unit="epoch")
-  history: dict[str, Any] = {"train_loss": []}
-  for epoch in range(config.epochs):
-    step = plain_step if epoch < acr.warmup_epochs else acr_step
-    order = rng.permutation(n)
-    losses = []
-    for i in range(steps_per_epoch):
-      idx = order[i * bs:(i + 1) * bs]
-      variables, opt_state, loss = step(variables, opt_state, dataset.train.images[idx],
-                                        dataset.train.labels[idx])
-      losses.append(loss)
-    epoch_loss = float(np.mean(jax.device_get(losses)))
-    history["train_loss"].append(epoch_loss)
-    bar.update(1, postfix=f"loss {epoch_loss:.4f}")
-  history["train_seconds"] = bar.close()
-  history["eval"] = train_lib.evaluate(model.apply, variables, dataset.eval)
-  return variables, history
+  def make_steps(net, tx):
+    plain_step = train_lib.make_train_step(net, tx)
+    acr_step = make_acr_step(net, tx, acr)
+    return lambda epoch: plain_step if epoch < acr.warmup_epochs else acr_step
+
+  return train_lib.train(model, dataset, config, progress=progress, variables=variables,
+                         make_steps=make_steps, label="acr")

@@ -137,7 +137,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
 
 
 def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = TrainConfig(), *,
-          progress: bool = True, variables: Variables | None = None) -> tuple[dict, dict]:
+          progress: bool = True, variables: Variables | None = None,
+          make_steps: Callable[[nn.Module, optax.GradientTransformation],
+                               Callable[[int], Callable]] | None = None,
+          label: str = "train") -> tuple[dict, dict]:
   """Trains ``model`` on ``dataset.train`` with AdamW; deterministic given ``config.seed``.
 
   Args:
@@ -146,6 +149,10 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
     config: hyper-parameters.
     progress: print a progress line per epoch (loss, eval accuracy).
     variables: start from these instead of a fresh init.
+    make_steps: ``make_steps(model, tx) -> steps`` where ``steps(epoch)`` is the
+      jitted step of that epoch (default: :func:`make_train_step` every epoch);
+      used by adversarial corruption-resistant training.
+    label: progress-line label.
 
   Returns:
     ``(variables, history)``; ``history`` holds per-epoch ``train_loss`` and
@@ -159,11 +166,16 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
   variables = dict(variables)
   tx = make_optimizer(config, steps_per_epoch)
   opt_state = tx.init(variables["params"])
-  step = make_train_step(model, tx)
+  if make_steps is None:
+    plain = make_train_step(model, tx)
+    steps = lambda epoch: plain  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    steps = make_steps(model, tx)
   rng = np.random.default_rng(config.seed)
-  bar = Progress(config.epochs, f"train {type(model).__name__}", enabled=progress, unit="epoch")
+  bar = Progress(config.epochs, f"{label} {type(model).__name__}", enabled=progress, unit="epoch")
   history: dict[str, Any] = {"train_loss": []}
-  for _ in range(config.epochs):
+  for epoch in range(config.epochs):
+    step = steps(epoch)
     order = rng.permutation(n)
     losses = []
     for i in range(steps_per_epoch):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from safer_jax import benchmark, criteria, data
+from safer_jax import benchmark, criteria
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
