@@ -53,6 +53,8 @@ def get_config(tiny: bool = False):
   config.calib_examples = 256
   config.calib_batch_size = 128
   config.bn_recalibration = True
+  config.finetune_steps = 0  # > 0: also report accuracy after a short fine-tune, masks fixed
+  config.finetune_lr = 1e-3
   if tiny:
     config.model = "mlp"
     config.targets = (0.5, 0.9)
@@ -177,6 +179,13 @@ def run(config, workdir: str) -> dict:
         mb = train.evaluate(entry.model.apply, recalibrate_bn(entry.model, pruned, calib.images),
                             split)
         row.update(accuracy_bn=mb["accuracy"], loss_bn=mb["loss"])
+      if config.finetune_steps > 0:
+        masks = {n: np.asarray(layers.get_kernel(pruned, n)) != 0 for n in names}
+        tuned = train.finetune(entry.model, pruned, entry.dataset.train,
+                               int(config.finetune_steps), masks=masks,
+                               learning_rate=float(config.finetune_lr), seed=config.seed)
+        mf = train.evaluate(entry.model.apply, tuned, split)
+        row.update(accuracy_ft=mf["accuracy"], loss_ft=mf["loss"])
       rows.append({**row, "ratios": json.dumps({n: float(ratios[n]) for n in names})})
     print(f"  sparsity {target:.2f}: " + ", ".join(
         f"{r['source']} {100 * r['accuracy']:.1f}%"
@@ -228,6 +237,9 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict) -> str:
   if "accuracy_bn" in results:
     lines += ["", "## With BatchNorm statistics re-estimated on the calibration images", ""]
     lines += _table(results, "accuracy_bn", seconds)
+  if "accuracy_ft" in results:
+    lines += ["", "## After a short fine-tune with the pruning masks fixed", ""]
+    lines += _table(results, "accuracy_ft", seconds)
   lines.append("")
   dev = (results["achieved_sparsity"] - results["target"]).groupby(results["source"],
                                                                    sort=False).agg(["min", "max"])
@@ -243,6 +255,8 @@ def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
   panels = [("accuracy", "no fine-tuning")]
   if "accuracy_bn" in results:
     panels.append(("accuracy_bn", "BatchNorm re-estimated"))
+  if "accuracy_ft" in results:
+    panels.append(("accuracy_ft", "short fine-tune, masks fixed"))
   fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False,
                            sharey=True)
   for ax, (column, title) in zip(axes[0], panels):

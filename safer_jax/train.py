@@ -189,3 +189,48 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
   history["train_seconds"] = bar.close()
   history["eval"] = evaluate(model.apply, variables, dataset.eval)
   return variables, history
+
+
+def finetune(model: nn.Module, variables: Variables, split: data_lib.Split, steps: int, *,
+             masks: Mapping[str, Any] | None = None, learning_rate: float = 1e-3,
+             batch_size: int = 64, seed: int = 0) -> dict:
+  """A short fine-tune (AdamW, constant ``learning_rate``) with optional fixed pruning masks.
+
+  Args:
+    model: a Flax module (train mode updates ``batch_stats``).
+    variables: starting variables (e.g. a pruned model).
+    split: training data.
+    steps: optimizer steps (batches drawn in a seeded random order).
+    masks: ``{layer: bool array of the kernel's shape}``; after every step each
+      listed kernel is multiplied by its mask, so pruned weights stay exactly 0.
+    learning_rate: AdamW learning rate.
+    batch_size: examples per step.
+    seed: data order.
+
+  Returns:
+    The fine-tuned variables.
+  """
+  from safer_jax import layers as layers_lib  # pylint: disable=import-outside-toplevel
+  tx = optax.adamw(learning_rate, weight_decay=0.0)
+  step = make_train_step(model, tx)
+  masks = {name: jnp.asarray(m, jnp.float32) for name, m in (masks or {}).items()}
+
+  @jax.jit
+  def apply_masks(v):
+    for name, m in masks.items():
+      v = layers_lib.replace_kernel(v, name, layers_lib.get_kernel(v, name) * m)
+    return v
+
+  variables = apply_masks(dict(variables))
+  opt_state = tx.init(variables["params"])
+  rng = np.random.default_rng(seed)
+  n = len(split)
+  bs = min(batch_size, n)
+  order = np.array([], np.int64)
+  for _ in range(steps):
+    if order.size < bs:
+      order = np.concatenate([order, rng.permutation(n)])
+    idx, order = order[:bs], order[bs:]
+    variables, opt_state, _ = step(variables, opt_state, split.images[idx], split.labels[idx])
+    variables = apply_masks(variables)
+  return variables

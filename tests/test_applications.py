@@ -159,7 +159,7 @@ def test_removed_cost_table_counts_the_pruned_weights():
 
 def test_prune_sweep_tiny_writes_files(tmp_path, zoo_cache):
   out = _launch(["--experiment=prune_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"], zoo_cache)
+                 "--config", "progress=False", "--config", "finetune_steps=5"], zoo_cache)
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "prune_sweep"
   for name in ("results.csv", "costs.json", "summary.md", "accuracy_vs_sparsity.png"):
@@ -172,6 +172,8 @@ def test_prune_sweep_tiny_writes_files(tmp_path, zoo_cache):
   assert results.accuracy.between(0, 1).all()
   assert all(len(json.loads(r)) == 3 for r in results.ratios)
   assert "| oracle |" in (work / "summary.md").read_text()
+  assert results.accuracy_ft.between(0, 1).all()  # the optional fine-tune with fixed masks
+  assert "masks fixed" in (work / "summary.md").read_text()
 
 
 def test_bitflip_protect_tiny_writes_files(tmp_path, zoo_cache):

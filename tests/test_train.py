@@ -53,3 +53,18 @@ def test_batchnorm_statistics_are_updated(digits):
 def test_split_take():
   s = data.Split(np.zeros((10, 2, 2, 1), np.float32), np.arange(10, dtype=np.int32))
   assert len(s.take(3)) == 3 and len(s.take(None)) == 10
+
+
+def test_finetune_keeps_pruning_masks_fixed(digits):
+  from safer_jax import layers, perturb
+  model = models.get_model("lenet")
+  variables = train.init_variables(model, digits.input_shape, 0)
+  pruned = layers.replace_kernel(variables, "conv2/conv",
+                                 perturb.prune(layers.get_kernel(variables, "conv2/conv"), 0.7))
+  mask = np.asarray(layers.get_kernel(pruned, "conv2/conv")) != 0
+  tuned = train.finetune(model, pruned, digits.train.take(256), 15, masks={"conv2/conv": mask})
+  kernel = np.asarray(layers.get_kernel(tuned, "conv2/conv"))
+  assert np.all(kernel[~mask] == 0.0)
+  assert not np.allclose(kernel[mask], np.asarray(layers.get_kernel(pruned, "conv2/conv"))[mask])
+  before = train.evaluate(model.apply, pruned, digits.train.take(256))["loss"]
+  assert train.evaluate(model.apply, tuned, digits.train.take(256))["loss"] < before
