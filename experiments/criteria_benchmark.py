@@ -36,6 +36,7 @@ import pandas as pd
 
 from experiments import common
 from safer_jax import benchmark, criteria, io, layers, models, perturb, sweep, zoo
+from safer_jax.criteria import _common as criteria_common
 
 ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2")
 FAMILIES = ("quantize", "prune", "bitflip", "noise")
@@ -302,6 +303,10 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   agreement_frames, cost_rows, models_info, scores_json = [], [], {}, {}
   for name in _model_names(config):
+    # Compiled executables of the previous model are not needed any more; on 24 GB they
+    # otherwise accumulate until LLVM cannot allocate (seen at mobilenet_v2, the last model).
+    criteria_common.clear_compiled()
+    jax.clear_caches()
     print(f"[{name}] loading / training the zoo model", flush=True)
     entry = zoo.pretrained(name, config.dataset, config.seed, cache_dir=config.cache_dir or None,
                            data_dir=config.data_dir or None, progress=config.progress)

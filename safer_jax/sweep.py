@@ -180,6 +180,11 @@ class _Engine:
   def __init__(self, model: Any, variables: Mapping[str, Any], split: data_lib.Split,
                config: SweepConfig):
     self.model, self.variables, self.config = model, variables, config
+    # Keep only the current model's compiled functions: a process that sweeps several models
+    # (criteria_benchmark) must not hold every model's executables.
+    for cache in (_EVAL_FNS, _PREFIX_FNS):
+      for key in [k for k, (m, _) in cache.items() if m is not model]:
+        del cache[key]
     self.batches = list(_batches(split, config.eval_batch_size))
     self.n = len(split)
     self._prefix_cache: tuple[int, list] | None = None

@@ -232,3 +232,8 @@ def layer_loss(loss_fn: LossFn, name: str) -> Callable[[Params, jax.Array, Batch
 
 def to_float(x: Any) -> float:
   return float(jax.device_get(x))
+
+
+def clear_compiled() -> None:
+  """Drops the memoised compiled functions of :func:`cached_jit` (e.g. between models)."""
+  _cached_jit.cache_clear()
