@@ -1,6 +1,7 @@
 """Shared fixtures: a per-session zoo cache and the embedded dataset."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -27,3 +28,16 @@ def pytest_configure(config):
   del config
   import tempfile
   os.environ.setdefault("SAFER_JAX_XLA_CACHE", tempfile.mkdtemp(prefix="safer_jax_xla_"))
+
+
+@pytest.fixture
+def launch(zoo_cache):
+  """Runs ``python launch.py ARGS`` in a subprocess: ``launch(args, cache=None, timeout=600)``.
+
+  The zoo cache defaults to the session's :func:`zoo_cache`; returns the CompletedProcess.
+  """
+  def run(args, cache=None, timeout=600):
+    env = dict(os.environ, SAFER_JAX_CACHE=cache or zoo_cache, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+  return run

@@ -1,9 +1,6 @@
 """Tests of the application experiments: prune_sweep and bitflip_protect."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +11,7 @@ import pytest
 from experiments import bitflip_protect, prune_sweep
 from safer_jax import budget, data, layers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {"conv1": (3, 3, 1, 8), "conv2": (3, 3, 8, 16), "fc1": (64, 32), "head": (32, 10)}
-
-
-def _launch(args, cache, timeout=600):
-  env = dict(os.environ, SAFER_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _variables(seed=0, shapes=None):
@@ -157,9 +147,9 @@ def test_removed_cost_table_counts_the_pruned_weights():
 # ---------------------------------------------------------------------------
 
 
-def test_prune_sweep_tiny_writes_files(tmp_path, zoo_cache):
-  out = _launch(["--experiment=prune_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False", "--config", "finetune_steps=5"], zoo_cache)
+def test_prune_sweep_tiny_writes_files(tmp_path, launch):
+  out = launch(["--experiment=prune_sweep", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False", "--config", "finetune_steps=5"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "prune_sweep"
   for name in ("results.csv", "costs.json", "summary.md", "accuracy_vs_sparsity.png"):
@@ -176,9 +166,9 @@ def test_prune_sweep_tiny_writes_files(tmp_path, zoo_cache):
   assert "masks fixed" in (work / "summary.md").read_text()
 
 
-def test_bitflip_protect_tiny_writes_files(tmp_path, zoo_cache):
-  out = _launch(["--experiment=bitflip_protect", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"], zoo_cache)
+def test_bitflip_protect_tiny_writes_files(tmp_path, launch):
+  out = launch(["--experiment=bitflip_protect", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "bitflip_protect"
   for name in ("results.csv", "scores.json", "summary.md", "accuracy_vs_rate.png"):

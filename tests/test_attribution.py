@@ -1,8 +1,5 @@
 """Attribution maps, deformation metrics, WCAM loss and compressed fine-tuning."""
 
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,8 +10,6 @@ import pytest
 import scipy.stats
 
 from safer_jax import attribution, budget, layers, wcam, zoo
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +177,9 @@ def test_quantization_aware_finetuning_returns_quantized_kernels(lenet):
   assert history["att"] == [0.0] * 3 and np.all(np.isfinite(history["task"]))
 
 
-def test_experiment_tiny_writes_files(tmp_path, zoo_cache):
-  env = dict(os.environ, SAFER_JAX_CACHE=zoo_cache, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "launch.py", "--experiment=attribution_preservation",
-                        "--tiny", f"--workdir={tmp_path}", "--config", "progress=False"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                       check=False)
+def test_experiment_tiny_writes_files(tmp_path, launch):
+  out = launch(["--experiment=attribution_preservation", "--tiny", f"--workdir={tmp_path}",
+                "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "attribution_preservation"
   for name in ("results.csv", "per_image.csv", "summary.md", "example_maps.png", "metrics.png"):

@@ -1,9 +1,6 @@
 """Tests of the rank-agreement metrics and the criteria_benchmark experiment end to end."""
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -14,8 +11,6 @@ import pytest
 import scipy.stats
 
 from safer_jax import benchmark, criteria
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _layers(values):
@@ -143,11 +138,8 @@ def test_loss_fn_and_batches(digits):
   assert set(scores["grad_norm"]) == {"dense1/fc", "dense2/fc", "head/fc"}
 
 
-def test_experiment_end_to_end(tmp_path, zoo_cache):
-  env = dict(os.environ, SAFER_JAX_CACHE=zoo_cache, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "launch.py", "--experiment=criteria_benchmark", "--tiny",
-                        f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600, check=False)
+def test_experiment_end_to_end(tmp_path, launch):
+  out = launch(["--experiment=criteria_benchmark", "--tiny", f"--workdir={tmp_path}"])
   assert out.returncode == 0, out.stderr[-3000:]
   workdir = tmp_path / "criteria_benchmark"
   for name in ("agreement.csv", "agreement.md", "heatmap.png", "costs.csv", "costs.md",

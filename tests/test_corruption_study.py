@@ -1,8 +1,5 @@
 """End-to-end tests of the corruption and acr_train experiments (launch.py --tiny)."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +8,6 @@ import pandas as pd
 import pytest
 
 from experiments import corruption
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _launch(args, cache, timeout=600):
-  env = dict(os.environ, SAFER_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.parametrize("p,n", [("2", None), ("inf", None), ("2", 5), ("inf", 5)])
@@ -33,9 +22,9 @@ def test_random_corruptions_have_the_norm_and_sparsity(p, n):
     assert ((flat > 0).sum(1) <= n).all()
 
 
-def test_corruption_experiment_writes_files(tmp_path, zoo_cache):
-  out = _launch(["--experiment=corruption", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"], zoo_cache)
+def test_corruption_experiment_writes_files(tmp_path, launch):
+  out = launch(["--experiment=corruption", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "corruption"
   for name in ("results.csv", "summary.md", "meta.json", "delta_vs_eps.png",
@@ -50,9 +39,9 @@ def test_corruption_experiment_writes_files(tmp_path, zoo_cache):
   assert "The claim" in (work / "summary.md").read_text()
 
 
-def test_acr_train_experiment_writes_files(tmp_path, zoo_cache):
-  out = _launch(["--experiment=acr_train", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"], zoo_cache)
+def test_acr_train_experiment_writes_files(tmp_path, launch):
+  out = launch(["--experiment=acr_train", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "acr_train"
   for name in ("results.csv", "summary.md", "meta.json", "robustness.png"):

@@ -1,26 +1,15 @@
 """End-to-end tests of launch.py and the experiment registry."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 import experiments
 from experiments import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _launch(args, cache, timeout=600):
-  env = dict(os.environ, SAFER_JAX_CACHE=cache, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def test_unknown_experiment_lists_valid_ones(tmp_path):
-  out = _launch(["--experiment=nope", f"--workdir={tmp_path}"], str(tmp_path))
+def test_unknown_experiment_lists_valid_ones(tmp_path, launch):
+  out = launch(["--experiment=nope", f"--workdir={tmp_path}"], str(tmp_path))
   assert out.returncode == 2
   assert "Unknown experiment 'nope'" in out.stderr and "train" in out.stderr
 
@@ -48,16 +37,16 @@ def test_every_experiment_has_a_tiny_config(name):
   assert "model" in config and "dataset" in config
 
 
-def test_train_experiment_writes_files(tmp_path, zoo_cache):
-  out = _launch(["--experiment=train", "--tiny", f"--workdir={tmp_path}"], zoo_cache)
+def test_train_experiment_writes_files(tmp_path, launch):
+  out = launch(["--experiment=train", "--tiny", f"--workdir={tmp_path}"])
   assert out.returncode == 0, out.stderr[-3000:]
   metrics = json.load(open(tmp_path / "train" / "metrics.json"))
   assert metrics["rows"][0]["model"] == "mlp"
   assert metrics["rows"][0]["accuracy"] > 0.9
 
 
-def test_sensitivity_experiment_writes_table_and_plots(tmp_path, zoo_cache):
-  out = _launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"], zoo_cache)
+def test_sensitivity_experiment_writes_table_and_plots(tmp_path, launch):
+  out = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "sensitivity"
   for name in ("table.csv", "summary.csv", "importance.csv", "meta.json", "heatmap.png",
@@ -68,23 +57,23 @@ def test_sensitivity_experiment_writes_table_and_plots(tmp_path, zoo_cache):
   assert set(table.family) == {"quantize", "prune", "bitflip", "noise"}
   assert set(table.layer) == {"dense1/fc", "dense2/fc", "head/fc"}
   # a second run resumes: nothing left to compute, same table.
-  again = _launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"], zoo_cache)
+  again = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"])
   assert again.returncode == 0
   pd.testing.assert_frame_equal(pd.read_csv(work / "table.csv"), table)
 
 
-def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, zoo_cache):
-  out = _launch(["--experiment=bench_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"], zoo_cache)
+def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
+  out = launch(["--experiment=bench_sweep", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.load(open(tmp_path / "bench_sweep" / "bench.json"))
   assert result["same_numbers"] is True
   assert result["speedup_warm"] > 0 and result["cells"] > 0
 
 
-def test_quant_sweep_tiny_end_to_end(tmp_path, zoo_cache):
-  out = _launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"], zoo_cache)
+def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
+  out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   import pandas as pd
   work = tmp_path / "quant_sweep"
@@ -95,8 +84,8 @@ def test_quant_sweep_tiny_end_to_end(tmp_path, zoo_cache):
   assert "At 3 bits average" in (work / "summary.md").read_text()
 
 
-def test_quant_sweep_rejects_bad_bits(tmp_path, zoo_cache):
-  out = _launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "candidates=(0,4)"], zoo_cache)
+def test_quant_sweep_rejects_bad_bits(tmp_path, launch):
+  out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
+                 "--config", "candidates=(0,4)"])
   assert out.returncode != 0 and "bits=0" in out.stderr
   assert not (tmp_path / "quant_sweep" / "results.csv").exists()
