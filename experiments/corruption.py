@@ -32,7 +32,7 @@ import pandas as pd
 from jax.flatten_util import ravel_pytree
 
 from experiments import common
-from safer_jax import benchmark, io, layers, train, zoo
+from safer_jax import benchmark, io, layers, train
 from safer_jax.criteria import _common
 from safer_jax.criteria.corruption import dual_norm, eps_absolute, pga_corruption
 from safer_jax.perturb import corruption_direction
@@ -138,9 +138,7 @@ class _Target:
 def run(config, workdir: str) -> dict:
   recipe = (train.TrainConfig(epochs=int(config.zoo_epochs), seed=int(config.seed))
             if config.zoo_epochs else None)
-  entry = zoo.pretrained(config.model, config.dataset, config.seed,
-                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
-                         config=recipe, progress=config.progress)
+  entry = common.pretrained(config, recipe=recipe)
   variables = entry.variables
   params = variables["params"]
   loss_fn = benchmark.classifier_loss_fn(entry.model, variables)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import benchmark, criteria, io, layers, models, perturb, sweep, zoo
+from safer_jax import benchmark, criteria, io, layers, models, perturb, sweep
 from safer_jax.criteria import _common as criteria_common
 
 ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2")
@@ -118,8 +118,8 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
 
 
 def _model_names(config) -> list[str]:
-  if config.model == "all":
-    return models.list_models()
+  if config.model == "all":  # every model trained on first use (not the ImageNet architectures)
+    return [m for m in models.list_models() if m not in models.IMAGENET_MODELS]
   return [config.model] if config.model else list(config.models)
 
 
@@ -308,8 +308,7 @@ def run(config, workdir: str) -> dict:
     criteria_common.clear_compiled()
     jax.clear_caches()
     print(f"[{name}] loading / training the zoo model", flush=True)
-    entry = zoo.pretrained(name, config.dataset, config.seed, cache_dir=config.cache_dir or None,
-                           data_dir=config.data_dir or None, progress=config.progress)
+    entry = common.pretrained(config, model=name)
     model_dir = os.path.join(workdir, entry.name)
     print(f"[{entry.name}] ground-truth sweep ({len(layers.find_layers(entry.variables))} layers)",
           flush=True)

@@ -1,7 +1,7 @@
 """Train (or restore from the zoo cache) models and record their accuracy.
 
 ``python launch.py --experiment=train --model=all`` trains every zoo model on
-the embedded digits dataset and writes ``workdir/train/metrics.{json,md}``.
+the embedded digits dataset (not the ImageNet architectures, which load checkpoints) and writes ``workdir/train/metrics.{json,md}``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def get_config(tiny: bool = False):
 
 
 def run(config, workdir: str) -> dict:
-  names = models.list_models() if config.model == "all" else [config.model]
+  names = ([m for m in models.list_models() if m not in models.IMAGENET_MODELS]
+           if config.model == "all" else [config.model])
   rows = []
   for name in names:
     t0 = time.perf_counter()

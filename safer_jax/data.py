@@ -6,23 +6,50 @@ seeded stratified split. Any tensorflow-datasets name (``mnist``, ``cifar10``,
 ``imagenet2012``, ...) is read through ``tfds.data_source`` (no TensorFlow
 needed) when the user has prepared it in ``data_dir``.
 
-Images are float32 in ``[0, 1]``, shape ``(N, H, W, C)``; labels int32 ``(N,)``.
+Images are float32, shape ``(N, H, W, C)``; labels int32 ``(N,)``. Pixel values
+are in ``[0, 1]``, except for ImageNet-like datasets (:func:`is_imagenet_like`),
+which get torchvision's standard eval transform per image (:func:`center_crop_resize`:
+resize the shorter side to 256, center-crop 224, scale to [0, 1], normalise with
+the ImageNet mean/std) so that torchvision-trained weights see what they expect.
+ImageNet-scale splits are read as a bounded, seeded random subset
+(:data:`IMAGENET_MAX_EVAL` / :data:`IMAGENET_MAX_TRAIN` examples by default).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from safer_jax import progress as progress_lib
+
 EMBEDDED = ("digits",)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel RGB mean of ImageNet in [0, 1] units (torchvision's ``Normalize``)."""
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Per-channel RGB standard deviation of ImageNet in [0, 1] units."""
+IMAGENET_MAX_EVAL = 2000
+"""Default eval examples kept for ImageNet-like datasets: 2,000 x 224x224x3 float32 = 1.2 GB."""
+IMAGENET_MAX_TRAIN = 1024
+"""Default train (calibration) examples for ImageNet-like datasets: 1,024 at 224 = 0.62 GB."""
+SUBSET_METHODS = ("first", "even", "random")
+TFDS_ONLY_OPTIONS = ("max_train", "max_eval", "image_size", "resize_size", "preprocessing",
+                     "subset", "subset_seed")
+"""Options of :func:`load_tfds` that :func:`load_dataset` drops for digits when None."""
+PROGRESS_MIN_EXAMPLES = 256
+"""Loads of more examples than this show a progress line."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split: ``images`` float32 ``(N, H, W, C)`` in [0, 1], ``labels`` int32 ``(N,)``."""
+  """One split: ``images`` float32 ``(N, H, W, C)``, ``labels`` int32 ``(N,)``.
+
+  Pixels are in [0, 1], or normalised with the dataset's ``mean``/``std`` when
+  those are set (ImageNet-like datasets).
+  """
   images: np.ndarray
   labels: np.ndarray
 
@@ -49,12 +76,16 @@ class Dataset:
     eval: held-out split (tfds ``test``/``validation``; a seeded split for digits).
     num_classes: number of classes.
     input_shape: shape of one image ``(H, W, C)``.
+    mean: per-channel mean subtracted from [0, 1] pixels, or None (pixels in [0, 1]).
+    std: per-channel standard deviation the pixels were divided by, or None.
   """
   name: str
   train: Split
   eval: Split
   num_classes: int
   input_shape: tuple[int, int, int]
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
 
   def summary(self) -> str:
     return (f"{self.name}: {len(self.train)} train / {len(self.eval)} eval, "
@@ -101,16 +132,215 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
           f"{where}/downloads/manual first), then pass --data_dir={where}.")
 
 
-def _materialise(source, n: int | None, image_key: str, label_key: str,
-                 image_size: int | None) -> Split:
-  count = len(source) if n is None else min(n, len(source))
-  records = [source[i] for i in range(count)]
-  images = np.stack([np.asarray(r[image_key]) for r in records])
-  labels = np.asarray([r[label_key] for r in records], dtype=np.int32)
+def is_imagenet_like(name: str) -> bool:
+  """Whether ``name`` gets the ImageNet eval transform and bounded default sizes.
+
+  True for tfds names starting with ``imagenet`` (``imagenet2012``,
+  ``imagenet2012_real``, ``imagenet_v2``, ``imagenet_a``, ``imagenette``, ...),
+  except ``imagenet_resized`` (already-downsampled 8..64 pixel images).
+  """
+  base = name.split(":")[0].split("/")[0]
+  return base.startswith("imagenet") and base != "imagenet_resized"
+
+
+def default_resize_size(image_size: int) -> int:
+  """Shorter side before the center crop: 256 for 224 (crop fraction 0.875), floored."""
+  return image_size * 256 // 224
+
+
+def _check_size(name: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive integer (pixels).")
+  return int(value)
+
+
+def _as_hwc_uint8(image: np.ndarray) -> np.ndarray:
+  """``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` integer image -> uint8 ``(H, W, 1|3)``."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f"Image of shape {image.shape} is not supported; allowed: (H, W), "
+                     f"(H, W, 1) greyscale or (H, W, 3) RGB.")
+  if min(image.shape[:2]) < 1:
+    raise ValueError(f"Image of shape {image.shape} is empty.")
+  if image.dtype != np.uint8:
+    if not np.issubdtype(image.dtype, np.integer) or image.min() < 0 or image.max() > 255:
+      raise ValueError(f"Image of dtype {image.dtype} is not supported; allowed: uint8 "
+                       f"(or integers in 0..255).")
+    image = image.astype(np.uint8)
+  return image
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  """Resizes so the shorter side is ``size`` pixels, keeping the aspect ratio.
+
+  Matches torchvision's ``Resize(size)`` on a PIL image exactly: the longer side
+  becomes ``int(size * long / short)`` (truncated) and pixels are resampled with
+  PIL's antialiased bilinear filter, rounded to uint8.
+
+  Args:
+    image: uint8 ``(H, W, C)`` with C = 1 or 3 (or ``(H, W)``).
+    size: target length of the shorter side, in pixels.
+
+  Returns:
+    uint8 ``(H', W', C)`` with ``min(H', W') == size``.
+  """
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  size = _check_size("resize_size", size)
+  image = _as_hwc_uint8(image)
+  h, w = image.shape[:2]
+  short, long = (w, h) if w <= h else (h, w)
+  new_long = int(size * long / short)
+  new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+  if (new_h, new_w) == (h, w):
+    return image
+  channels = image.shape[-1]
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image, "L" if channels == 1 else "RGB")
+  out = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
+  return out.reshape(new_h, new_w, channels)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The central ``size`` x ``size`` window of ``(H, W, C)`` (torchvision's ``CenterCrop``).
+
+  Offsets are ``int(round((H - size) / 2))`` (and likewise for W), with Python's
+  round-half-to-even, exactly as torchvision computes them.
+
+  Raises:
+    ValueError: the image is smaller than ``size`` on either side.
+  """
+  size = _check_size("image_size", size)
+  h, w = image.shape[:2]
+  if h < size or w < size:
+    raise ValueError(f"Cannot center-crop {size}x{size} from an image of {h}x{w} pixels; "
+                     f"resize_size must be >= image_size.")
+  top = int(round((h - size) / 2.0))
+  left = int(round((w - size) / 2.0))
+  return image[top:top + size, left:left + size]
+
+
+def normalize(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+  """uint8 ``(..., C)`` -> float32 ``(x / 255 - mean) / std`` per channel (``C == len(mean)``)."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  return ((np.asarray(image, np.float32) / np.float32(255.0)) - mean) / std
+
+
+def center_crop_resize(image: np.ndarray, image_size: int = 224, resize_size: int | None = None,
+                       *, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+  """torchvision's standard ImageNet eval transform of one image, in NumPy + PIL.
+
+  ``Resize(resize_size)`` (shorter side, aspect kept, antialiased bilinear) ->
+  ``CenterCrop(image_size)`` -> ``ToTensor()`` (scale to [0, 1]) ->
+  ``Normalize(mean, std)``, but channels-last. Greyscale images are broadcast to
+  3 channels (as ``PIL.Image.convert('RGB')`` does).
+
+  Args:
+    image: uint8 ``(H, W, 3)`` RGB, or greyscale ``(H, W)`` / ``(H, W, 1)``.
+    image_size: side of the square crop, in pixels (224 for ImageNet models).
+    resize_size: shorter side before cropping, in pixels; default
+      :func:`default_resize_size` (256 for 224). Must be >= ``image_size``.
+    mean: per-channel mean of [0, 1] pixels (3 values).
+    std: per-channel standard deviation (3 values).
+
+  Returns:
+    float32 ``(image_size, image_size, 3)``, normalised (zero-mean, unit-std units).
+
+  Raises:
+    ValueError: unsupported image shape/dtype, non-positive sizes, or
+      ``resize_size < image_size``.
+  """
+  image_size = _check_size("image_size", image_size)
+  resize_size = default_resize_size(image_size) if resize_size is None else resize_size
+  resize_size = _check_size("resize_size", resize_size)
+  if resize_size < image_size:
+    raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}.")
+  image = center_crop(resize_shorter_side(image, resize_size), image_size)
+  if image.shape[-1] == 1:
+    image = np.broadcast_to(image, image.shape[:2] + (3,))
+  return normalize(image, mean, std)
+
+
+def subset_indices(length: int, n: int | None, method: str = "random",
+                   seed: int = 0) -> np.ndarray:
+  """Which records of a split of ``length`` examples to read, at most ``n`` of them.
+
+  Args:
+    length: number of examples in the split.
+    n: how many to keep; None or >= ``length``: all.
+    method: ``'first'``: ``0..n-1`` (fine for splits stored in random order);
+      ``'even'``: ``n`` evenly spaced indices ``floor(i * length / n)``, ascending
+      (exactly stratified when the split is stored ordered by class, but a
+      *prefix* of them covers only the first classes); ``'random'``: ``n``
+      distinct indices drawn with ``seed``, kept in random order, so every
+      prefix (``Split.take(k)``) is itself a uniform random subset that mixes
+      classes.
+    seed: seed of ``'random'``.
+
+  Returns:
+    int64 ``(min(n, length),)`` distinct indices in ``[0, length)``.
+
+  Raises:
+    ValueError: unknown ``method`` or negative ``n``.
+  """
+  if method not in SUBSET_METHODS:
+    raise ValueError(f"subset={method!r} is not a subset method; allowed: {list(SUBSET_METHODS)}")
+  if n is not None and n < 0:
+    raise ValueError(f"n={n} examples must be >= 0 (or None for all).")
+  count = length if n is None else min(int(n), length)
+  if method == "random":
+    return np.random.default_rng(seed).permutation(length)[:count].astype(np.int64)
+  if method == "even" and count:
+    return (np.arange(count, dtype=np.int64) * length) // count
+  return np.arange(count, dtype=np.int64)
+
+
+def _materialise(source, indices: np.ndarray, image_key: str, label_key: str,
+                 image_size: int | None, *, imagenet: bool, resize_size: int | None = None,
+                 label: str = "", progress: bool = True) -> Split:
+  """Reads ``source[i]`` for ``i in indices`` into a Split, one record at a time.
+
+  ImageNet-like: each image goes through :func:`center_crop_resize` into a
+  preallocated float32 ``(N, S, S, 3)`` array (decoded full-size images are
+  never all held at once). Otherwise images are stacked, scaled to [0, 1] if
+  integer, and bilinearly resized to ``image_size`` if given.
+  """
+  count = int(indices.size)
+  bar = progress_lib.Progress(count, label, enabled=progress and count > PROGRESS_MIN_EXAMPLES,
+                              unit="img")
+  labels = np.empty((count,), np.int32)
+  if imagenet:
+    images = np.empty((count, image_size, image_size, 3), np.float32)
+    for k, i in enumerate(indices):
+      record = source[int(i)]
+      images[k] = center_crop_resize(record[image_key], image_size, resize_size)
+      labels[k] = record[label_key]
+      bar.update()
+    bar.close()
+    return Split(images, labels)
+  raw = []
+  for k, i in enumerate(indices):
+    record = source[int(i)]
+    raw.append(np.asarray(record[image_key]))
+    labels[k] = record[label_key]
+    bar.update()
+  bar.close()
+  if not raw:
+    raise ValueError(f"No examples to read from {label or 'the split'}.")
+  shapes = {r.shape for r in raw}
+  if len(shapes) > 1:
+    raise ValueError(f"Images of {label or 'the split'} have different shapes "
+                     f"({sorted(shapes)[:3]}...): they cannot be stacked. Images of differing "
+                     f"sizes are supported for ImageNet-like datasets (preprocessing='imagenet').")
+  images = np.stack(raw)
+  integer = np.issubdtype(images.dtype, np.integer)
   if images.ndim == 3:
     images = images[..., None]
   images = images.astype(np.float32)
-  if np.issubdtype(np.asarray(records[0][image_key]).dtype, np.integer):
+  if integer:
     images /= 255.0
   if image_size is not None and images.shape[1:3] != (image_size, image_size):
     import jax  # pylint: disable=import-outside-toplevel
@@ -119,56 +349,132 @@ def _materialise(source, n: int | None, image_key: str, label_key: str,
   return Split(images, labels)
 
 
+def _read_error(tfds, name: str, data_dir: str | None, error: Exception) -> ValueError:
+  """The ValueError for a tfds dataset that cannot be opened: unprepared, or unreadable."""
+  try:
+    prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    prepared = False
+  if not prepared:
+    return ValueError(f"Dataset {name!r} is not prepared in data_dir={data_dir!r} (nothing is "
+                      f"downloaded at run time).\n" + _prepare_hint(name, data_dir))
+  return ValueError(f"Dataset {name!r} in data_dir={data_dir!r} could not be read with random "
+                    f"access ({type(error).__name__}: {error}).\n" + _prepare_hint(name, data_dir))
+
+
+def _resolve_max(value: int | None, imagenet: bool, default: int, what: str) -> int | None:
+  """None -> the dataset default (``default`` for ImageNet-like, else all); 0 -> all."""
+  if value is None:
+    return default if imagenet else None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{what}={value!r} must be an integer >= 0 (0: the whole split) or None "
+                     f"(the dataset's default).")
+  return int(value) or None
+
+
 def load_tfds(name: str, *, data_dir: str | None = None, max_train: int | None = None,
               max_eval: int | None = None, image_size: int | None = None,
+              resize_size: int | None = None, preprocessing: str | None = None,
+              subset: str | None = None, subset_seed: int | None = None,
               image_key: str = "image", label_key: str = "label", train_split: str = "train",
-              eval_split: str | None = None) -> Dataset:
+              eval_split: str | None = None, progress: bool = True) -> Dataset:
   """Loads a *prepared* tensorflow-datasets dataset into memory, without TensorFlow.
 
   Uses ``tfds.data_source`` (random access over array_record files) with
   ``download=False``: nothing is fetched from the network.
 
+  ImageNet-like datasets (:func:`is_imagenet_like`, e.g. ``imagenet2012``,
+  ``imagenet_v2``, ``imagenette``) get :func:`center_crop_resize` per image
+  (torchvision's eval transform; ``image_size`` default 224) and, unless told
+  otherwise, read :data:`IMAGENET_MAX_EVAL` = 2,000 eval and
+  :data:`IMAGENET_MAX_TRAIN` = 1,024 train examples (the train split only serves
+  as calibration data when weights come from a checkpoint), a seeded random
+  subset (``subset='random'``) since some preparations store the validation
+  split ordered by class. Memory: ``N * S * S * 3 * 4`` bytes, i.e. 602 kB per
+  224x224 image: 1.20 GB eval + 0.62 GB train by default (the whole 50,000-image
+  validation split would need 30 GB).
+
   Args:
     name: tfds name, optionally with config/version (``'cifar10'``, ``'mnist:3.*.*'``).
     data_dir: where the dataset was prepared (default: tfds' default dir).
-    max_train: keep at most this many training examples (the first ones).
-    max_eval: likewise for the eval split.
-    image_size: resize images to ``image_size`` x ``image_size`` (bilinear).
+    max_train: keep at most this many training examples; None: the dataset's
+      default (1,024 for ImageNet-like, else all); 0: all.
+    max_eval: likewise for the eval split (default 2,000 for ImageNet-like).
+    image_size: side of the square images, in pixels. ImageNet-like: the center
+      crop (default 224); otherwise resize to it (bilinear; default: native size).
+    resize_size: ImageNet-like only: shorter side before the crop (default
+      :func:`default_resize_size`, 256 for 224).
+    preprocessing: None or ``'auto'`` (ImageNet transform for ImageNet-like
+      names, else ``'unit'``), ``'imagenet'`` or ``'unit'`` (pixels / 255 in [0, 1]; all
+      images of a split must share one shape).
+    subset: which examples when a split is capped (:func:`subset_indices`):
+      ``'first'``, ``'even'`` or ``'random'``; default ``'random'`` for
+      ImageNet-like datasets and ``'first'`` otherwise.
+    subset_seed: seed of ``subset='random'`` (None: 0); the eval split uses ``subset_seed + 1``.
     image_key: feature holding the image.
     label_key: feature holding the (ClassLabel) label.
-    train_split: tfds split used for training.
-    eval_split: held-out split; default ``'test'`` (``'validation'`` for imagenet).
+    train_split: tfds split used for training (and calibration).
+    eval_split: held-out split; default ``'validation'`` if the dataset has one
+      (always assumed for ``imagenet*`` names whose splits are unknown), else ``'test'``.
+    progress: show a progress line when reading more than
+      :data:`PROGRESS_MIN_EXAMPLES` examples of a split.
 
   Raises:
-    ValueError: unknown tfds name, or dataset not prepared in ``data_dir`` (the
-      message says how to prepare it).
+    ValueError: unknown tfds name, dataset not prepared in ``data_dir`` (the
+      message says how to prepare it), unknown split, or a bad option value.
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   base = name.split(":")[0].split("/")[0]
   if base not in tfds.list_builders(with_community_datasets=False):
     raise ValueError(f"Unknown dataset {name!r}: it is neither embedded ({list(EMBEDDED)}) "
                      f"nor a tensorflow-datasets name (see `tfds.list_builders()`).")
+  preprocessing = preprocessing or "auto"
+  subset_seed = 0 if subset_seed is None else int(subset_seed)
+  if preprocessing not in ("auto", "imagenet", "unit"):
+    raise ValueError(f"preprocessing={preprocessing!r} is not supported; allowed: "
+                     f"'auto', 'imagenet', 'unit'.")
+  imagenet = (is_imagenet_like(name) if preprocessing == "auto" else preprocessing == "imagenet")
+  max_train = _resolve_max(max_train, imagenet, IMAGENET_MAX_TRAIN, "max_train")
+  max_eval = _resolve_max(max_eval, imagenet, IMAGENET_MAX_EVAL, "max_eval")
+  subset = subset or ("random" if imagenet else "first")
+  subset_indices(0, 0, subset)  # validates the method name before any reading
+  if image_size is not None:
+    image_size = _check_size("image_size", image_size)
+  if imagenet:
+    image_size = image_size or 224
+    resize_size = _check_size("resize_size", resize_size or default_resize_size(image_size))
+    if resize_size < image_size:
+      raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}.")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-    if eval_split is None:
-      eval_split = "validation" if base.startswith("imagenet") else "test"
+    known = set(builder.info.splits.keys()) if builder.info.splits else set()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(tfds, name, data_dir, e) from e
+  if eval_split is None:
+    eval_split = ("validation" if "validation" in known or (not known and base.startswith(
+        "imagenet")) else "test")
+  for split in (train_split, eval_split):
+    if known and split not in known:
+      raise ValueError(f"Split {split!r} is not in dataset {name!r}; available splits: "
+                       f"{sorted(known)}.")
+  try:
     sources = tfds.data_source(name, split=[train_split, eval_split], data_dir=data_dir,
                                download=False)
   except Exception as e:  # pylint: disable=broad-except
-    try:
-      prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
-    except Exception:  # pylint: disable=broad-except
-      prepared = False
-    if not prepared:
-      raise ValueError(f"Dataset {name!r} is not prepared in data_dir={data_dir!r} (nothing is "
-                       f"downloaded at run time).\n" + _prepare_hint(name, data_dir)) from e
-    raise ValueError(f"Dataset {name!r} in data_dir={data_dir!r} could not be read with random "
-                     f"access ({type(e).__name__}: {e}).\n" + _prepare_hint(name, data_dir)) from e
+    raise _read_error(tfds, name, data_dir, e) from e
   features = builder.info.features
   num_classes = int(features[label_key].num_classes)
-  train = _materialise(sources[0], max_train, image_key, label_key, image_size)
-  evals = _materialise(sources[1], max_eval, image_key, label_key, image_size)
-  return Dataset(base, train, evals, num_classes, tuple(int(s) for s in train.images.shape[1:]))
+  splits = []
+  for source, split, n, seed in ((sources[0], train_split, max_train, subset_seed),
+                                 (sources[1], eval_split, max_eval, subset_seed + 1)):
+    indices = subset_indices(len(source), n, subset, seed)
+    splits.append(_materialise(source, indices, image_key, label_key, image_size,
+                               imagenet=imagenet, resize_size=resize_size,
+                               label=f"{base} {split}", progress=progress))
+  train, evals = splits
+  mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (None, None)
+  return Dataset(base, train, evals, num_classes, tuple(int(s) for s in train.images.shape[1:]),
+                 mean=mean, std=std)
 
 
 def load_dataset(name: str = "digits", *, data_dir: str | None = None, split_seed: int = 0,
@@ -180,12 +486,20 @@ def load_dataset(name: str = "digits", *, data_dir: str | None = None, split_see
     data_dir: tfds data directory (ignored for ``'digits'``); defaults to the
       ``TFDS_DATA_DIR`` environment variable, then tfds' own default.
     split_seed: seed of the digits train/eval split.
-    **kwargs: passed to :func:`load_digits` or :func:`load_tfds`.
+    **kwargs: passed to :func:`load_digits` or :func:`load_tfds`. The tfds-only
+      options :data:`TFDS_ONLY_OPTIONS` (``max_train``, ``max_eval``,
+      ``image_size``, ...) may be passed as None for ``'digits'`` and are then
+      ignored, so callers can always forward their config fields.
 
   Raises:
-    ValueError: unknown name or unprepared tfds dataset.
+    ValueError: unknown name, unprepared tfds dataset, or a tfds-only option set for digits.
   """
   if name == "digits":
+    given = sorted(k for k in TFDS_ONLY_OPTIONS if kwargs.get(k) is not None)
+    if given:
+      raise ValueError(f"Options {given} apply to tfds datasets only, not to the embedded "
+                       f"'digits' (8x8 images, all 1,797 loaded); leave them unset (None).")
+    kwargs = {k: v for k, v in kwargs.items() if k not in TFDS_ONLY_OPTIONS}
     return load_digits(split_seed=split_seed, **kwargs)
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
   return load_tfds(name, data_dir=data_dir, **kwargs)

@@ -190,3 +190,77 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
           "zoo_version": ZOO_VERSION}
   save_checkpoint(path, variables, meta)
   return ZooEntry(name, net, jax.device_get(variables), ds, history["eval"], path, restored=False)
+
+
+def check_finite(variables: Any) -> None:
+  """Raises a ValueError naming every leaf of ``variables`` that holds NaN or inf values."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    arr = np.asarray(leaf)
+    if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+      bad.append(f"{jax.tree_util.keystr(path)} ({int(np.sum(~np.isfinite(arr)))} of {arr.size} "
+                 f"values are NaN/inf)")
+  if bad:
+    raise ValueError("Checkpoint has non-finite values in " + ", ".join(bad))
+
+
+def from_checkpoint(model_name: str, checkpoint_path: str | os.PathLike,
+                    dataset: str | data_lib.Dataset, *, data_dir: str | None = None) -> ZooEntry:
+  """A zoo model with weights from a user's checkpoint file instead of zoo training.
+
+  Args:
+    model_name: zoo model name (see :func:`safer_jax.models.list_models`).
+    checkpoint_path: a ``.npz`` torchvision ``state_dict`` (converted with
+      :func:`safer_jax.convert.load_torchvision_npz`; ``model_name`` must be one of
+      :data:`safer_jax.convert.TORCHVISION_MODELS`) or an orbax checkpoint directory
+      (:func:`safer_jax.convert.load_orbax`: a zoo checkpoint or a plain
+      ``StandardCheckpointer`` save of the variables).
+    dataset: dataset name or a loaded Dataset; its ``num_classes`` must equal the
+      checkpoint's classifier outputs and its images must fit the model.
+    data_dir: tfds data directory for non-embedded datasets.
+
+  Returns:
+    A :class:`ZooEntry` with ``restored=True``, ``path`` the absolute checkpoint path
+    and empty ``metrics`` (the checkpoint is not evaluated here).
+
+  Raises:
+    FileNotFoundError: no file or directory at ``checkpoint_path``.
+    ValueError: unknown model, a path that is neither ``.npz`` nor a directory, keys
+      or shapes that do not fit the model, a class count other than the dataset's,
+      images the model cannot take, or NaN/inf parameters (the leaf is named).
+  """
+  from safer_jax import convert  # pylint: disable=import-outside-toplevel  (convert imports zoo)
+  path = os.path.abspath(os.fspath(checkpoint_path))
+  name = models_lib.ALIASES.get(model_name, model_name)
+  if name not in models_lib.MODELS:
+    models_lib.get_model(model_name)  # raises the ValueError listing valid names.
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint at {path!r}.")
+  ds = dataset if isinstance(dataset, data_lib.Dataset) else data_lib.load_dataset(
+      dataset, data_dir=data_dir)
+  if os.path.isfile(path) and path.endswith(".npz"):
+    variables = convert.load_torchvision_npz(path, name)
+    classes = int(np.shape(variables["params"]["head"]["fc"]["kernel"])[-1])
+    if classes != ds.num_classes:
+      raise ValueError(f"Checkpoint {path!r} has {classes} classes but dataset {ds.name!r} has "
+                       f"{ds.num_classes}; use a checkpoint trained for {ds.name!r}.")
+  elif os.path.isdir(path):
+    try:
+      variables = convert.load_orbax(
+          path, models_lib.get_model(name, num_classes=ds.num_classes), ds.input_shape)
+    except ValueError as e:
+      raise ValueError(f"{e} (model {name!r} built for dataset {ds.name!r}: "
+                       f"num_classes={ds.num_classes}, input {ds.input_shape})") from e
+  else:
+    raise ValueError(f"Checkpoint path {path!r} must be a .npz file (torchvision state_dict) "
+                     f"or an orbax checkpoint directory.")
+  check_finite(variables)
+  net = models_lib.get_model(name, num_classes=ds.num_classes)
+  images = jax.ShapeDtypeStruct((1, *ds.input_shape), np.float32)
+  try:
+    jax.eval_shape(net.apply, variables, images)
+  except Exception as e:  # pylint: disable=broad-except  (flax/lax shape errors vary)
+    raise ValueError(f"Checkpoint {path!r} for {name!r} does not accept {ds.name!r} images of "
+                     f"shape {ds.input_shape}: {e}") from e
+  log.info("Loaded %s from %s", name, path)
+  return ZooEntry(name, net, variables, ds, {}, path, restored=True)

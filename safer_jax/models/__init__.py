@@ -13,6 +13,7 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from safer_jax.models.common import StagedModel
+from safer_jax.models.imagenet import TorchMobileNetV2, TorchResNet
 from safer_jax.models.lenet import LeNet
 from safer_jax.models.mlp import MLP
 from safer_jax.models.mobilenet import MobileNetV2
@@ -24,7 +25,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": functools.partial(ResNet, depth=8),
     "resnet20": functools.partial(ResNet, depth=20),
     "mobilenet_v2": MobileNetV2,
+    "resnet18": functools.partial(TorchResNet, depth=18),
+    "resnet34": functools.partial(TorchResNet, depth=34),
+    "resnet50": functools.partial(TorchResNet, depth=50),
+    "mobilenet_v2_imagenet": TorchMobileNetV2,
 }
+# torchvision-compatible ImageNet architectures (safer_jax.models.imagenet): weights convert from
+# torchvision state dicts (safer_jax.convert); too large to train on the embedded digits.
+IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2_imagenet")
 ALIASES = {"resnet": "resnet8"}
 
 
@@ -51,4 +59,4 @@ def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 __all__ = ["MODELS", "get_model", "list_models", "StagedModel", "MLP", "LeNet", "ResNet",
-           "MobileNetV2"]
+           "MobileNetV2", "IMAGENET_MODELS", "TorchResNet", "TorchMobileNetV2"]
