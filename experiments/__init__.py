@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "attribution_preservation": "experiments.attribution_preservation",
     "corruption": "experiments.corruption",
     "acr_train": "experiments.acr_train",
+    "memory_check": "experiments.memory_check",
 }
 
 

@@ -7,7 +7,14 @@ in a Python loop (:func:`safer_jax.sweep.naive_sweep`); the engine is
 *cold* (first call: includes every XLA compilation it needs) and *warm* (second
 call: compiled functions reused, the steady state of long sweeps and notebooks).
 The tables must agree (accuracy to 1e-6, loss to 1e-4 relative) or the run fails.
-Writes ``bench.json`` and ``bench.md``.
+
+It also reports the *FLOP ceiling* of exact evaluation: any method that evaluates
+every perturbed model exactly must at least re-run, per perturbed copy, the part
+of the network from the perturbed layer on. XLA's cost analysis of the engine's
+compiled call with 1 and 2 copies gives those per-copy FLOPs for each layer; the
+ceiling is ``sum over cells of full-forward FLOPs / sum of per-copy FLOPs``, the
+best speed-up over the naive loop when the forward pass is compute-bound (as on
+CPU). Writes ``bench.json`` and ``bench.md``.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 from experiments import sensitivity
 from safer_jax import io, sweep
+from safer_jax import layers as layers_lib
 
 
 def get_config(tiny: bool = False):
@@ -33,6 +42,30 @@ def _timed(fn):
   t0 = time.perf_counter()
   out = fn()
   return out, time.perf_counter() - t0
+
+
+def flop_ceiling(entry, split, scfg, table) -> dict:
+  """Per-layer per-copy FLOP fractions and the exact-evaluation speed-up ceiling.
+
+  Returns ``{'full_flops': FLOPs of one forward of one eval batch, 'per_copy_fraction':
+  {layer: per-copy FLOPs / full_flops}, 'ceiling': float}``.
+  """
+  engine = sweep._Engine(entry.model, entry.variables, split, scfg)  # pylint: disable=protected-access
+  images, labels, mask = engine.batches[0]
+  full = jax.jit(entry.model.apply).lower(entry.variables, images).compile().cost_analysis()
+  full_flops = float(full["flops"])
+  fractions = {}
+  for layer in dict.fromkeys(table["layer"]):
+    stage = sweep._stage_of(entry.model, layer) if scfg.use_prefix else 0  # pylint: disable=protected-access
+    fn = engine.eval_fn(layer, stage)
+    h = engine.prefix(stage)[0]
+    kernel = jnp.asarray(layers_lib.get_kernel(entry.variables, layer))
+    flops = [float(fn.lower(entry.variables, jnp.stack([kernel] * p), h, labels, mask)
+                   .compile().cost_analysis()["flops"]) for p in (1, 2)]
+    fractions[layer] = (flops[1] - flops[0]) / full_flops
+  cells = table.groupby("layer", sort=False).size()
+  ceiling = float(cells.sum() / sum(cells[l] * f for l, f in fractions.items()))
+  return {"full_flops": full_flops, "per_copy_fraction": fractions, "ceiling": ceiling}
 
 
 def run(config, workdir: str) -> dict:
@@ -55,6 +88,7 @@ def run(config, workdir: str) -> dict:
                            / np.maximum(np.abs(naive_cold["loss"].to_numpy()), 1e-3)))
   same = (len(naive_cold) == len(fast_cold) and acc_diff <= 1e-6 and loss_diff <= 1e-4
           and list(naive_cold["layer"]) == list(fast_cold["layer"]))
+  ceiling = flop_ceiling(entry, split, scfg, fast_cold)
   device = f"{jax.default_backend()} ({jax.device_count()} x {jax.devices()[0].device_kind}, " \
            f"{os.cpu_count()} CPU cores visible)"
   result = {
@@ -64,6 +98,7 @@ def run(config, workdir: str) -> dict:
       "device": device, "naive_cold_s": t_naive_cold, "naive_warm_s": t_naive_warm,
       "engine_cold_s": t_fast_cold, "engine_warm_s": t_fast_warm,
       "speedup_cold": t_naive_cold / t_fast_cold, "speedup_warm": t_naive_warm / t_fast_warm,
+      "flop_ceiling": ceiling["ceiling"], "per_copy_flop_fraction": ceiling["per_copy_fraction"],
       "max_accuracy_diff": acc_diff, "max_loss_rel_diff": loss_diff, "same_numbers": same,
       "versions": io.versions()}
   md = [f"# bench_sweep: {entry.name} on {entry.dataset.name} ({len(split)} eval images)", "",
@@ -74,7 +109,11 @@ def run(config, workdir: str) -> dict:
         f"| cold (incl. compilation) | {t_naive_cold:.1f} s | {t_fast_cold:.1f} s | "
         f"{result['speedup_cold']:.2f}x |",
         f"| warm (compiled) | {t_naive_warm:.1f} s | {t_fast_warm:.1f} s | "
-        f"{result['speedup_warm']:.2f}x |", "",
+        f"{result['speedup_warm']:.2f}x |",
+        f"| FLOP ceiling of exact evaluation | | | {ceiling['ceiling']:.2f}x |", "",
+        "Per-copy FLOPs of the engine (from the perturbed layer on) as a fraction of a full "
+        "forward: " + ", ".join(f"{l} {f:.2f}" for l, f in ceiling["per_copy_fraction"].items())
+        + ".", "",
         f"Same numbers: {same} (max |accuracy diff| {acc_diff:.2e}, max relative loss diff "
         f"{loss_diff:.2e})."]
   paths = {"json": io.write_json(os.path.join(workdir, "bench.json"), result),

@@ -15,7 +15,7 @@ import re
 from safer_jax import io
 
 # Markdown files an experiment may write, in the order they are shown.
-SUMMARIES = ("summary.md", "bench.md", "agreement.md", "costs.md", "metrics.md")
+SUMMARIES = ("summary.md", "bench.md", "agreement.md", "costs.md", "metrics.md", "memory.md")
 
 
 def _sections(workdir: str) -> list[tuple[str, list[str], list[str]]]:

@@ -69,6 +69,15 @@ def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
   result = json.load(open(tmp_path / "bench_sweep" / "bench.json"))
   assert result["same_numbers"] is True
   assert result["speedup_warm"] > 0 and result["cells"] > 0
+  # The FLOP ceiling against a hand count: the tiny mlp is 64 -> 128 -> 64 -> 10, so a copy
+  # perturbed at dense1 re-runs all 8192 + 8192 + 640 multiply-adds per image, at dense2 the
+  # last 8832, at the head 640 (elementwise ops add a little).
+  fractions = result["per_copy_flop_fraction"]
+  expected = {"dense1/fc": 1.0, "dense2/fc": 8832 / 17024, "head/fc": 640 / 17024}
+  assert set(fractions) == set(expected)
+  for layer, value in expected.items():
+    assert abs(fractions[layer] - value) < 0.03, (layer, fractions[layer], value)
+  assert abs(result["flop_ceiling"] - 3 / sum(fractions.values())) < 1e-6
 
 
 def test_quant_sweep_tiny_end_to_end(tmp_path, launch):

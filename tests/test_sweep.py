@@ -86,6 +86,22 @@ def test_engine_equals_naive_sweep_and_no_prefix(tiny):
   np.testing.assert_allclose(a["loss"], d["loss"], rtol=1e-4, atol=1e-5)
 
 
+def test_copies_per_step_does_not_change_the_table(tiny):
+  """Sequential steps of 1 or 3 copies (odd chunks, padding) equal one wide vmap."""
+  model, variables, split = tiny
+  config = dataclasses.replace(CONFIG, families={"noise": (0.5, 2.0), "quantize": (3, 2)},
+                               max_parallel=7)
+  wide = sweep.run_sweep(model, variables, split,
+                         dataclasses.replace(config, copies_per_step=64), progress=False)
+  for step in (1, 3):
+    table = sweep.run_sweep(model, variables, split,
+                            dataclasses.replace(config, copies_per_step=step), progress=False)
+    np.testing.assert_allclose(table["accuracy"], wide["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(table["loss"], wide["loss"], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="copies_per_step=0"):
+    sweep.run_sweep(model, variables, split, dataclasses.replace(config, copies_per_step=0))
+
+
 def test_same_seeds_identical_table(tiny):
   model, variables, split = tiny
   config = dataclasses.replace(CONFIG, families={"bitflip": (1e-2,), "noise": (1.0,)})
