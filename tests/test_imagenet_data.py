@@ -8,6 +8,7 @@ replaces the records with hand-made ones (class-ordered, greyscale).
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow_datasets as tfds
 
@@ -270,22 +271,48 @@ def test_imagenet_like_names():
 # --- experiments wiring ----------------------------------------------------------------------
 
 
-def test_sensitivity_experiment_runs_on_mock_imagenet2012(monkeypatch, tmp_path):
-  """``--dataset=imagenet2012 --data_dir=...`` end to end, in-process (mock data cannot cross
-  into launch.py's subprocess); 16x16 crops and 16 images keep the trained mlp small."""
-  import functools  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  from experiments import sensitivity  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(data, "IMAGENET_MAX_EVAL", 16)
-  monkeypatch.setattr(data, "IMAGENET_MAX_TRAIN", 16)
-  monkeypatch.setattr(data, "load_dataset", functools.partial(data.load_dataset, image_size=16))
-  config = sensitivity.get_config(tiny=True)
+def _mock_imagenet_config(module, tmp_path, **fields):
+  config = module.get_config(tiny=True)
   config.update({"dataset": "imagenet2012", "data_dir": str(tmp_path / "tfds"),
                  "cache_dir": str(tmp_path / "zoo"), "progress": False,
-                 "families": ("quantize", "noise"), "quantize": (4,), "noise": (0.5,),
-                 "eval_examples": 0})
+                 "max_train": 16, "max_eval": 16, "image_size": 16, **fields})
+  return config
+
+
+def test_sensitivity_experiment_runs_on_mock_imagenet2012(tmp_path):
+  """``--dataset=imagenet2012 --data_dir=...`` end to end, in-process (mock data cannot cross
+  into launch.py's subprocess); 16x16 crops and 16 images keep the trained mlp small."""
+  import json  # pylint: disable=import-outside-toplevel
+  from experiments import sensitivity  # pylint: disable=import-outside-toplevel
+  config = _mock_imagenet_config(sensitivity, tmp_path, families=("quantize", "noise"),
+                                 quantize=(4,), noise=(0.5,), eval_examples=0)
   with tfds.testing.mock_data(num_examples=20, policy=USE_CODE):
     result = sensitivity.run(config, str(tmp_path / "out"))
   meta = json.loads(open(result["paths"]["meta"]).read())
   assert meta["dataset"] == "imagenet2012"
   assert set(result["paths"]) >= {"table", "summary", "heatmap"}
+  table = pd.read_csv(result["paths"]["table"])
+  assert set(table.layer) == {"dense1/fc", "dense2/fc", "head/fc"}
+
+
+def test_torchvision_checkpoint_sensitivity_and_quant_sweep_on_mock_imagenet2012(tmp_path):
+  """The README's ImageNet recipe: resnet18 from a torchvision-format .npz (random weights,
+  1000 classes) on mock imagenet2012, sensitivity on two layers, then quant_sweep (mlp)."""
+  from experiments import quant_sweep, sensitivity  # pylint: disable=import-outside-toplevel
+  from test_imagenet_models import resnet_state_dict  # pylint: disable=import-outside-toplevel
+  npz = tmp_path / "resnet18.npz"
+  np.savez(npz, **resnet_state_dict(18, 1000))
+  config = _mock_imagenet_config(sensitivity, tmp_path, model="resnet18", checkpoint=str(npz),
+                                 image_size=32, layers="stem/conv,head/fc",
+                                 families=("quantize",), quantize=(8, 2), eval_examples=0)
+  with tfds.testing.mock_data(num_examples=20, policy=USE_CODE):
+    result = sensitivity.run(config, str(tmp_path / "sens"))
+    table = pd.read_csv(result["paths"]["table"])
+    assert list(table.layer.unique()) == ["stem/conv", "head/fc"]
+    assert len(table) == 4 and table.accuracy.between(0, 1).all()
+    # weights loaded from the file, not trained: nothing was written to the zoo cache.
+    assert not (tmp_path / "zoo").exists()
+    q = quant_sweep.run(_mock_imagenet_config(quant_sweep, tmp_path, calib_examples=16),
+                        str(tmp_path / "quant"))
+  results = pd.read_csv(q["paths"]["results"])
+  assert len(results) > 0 and results["accuracy"].between(0, 1).all()
