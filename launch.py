@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 
@@ -27,6 +28,13 @@ flags.DEFINE_string("cache_dir", None, "Zoo checkpoint cache (default ~/.cache/s
 flags.DEFINE_bool("tiny", False, "Run the experiment's tiny setting (seconds; used by tests).")
 flags.DEFINE_bool("xla_cache", True, "Keep compiled XLA programs in ~/.cache/safer_jax/xla "
                   "($SAFER_JAX_XLA_CACHE) so reruns skip most compilation.")
+flags.DEFINE_bool("distributed", False, "Multi-host run: call jax.distributed.initialize() first "
+                  "(auto-detects Cloud TPU / SLURM / Open MPI; or give the three flags below). "
+                  "Every process runs the experiment, evaluation and criteria shard their batches "
+                  "over the devices of all hosts; only process 0 writes results and the report.")
+flags.DEFINE_string("coordinator_address", None, "--distributed: 'host:port' of process 0.")
+flags.DEFINE_integer("num_processes", None, "--distributed: total number of processes.")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
 flags.DEFINE_multi_string("config", [], "Config override key=value, repeatable, e.g. "
                           "--config epochs=5 --config bits='(8,4,2)'.")
 
@@ -34,6 +42,15 @@ flags.DEFINE_multi_string("config", [], "Config override key=value, repeatable, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  primary = True
+  if FLAGS.distributed:  # Before anything touches a device.
+    from safer_jax import distributed  # pylint: disable=import-outside-toplevel
+    try:
+      distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    primary = distributed.is_primary()
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep orbax/jax INFO chatter out; -v 0 restores it.
   if FLAGS.xla_cache:
@@ -56,6 +73,8 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if not primary:
+    return _run_secondary(module, config)
   workdir = os.path.join(FLAGS.workdir, FLAGS.experiment)
   os.makedirs(workdir, exist_ok=True)
   print(f"safer_jax: experiment {FLAGS.experiment} -> {os.path.abspath(workdir)}", flush=True)
@@ -64,6 +83,25 @@ def main(argv):
     print(f"  wrote {key}: {path}")
   report = build_report(FLAGS.workdir)
   print(f"report (every experiment in {FLAGS.workdir}): {report['md']} and {report['html']}")
+  return 0
+
+
+def _run_secondary(module, config) -> int:
+  """A process other than 0 under --distributed: computes in lockstep, writes nothing kept.
+
+  The experiment writes into a throw-away directory. Zoo checkpoints go to a
+  per-process subdirectory of the cache, so processes sharing one cache
+  directory never write the same checkpoint.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if "cache_dir" in config:
+    from safer_jax import zoo  # pylint: disable=import-outside-toplevel
+    root = config["cache_dir"] or zoo.default_cache_dir()
+    config["cache_dir"] = os.path.join(root, f"process_{jax.process_index()}")
+  with tempfile.TemporaryDirectory(prefix="safer_jax_secondary_") as scratch:
+    workdir = os.path.join(scratch, FLAGS.experiment)
+    os.makedirs(workdir)
+    module.run(config, workdir)
   return 0
 
 

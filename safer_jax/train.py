@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from safer_jax import data as data_lib
+from safer_jax import distributed
 from safer_jax.progress import Progress
 
 Variables = Mapping[str, Any]
@@ -66,7 +67,8 @@ def _eval_batch(apply_fn: ApplyFn, variables, images, labels, mask):
 
 
 def evaluate(apply_fn: ApplyFn, variables: Variables,
-             split: data_lib.Split | data_lib.Dataset, batch_size: int = 1024) -> dict[str, float]:
+             split: data_lib.Split | data_lib.Dataset, batch_size: int = 1024, *,
+             shard: bool = True) -> dict[str, float]:
   """Accuracy and mean cross-entropy of ``apply_fn(variables, images)`` on a split.
 
   Pure: reads ``variables`` only. ``apply_fn`` is a static argument of a cached
@@ -74,20 +76,42 @@ def evaluate(apply_fn: ApplyFn, variables: Variables,
   run the model in inference mode. The last batch is zero-padded and masked, so
   there is one compilation per ``(apply_fn, shapes)``.
 
+  With several devices (all of ``jax.devices()``, every host under
+  ``jax.distributed``) each batch is split along the examples over the
+  ``'data'`` mesh and ``variables`` are replicated: the batch size is rounded
+  up to a multiple of the device count (extra rows padded and masked). The
+  accuracy is the single-device one exactly, the loss up to float summation
+  order. Multi-host: every process passes the same full split and gets the
+  same result.
+
   Args:
     apply_fn: ``(variables, images (B, H, W, C)) -> logits (B, K)``.
     variables: model variables (``params`` and, if any, ``batch_stats``).
     split: a :class:`~safer_jax.data.Split` (or a Dataset: its eval split).
-    batch_size: examples per compiled call.
+    batch_size: examples per compiled call (a positive integer).
+    shard: split batches over the devices (when there are several and
+      :func:`safer_jax.distributed.use_data_sharding` has not turned it off);
+      ``False`` evaluates on the default device.
 
   Returns:
     ``{'accuracy': fraction in [0, 1], 'loss': nats per example, 'num_examples': N}``.
+
+  Raises:
+    ValueError: an empty split or a bad ``batch_size``.
   """
   split = _as_split(split)
   n = len(split)
   if n == 0:
     raise ValueError("Cannot evaluate on an empty split.")
-  bs = min(batch_size, n)
+  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+      or batch_size < 1):
+    raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+  shards = distributed.num_data_shards() if shard else 1
+  bs = min(int(batch_size), n)
+  bs = -(-bs // shards) * shards  # Round up to a multiple of the device count.
+  if shards > 1:
+    mesh = distributed.data_mesh()
+    variables = distributed.replicate(variables, mesh)
   correct, loss = 0.0, 0.0
   for lo in range(0, n, bs):
     images = split.images[lo:lo + bs]
@@ -99,6 +123,8 @@ def evaluate(apply_fn: ApplyFn, variables: Variables,
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
       labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
       mask[m:] = 0.0
+    if shards > 1:
+      images, labels, mask = distributed.shard_batch((images, labels, mask), mesh)
     c, l = _eval_batch(apply_fn, variables, images, labels, mask)
     correct += float(c)
     loss += float(l)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safer_jax import distributed
 from safer_jax import layers as layers_lib
 
 Params = Mapping[str, Any]
@@ -68,17 +69,32 @@ def as_batch_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
   """Materialises ``batches`` as a list (criteria may pass over them several times).
 
   A single batch given as a ``Mapping`` (e.g. ``{'image': ..., 'label': ...}``)
-  is accepted and wrapped in a list.
+  is accepted and wrapped in a list. With several devices each batch is split
+  along its leading axis over the ``'data'`` mesh (see :func:`shard_batches`).
   """
   if batches is None:
     raise ValueError(
         "This criterion needs data: `batches` must be a non-empty sequence of batches.")
   if isinstance(batches, Mapping):
-    return [batches]
+    return shard_batches([batches])
   out = list(batches)
   if not out:
     raise ValueError("`batches` is empty; this criterion needs at least one batch.")
-  return out
+  return shard_batches(out)
+
+
+def shard_batches(batches: Sequence[Batch]) -> list[Batch]:
+  """Each batch sharded along the data axis (``distributed.shard_batch``) when enabled.
+
+  Leaves of shape ``(B, ...)`` with ``B`` a multiple of ``jax.device_count()``
+  are split over the devices, the others replicated. Idempotent. On one device
+  (or inside ``distributed.use_data_sharding(False)``) the batches are returned
+  unchanged, so single-device numbers do not change.
+  """
+  if not distributed.data_sharding_enabled():
+    return list(batches)
+  mesh = distributed.data_mesh()
+  return [distributed.shard_batch(b, mesh) for b in batches]
 
 
 def setup(loss_fn: LossFn | None, params: Params, batches: Any,
@@ -165,9 +181,81 @@ def kernels_of(params: Params, names: Sequence[str]) -> dict[str, jax.Array]:
   return {n: layers_lib.get_kernel(params, n) for n in names}
 
 
+class _DataParallel:
+  """A jitted function whose array arguments meet on the ``'data'`` mesh.
+
+  When data sharding is enabled, arguments not already on the mesh (weights,
+  kernels, probe vectors) are replicated before the call, so they combine with
+  the sharded batches and jit's sharding propagation runs the per-example work
+  data-parallel. Otherwise the call goes straight to the jitted function.
+
+  A :func:`per_example_sum` function ``f(*args, batch)`` instead runs under
+  ``jax.shard_map``: each device sums over its own examples and the partial
+  sums are ``psum``-ed. (Sharding propagation miscompiles a ``vmap``-ed
+  per-example convolution gradient on a batch-sharded input: XLA CPU, jax
+  0.10.2, every example outside the first shard comes out wrong.)
+  """
+
+  def __init__(self, body: Callable, example_sum: bool = False):
+    self.body = body
+    self.fn = jax.jit(body)
+    self.example_sum = example_sum
+    self._mapped: tuple[Any, Callable] | None = None
+
+  def __call__(self, *args):
+    if not distributed.data_sharding_enabled():
+      return self.fn(*args)
+    mesh = distributed.data_mesh()
+    args = distributed.place_replicated(args, mesh)
+    if self.example_sum and _split_over_data(args[-1]):
+      return self._shard_mapped(mesh)(*args)
+    return self.fn(*args)
+
+  def _shard_mapped(self, mesh: jax.sharding.Mesh) -> Callable:
+    if self._mapped is None or self._mapped[0] != mesh:
+      spec = jax.sharding.PartitionSpec
+      body = self.body
+
+      def local_sum(rest, batch):
+        # Mark the replicated arguments device-varying: otherwise the gradient w.r.t. them
+        # would be psum-ed over the devices inside `body`, before any per-example squaring.
+        rest = jax.lax.pcast(rest, distributed.DATA_AXIS, to="varying")
+        return jax.lax.psum(body(*rest, batch), distributed.DATA_AXIS)
+
+      mapped = jax.jit(jax.shard_map(local_sum, mesh=mesh, out_specs=spec(),
+                                     in_specs=(spec(), spec(distributed.DATA_AXIS))))
+      self._mapped = (mesh, lambda *args: mapped(args[:-1], args[-1]))
+    return self._mapped[1]
+
+
+def _split_over_data(batch: Batch) -> bool:
+  """Whether every leaf of ``batch`` is split along its leading axis over ``'data'``."""
+  leaves = jax.tree.leaves(batch)
+  spec = jax.sharding.PartitionSpec(distributed.DATA_AXIS)
+  return bool(leaves) and all(
+      isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding)
+      and x.sharding.spec == spec for x in leaves)
+
+
+def per_example_sum(builder: Callable[..., Callable]) -> Callable[..., Callable]:
+  """Marks a :func:`cached_jit` builder whose function is a sum over a batch's examples.
+
+  The built function must be ``f(*args, batch) -> pytree`` equal to the sum
+  over the examples of ``batch`` (its last argument) of terms that depend on
+  one example each. With data sharding it then runs under ``jax.shard_map``
+  (local sums, then ``psum``) instead of sharding propagation.
+  """
+  builder.per_example_sum = True
+  return builder
+
+
+def _is_per_example_sum(builder: Callable[..., Callable]) -> bool:
+  return bool(getattr(builder, "per_example_sum", False))
+
+
 @functools.lru_cache(maxsize=128)
 def _cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, static: tuple) -> Callable:
-  return jax.jit(builder(loss_fn, *static))
+  return _DataParallel(builder(loss_fn, *static), _is_per_example_sum(builder))
 
 
 def cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, *static: Any) -> Callable:
@@ -175,12 +263,14 @@ def cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, *static: Any) 
 
   Criteria called one after the other with the same ``loss_fn`` (e.g. by
   ``compute_all``) then share compiled functions. An unhashable ``loss_fn`` is
-  compiled afresh each call. The cache keeps up to 128 entries alive.
+  compiled afresh each call. The cache keeps up to 128 entries alive. With
+  several devices the returned function first replicates its array arguments
+  that are not on the data mesh (see ``_DataParallel``); call it positionally.
   """
   try:
     return _cached_jit(builder, loss_fn, static)
   except TypeError:  # Unhashable loss_fn or static option.
-    return jax.jit(builder(loss_fn, *static))
+    return _DataParallel(builder(loss_fn, *static), _is_per_example_sum(builder))
 
 
 def _grad_step(loss_fn: LossFn, names: tuple[str, ...]) -> Callable:
@@ -196,8 +286,10 @@ def mean_value_and_grads(loss_fn: LossFn, params: Params, batches: Sequence[Batc
   """Loss and gradient w.r.t. the selected kernels, averaged over ``batches``.
 
   Each batch is weighted equally (``loss_fn`` is a mean over its batch).
+  Batches are sharded over the data axis when several devices are present.
   COST: one forward + one backward pass per batch.
   """
+  batches = shard_batches(batches)
   step = cached_jit(_grad_step, loss_fn, tuple(names))
   total_loss, total_grad = None, None
   for batch in batches:
@@ -216,7 +308,8 @@ def _identity(loss_fn: LossFn) -> LossFn:
 
 
 def mean_loss(loss_fn: LossFn, params: Params, batches: Sequence[Batch]) -> jax.Array:
-  """Loss averaged over ``batches`` (one forward pass per batch)."""
+  """Loss averaged over ``batches`` (one forward pass per batch; sharded on several devices)."""
+  batches = shard_batches(batches)
   f = cached_jit(_identity, loss_fn)
   return sum(f(params, b) for b in batches) / len(batches)
 

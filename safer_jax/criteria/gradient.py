@@ -149,6 +149,7 @@ def _fisher_score(sum_sq, count, w):
   return jnp.sum(sum_sq / count * jnp.square(w))
 
 
+@_common.per_example_sum
 def _sum_sq_grads(loss_fn, names, chunk_size):
   """``(params, batch) -> {layer: sum_x g_x^2}`` over the examples of the batch."""
 

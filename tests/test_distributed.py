@@ -1,0 +1,85 @@
+"""Two processes (jax.distributed, 2 CPU devices each, gloo): eval and criteria = 1 process."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from safer_jax import distributed
+    distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+    from safer_jax import benchmark, criteria, data, models, train
+    assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+    assert distributed.data_mesh().size == 4
+    ds = data.load_dataset("digits")
+    model = models.get_model("lenet")
+    variables = train.init_variables(model, ds.input_shape, 0)
+    split = ds.eval
+    # Every process holds the full batch; each keeps only its own devices' rows.
+    b = distributed.shard_batch({"image": split.images[:64]})
+    assert b["image"].sharding.spec == P("data") and not b["image"].is_fully_addressable
+    assert [s.data.shape[0] for s in b["image"].addressable_shards] == [16, 16]
+    sharded = train.evaluate(model.apply, variables, split, batch_size=100)
+    single = train.evaluate(model.apply, variables, split, batch_size=100, shard=False)
+    assert sharded["accuracy"] == single["accuracy"], (sharded, single)
+    np.testing.assert_allclose(sharded["loss"], single["loss"], rtol=1e-5)
+    loss_fn = benchmark.classifier_loss_fn(model, variables)
+    params = variables["params"]
+    batches = [{"image": split.images[lo:lo + 64], "label": split.labels[lo:lo + 64]}
+               for lo in (0, 64)]
+    runs = {
+        "grad_norm": lambda: criteria.grad_norm(loss_fn, params, batches),
+        "fisher": lambda: criteria.fisher(loss_fn, params, batches),
+        "hessian_trace": lambda: criteria.hessian_trace(loss_fn, params, batches, layers="head.*",
+                                                        max_probes=4, chunk_size=4),
+    }
+    for name, run in runs.items():
+      got = run()
+      with distributed.use_data_sharding(False):  # This process alone, one device.
+        want = run()
+      np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-5,
+                                 atol=1e-7, err_msg=name)
+    print(f"process {sys.argv[2]} ok primary={distributed.is_primary()}", flush=True)
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_single_process(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  if not hasattr(jax.config, "jax_cpu_collectives_implementation"):
+    pytest.skip("this jax has no CPU cross-process collectives "
+                "(jax_cpu_collectives_implementation)")
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, str(script), port, str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+    assert f"process {i} ok primary={i == 0}" in out, out[-2000:]
