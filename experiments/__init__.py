@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "corruption": "experiments.corruption",
     "acr_train": "experiments.acr_train",
     "memory_check": "experiments.memory_check",
+    "bench_devices": "experiments.bench_devices",
 }
 
 

@@ -246,6 +246,10 @@ class _Engine:
     if config.shard and len(devices) > 1:
       mesh = jax.sharding.Mesh(np.asarray(devices), ("copies",))
       self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("copies"))
+      # Weights on every device of the mesh: restored checkpoints arrive committed to one
+      # device, which jit cannot combine with kernels sharded over the mesh.
+      self.variables = jax.device_put(
+          variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self.num_devices = len(devices) if self.sharding is not None else 1
     self.step = engine_step(config, self.sharding is not None)
 
@@ -278,8 +282,9 @@ class _Engine:
     stage = _stage_of(self.model, layer) if self.config.use_prefix else 0
     fn = self.eval_fn(layer, stage)
     hs = self.prefix(stage)
-    if self.sharding is not None and kernels.shape[0] % self.num_devices == 0:
-      kernels = jax.device_put(kernels, self.sharding)
+    if self.sharding is not None:  # split over the devices, or (odd count) on every device
+      kernels = jax.device_put(kernels, self.sharding if kernels.shape[0] % self.num_devices == 0
+                               else self.sharding.update(spec=jax.sharding.PartitionSpec()))
     correct = jnp.zeros(kernels.shape[0])
     loss = jnp.zeros(kernels.shape[0])
     for h, (_, labels, mask) in zip(hs, self.batches):

@@ -80,6 +80,15 @@ def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
   assert abs(result["flop_ceiling"] - 3 / sum(fractions.values())) < 1e-6
 
 
+def test_bench_devices_tiny_same_table_on_1_and_2_devices(tmp_path, launch):
+  out = launch(["--experiment=bench_devices", "--tiny", f"--workdir={tmp_path}",
+                "--config", "progress=False"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.load(open(tmp_path / "bench_devices" / "devices.json"))
+  assert result["same_table"] is True
+  assert [r["devices"] for r in result["rows"]] == [1, 2]
+
+
 def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
   out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
                  "--config", "progress=False"])

@@ -13,7 +13,8 @@ SCRIPT = textwrap.dedent("""
     from safer_jax import data, models, sweep, train
     ds = data.load_dataset("digits")
     model = models.get_model("lenet")
-    variables = train.init_variables(model, ds.input_shape, 0)
+    # Committed to one device, as restored checkpoints are: the engine must replicate them.
+    variables = jax.device_put(train.init_variables(model, ds.input_shape, 0), jax.devices()[0])
     split = ds.eval.take(96)
     config = sweep.SweepConfig(families={"quantize": (4, 2), "noise": (0.5,), "bitflip": (0.01,)},
                                seeds=(0, 1, 2), max_parallel=6)
