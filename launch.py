@@ -31,7 +31,9 @@ flags.DEFINE_bool("xla_cache", True, "Keep compiled XLA programs in ~/.cache/saf
 flags.DEFINE_bool("distributed", False, "Multi-host run: call jax.distributed.initialize() first "
                   "(auto-detects Cloud TPU / SLURM / Open MPI; or give the three flags below). "
                   "Every process runs the experiment, evaluation and criteria shard their batches "
-                  "over the devices of all hosts; only process 0 writes results and the report.")
+                  "and the sweep its perturbed copies over the devices of all hosts; process 0 "
+                  "trains or restores zoo models (the others receive its weights) and alone "
+                  "writes results and the report.")
 flags.DEFINE_string("coordinator_address", None, "--distributed: 'host:port' of process 0.")
 flags.DEFINE_integer("num_processes", None, "--distributed: total number of processes.")
 flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
@@ -78,7 +80,13 @@ def main(argv):
   workdir = os.path.join(FLAGS.workdir, FLAGS.experiment)
   os.makedirs(workdir, exist_ok=True)
   print(f"safer_jax: experiment {FLAGS.experiment} -> {os.path.abspath(workdir)}", flush=True)
-  result = module.run(config, workdir)
+  try:
+    result = module.run(config, workdir)
+  except ValueError as e:  # bad input: the message names the value and what is allowed
+    if FLAGS.verbosity >= 1:  # -v 1: the full traceback
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   for key, path in sorted(result.get("paths", {}).items()):
     print(f"  wrote {key}: {path}")
   report = build_report(FLAGS.workdir)
@@ -89,9 +97,10 @@ def main(argv):
 def _run_secondary(module, config) -> int:
   """A process other than 0 under --distributed: computes in lockstep, writes nothing kept.
 
-  The experiment writes into a throw-away directory. Zoo checkpoints go to a
-  per-process subdirectory of the cache, so processes sharing one cache
-  directory never write the same checkpoint.
+  The experiment writes into a throw-away directory. Zoo models come from
+  process 0 (:func:`safer_jax.zoo.pretrained` broadcasts its weights), so this
+  process writes no checkpoint; the cache is still pointed at a per-process
+  subdirectory, so nothing else it caches collides with another process's.
   """
   import jax  # pylint: disable=import-outside-toplevel
   if "cache_dir" in config:

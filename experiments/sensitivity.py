@@ -28,6 +28,8 @@ def get_config(tiny: bool = False):
   config.seeds = (0, 1, 2)
   config.layers = ""  # comma-separated regexes; empty: every layer
   config.max_parallel = 64
+  config.eval_batch_size = 1024
+  config.memory_budget_gb = 0.0  # > 0: pick max_parallel / eval_batch_size to fit (10**9 bytes)
   config.eval_examples = 0  # 0: the whole eval split
   if tiny:
     config.model = "mlp"
@@ -51,7 +53,9 @@ def sweep_config(config) -> sweep.SweepConfig:
       families=families, seeds=tuple(config.seeds),
       layers=[p for p in config.layers.split(",") if p] or None,
       family_options={"bitflip": {"representation": config.bitflip_representation}},
-      max_parallel=config.max_parallel)
+      max_parallel=config.max_parallel, eval_batch_size=config.get("eval_batch_size", 1024),
+      memory_budget_bytes=(int(config.memory_budget_gb * 1e9)
+                           if config.get("memory_budget_gb") else None))
 
 
 def load(config) -> tuple[zoo.ZooEntry, object]:

@@ -17,7 +17,10 @@ identically everywhere) and :func:`shard_batch` builds the global array from
 it with ``jax.make_array_from_callback``, each process copying only the rows
 its own devices hold (no cross-host transfer and no equality check). Results
 of the reductions are replicated, so every process reads the same numbers; only
-:func:`is_primary` (process 0) should write files.
+:func:`is_primary` (process 0) should write files. The sensitivity sweep
+(:mod:`safer_jax.sweep`) spreads its perturbed copies over a ``'copies'`` mesh
+of the same devices; zoo models are trained or restored by process 0 and sent
+to the others with :func:`broadcast_from_primary` after a :func:`wait_for_all`.
 
 On a single device nothing is sharded and the numbers are bit-identical to
 plain ``jax.jit``. :func:`use_data_sharding` turns the data axis off (e.g. to
@@ -142,8 +145,8 @@ def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
   return jax.tree.map(lambda x: _put(x, sharding) if _is_array(x) else x, tree)
 
 
-def shard_batch(batch: Any, mesh: Mesh | None = None) -> Any:
-  """Every array leaf of ``batch`` split along its leading axis over the ``'data'`` mesh axis.
+def shard_batch(batch: Any, mesh: Mesh | None = None, axis: str = DATA_AXIS) -> Any:
+  """Every array leaf of ``batch`` split along its leading axis over the ``axis`` mesh axis.
 
   A leaf whose leading size is not a multiple of the number of devices (or a
   0-d leaf) is replicated instead: criteria see ``loss_fn`` as a black box, so
@@ -155,14 +158,21 @@ def shard_batch(batch: Any, mesh: Mesh | None = None) -> Any:
     batch: pytree of arrays with a leading batch axis ``(B, ...)`` (NumPy or
       JAX); non-array leaves are returned unchanged.
     mesh: default :func:`data_mesh`.
+    axis: the mesh axis to split over (e.g. ``'copies'`` for the stacked
+      perturbed kernels of :mod:`safer_jax.sweep`).
 
   Returns:
     The same pytree of global ``jax.Array`` leaves, sharded
-    ``NamedSharding(mesh, P('data'))`` (or replicated, see above).
+    ``NamedSharding(mesh, P(axis))`` (or replicated, see above).
+
+  Raises:
+    ValueError: ``axis`` is not an axis of ``mesh``.
   """
   mesh = mesh or data_mesh()
-  n = mesh.shape[DATA_AXIS]
-  split = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  if axis not in mesh.shape:
+    raise ValueError(f"`axis` must be one of the mesh axes {tuple(mesh.shape)}, got {axis!r}.")
+  n = mesh.shape[axis]
+  split = NamedSharding(mesh, PartitionSpec(axis))
   whole = NamedSharding(mesh, PartitionSpec())
 
   def put(x):
@@ -191,3 +201,60 @@ def place_replicated(tree: Any, mesh: Mesh | None = None) -> Any:
   sharding = NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(
       lambda x: x if not _is_array(x) or on_mesh(x, mesh) else _put(x, sharding), tree)
+
+
+# A barrier generous enough for process 0 to train a zoo model while the others wait.
+BARRIER_TIMEOUT_S = 24 * 3600
+_barriers = 0
+
+
+def wait_for_all(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+  """Blocks until every process reaches this barrier (coordination service, no devices).
+
+  Unlike a device collective (whose first use times out after ~30 s on CPU /
+  gloo), the barrier waits up to ``timeout_s`` seconds, e.g. while process 0
+  trains or restores a model. Every process must call it, in the same order.
+  No-op with one process.
+
+  Args:
+    name: barrier label (made unique per call: ``name`` + a call counter).
+    timeout_s: seconds to wait (> 0).
+
+  Raises:
+    ValueError: a non-positive ``timeout_s``.
+  """
+  global _barriers  # pylint: disable=global-statement
+  if not timeout_s > 0:
+    raise ValueError(f"`timeout_s` must be a positive number of seconds, got {timeout_s!r}.")
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # pylint: disable=import-outside-toplevel
+  _barriers += 1
+  multihost.get_barrier_sync_fn()(key=f"safer_jax:{name}:{_barriers}",
+                                  timeout_ms=int(timeout_s * 1000))
+
+
+def broadcast_from_primary(tree: Any) -> Any:
+  """Process 0's values of ``tree``, bit for bit, in every process (NumPy leaves).
+
+  Every process passes a tree of the same structure, shapes and dtypes (values
+  of other processes are ignored, e.g. zeros). The bytes travel as ``uint8``
+  (``jax.experimental.multihost_utils.broadcast_one_to_all`` sums over
+  processes, which would turn ``-0.0`` into ``0.0``). A device collective: every
+  process must call it, in the same order. One process: the leaves as NumPy.
+
+  Args:
+    tree: pytree of arrays (NumPy or JAX; not PRNG keys).
+
+  Returns:
+    The same pytree with ``np.ndarray`` leaves holding process 0's values.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  hosts = [_canonical_host(x) for x in leaves]
+  if jax.process_count() == 1:
+    return jax.tree.unflatten(treedef, hosts)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  raw = [np.ascontiguousarray(h).reshape(-1).view(np.uint8) for h in hosts]
+  got = multihost_utils.broadcast_one_to_all(raw)
+  out = [np.asarray(g).view(h.dtype).reshape(h.shape) for g, h in zip(got, hosts)]
+  return jax.tree.unflatten(treedef, out)

@@ -49,7 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from jax.experimental import multihost_utils
+
 from safer_jax import data as data_lib
+from safer_jax import distributed
 from safer_jax import io
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
@@ -59,6 +62,7 @@ from safer_jax.train import cross_entropy
 COLUMNS = ["layer", "family", "magnitude", "magnitude_index", "seed", "accuracy", "loss",
            "accuracy_drop", "loss_increase", "num_params"]
 DEFAULT_FAMILIES = ("quantize", "prune", "bitflip", "noise")
+COPIES_AXIS = "copies"  # The mesh axis perturbed copies are spread over.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +83,10 @@ class SweepConfig:
       (``jax.sharding.NamedSharding`` on a 1-D ``'copies'`` mesh; weights and
       data replicated). Each copy is computed whole on one device, so the table
       is identical to the single-device one. Chunks are rounded up to a
-      multiple of the device count.
+      multiple of the device count. Under ``jax.distributed`` (several
+      processes) the mesh spans every process's devices (``jax.devices()``):
+      each process evaluates only its devices' copies and every process gets
+      the whole table (see :func:`copies_devices`).
     copies_per_step: how many copies one step of the compiled call evaluates
       side by side (``vmap``); a chunk is a sequential ``lax.map`` over such
       steps. ``None`` picks per backend: the whole chunk on accelerators
@@ -133,6 +140,23 @@ def cell_key(seed: int, layer: str, family: str, magnitude_index: int) -> jax.Ar
   return jax.random.fold_in(key, magnitude_index)
 
 
+@jax.jit
+@jax.vmap
+def _keys(seed, layer_hash, family_hash, magnitude_index):
+  key = jax.random.fold_in(jax.random.key(seed), layer_hash)
+  return jax.random.fold_in(jax.random.fold_in(key, family_hash), magnitude_index)
+
+
+def cell_keys(seeds: Sequence[int], layer: str, family: str,
+              magnitude_indices: Sequence[int]) -> jax.Array:
+  """``cell_key`` of many cells of one (layer, family) in one compiled call: keys ``(P,)``."""
+  n = len(seeds)
+  return _keys(jnp.asarray(seeds, jnp.int32),
+               jnp.full((n,), zlib.crc32(layer.encode()) & 0x7FFFFFFF, jnp.int32),
+               jnp.full((n,), zlib.crc32(family.encode()) & 0x7FFFFFFF, jnp.int32),
+               jnp.asarray(magnitude_indices, jnp.int32))
+
+
 def cells(layer: str, family: str, grid: Sequence[float], seeds: Sequence[int],
           options: Mapping[str, Any]) -> list[tuple[float, int, int]]:
   """(magnitude, magnitude_index, seed) of every cell of one (layer, family) pair."""
@@ -157,8 +181,15 @@ def _ordered_layers(model: Any, variables, split: data_lib.Split,
                     patterns: Sequence[str] | None) -> list[str]:
   """Selected layers, in the order the network runs them (where it can be recovered)."""
   selected = set(layers_lib.select_layers(variables, patterns))
-  order = layers_lib.execution_order(_apply_fn(model), variables, split.images[:1])
-  return [name for name in order if name in selected]
+  key = (id(model), tuple(layers_lib.find_layers(variables)), split.images.shape[1:])
+  if key not in _ORDERS or _ORDERS[key][0] is not model:  # one traced forward per model
+    _ORDERS.clear()
+    _ORDERS[key] = (model, layers_lib.execution_order(_apply_fn(model), variables,
+                                                      split.images[:1]))
+  return [name for name in _ORDERS[key][1] if name in selected]
+
+
+_ORDERS: dict[tuple, tuple[Any, list[str]]] = {}
 
 
 def _apply_fn(model: Any) -> Callable:
@@ -169,6 +200,18 @@ def _suffix_fn(model: Any, stage: int) -> Callable:
   if getattr(model, "stage_names", None):
     return lambda v, h: model.apply(v, h, start=stage)
   return _apply_fn(model)
+
+
+def copies_devices(config: SweepConfig) -> list:
+  """The devices the engine spreads perturbed copies over (``[]``: not sharded).
+
+  ``config.shard`` and more than one device: ``jax.local_devices()`` in one
+  process; under ``jax.distributed`` (``jax.process_count() > 1``) every
+  process's devices, ``jax.devices()``, so the processes split each chunk
+  between them instead of each repeating the whole sweep.
+  """
+  devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  return list(devices) if config.shard and len(devices) > 1 else []
 
 
 def engine_step(config: SweepConfig, sharded: bool) -> int | None:
@@ -228,7 +271,16 @@ _STACK_FNS: dict[tuple, Callable] = {}
 
 
 class _Engine:
-  """Compiled pieces, cached per model / layer / stage / family."""
+  """Compiled pieces, cached per model / layer / stage / family.
+
+  Multi-process (``jax.distributed``, ``config.shard``): every process makes the
+  same calls with the same host data (kernels are generated identically from
+  :func:`cell_key`). Kernels become a global array sharded over the
+  ``'copies'`` axis of a mesh of ``jax.devices()`` (each process copies only its
+  own devices' rows), weights, prefix activations, labels and masks are
+  replicated on it, and the per-copy results are gathered
+  (``multihost_utils.process_allgather``) so every process reads them all.
+  """
 
   def __init__(self, model: Any, variables: Mapping[str, Any], split: data_lib.Split,
                config: SweepConfig):
@@ -241,9 +293,17 @@ class _Engine:
     self.batches = list(_batches(split, config.eval_batch_size))
     self.n = len(split)
     self._prefix_cache: tuple[int, list] | None = None
-    devices = jax.local_devices()
+    devices = copies_devices(config)
     self.sharding = None
-    if config.shard and len(devices) > 1:
+    self.mesh = None  # Multi-process only: the global 'copies' mesh (see `_evaluate_global`).
+    if devices and jax.process_count() > 1:
+      self.mesh = jax.sharding.Mesh(np.asarray(devices), (COPIES_AXIS,))
+      self.sharding = jax.sharding.NamedSharding(self.mesh,
+                                                 jax.sharding.PartitionSpec(COPIES_AXIS))
+      self.variables = distributed.replicate(variables, self.mesh)  # From each host's copy.
+      self.labels_masks = [distributed.replicate((labels, mask), self.mesh)
+                           for _, labels, mask in self.batches]
+    elif devices:
       mesh = jax.sharding.Mesh(np.asarray(devices), ("copies",))
       self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("copies"))
       # Weights on every device of the mesh: restored checkpoints arrive committed to one
@@ -266,7 +326,11 @@ class _Engine:
         model = self.model
         _PREFIX_FNS[key] = (model, jax.jit(lambda v, x: model.apply(v, x, stop=stage)))
       run = _PREFIX_FNS[key][1]
-      hs = [run(self.variables, images) for images, _, _ in self.batches]
+      if self.mesh is None:
+        hs = [run(self.variables, images) for images, _, _ in self.batches]
+      else:  # Replicated inputs: every device computes the prefix; the output is replicated.
+        hs = [run(self.variables, distributed.replicate(images, self.mesh))
+              for images, _, _ in self.batches]
     self._prefix_cache = (stage, hs)
     return hs
 
@@ -281,6 +345,8 @@ class _Engine:
     """Accuracy and mean loss of ``P`` perturbed copies (kernels stacked on axis 0)."""
     stage = _stage_of(self.model, layer) if self.config.use_prefix else 0
     fn = self.eval_fn(layer, stage)
+    if self.mesh is not None:
+      return self._evaluate_global(fn, stage, kernels)
     hs = self.prefix(stage)
     if self.sharding is not None:  # split over the devices, or (odd count) on every device
       kernels = jax.device_put(kernels, self.sharding if kernels.shape[0] % self.num_devices == 0
@@ -290,6 +356,26 @@ class _Engine:
     for h, (_, labels, mask) in zip(hs, self.batches):
       c, l = fn(self.variables, kernels, h, labels, mask)
       correct, loss = correct + c, loss + l
+    return np.asarray(correct) / self.n, np.asarray(loss) / self.n
+
+  def _evaluate_global(self, fn: Callable, stage: int,
+                       kernels: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-process :meth:`evaluate_kernels`: copies over every process's devices.
+
+    ``kernels`` (P, ...) is this process's full host copy (the same in every
+    process). With P a multiple of the global device count it is split over
+    ``'copies'`` (each process copies only its devices' rows), otherwise (the
+    baseline's single copy) replicated; the (P,) results are gathered into
+    every process.
+    """
+    kernels = distributed.shard_batch(kernels, self.mesh, axis=COPIES_AXIS)
+    correct = loss = None
+    for h, (labels, mask) in zip(self.prefix(stage), self.labels_masks):
+      h = distributed.place_replicated(h, self.mesh)  # Stage 0: the images (NumPy).
+      c, l = fn(self.variables, kernels, h, labels, mask)
+      # c rather than 0 + c (non-negative sums: the same numbers as `evaluate_kernels`).
+      correct, loss = (c, l) if correct is None else (correct + c, loss + l)
+    correct, loss = multihost_utils.process_allgather((correct, loss), tiled=True)
     return np.asarray(correct) / self.n, np.asarray(loss) / self.n
 
 
@@ -435,13 +521,14 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
     chunk = up if up <= config.max_parallel else chunk // engine.step * engine.step
   bar = Progress(total, "sweep", enabled=progress and total > 0, unit="cell")
   rows = [done] if len(done) else []
+
   for layer, groups in plan:
     kernel = jnp.asarray(layers_lib.get_kernel(variables, layer))
     grad = None if grads is None else layers_lib.get_kernel(grads, layer)
     stacks, meta = [], []
     for family, opts, todo in groups:
       mags = jnp.asarray([c[0] for c in todo], jnp.float32)
-      keys = jnp.stack([cell_key(c[2], layer, family, c[1]) for c in todo])
+      keys = cell_keys([c[2] for c in todo], layer, family, [c[1] for c in todo])
       stacks.append(perturb_stack(family, opts)(kernel, mags, keys, grad))
       meta += [(family, *c) for c in todo]
     kernels = jnp.concatenate(stacks)
@@ -494,7 +581,7 @@ def auto_chunking(model: Any, variables: Mapping[str, Any], split: data_lib.Spli
         for c in cells(layer, family, grid, config.seeds, config.family_options.get(family, {}))
         if (layer, family, c[1], c[2]) not in finished)
   layer_names = [l for l in layer_names if copies[l]] or list(layer_names[:1])
-  devices = len(jax.local_devices()) if config.shard else 1
+  devices = max(len(copies_devices(config)), 1)
   sharded = devices > 1
   cap = min(config.max_parallel, max(max(copies.values(), default=1), 1))
   # The 'corrupt' family keeps the loss gradient (one parameter tree) on the device.

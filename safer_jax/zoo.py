@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from safer_jax import data as data_lib
+from safer_jax import distributed
 from safer_jax import models as models_lib
 from safer_jax import train as train_lib
 
@@ -100,10 +101,46 @@ def _entry_dir(cache_dir: str, model: str, dataset: str, seed: int,
   return os.path.join(os.path.abspath(cache_dir), f"{model}-{dataset}-seed{seed}-{tag}")
 
 
+def _process_local() -> bool:
+  """Whether checkpoints are handled per process (under ``jax.distributed``, > 1 process)."""
+  return jax.process_count() > 1
+
+
+def _manager_options(**kwargs) -> ocp.CheckpointManagerOptions:
+  """CheckpointManager options; under ``jax.distributed``, this process alone.
+
+  Zoo variables are host-local (trained or restored by one process, see
+  :func:`pretrained`), so a checkpoint is saved or restored by the calling
+  process by itself: orbax's primary host and only active process, with its
+  own barrier names (no cross-process barriers), and the arrays go through
+  NumPy (orbax refuses host-local ``jax.Array`` leaves when
+  ``jax.process_count() > 1``). Single process: orbax's defaults.
+  """
+  if _process_local():
+    index = jax.process_index()
+    kwargs.update(create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=index, active_processes={index},
+        barrier_sync_key_prefix=f"safer_jax_zoo_process_{index}"))
+  return ocp.CheckpointManagerOptions(**kwargs)
+
+
 def save_checkpoint(path: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-  """Saves ``variables`` and ``meta`` (+ checksum) as step 0 of a CheckpointManager at ``path``."""
+  """Saves ``variables`` and ``meta`` (+ checksum) as step 0 of a CheckpointManager at ``path``.
+
+  Under ``jax.distributed`` only process 0 can save (orbax writes host-local
+  NumPy arrays from process 0 only); it saves alone (see :func:`_manager_options`).
+
+  Raises:
+    ValueError: called in a process other than 0 under ``jax.distributed``.
+  """
+  if _process_local() and jax.process_index() != 0:
+    raise ValueError(f"save_checkpoint({path!r}) runs in process {jax.process_index()}; under "
+                     f"jax.distributed only process 0 saves zoo checkpoints.")
   meta = dict(meta, checksum=checksum(variables))
-  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1)) as mngr:
+  if _process_local():
+    variables = jax.device_get(variables)  # NumPy leaves: orbax's host-local array handler.
+    os.makedirs(path, exist_ok=True)  # `create=True` is unsupported with `active_processes`.
+  with ocp.CheckpointManager(path, options=_manager_options(max_to_keep=1)) as mngr:
     mngr.save(0, args=ocp.args.Composite(variables=ocp.args.StandardSave(dict(variables)),
                                          meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
@@ -125,7 +162,10 @@ def restore_checkpoint(path: str, abstract_variables: Any) -> tuple[dict, dict]:
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(path)
-  with ocp.CheckpointManager(path) as mngr:
+  if _process_local():  # Host-local NumPy leaves, as saved (see `_manager_options`).
+    abstract_variables = jax.tree.map(
+        lambda x: np.zeros(x.shape, x.dtype), abstract_variables)
+  with ocp.CheckpointManager(path, options=_manager_options()) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"No finished checkpoint in {path}")
@@ -151,6 +191,12 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
                progress: bool = True) -> ZooEntry:
   """Returns a trained zoo model, training and caching it on first use.
 
+  Under ``jax.distributed`` (several processes; every process calls this in
+  the same order) process 0 alone restores, or trains on its default device
+  and saves, in its ``cache_dir``; the others wait at a barrier and receive its
+  variables bit for bit (:func:`safer_jax.distributed.broadcast_from_primary`),
+  so every process holds identical weights and never touches its own cache.
+
   Args:
     model: zoo model name (see :func:`safer_jax.models.list_models`).
     dataset: dataset name (``'digits'`` or a prepared tfds name) or a loaded Dataset.
@@ -172,6 +218,33 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
     config = dataclasses.replace(RECIPES.get(name, train_lib.TrainConfig()), seed=seed)
   path = _entry_dir(cache_dir or default_cache_dir(), name, ds.name, seed, config)
   abstract = jax.eval_shape(lambda: train_lib.init_variables(net, ds.input_shape, config.seed))
+  if _process_local():
+    return _shared_entry(name, net, ds, abstract, lambda: _restore_or_train(
+        name, net, ds, seed, config, path, abstract, retrain, progress))
+  return _restore_or_train(name, net, ds, seed, config, path, abstract, retrain, progress)
+
+
+def _shared_entry(name: str, net: nn.Module, ds: data_lib.Dataset, abstract: Any,
+                  make: Callable[[], ZooEntry]) -> ZooEntry:
+  """Process 0's ``make()`` entry in every process (``jax.distributed``; see :func:`pretrained`)."""
+  entry = make() if distributed.is_primary() else None
+  distributed.wait_for_all(f"zoo:{name}")  # No device collective while process 0 trains.
+  info = b"" if entry is None else json.dumps(
+      {"metrics": entry.metrics, "path": entry.path, "restored": entry.restored}).encode()
+  size = int(distributed.broadcast_from_primary(np.asarray(len(info), np.int64)))
+  info = distributed.broadcast_from_primary(
+      np.frombuffer(info.ljust(size, b"\0"), np.uint8)).tobytes()
+  record = json.loads(info.decode())
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  variables = distributed.broadcast_from_primary(zeros if entry is None else entry.variables)
+  return ZooEntry(name, net, variables, ds, record["metrics"], record["path"],
+                  restored=record["restored"])
+
+
+def _restore_or_train(name: str, net: nn.Module, ds: data_lib.Dataset, seed: int,
+                      config: train_lib.TrainConfig, path: str, abstract: Any, retrain: bool,
+                      progress: bool) -> ZooEntry:
+  """The cached entry at ``path`` if intact (and not ``retrain``), else trained and saved."""
   if not retrain and os.path.isdir(path):
     try:
       variables, meta = restore_checkpoint(path, abstract)
@@ -184,7 +257,9 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
       print(f"WARNING: {e} -- retraining.", flush=True)
   if os.path.isdir(path):
     shutil.rmtree(path)
-  variables, history = train_lib.train(net, ds, config, progress=progress)
+  # Under jax.distributed process 0 trains (and evaluates) alone, on its default device.
+  with distributed.use_data_sharding(not _process_local()):
+    variables, history = train_lib.train(net, ds, config, progress=progress)
   meta = {"model": name, "dataset": ds.name, "seed": seed, "config": dataclasses.asdict(config),
           "metrics": history["eval"], "train_seconds": history["train_seconds"],
           "zoo_version": ZOO_VERSION}

@@ -69,7 +69,7 @@ def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
   result = json.load(open(tmp_path / "bench_sweep" / "bench.json"))
   assert result["same_numbers"] is True
   assert result["speedup_warm"] > 0 and result["cells"] > 0
-  # The FLOP ceiling against a hand count: the tiny mlp is 64 -> 128 -> 64 -> 10, so a copy
+  # The FLOP ratio against a hand count: the tiny mlp is 64 -> 128 -> 64 -> 10, so a copy
   # perturbed at dense1 re-runs all 8192 + 8192 + 640 multiply-adds per image, at dense2 the
   # last 8832, at the head 640 (elementwise ops add a little).
   fractions = result["per_copy_flop_fraction"]
@@ -77,7 +77,7 @@ def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
   assert set(fractions) == set(expected)
   for layer, value in expected.items():
     assert abs(fractions[layer] - value) < 0.03, (layer, fractions[layer], value)
-  assert abs(result["flop_ceiling"] - 3 / sum(fractions.values())) < 1e-6
+  assert abs(result["flop_ratio"] - 3 / sum(fractions.values())) < 1e-6
 
 
 def test_bench_devices_tiny_same_table_on_1_and_2_devices(tmp_path, launch):
@@ -107,3 +107,12 @@ def test_quant_sweep_rejects_bad_bits(tmp_path, launch):
                  "--config", "candidates=(0,4)"])
   assert out.returncode != 0 and "bits=0" in out.stderr
   assert not (tmp_path / "quant_sweep" / "results.csv").exists()
+
+
+def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, launch):
+  out = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}",
+                "--config", "progress=False", "--config", "memory_budget_gb=0.00001"])
+  assert out.returncode == 2
+  assert "error: memory budget 10000 bytes" in out.stderr and "is too small" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not (tmp_path / "sensitivity" / "table.csv").exists()

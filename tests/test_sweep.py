@@ -86,6 +86,16 @@ def test_engine_equals_naive_sweep_and_no_prefix(tiny):
   np.testing.assert_allclose(a["loss"], d["loss"], rtol=1e-4, atol=1e-5)
 
 
+def test_cell_keys_equal_cell_key_one_by_one():
+  seeds, indices = [0, 1, 2, 12345], [0, 3, 4, 2]
+  batch = jax.random.key_data(sweep.cell_keys(seeds, "stage1/conv", "noise", indices))
+  for row, (seed, index) in zip(batch, zip(seeds, indices)):
+    np.testing.assert_array_equal(
+        row, jax.random.key_data(sweep.cell_key(seed, "stage1/conv", "noise", index)))
+  other = jax.random.key_data(sweep.cell_keys(seeds, "stage1/conv", "bitflip", indices))
+  assert not np.array_equal(batch, other)
+
+
 def test_copies_per_step_does_not_change_the_table(tiny):
   """Sequential steps of 1 or 3 copies (odd chunks, padding) equal one wide vmap."""
   model, variables, split = tiny
