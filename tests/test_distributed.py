@@ -1,12 +1,10 @@
 """Two processes (jax.distributed, 2 CPU devices each, gloo): eval and criteria = 1 process."""
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
-import pytest
+from local_cluster import free_port, run_processes, skip_without_collectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,33 +51,13 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_single_process(tmp_path):
-  import jax  # pylint: disable=import-outside-toplevel
-  if not hasattr(jax.config, "jax_cpu_collectives_implementation"):
-    pytest.skip("this jax has no CPU cross-process collectives "
-                "(jax_cpu_collectives_implementation)")
+  skip_without_collectives()
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, str(script), port, str(i)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+  port = str(free_port())
+  outs = run_processes([[sys.executable, str(script), port, str(i)] for i in range(2)], env)
+  for i, out in enumerate(outs):
     assert f"process {i} ok primary={i == 0}" in out, out[-2000:]

@@ -8,14 +8,13 @@ returns the single-device table.
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pandas as pd
-import pytest
+from local_cluster import free_port, run_processes, skip_without_collectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,12 +70,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _env(tmp_path, devices: int | None) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              SAFER_JAX_CACHE=str(tmp_path / "cache"), SAFER_JAX_XLA_CACHE=str(tmp_path / "xla"))
@@ -84,30 +77,6 @@ def _env(tmp_path, devices: int | None) -> dict:
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
-
-
-def _two_processes(commands, env) -> list[str]:
-  """Runs ``commands[i]`` as process ``i``; returns their outputs (asserting exit code 0)."""
-  procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for cmd in commands]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
-  return outs
-
-
-def _skip_without_collectives():
-  import jax  # pylint: disable=import-outside-toplevel
-  if not hasattr(jax.config, "jax_cpu_collectives_implementation"):
-    pytest.skip("this jax has no CPU cross-process collectives "
-                "(jax_cpu_collectives_implementation)")
 
 
 def _launch(tmp_path, workdir: str, distributed: bool, port: int = 0, process_id: int = 0):
@@ -121,12 +90,12 @@ def _launch(tmp_path, workdir: str, distributed: bool, port: int = 0, process_id
 
 
 def test_distributed_launch_writes_single_process_table_and_restores(tmp_path):
-  _skip_without_collectives()
+  skip_without_collectives()
   env = _env(tmp_path, devices=2)
 
   def run(tag):
-    port = _free_port()
-    return _two_processes([_launch(tmp_path, f"{tag}{i}", True, port, i) for i in range(2)], env)
+    port = free_port()
+    return run_processes([_launch(tmp_path, f"{tag}{i}", True, port, i) for i in range(2)], env)
 
   run("first")  # Trains (process 0 alone) and saves the zoo model.
   checkpoints = glob.glob(str(tmp_path / "cache" / "mlp-digits-*"))
@@ -156,11 +125,11 @@ def test_distributed_launch_writes_single_process_table_and_restores(tmp_path):
 
 
 def test_sweep_spreads_copies_over_both_processes(tmp_path):
-  _skip_without_collectives()
+  skip_without_collectives()
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
-  port = str(_free_port())
-  outs = _two_processes([[sys.executable, str(script), port, str(i)] for i in range(2)],
+  port = str(free_port())
+  outs = run_processes([[sys.executable, str(script), port, str(i)] for i in range(2)],
                         _env(tmp_path, devices=2))
   for i, out in enumerate(outs):
     assert f"process {i} ok" in out, out[-2000:]
