@@ -112,6 +112,24 @@ def test_copies_per_step_does_not_change_the_table(tiny):
     sweep.run_sweep(model, variables, split, dataclasses.replace(config, copies_per_step=0))
 
 
+def test_concurrent_layers_do_not_change_the_table(tiny, tmp_path):
+  """Layers on 1, 2 or 4 threads: the same table, and the results file too."""
+  model, variables, split = tiny
+  config = dataclasses.replace(CONFIG, families={"noise": (0.5,), "prune": (0.9,)})
+  one = sweep.run_sweep(model, variables, split, dataclasses.replace(config, workers=1),
+                        progress=False)
+  for workers in (2, 4):
+    path = tmp_path / f"table{workers}.csv"
+    table = sweep.run_sweep(model, variables, split,
+                            dataclasses.replace(config, workers=workers),
+                            results_path=str(path), progress=False)
+    pd.testing.assert_frame_equal(table, one)
+    pd.testing.assert_frame_equal(pd.read_csv(path), one.reset_index(drop=True),
+                                  check_dtype=False)
+  with pytest.raises(ValueError, match="workers=0"):
+    sweep.run_sweep(model, variables, split, dataclasses.replace(config, workers=0))
+
+
 def test_same_seeds_identical_table(tiny):
   model, variables, split = tiny
   config = dataclasses.replace(CONFIG, families={"bitflip": (1e-2,), "noise": (1.0,)})
