@@ -95,8 +95,9 @@ class ZooEntry:
 
 
 def _entry_dir(cache_dir: str, model: str, dataset: str, seed: int,
-               config: train_lib.TrainConfig) -> str:
-  record = json.dumps({"v": ZOO_VERSION, "cfg": dataclasses.asdict(config)}, sort_keys=True)
+               config: train_lib.TrainConfig, input_shape: tuple[int, ...]) -> str:
+  record = json.dumps({"v": ZOO_VERSION, "cfg": dataclasses.asdict(config),
+                       "input": list(input_shape)}, sort_keys=True)
   tag = hashlib.sha256(record.encode()).hexdigest()[:8]
   return os.path.join(os.path.abspath(cache_dir), f"{model}-{dataset}-seed{seed}-{tag}")
 
@@ -216,7 +217,8 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
   name = models_lib.ALIASES.get(model, model)
   if config is None:
     config = dataclasses.replace(RECIPES.get(name, train_lib.TrainConfig()), seed=seed)
-  path = _entry_dir(cache_dir or default_cache_dir(), name, ds.name, seed, config)
+  path = _entry_dir(cache_dir or default_cache_dir(), name, ds.name, seed, config,
+                    ds.input_shape)  # image_size changes the model's input: another entry
   abstract = jax.eval_shape(lambda: train_lib.init_variables(net, ds.input_shape, config.seed))
   if _process_local():
     return _shared_entry(name, net, ds, abstract, lambda: _restore_or_train(

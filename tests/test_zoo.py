@@ -75,3 +75,21 @@ def test_checksum_detects_one_changed_value():
   other = {"params": {"a": np.array([0, 0, 1e-30], np.float32)}}
   assert zoo.checksum(tree) != zoo.checksum(other)
   assert zoo.checksum(tree) == zoo.checksum({"params": {"a": np.zeros((3,), np.float32)}})
+
+
+def test_image_size_is_part_of_the_cache_entry(tmp_path, digits):
+  """The same dataset name at another image size is another entry, not a failed restore."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from safer_jax import data  # pylint: disable=import-outside-toplevel
+
+  def padded(split):
+    return data.Split(np.pad(split.images, ((0, 0), (2, 2), (2, 2), (0, 0))), split.labels)
+
+  big = dataclasses.replace(digits, train=padded(digits.train), eval=padded(digits.eval),
+                            input_shape=(12, 12, 1))
+  small = zoo.pretrained("mlp", digits, cache_dir=str(tmp_path), config=TINY, progress=False)
+  large = zoo.pretrained("mlp", big, cache_dir=str(tmp_path), config=TINY, progress=False)
+  assert large.path != small.path and not large.restored
+  again = zoo.pretrained("mlp", digits, cache_dir=str(tmp_path), config=TINY, progress=False)
+  assert again.restored and again.path == small.path
+  _assert_identical(again.variables, small.variables)
