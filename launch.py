@@ -99,14 +99,8 @@ def _run_secondary(module, config) -> int:
 
   The experiment writes into a throw-away directory. Zoo models come from
   process 0 (:func:`safer_jax.zoo.pretrained` broadcasts its weights), so this
-  process writes no checkpoint; the cache is still pointed at a per-process
-  subdirectory, so nothing else it caches collides with another process's.
+  process writes no checkpoint.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  if "cache_dir" in config:
-    from safer_jax import zoo  # pylint: disable=import-outside-toplevel
-    root = config["cache_dir"] or zoo.default_cache_dir()
-    config["cache_dir"] = os.path.join(root, f"process_{jax.process_index()}")
   with tempfile.TemporaryDirectory(prefix="safer_jax_secondary_") as scratch:
     workdir = os.path.join(scratch, FLAGS.experiment)
     os.makedirs(workdir)

@@ -316,20 +316,19 @@ class _Engine:
     devices = copies_devices(config)
     self.sharding = None
     self.mesh = None  # Multi-process only: the global 'copies' mesh (see `_evaluate_global`).
-    if devices and jax.process_count() > 1:
-      self.mesh = jax.sharding.Mesh(np.asarray(devices), (COPIES_AXIS,))
-      self.sharding = jax.sharding.NamedSharding(self.mesh,
-                                                 jax.sharding.PartitionSpec(COPIES_AXIS))
-      self.variables = distributed.replicate(variables, self.mesh)  # From each host's copy.
-      self.labels_masks = [distributed.replicate((labels, mask), self.mesh)
-                           for _, labels, mask in self.batches]
-    elif devices:
-      mesh = jax.sharding.Mesh(np.asarray(devices), ("copies",))
-      self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("copies"))
-      # Weights on every device of the mesh: restored checkpoints arrive committed to one
-      # device, which jit cannot combine with kernels sharded over the mesh.
-      self.variables = jax.device_put(
-          variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    if devices:
+      mesh = jax.sharding.Mesh(np.asarray(devices), (COPIES_AXIS,))
+      self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(COPIES_AXIS))
+      if jax.process_count() > 1:
+        self.mesh = mesh
+        self.variables = distributed.replicate(variables, mesh)  # From each host's copy.
+        self.labels_masks = [distributed.replicate((labels, mask), mesh)
+                             for _, labels, mask in self.batches]
+      else:
+        # Weights on every device of the mesh: restored checkpoints arrive committed to one
+        # device, which jit cannot combine with kernels sharded over the mesh.
+        self.variables = jax.device_put(
+            variables, self.sharding.update(spec=jax.sharding.PartitionSpec()))
     self.num_devices = len(devices) if self.sharding is not None else 1
     self.step = engine_step(config, self.sharding is not None)
     self.workers = engine_workers(config, self.sharding is not None)

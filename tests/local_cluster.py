@@ -1,12 +1,38 @@
-"""Helpers of the multi-process tests: run N local processes under jax.distributed on CPU."""
+"""Helpers of the multi-device and multi-process tests: fake CPU devices, N local processes.
+
+The subprocess scripts can ``from local_cluster import assert_same_sweep``: :func:`cpu_env`
+puts this directory on their ``PYTHONPATH``.
+"""
 
 import os
 import socket
 import subprocess
+import sys
 
-import pytest
+import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def cpu_env(devices: int | None = None, **extra: str) -> dict:
+  """The environment of a CPU subprocess with ``devices`` fake devices (None: the default one)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, TESTS]), **extra)
+  env.pop("XLA_FLAGS", None)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def run_script(script: str, devices: int, timeout: int = 600) -> str:
+  """Runs Python ``script`` in a CPU subprocess with ``devices`` fake devices; returns stdout.
+
+  Asserts the exit code is 0 (the message holds the stderr tail).
+  """
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cpu_env(devices),
+                       capture_output=True, text=True, timeout=timeout, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out.stdout
 
 
 def free_port() -> int:
@@ -14,13 +40,6 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
-
-
-def skip_without_collectives() -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  if not hasattr(jax.config, "jax_cpu_collectives_implementation"):
-    pytest.skip("this jax has no CPU cross-process collectives "
-                "(jax_cpu_collectives_implementation)")
 
 
 def run_processes(commands, env, timeout: int = 300) -> list[str]:
@@ -42,3 +61,11 @@ def run_processes(commands, env, timeout: int = 300) -> list[str]:
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
   return outs
+
+
+def assert_same_sweep(sharded, single, cells: int) -> None:
+  """Sharded and single-device sweep tables: ``cells`` rows, accuracy exact, loss to 1e-6."""
+  assert len(sharded) == len(single) == cells
+  np.testing.assert_array_equal(sharded["accuracy"].to_numpy(), single["accuracy"].to_numpy())
+  np.testing.assert_allclose(sharded["loss"].to_numpy(), single["loss"].to_numpy(),
+                             rtol=1e-6, atol=0)

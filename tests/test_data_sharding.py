@@ -1,11 +1,8 @@
 """Evaluation and criteria sharded along the data axis over 8 fake CPU devices = single device."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from local_cluster import run_script
 
 SCRIPT = textwrap.dedent("""
     import time
@@ -78,9 +75,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_sharded_eval_and_criteria_equal_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-4000:]
-  assert "all equal" in out.stdout, out.stdout[-2000:]
+  stdout = run_script(SCRIPT, devices=8)
+  assert "all equal" in stdout, stdout[-2000:]

@@ -1,12 +1,10 @@
 """Two processes (jax.distributed, 2 CPU devices each, gloo): eval and criteria = 1 process."""
 
-import os
 import sys
 import textwrap
 
-from local_cluster import free_port, run_processes, skip_without_collectives
+from local_cluster import cpu_env, free_port, run_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
     import sys
@@ -52,11 +50,9 @@ WORKER = textwrap.dedent("""
 
 
 def test_two_processes_equal_single_process(tmp_path):
-  skip_without_collectives()
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = cpu_env(devices=2)
   port = str(free_port())
   outs = run_processes([[sys.executable, str(script), port, str(i)] for i in range(2)], env)
   for i, out in enumerate(outs):

@@ -14,9 +14,8 @@ import textwrap
 
 import numpy as np
 import pandas as pd
-from local_cluster import free_port, run_processes, skip_without_collectives
+from local_cluster import ROOT, cpu_env, free_port, run_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
     import sys
@@ -26,6 +25,7 @@ WORKER = textwrap.dedent("""
     distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
     import numpy as np
     from jax.sharding import PartitionSpec as P
+    from local_cluster import assert_same_sweep
     from safer_jax import data, models, sweep, train
     assert jax.process_count() == 2 and jax.device_count() == 4
     # Bit-exact broadcast (-0.0 stays -0.0) after a barrier.
@@ -62,21 +62,14 @@ WORKER = textwrap.dedent("""
     single = sweep.run_sweep(model, variables, split,
                              sweep.SweepConfig(**{**config.__dict__, "shard": False}),
                              progress=False)
-    assert len(sharded) == len(single) == 4 * (2 + 3 + 3)
-    np.testing.assert_array_equal(sharded["accuracy"].to_numpy(), single["accuracy"].to_numpy())
-    np.testing.assert_allclose(sharded["loss"].to_numpy(), single["loss"].to_numpy(),
-                               rtol=1e-6, atol=0)
+    assert_same_sweep(sharded, single, cells=4 * (2 + 3 + 3))
     print(f"process {sys.argv[2]} ok chunks={len(split_over)}", flush=True)
 """)
 
 
 def _env(tmp_path, devices: int | None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             SAFER_JAX_CACHE=str(tmp_path / "cache"), SAFER_JAX_XLA_CACHE=str(tmp_path / "xla"))
-  env.pop("XLA_FLAGS", None)
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+  return cpu_env(devices, SAFER_JAX_CACHE=str(tmp_path / "cache"),
+                 SAFER_JAX_XLA_CACHE=str(tmp_path / "xla"))
 
 
 def _launch(tmp_path, workdir: str, distributed: bool, port: int = 0, process_id: int = 0):
@@ -90,7 +83,6 @@ def _launch(tmp_path, workdir: str, distributed: bool, port: int = 0, process_id
 
 
 def test_distributed_launch_writes_single_process_table_and_restores(tmp_path):
-  skip_without_collectives()
   env = _env(tmp_path, devices=2)
 
   def run(tag):
@@ -125,7 +117,6 @@ def test_distributed_launch_writes_single_process_table_and_restores(tmp_path):
 
 
 def test_sweep_spreads_copies_over_both_processes(tmp_path):
-  skip_without_collectives()
   script = tmp_path / "worker.py"
   script.write_text(WORKER)
   port = str(free_port())

@@ -1,15 +1,13 @@
 """The sweep sharded over 4 fake CPU devices gives the single-device table."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from local_cluster import run_script
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     assert jax.local_device_count() == 4, jax.devices()
+    from local_cluster import assert_same_sweep
     from safer_jax import data, models, sweep, train
     ds = data.load_dataset("digits")
     model = models.get_model("lenet")
@@ -24,18 +22,10 @@ SCRIPT = textwrap.dedent("""
     single = sweep.run_sweep(model, variables, split,
                              sweep.SweepConfig(**{**config.__dict__, "shard": False}),
                              progress=False)
-    assert len(sharded) == len(single) == 4 * (2 + 3 + 3)
-    np.testing.assert_array_equal(sharded["accuracy"].to_numpy(), single["accuracy"].to_numpy())
-    np.testing.assert_allclose(sharded["loss"].to_numpy(), single["loss"].to_numpy(),
-                               rtol=1e-6, atol=0)
+    assert_same_sweep(sharded, single, cells=4 * (2 + 3 + 3))
     print("max loss diff", np.abs(sharded["loss"] - single["loss"]).max())
 """)
 
 
 def test_sharded_sweep_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-4000:]
-  assert "max loss diff" in out.stdout
+  assert "max loss diff" in run_script(SCRIPT, devices=4)
