@@ -526,8 +526,9 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   done = _load_partial(results_path, fp)
   finished = {(r.layer, r.family, int(r.magnitude_index), int(r.seed))
               for r in done.itertuples()}
+  plan = _plan(layer_names, config, finished)
   if config.memory_budget_bytes is not None:  # pick max_parallel / eval_batch_size
-    config = auto_chunking(model, variables, split, config, layer_names, finished)
+    config = auto_chunking(model, variables, split, config, layer_names, finished, plan=plan)
   if "corrupt" in grids and grads is None:
     grads = loss_gradients(model, variables, split, config.eval_batch_size)
 
@@ -536,17 +537,6 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
       layer_names[0], jnp.asarray(layers_lib.get_kernel(variables, layer_names[0]))[None])
   base_acc, base_loss = float(baseline[0][0]), float(baseline[1][0])
 
-  plan = []  # per layer: [(family, options, cells to do)]
-  for layer in layer_names:  # network order: consecutive layers share a stage's prefix
-    groups = []
-    for family, grid in grids.items():
-      opts = config.family_options.get(family, {})
-      todo = [c for c in cells(layer, family, grid, config.seeds, opts)
-              if (layer, family, c[1], c[2]) not in finished]
-      if todo:
-        groups.append((family, opts, todo))
-    if groups:
-      plan.append((layer, groups))
   per_layer = [sum(len(g[2]) for g in groups) for _, groups in plan]
   total = sum(per_layer)
   # One chunk size for every layer: each layer's suffix compiles once.
@@ -608,9 +598,29 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   return table
 
 
+def _plan(layer_names: Sequence[str], config: SweepConfig, finished: set = frozenset()) -> list:
+  """The cells still to do: ``[(layer, [(family, options, [(magnitude, index, seed)]), ...])]``.
+
+  Layers in network order (consecutive layers share a stage's prefix), only those with
+  cells left; ``finished`` holds ``(layer, family, magnitude_index, seed)`` of done cells.
+  """
+  plan = []
+  for layer in layer_names:
+    groups = []
+    for family, grid in config.grids().items():
+      opts = config.family_options.get(family, {})
+      todo = [c for c in cells(layer, family, grid, config.seeds, opts)
+              if (layer, family, c[1], c[2]) not in finished]
+      if todo:
+        groups.append((family, opts, todo))
+    if groups:
+      plan.append((layer, groups))
+  return plan
+
+
 def auto_chunking(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
                   config: SweepConfig, layer_names: Sequence[str],
-                  finished: set = frozenset()) -> SweepConfig:
+                  finished: set = frozenset(), *, plan: list | None = None) -> SweepConfig:
   """``config`` with ``max_parallel`` / ``eval_batch_size`` fitting ``config.memory_budget_bytes``.
 
   See :func:`safer_jax.memory.plan_chunking`: the budget is per device; with
@@ -619,17 +629,16 @@ def auto_chunking(model: Any, variables: Mapping[str, Any], split: data_lib.Spli
   Args:
     layer_names: the swept layers, in network order.
     finished: ``(layer, family, magnitude_index, seed)`` cells already done.
+    plan: :func:`_plan` of these (computed if not given).
 
   Raises:
     ValueError: the budget does not fit one copy of one example (sizes stated).
   """
   from safer_jax import memory  # pylint: disable=import-outside-toplevel
-  copies = {}
-  for layer in layer_names:
-    copies[layer] = sum(
-        1 for family, grid in config.grids().items()
-        for c in cells(layer, family, grid, config.seeds, config.family_options.get(family, {}))
-        if (layer, family, c[1], c[2]) not in finished)
+  if plan is None:
+    plan = _plan(layer_names, config, finished)
+  copies = dict.fromkeys(layer_names, 0)
+  copies.update({layer: sum(len(g[2]) for g in groups) for layer, groups in plan})
   layer_names = [l for l in layer_names if copies[l]] or list(layer_names[:1])
   devices = max(len(copies_devices(config)), 1)
   sharded = devices > 1
