@@ -8,22 +8,24 @@
 """
 
 from safer_jax import (acr, attribution, benchmark, budget, criteria, data, layers,
-                       mixed_precision, models, perturb, sweep, train, wcam, zoo)
+                       mixed_precision, models, perturb, sweep, train, wcam, wrapping, zoo)
 from safer_jax.data import Dataset, Split, load_dataset
 from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
 from safer_jax.models import get_model, list_models
 from safer_jax.sweep import SweepConfig, importance, run_sweep
 from safer_jax.train import TrainConfig, evaluate, init_variables
 from safer_jax.train import train as fit
+from safer_jax.wrapping import WrappedModel, wrap
 from safer_jax.zoo import pretrained
 
 __all__ = [
     "acr", "attribution", "benchmark", "budget", "criteria", "data", "layers", "mixed_precision",
-    "models", "perturb", "sweep", "train", "wcam", "zoo",
+    "models", "perturb", "sweep", "train", "wcam", "wrapping", "zoo",
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",
     "get_model", "list_models",
     "SweepConfig", "importance", "run_sweep",
     "TrainConfig", "evaluate", "fit", "init_variables",
     "pretrained",
+    "WrappedModel", "wrap",
 ]

@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
+from safer_jax import wrapping
 from safer_jax import train as train_lib
 from safer_jax.criteria import _common
 from safer_jax.criteria.corruption import project
@@ -211,12 +212,10 @@ def add_corruption(params: Any, corruption: Kernels) -> Any:
 def _train_loss(model: nn.Module):
   """``f(params, state, images, labels) -> (mean CE, new_state)`` in train mode."""
 
+  forward = wrapping.training_apply(model)
+
   def f(params, state, images, labels):
-    if state:
-      logits, new_state = model.apply({"params": params, **state}, images, train=True,
-                                      mutable=list(state))
-    else:
-      logits, new_state = model.apply({"params": params}, images, train=True), {}
+    logits, new_state = forward({"params": params, **state}, images)
     return jnp.mean(train_lib.cross_entropy(logits, labels)), dict(new_state)
 
   return f

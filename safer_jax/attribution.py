@@ -32,6 +32,7 @@ import scipy.stats
 from flax import struct
 
 from safer_jax import layers as layers_lib
+from safer_jax import wrapping
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -45,13 +46,14 @@ METRICS = ("spearman", "iou", "cosine")
 # ---------------------------------------------------------------------------
 
 
-def _logits(model: nn.Module, variables: Variables, x: Array) -> Array:
-  return model.apply(variables, x, train=False)
+def logits(model: nn.Module | wrapping.WrappedModel, variables: Variables, x: Array) -> Array:
+  """Inference-mode logits ``(B, K)`` of a linen, nnx or wrapped model run with ``variables``."""
+  return wrapping.with_variables(model, variables).apply(variables, x)
 
 
 def predict(model: nn.Module, variables: Variables, x: ArrayLike) -> Array:
   """The predicted class ``argmax y`` per example: ``x (B, H, W, C)`` -> ``(B,)`` int32."""
-  return jnp.argmax(_logits(model, variables, jnp.asarray(x)), axis=-1)
+  return jnp.argmax(logits(model, variables, jnp.asarray(x)), axis=-1)
 
 
 def _resolve_classes(model, variables, x, classes) -> Array:
@@ -70,8 +72,9 @@ def apply_with_layer(model: nn.Module, variables: Variables, x: ArrayLike, layer
   """Runs the model, adding ``delta`` to the output of the module ``layer``.
 
   Args:
-    model: a Flax module, called as ``model.apply(variables, x, train=False)``.
-    variables: its variables.
+    model: a Flax linen module (called as ``model.apply(variables, x)`` in
+      inference mode), an ``nnx.Module`` or a :func:`safer_jax.wrap`-ped one.
+    variables: its variables (a pure dict, as ``wrap(model).variables``).
     x: images ``(B, H, W, C)`` float32.
     layer: ``'/'``-joined module path, e.g. ``'conv2/conv'`` (the module's own
       output, before any activation that its parent applies).
@@ -84,23 +87,17 @@ def apply_with_layer(model: nn.Module, variables: Variables, x: ArrayLike, layer
   Raises:
     ValueError: ``layer`` is not a module path of the model (lists the layers).
   """
-  target = tuple(layer.split("/"))
   captured: list[Array] = []
 
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and tuple(context.module.path) == target:
-      if delta is not None:
-        out = out + delta
-      captured.append(out)
+  def hook(out):
+    if delta is not None:
+      out = out + delta
+    captured.append(out)
     return out
 
-  with nn.intercept_methods(interceptor):
-    logits = _logits(model, variables, jnp.asarray(x))
-  if not captured:
-    raise ValueError(f"Layer {layer!r} is not a module of the model; layers with a kernel: "
-                     f"{layers_lib.find_layers(variables)}")
-  return logits, captured[-1]
+  out = wrapping.with_variables(model, variables).apply_with_hook(
+      variables, jnp.asarray(x), layer, hook)
+  return out, captured[-1]
 
 
 def layer_activation(model: nn.Module, variables: Variables, x: ArrayLike, layer: str) -> Array:
@@ -174,7 +171,7 @@ def input_gradient(model: nn.Module, variables: Variables, x: ArrayLike,
   """``∂y_k/∂x`` per example: ``(B, H, W, C)`` (one backward pass for the batch)."""
   x = jnp.asarray(x)
   classes = _resolve_classes(model, variables, x, classes)
-  return jax.grad(lambda z: jnp.sum(_select(_logits(model, variables, z), classes)))(x)
+  return jax.grad(lambda z: jnp.sum(_select(logits(model, variables, z), classes)))(x)
 
 
 def saliency(model: nn.Module, variables: Variables, x: ArrayLike,
@@ -235,8 +232,8 @@ def integrated_gradients(model: nn.Module, variables: Variables, x: ArrayLike,
   for lo in range(0, steps, chunk):
     total = total + jnp.sum(grad_at(alphas[lo:lo + chunk]), axis=0)
   attributions = (x - base) * total / steps
-  delta = (_select(_logits(model, variables, x), classes)
-           - _select(_logits(model, variables, base), classes))
+  delta = (_select(logits(model, variables, x), classes)
+           - _select(logits(model, variables, base), classes))
   err = jnp.abs(jnp.sum(attributions, axis=tuple(range(1, x.ndim))) - delta)
   return IGResult(attributions, delta, err, err / jnp.maximum(jnp.abs(delta), 1e-12))
 

@@ -37,6 +37,7 @@ import pandas as pd
 import scipy.stats
 
 from safer_jax import data as data_lib
+from safer_jax import wrapping
 from safer_jax.train import cross_entropy
 
 AGREEMENT_COLUMNS = ["criterion", "family", "num_layers", "spearman", "spearman_lo", "spearman_hi",
@@ -243,14 +244,16 @@ def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[An
   closed over and held fixed; the model runs in inference mode.
 
   Args:
-    model: a Flax module (``model.apply(variables, images) -> logits (B, K)``)
-      or an ``apply_fn`` with that signature.
-    variables: the model variables.
+    model: a Flax module (``model.apply(variables, images) -> logits (B, K)``),
+      a :func:`safer_jax.wrap`-ped model, an ``nnx.Module``, or an
+      ``apply_fn`` with that signature.
+    variables: the model variables (``None`` for a wrapped or nnx model).
 
   Returns:
     ``loss_fn(params, batch)`` with ``batch = {'image': (B, H, W, C) float32,
     'label': (B,) int}``; the value is in nats per example.
   """
+  model, variables = wrapping.as_model(model, variables)
   apply = model.apply if hasattr(model, "apply") else model
   rest = {name: value for name, value in variables.items() if name != "params"}
 

@@ -1,11 +1,27 @@
 """Layers of a Flax parameter pytree, named by their path.
 
 A *layer* is any module in the parameter pytree that holds a ``kernel`` leaf
-(``nn.Dense``, ``nn.Conv`` and depthwise ``nn.Conv``). It is named by the
-``'/'``-joined path of its module, e.g. ``'block2/conv1'``; its kernel leaf is
-``params['block2']['conv1']['kernel']``. For Dense and Conv kernels the last
-axis is the output-channel axis (Dense ``(in, out)``, Conv ``(kh, kw, in/groups,
-out)``).
+or, for embedding tables, an ``embedding`` leaf (see :data:`KERNEL_LEAVES`).
+It is named by the ``'/'``-joined path of its module, e.g. ``'block2/conv1'``;
+its kernel leaf is ``params['block2']['conv1']['kernel']``. Linen and NNX
+alike; an ``nnx.State`` is read through :func:`as_pure` (integer keys of
+``nnx.List`` / ``nnx.Sequential`` become strings: ``'layers/0'``).
+
+Per-channel operations (quantization scales, structured pruning) use the
+**last kernel axis** as the channel axis. What that axis is, per layer type:
+
+===============================================  =============================  =======================
+layer (linen / nnx)                              kernel shape                   last axis
+===============================================  =============================  =======================
+``Dense`` / ``Linear``                           ``(in, out)``                  output feature
+``Conv`` / ``Conv`` (incl. depthwise, 1-D, 3-D)  ``(*window, in/groups, out)``  output channel
+``ConvTranspose`` / ``ConvTranspose``            ``(*window, in, out)``         output channel
+``DenseGeneral`` / ``LinearGeneral``             ``(*in_axes, *out_axes)``      last output axis
+  e.g. attention ``query``/``key``/``value``     ``(in, heads, head_dim)``      head_dim (shared by heads)
+  attention ``out``                              ``(heads, head_dim, out)``     output feature
+``Einsum`` / ``Einsum``                          as its einsum spec             last axis of the spec
+``Embed`` / ``Embed`` (leaf ``embedding``)       ``(vocab, features)``          feature
+===============================================  =============================  =======================
 
 All functions are pure: they return new pytrees and never mutate their input.
 """
@@ -21,6 +37,34 @@ import jax
 Params = Mapping[str, Any]
 
 KERNEL = "kernel"
+# Leaf names that make a module a layer, in order of preference (a module holding both is
+# named by its ``kernel``).
+KERNEL_LEAVES = (KERNEL, "embedding")
+
+
+def _is_nnx_state(tree: Any) -> bool:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return isinstance(tree, nnx.State)
+
+
+def _str_keys(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def as_pure(tree: Any) -> Any:
+  """``tree`` as nested dicts of arrays with string keys.
+
+  An ``nnx.State`` (or a dict holding ``nnx.Variable`` leaves) becomes its
+  ``nnx.to_pure_dict`` with every key a string (``nnx.List`` indices ``0, 1``
+  become ``'0', '1'``), so layer paths read ``'blocks/0/attn/query'``. Linen
+  params and variables are returned unchanged.
+  """
+  if _is_nnx_state(tree):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    return _str_keys(nnx.to_pure_dict(tree))
+  return tree
 
 
 def _flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -35,25 +79,27 @@ def _flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...]
 
 
 def _unwrap(params: Params) -> Params:
-  """Accepts either ``variables`` (with a ``'params'`` collection) or params."""
+  """Accepts ``variables`` (with a ``'params'`` collection), params, or an ``nnx.State``."""
+  params = as_pure(params)
   if "params" in params and isinstance(params["params"], Mapping):
     return params["params"]
   return params
 
 
 def find_layers(params: Params) -> list[str]:
-  """Returns the paths of all modules that hold a ``kernel``, in pytree order.
+  """Returns the paths of all modules that hold a kernel (:data:`KERNEL_LEAVES`), in pytree order.
 
   Args:
-    params: a Flax ``params`` pytree (nested dicts), or a ``variables`` dict
-      with a ``'params'`` collection.
+    params: a Flax ``params`` pytree (nested dicts), a ``variables`` dict
+      with a ``'params'`` collection, or an ``nnx.State``.
 
   Returns:
     Layer paths such as ``['stem/conv', 'block1/conv1', ..., 'head']`` in the
     order of the (sorted) flattened pytree.
   """
   flat = _flatten(_unwrap(params))
-  return ["/".join(path[:-1]) for path in flat if path[-1] == KERNEL]
+  return list(dict.fromkeys("/".join(path[:-1]) for path in flat
+                            if path[-1] in KERNEL_LEAVES and len(path) > 1))
 
 
 def select_layers(params: Params, patterns: str | Sequence[str] | None = None) -> list[str]:
@@ -73,7 +119,9 @@ def select_layers(params: Params, patterns: str | Sequence[str] | None = None) -
   """
   layers = find_layers(params)
   if not layers:
-    raise ValueError("The parameter pytree holds no layer with a 'kernel' leaf.")
+    raise ValueError(f"The parameter pytree holds no layer: no module has a leaf named one of "
+                     f"{list(KERNEL_LEAVES)} (Dense/Linear, Conv, ConvTranspose, DenseGeneral, "
+                     f"Einsum, Embed). Its top-level keys: {sorted(map(str, _unwrap(params)))}.")
   if patterns is None:
     return layers
   if isinstance(patterns, str):
@@ -114,9 +162,19 @@ def get_layer_params(params: Params, layer: str) -> dict[str, jax.Array]:
   return dict(_node(params, layer))
 
 
+def kernel_leaf(params: Params, layer: str) -> str:
+  """The name of ``layer``'s kernel leaf: ``'kernel'``, or ``'embedding'`` for embedding tables."""
+  node = _node(params, layer)
+  for name in KERNEL_LEAVES:
+    if name in node:
+      return name
+  raise KeyError(f"Layer {layer!r} has no kernel leaf ({list(KERNEL_LEAVES)}); it has "
+                 f"{sorted(node)}")
+
+
 def get_kernel(params: Params, layer: str) -> jax.Array:
   """Returns the kernel of ``layer``; shape ``(..., out_channels)``."""
-  return _node(params, layer)[KERNEL]
+  return _node(params, layer)[kernel_leaf(params, layer)]
 
 
 def replace_leaves(params: Params, layer: str, new_leaves: Mapping[str, Any]) -> dict:
@@ -124,8 +182,10 @@ def replace_leaves(params: Params, layer: str, new_leaves: Mapping[str, Any]) ->
 
   Only the dicts on the path to ``layer`` are copied; all other subtrees (and
   array leaves) are shared with the input, so this is cheap inside ``jit``.
-  Works on ``variables`` too (the ``'params'`` collection is updated).
+  Works on ``variables`` too (the ``'params'`` collection is updated); an
+  ``nnx.State`` comes back as its :func:`as_pure` dict.
   """
+  params = as_pure(params)
   if "params" in params and isinstance(params["params"], Mapping):
     out = dict(params)
     out["params"] = replace_leaves(params["params"], layer, new_leaves)
@@ -149,11 +209,11 @@ def replace_leaves(params: Params, layer: str, new_leaves: Mapping[str, Any]) ->
 
 def replace_kernel(params: Params, layer: str, kernel: jax.Array) -> dict:
   """Returns a copy of ``params`` whose ``layer`` kernel is ``kernel``."""
-  return replace_leaves(params, layer, {KERNEL: kernel})
+  return replace_leaves(params, layer, {kernel_leaf(params, layer): kernel})
 
 
-def num_params(params: Params, layer: str, include: Iterable[str] = (KERNEL,)) -> int:
-  """Number of scalar parameters in the given leaves of ``layer``."""
+def num_params(params: Params, layer: str, include: Iterable[str] = KERNEL_LEAVES) -> int:
+  """Number of scalar parameters in the given leaves of ``layer`` (default: its kernel)."""
   node = _node(params, layer)
   return int(sum(node[k].size for k in include if k in node))
 

@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safer_jax import budget
 from safer_jax import criteria
 from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
 from safer_jax import sweep
+from safer_jax import wrapping
 
 CostTable = dict[str, dict[int, float]]
 COST_SOURCES = ("oracle", "hawq", "fisher", "corruption", "integrated_gradients", "quant_error")
@@ -80,8 +82,9 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   """Cost tables ``{source: {layer: {bits: cost}}}`` and each source's wall time (s).
 
   Args:
-    model: zoo model (or apply function).
-    variables: its variables.
+    model: zoo model, :func:`safer_jax.wrap`-ped model, ``nnx.Module`` or
+      apply function.
+    variables: its variables (``None`` for a wrapped or nnx model).
     calib: calibration data (not the eval split the final accuracy is measured on).
     candidates: bit widths, e.g. ``(2, 3, 4, 5, 6, 8)``.
     sources: names from :data:`COST_SOURCES`.
@@ -96,6 +99,7 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   """
   import time  # pylint: disable=import-outside-toplevel
   from safer_jax.benchmark import batches_from_split, classifier_loss_fn  # pylint: disable=import-outside-toplevel
+  model, variables = wrapping.as_model(model, variables)
   unknown = [s for s in sources if s not in COST_SOURCES]
   if unknown:
     raise ValueError(f"Unknown cost source(s) {unknown}; valid: {list(COST_SOURCES)}")
@@ -154,12 +158,40 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   return tables, seconds
 
 
+def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Split,
+             avg_bits: float, *, source: str = "fisher",
+             candidates: Sequence[int] = (2, 3, 4, 5, 6, 8), **options) -> "budget.Allocation":
+  """Per-layer bit widths for a model under an average-bits budget, in one call.
+
+  The cost table of ``source`` (:func:`cost_tables` on ``calib``) solved exactly
+  by :func:`safer_jax.budget.allocate_bits`; sizes are kernel weight counts.
+
+  Args:
+    model: zoo, :func:`safer_jax.wrap`-ped or nnx model (see :func:`cost_tables`).
+    variables: its variables (``None`` for a wrapped or nnx model).
+    calib: calibration data (e.g. training images), not the data you report on.
+    avg_bits: average bits per kernel weight, weighted by parameter count.
+    source: one of :data:`COST_SOURCES`.
+    candidates: allowed bit widths.
+    **options: more :func:`cost_tables` keywords (``batch_size``, ``max_batches``, ...).
+
+  Returns:
+    A :class:`safer_jax.budget.Allocation` (``.bits``: layer -> bits).
+  """
+  model, variables = wrapping.as_model(model, variables)
+  tables, _ = cost_tables(model, variables, calib, candidates, (source,), **options)
+  sizes = {n: int(np.size(layers_lib.get_kernel(variables, n))) for n in tables[source]}
+  return budget.allocate_bits(tables[source], sizes, candidates,
+                              budget.budget_from_avg_bits(sizes, avg_bits))
+
+
 def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int]) -> dict:
   """Variables with each listed layer's kernel fake-quantized to ``bits[layer]`` bits.
 
   Per-output-channel symmetric round-to-nearest; other leaves are unchanged.
+  ``variables`` may be an ``nnx.State`` (the result is its pure dict).
   """
-  out = dict(variables)
+  out = dict(layers_lib.as_pure(variables))
   for name, b in bits.items():
     w = layers_lib.get_kernel(variables, name)
     out = layers_lib.replace_kernel(out, name, perturb.quantize(w, int(b)))

@@ -58,6 +58,7 @@ from safer_jax import distributed
 from safer_jax import io
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
+from safer_jax import wrapping
 from safer_jax.progress import Progress
 from safer_jax.train import cross_entropy
 
@@ -448,6 +449,7 @@ def perturb_stack(family: str, options: Mapping[str, Any]) -> Callable:
 def loss_gradients(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
                    batch_size: int = 1024) -> dict:
   """Gradient of the mean cross-entropy on ``split`` w.r.t. ``variables['params']``."""
+  model, variables = wrapping.as_model(model, variables)
   apply = _apply_fn(model)
   n = len(split)
 
@@ -489,15 +491,18 @@ def _load_partial(results_path: str | None, fp: str) -> pd.DataFrame:
   return pd.read_csv(results_path)
 
 
-def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
+def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
               config: SweepConfig = SweepConfig(), *, results_path: str | None = None,
               progress: bool = True, grads: Mapping[str, Any] | None = None) -> pd.DataFrame:
   """Runs the sensitivity sweep; returns (and optionally saves) the tidy table.
 
   Args:
-    model: a staged zoo model (prefix reuse) or any ``apply_fn(variables,
-      images (B, H, W, C)) -> logits (B, K)`` (full forwards).
-    variables: model variables (``params`` and, if any, ``batch_stats``).
+    model: a staged zoo model (prefix reuse), a :func:`safer_jax.wrap`-ped
+      model (linen, nnx or apply function), an ``nnx.Module`` (wrapped here),
+      a linen module, or any ``apply_fn(variables, images (B, H, W, C)) ->
+      logits (B, K)`` (full forwards). Always run in inference mode.
+    variables: model variables (``params`` and, if any, ``batch_stats``);
+      ``None`` for a wrapped or nnx model (its own variables).
     split: held-out data (:class:`~safer_jax.data.Split`).
     config: families, grids, seeds, layers and chunking.
     results_path: CSV path; enables resuming (see module docstring).
@@ -513,6 +518,7 @@ def run_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
     ValueError: unknown family, magnitude out of range, layer pattern matching
       nothing, NaN/inf weights, or a results file of another setup.
   """
+  model, variables = wrapping.as_model(model, variables)
   grids = config.grids()
   if config.max_parallel < 1:
     raise ValueError(f"max_parallel={config.max_parallel} must be >= 1.")
@@ -666,7 +672,7 @@ def _save(path: str, table: pd.DataFrame, fp: str) -> None:
   io.write_csv(path, table)
 
 
-def naive_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
+def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
                 config: SweepConfig = SweepConfig(), *, progress: bool = True,
                 grads: Mapping[str, Any] | None = None) -> pd.DataFrame:
   """The reference: a Python loop, one jitted full evaluation per perturbed model.
@@ -677,6 +683,7 @@ def naive_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   Used by tests and by the ``bench_sweep`` experiment.
   """
   from safer_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  model, variables = wrapping.as_model(model, variables)
   grids = config.grids()
   check_variables(variables)
   apply = _apply_fn(model)

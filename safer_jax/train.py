@@ -19,6 +19,7 @@ import optax
 
 from safer_jax import data as data_lib
 from safer_jax import distributed
+from safer_jax import wrapping
 from safer_jax.progress import Progress
 
 Variables = Mapping[str, Any]
@@ -66,7 +67,7 @@ def _eval_batch(apply_fn: ApplyFn, variables, images, labels, mask):
   return jnp.sum(correct * mask), jnp.sum(loss * mask)
 
 
-def evaluate(apply_fn: ApplyFn, variables: Variables,
+def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
              split: data_lib.Split | data_lib.Dataset, batch_size: int = 1024, *,
              shard: bool = True) -> dict[str, float]:
   """Accuracy and mean cross-entropy of ``apply_fn(variables, images)`` on a split.
@@ -85,8 +86,12 @@ def evaluate(apply_fn: ApplyFn, variables: Variables,
   same result.
 
   Args:
-    apply_fn: ``(variables, images (B, H, W, C)) -> logits (B, K)``.
-    variables: model variables (``params`` and, if any, ``batch_stats``).
+    apply_fn: ``(variables, images (B, H, W, C)) -> logits (B, K)``, or a
+      model: a :func:`safer_jax.wrap`-ped one, an ``nnx.Module`` or a linen
+      module (run in inference mode; wrap an nnx module once and reuse it, so
+      the compiled evaluation is reused too).
+    variables: model variables (``params`` and, if any, ``batch_stats``);
+      ``None`` for a wrapped or nnx model (its own variables).
     split: a :class:`~safer_jax.data.Split` (or a Dataset: its eval split).
     batch_size: examples per compiled call (a positive integer).
     shard: split batches over the devices (when there are several and
@@ -99,6 +104,9 @@ def evaluate(apply_fn: ApplyFn, variables: Variables,
   Raises:
     ValueError: an empty split or a bad ``batch_size``.
   """
+  if wrapping.is_model(apply_fn):
+    model, variables = wrapping.as_model(apply_fn, variables)
+    apply_fn = model.apply
   split = _as_split(split)
   n = len(split)
   if n == 0:
@@ -141,17 +149,15 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
   """Returns a jitted ``step(variables, opt_state, images, labels) -> (variables, opt_state, loss)``."""
 
+  forward = wrapping.training_apply(model)
+
   @jax.jit
   def step(variables, opt_state, images, labels):
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(p):
-      if state:
-        logits, new_state = model.apply({"params": p, **state}, images, train=True,
-                                        mutable=list(state))
-      else:
-        logits, new_state = model.apply({"params": p}, images, train=True), {}
+      logits, new_state = forward({"params": p, **state}, images)
       return jnp.mean(cross_entropy(logits, labels)), new_state
 
     (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -170,11 +176,13 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
   """Trains ``model`` on ``dataset.train`` with AdamW; deterministic given ``config.seed``.
 
   Args:
-    model: a Flax module called as ``model.apply(variables, x, train=...)``.
+    model: a Flax module called as ``model.apply(variables, x, train=...)``, or
+      a :func:`safer_jax.wrap`-ped model (with ``variables``).
     dataset: a :class:`~safer_jax.data.Dataset`.
     config: hyper-parameters.
     progress: print a progress line per epoch (loss, eval accuracy).
-    variables: start from these instead of a fresh init.
+    variables: start from these instead of a fresh init (a wrapped model
+      starts from its own variables).
     make_steps: ``make_steps(model, tx) -> steps`` where ``steps(epoch)`` is the
       jitted step of that epoch (default: :func:`make_train_step` every epoch);
       used by adversarial corruption-resistant training.
@@ -188,7 +196,8 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
   bs = min(config.batch_size, n)
   steps_per_epoch = n // bs
   if variables is None:
-    variables = init_variables(model, dataset.input_shape, config.seed)
+    variables = (model.variables if isinstance(model, wrapping.WrappedModel)
+                 else init_variables(model, dataset.input_shape, config.seed))
   variables = dict(variables)
   tx = make_optimizer(config, steps_per_epoch)
   opt_state = tx.init(variables["params"])
@@ -213,7 +222,7 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
     history["train_loss"].append(epoch_loss)
     bar.update(1, postfix=f"loss {epoch_loss:.4f}")
   history["train_seconds"] = bar.close()
-  history["eval"] = evaluate(model.apply, variables, dataset.eval)
+  history["eval"] = evaluate(model, variables, dataset.eval)
   return variables, history
 
 
@@ -223,7 +232,8 @@ def finetune(model: nn.Module, variables: Variables, split: data_lib.Split, step
   """A short fine-tune (AdamW, constant ``learning_rate``) with optional fixed pruning masks.
 
   Args:
-    model: a Flax module (train mode updates ``batch_stats``).
+    model: a Flax module or :func:`safer_jax.wrap`-ped model (train mode
+      updates ``batch_stats``).
     variables: starting variables (e.g. a pruned model).
     split: training data.
     steps: optimizer steps (batches drawn in a seeded random order).

@@ -201,7 +201,7 @@ def make_step(model: nn.Module, teacher: Variables, tx: optax.GradientTransforma
   def step(variables, opt_state, x, y, key, masks):
     def loss_fn(params):
       v = forward({**variables, "params": params})
-      logits = model.apply(v, x, train=False)
+      logits = attribution.logits(model, v, x)
       task = jnp.mean(train.cross_entropy(logits, y))
       att = jnp.zeros(())
       if config.beta:

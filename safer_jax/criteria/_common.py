@@ -20,6 +20,7 @@ import numpy as np
 
 from safer_jax import distributed
 from safer_jax import layers as layers_lib
+from safer_jax import wrapping
 
 Params = Mapping[str, Any]
 Batch = Any
@@ -95,6 +96,24 @@ def shard_batches(batches: Sequence[Batch]) -> list[Batch]:
     return list(batches)
   mesh = distributed.data_mesh()
   return [distributed.shard_batch(b, mesh) for b in batches]
+
+
+def accepts_nnx_state(criterion: Callable) -> Callable:
+  """Lets ``criterion(loss_fn, params, ...)`` take an ``nnx.State`` as ``params``.
+
+  The state is replaced by its pure dict (layer paths as the user's state
+  shows them, ``nnx.List`` indices as strings) and ``loss_fn`` by a function of
+  that dict that rebuilds the state before calling the user's ``loss_fn``
+  (:class:`safer_jax.wrapping.StateLossFn`): the numbers equal those of the
+  pure-dict path, and scores are keyed by those layer paths.
+  """
+
+  @functools.wraps(criterion)
+  def wrapper(loss_fn, params, *args, **kwargs):
+    loss_fn, params = wrapping.pure_params_and_loss(loss_fn, params)
+    return criterion(loss_fn, params, *args, **kwargs)
+
+  return wrapper
 
 
 def setup(loss_fn: LossFn | None, params: Params, batches: Any,

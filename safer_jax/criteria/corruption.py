@@ -59,6 +59,7 @@ def dual_norm(g: jax.Array, p: Any, n: int | None = None) -> jax.Array:
   return jnp.sum(a)
 
 
+@_common.accepts_nnx_state
 def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                            layers: Any = None, key: jax.Array | None = None, eps: float = 1e-2,
                            p: Any = 2, n_sparse: int | None = None,
@@ -154,6 +155,7 @@ class PGAResult(NamedTuple):
   losses: list[float]
 
 
+@_common.accepts_nnx_state
 def pga_corruption(loss_fn: _common.LossFn, params: _common.Params, batches: Any, layer: str, *,
                    eps: float = 1e-2, p: Any = 2, steps: int = 10, step_size: float = 0.25,
                    n_sparse: int | None = None, relative: bool = True) -> PGAResult:
@@ -238,6 +240,7 @@ def _pga_layer(loss_fn, params, batches, name, eps, p, steps, step_size, n_spars
   return PGAResult(best_a, best_loss - base, losses[0] - base, e, losses)
 
 
+@_common.accepts_nnx_state
 def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                    layers: Any = None, key: jax.Array | None = None, eps: float = 1e-2,
                    p: Any = 2, steps: int = 10, step_size: float = 0.25,

@@ -74,6 +74,7 @@ def _quad_fn(loss_fn, name):
   return quad
 
 
+@_common.accepts_nnx_state
 def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                      layers: Any = None, key: jax.Array | None = None,
                      rel_tol: float = 1e-2, max_probes: int = 1024,
@@ -133,6 +134,7 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
   return out
 
 
+@_common.accepts_nnx_state
 def hessian_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                   layers: Any = None, key: jax.Array | None = None,
                   rel_tol: float = 1e-2, max_probes: int = 1024,
@@ -240,6 +242,7 @@ def _power_top(matvec, v0: jax.Array, max_iter: int, tol: float) -> float:
   return lam
 
 
+@_common.accepts_nnx_state
 def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                    layers: Any = None, key: jax.Array | None = None,
                    method: str = "lanczos", max_iter: int = 100,
@@ -298,6 +301,7 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   return out
 
 
+@_common.accepts_nnx_state
 def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
             layers: Any = None, key: jax.Array | None = None, bits: int = 4,
             rel_tol: float = 1e-2, max_probes: int = 1024, chunk_size: int = 16) -> _common.Scores:

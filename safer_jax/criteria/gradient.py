@@ -16,6 +16,7 @@ from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
 
 
+@_common.accepts_nnx_state
 def grad_norm(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
               layers: Any = None, key: jax.Array | None = None) -> _common.Scores:
   """Euclidean norm ||g||_2 of the mean loss gradient w.r.t. each kernel.
@@ -40,6 +41,7 @@ def grad_norm(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   return {n: _common.to_float(jnp.linalg.norm(jnp.ravel(grads[n]))) for n in names}
 
 
+@_common.accepts_nnx_state
 def taylor(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
            layers: Any = None, key: jax.Array | None = None) -> _common.Scores:
   """First-order Taylor estimate |sum(g * w)| of the loss change when zeroing a layer.
@@ -67,6 +69,7 @@ def taylor(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
           for n in names}
 
 
+@_common.accepts_nnx_state
 def taylor_abs(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                layers: Any = None, key: jax.Array | None = None) -> _common.Scores:
   """Sum of per-weight first-order Taylor scores sum(|g * w|).
@@ -95,6 +98,7 @@ def taylor_abs(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
           for n in names}
 
 
+@_common.accepts_nnx_state
 def fisher(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
            layers: Any = None, key: jax.Array | None = None,
            chunk_size: int | None = None) -> _common.Scores:

@@ -66,6 +66,7 @@ def _integral_fn(loss_fn, name, chunk_size):
   return integral
 
 
+@_common.accepts_nnx_state
 def integrated_gradients_attributions(
     loss_fn: _common.LossFn, params: _common.Params, batches: Any, *, layers: Any = None,
     baseline: str = "zero", bits: int = 4, steps: int = 32, rule: str = "gauss_legendre",
@@ -110,6 +111,7 @@ def integrated_gradients_attributions(
   return out
 
 
+@_common.accepts_nnx_state
 def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                          layers: Any = None, key: jax.Array | None = None,
                          baseline: str = "zero", bits: int = 4, steps: int = 32,
