@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "acr_train": "experiments.acr_train",
     "memory_check": "experiments.memory_check",
     "bench_devices": "experiments.bench_devices",
+    "bench_criteria": "experiments.bench_criteria",
 }
 
 

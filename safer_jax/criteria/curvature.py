@@ -31,10 +31,19 @@ class TraceEstimate(NamedTuple):
     mean: the estimate of tr(H) (units: loss / weight^2).
     stderr: standard error of ``mean`` (sample std of the probes / sqrt(count)).
     num_probes: number of Rademacher probes used.
+    stability: how settled the *ranking* of the layers by ``mean`` is: the
+      mean Kendall tau between the ranking of bootstrap resamples of the probes
+      and the ranking of all of them (1: every resample ranks the layers alike;
+      the same value for every layer of one call; NaN with a single layer).
   """
   mean: float
   stderr: float
   num_probes: int
+  stability: float = float("nan")
+
+
+STOP_RULES = ("ranking", "rel_tol")
+ESTIMATORS = ("all_layers", "per_layer")
 
 
 def _hvp_fn(loss_fn, name):
@@ -46,17 +55,6 @@ def _hvp_fn(loss_fn, name):
     return jax.jvp(g, (kernel,), (v,))[1]
 
   return hvp
-
-
-def _flat_hvp_acc_fn(loss_fn, name):
-  """``(params, kernel, v_flat, batch, acc, w) -> acc + w * ravel(H v)``."""
-  hvp = _hvp_fn(loss_fn, name)
-
-  def acc_hvp(params, kernel, flat, batch, acc, weight):
-    hv = hvp(params, kernel, jnp.reshape(flat, kernel.shape), batch)
-    return acc + weight * jnp.ravel(hv)
-
-  return acc_hvp
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -74,96 +72,196 @@ def _quad_fn(loss_fn, name):
   return quad
 
 
+def _all_layers_quad_fn(loss_fn, names):
+  """``(params, key, batch) -> (P, L)``: ``v_l^T (H v)_l`` per probe and layer, one HVP per probe.
+
+  ``v`` is a Rademacher vector over all ``L`` selected kernels at once and
+  ``H v`` the full Hessian (of the loss w.r.t. those kernels) times ``v``:
+  forward-over-reverse, vmapped over the probes (the primal forward/backward is
+  not batched, so it runs once per call). ``E[v_l^T (H v)_l] = tr(H_ll)``
+  since the cross-layer terms ``v_l^T H_lm v_m`` vanish in expectation.
+  The probes are drawn inside from ``key`` (``(P,)`` keys, one per probe).
+  """
+  names = tuple(names)
+
+  def quad(params, keys, batch):
+    kernels = _common.kernels_of(params, names)
+
+    def grad(ks):
+      return jax.grad(lambda k: loss_fn(_common.with_kernels(params, k), batch))(ks)
+
+    def one(key):
+      v = {n: jax.random.rademacher(jax.random.fold_in(key, i), kernels[n].shape,
+                                    dtype=kernels[n].dtype) for i, n in enumerate(names)}
+      hv = jax.jvp(grad, (kernels,), (v,))[1]
+      return jnp.stack([jnp.vdot(v[n], hv[n]) for n in names])
+
+    return jax.vmap(one)(keys)
+
+  return quad
+
+
+def ranking_stability(samples: np.ndarray, n_boot: int = 200, seed: int = 0) -> float:
+  """Mean Kendall tau between bootstrap rankings of the layers and the full-sample ranking.
+
+  Args:
+    samples: ``(P, L)`` per-probe estimates of ``L`` layers' scores.
+    n_boot: bootstrap resamples of the ``P`` probes (rows).
+    seed: NumPy seed of the resampling (fixed: the rule is deterministic).
+
+  Returns:
+    Mean over resamples of tau-a between the layer means of the resample and
+    those of all probes, in [-1, 1] (NaN for fewer than two layers).
+  """
+  p, l = samples.shape
+  if l < 2:
+    return float("nan")
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, p, size=(n_boot, p))
+  boot = samples[idx].mean(axis=1)  # (B, L)
+  full = samples.mean(axis=0)
+  iu = np.triu_indices(l, 1)
+  ref = np.sign(full[:, None] - full[None, :])[iu]  # (pairs,)
+  diff = np.sign(boot[:, :, None] - boot[:, None, :])[:, iu[0], iu[1]]  # (B, pairs)
+  return float(np.mean(diff * ref[None, :]))
+
+
 @_common.accepts_nnx_state
 def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                      layers: Any = None, key: jax.Array | None = None,
-                     rel_tol: float = 1e-2, max_probes: int = 1024,
-                     chunk_size: int = 16) -> dict[str, TraceEstimate]:
-  """Hutchinson estimate of the trace of each layer's Hessian block.
+                     stop: str = "ranking", target_tau: float = 0.95, rel_tol: float = 1e-2,
+                     max_probes: int = 1024, min_probes: int = 32, chunk_size: int = 16,
+                     estimator: str = "all_layers", n_boot: int = 200,
+                     progress: bool = False) -> dict[str, TraceEstimate]:
+  """Hutchinson estimates of the trace of every layer's Hessian block.
 
-  tr(H) = E_v[v^T H v] with Rademacher probes v (entries +-1). Probes are drawn
-  ``chunk_size`` at a time and their HVPs vectorised with ``jax.vmap``; every
-  probe sees every batch, so the only noise is the probes'. Sampling stops once
-  ``stderr <= rel_tol * |mean|`` (checked after each chunk) or when
-  ``max_probes`` is reached.
+  tr(H_ll) = E_v[v^T H_ll v] with Rademacher probes v (entries +-1); every
+  probe sees every batch, so the only noise is the probes'.
+
+  * ``estimator='all_layers'`` (default): one probe is a Rademacher vector over
+    *all* selected kernels and costs one full Hessian-vector product, which
+    gives ``v_l^T (H v)_l`` for every layer ``l`` at once (cross-layer terms
+    vanish in expectation; they add variance, not bias). One compiled program.
+  * ``estimator='per_layer'``: one HVP per layer per probe on that layer's
+    block only (lower variance per probe, ``L`` times the work and ``L``
+    compilations).
+
+  Probes are drawn ``chunk_size`` at a time (vectorised with ``vmap``) and the
+  stopping rule is checked after each chunk, once ``min_probes`` are in:
+
+  * ``stop='ranking'`` (default): stop when the ranking of the layers is
+    settled — the mean Kendall tau between bootstrap resamples of the probes
+    and all probes (:func:`ranking_stability`) reaches ``target_tau`` — what
+    the criterion is used for. With ``estimator='per_layer'`` each layer has
+    its own probes and the rule applies to them jointly.
+  * ``stop='rel_tol'``: stop when every layer's ``stderr <= rel_tol * |mean|``.
+
+  Either way at most ``max_probes`` (rounded up to a multiple of ``chunk_size``).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree (or ``variables``).
+    params: Flax params pytree (or ``variables``, or an ``nnx.State``).
     batches: sequence of batches (pytrees with a leading batch axis).
     layers: ``None`` (all layers) or regex pattern(s).
-    key: ``jax.random`` key for the probes (``None``: ``jax.random.key(0)``);
-      layer i uses ``fold_in(key, i)``.
-    rel_tol: target relative standard error.
-    max_probes: upper bound on the number of probes per layer.
+    key: ``jax.random`` key for the probes (``None``: ``jax.random.key(0)``).
+    stop: ``'ranking'`` or ``'rel_tol'``.
+    target_tau: ranking stability to reach (``stop='ranking'``), in (0, 1].
+    rel_tol: target relative standard error (``stop='rel_tol'``).
+    max_probes: upper bound on the number of probes.
+    min_probes: probes drawn before the rule is first checked.
     chunk_size: probes vectorised together (memory ~ chunk_size x one HVP).
+    estimator: ``'all_layers'`` or ``'per_layer'``.
+    n_boot: bootstrap resamples of the ranking rule.
+    progress: print probes drawn and the current stability.
 
   Returns:
-    ``{layer: TraceEstimate(mean, stderr, num_probes)}``. COST per layer:
-    ``num_probes`` HVPs per batch (a multiple of ``chunk_size``, at most
-    ``max_probes`` rounded up to it).
+    ``{layer: TraceEstimate(mean, stderr, num_probes, stability)}``. COST:
+    ``num_probes`` full HVPs per batch (``all_layers``), or that per layer
+    (``per_layer``).
 
   Raises:
     ValueError: non-finite parameters, a pattern matching no layer, no data,
-      or a bad option.
+      or a bad option (named, with what is allowed).
   """
   names, batches = _common.setup(loss_fn, params, batches, layers)
+  if stop not in STOP_RULES:
+    raise ValueError(f"Unsupported stop={stop!r}; allowed: {list(STOP_RULES)}.")
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"Unsupported estimator={estimator!r}; allowed: {list(ESTIMATORS)}.")
   rel_tol = _common.check_nonneg_float("rel_tol", rel_tol)
+  target_tau = _common.check_nonneg_float("target_tau", target_tau)
+  if not 0 < target_tau <= 1:
+    raise ValueError(f"`target_tau` must be in (0, 1], got {target_tau!r}.")
   max_probes = _common.check_positive_int("max_probes", max_probes)
+  min_probes = _common.check_positive_int("min_probes", min_probes)
   chunk_size = _common.check_positive_int("chunk_size", chunk_size)
+  n_boot = _common.check_positive_int("n_boot", n_boot)
   key = jax.random.key(0) if key is None else key
-  out = {}
-  for index, name in enumerate(names):
-    quad = _common.cached_jit(_quad_fn, loss_fn, name)
-    kernel = layers_lib.get_kernel(params, name)
-    layer_key = jax.random.fold_in(key, index)
-    samples: list[np.ndarray] = []
-    chunk = 0
-    while True:
-      vs = jax.random.rademacher(jax.random.fold_in(layer_key, chunk),
-                                 (chunk_size,) + kernel.shape, dtype=kernel.dtype)
-      q = sum(quad(params, kernel, vs, b) for b in batches) / len(batches)
-      samples.append(np.asarray(jax.device_get(q), dtype=np.float64))
-      chunk += 1
-      x = np.concatenate(samples)
-      mean = float(np.mean(x))
-      stderr = float(np.std(x, ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.inf
-      if stderr <= rel_tol * abs(mean) or x.size >= max_probes:
+  kernels = _common.kernels_of(params, names)
+
+  if estimator == "all_layers":
+    quad = _common.cached_jit(_all_layers_quad_fn, loss_fn, tuple(names))
+
+    def draw(chunk):  # (chunk_size, L)
+      keys = jax.random.split(jax.random.fold_in(key, chunk), chunk_size)
+      return sum(quad(params, keys, b) for b in batches) / len(batches)
+  else:
+    quads = {n: _common.cached_jit(_quad_fn, loss_fn, n) for n in names}
+
+    def draw(chunk):
+      cols = []
+      for index, name in enumerate(names):
+        k = kernels[name]
+        vs = jax.random.rademacher(jax.random.fold_in(jax.random.fold_in(key, index), chunk),
+                                   (chunk_size,) + k.shape, dtype=k.dtype)
+        cols.append(sum(quads[name](params, k, vs, b) for b in batches) / len(batches))
+      return jnp.stack(cols, axis=1)
+
+  samples: list[np.ndarray] = []
+  chunk, stability = 0, float("nan")
+  while True:
+    samples.append(np.asarray(jax.device_get(draw(chunk)), dtype=np.float64))
+    chunk += 1
+    x = np.concatenate(samples)  # (P, L)
+    count = x.shape[0]
+    stability = ranking_stability(x, n_boot)
+    if progress:
+      print(f"hutchinson: {count} probes, ranking stability {stability:.3f}", flush=True)
+    if count >= max_probes:
+      break
+    if count < min_probes:
+      continue
+    if stop == "ranking":
+      if len(names) < 2 or stability >= target_tau:
         break
-    out[name] = TraceEstimate(mean, stderr, int(x.size))
-  return out
+    else:
+      mean, std = x.mean(axis=0), x.std(axis=0, ddof=1) if count > 1 else np.inf
+      if np.all(std / math.sqrt(count) <= rel_tol * np.abs(mean)):
+        break
+  mean = x.mean(axis=0)
+  stderr = (x.std(axis=0, ddof=1) / math.sqrt(count) if count > 1
+            else np.full(len(names), math.inf))
+  return {n: TraceEstimate(float(mean[i]), float(stderr[i]), int(count), stability)
+          for i, n in enumerate(names)}
 
 
 @_common.accepts_nnx_state
 def hessian_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
-                  layers: Any = None, key: jax.Array | None = None,
-                  rel_tol: float = 1e-2, max_probes: int = 1024,
-                  chunk_size: int = 16) -> _common.Scores:
+                  layers: Any = None, key: jax.Array | None = None, **options) -> _common.Scores:
   """Trace of each layer's Hessian block (Hutchinson), i.e. the sum of its eigenvalues.
 
-  See ``hutchinson_trace`` for the estimator and its stopping rule; this
-  returns only the means.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
-    key: probe key (``None``: ``jax.random.key(0)``).
-    rel_tol: target relative standard error.
-    max_probes: upper bound on the number of probes per layer.
-    chunk_size: probes vectorised together.
+  See :func:`hutchinson_trace` for the estimator, its stopping rules and
+  ``options`` (``stop``, ``target_tau``, ``rel_tol``, ``max_probes``,
+  ``min_probes``, ``chunk_size``, ``estimator``); this returns only the means.
 
   Returns:
-    ``{layer: tr(H)}`` (units: loss / weight^2). COST per layer: up to
-    ``max_probes`` HVPs per batch.
+    ``{layer: tr(H)}`` (units: loss / weight^2).
 
   Raises:
     ValueError: non-finite parameters, a pattern matching no layer, no data,
       or a bad option.
   """
-  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, rel_tol=rel_tol,
-                         max_probes=max_probes, chunk_size=chunk_size)
+  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, **options)
   return {n: e.mean for n, e in est.items()}
 
 
@@ -190,56 +288,95 @@ def _lanczos_init(v0, m):
   return v, jnp.zeros_like(v), jnp.zeros((), v.dtype), basis
 
 
-def _lanczos_top(matvec, n: int, v0: jax.Array, max_iter: int, tol: float) -> float:
-  """Largest eigenvalue by Lanczos with full reorthogonalisation.
+def _block_hvps_fn(loss_fn, names):
+  """``(params, flats {layer: (n_l,)}, active (L,) bool, batch) -> {layer: ravel(H_ll v_l)}``.
 
-  Stops when the residual bound ``beta_j * |s_j|`` of the top Ritz pair is
-  ``<= tol * |theta|`` (then an eigenvalue lies within ``tol * |theta|`` of
-  ``theta``), when the Krylov space is invariant, or after ``min(max_iter, n)``
-  steps (with n steps the result is exact up to rounding). Memory: a
-  ``(min(max_iter, n) + 1, n)`` basis.
+  Every layer's own block product in one program: the gradient w.r.t. all
+  kernels is linearised once (``jax.linearize``: one forward + backward) and its
+  linear map is applied to each layer's vector alone; layers whose ``active``
+  flag is False are skipped (``lax.cond``) and give zeros.
   """
-  m = min(max_iter, n)
-  v, v_prev, beta, basis = _lanczos_init(v0, m)
-  alphas: list[float] = []
-  betas: list[float] = []
-  theta = 0.0
-  for j in range(m):
-    alpha, beta_next, v_next, basis = _lanczos_step(basis, j, v, v_prev, beta, matvec(v))
+  names = tuple(names)
+
+  def block_hvps(params, flats, active, batch):
+    kernels = _common.kernels_of(params, names)
+    grad = lambda ks: jax.grad(lambda k: loss_fn(_common.with_kernels(params, k), batch))(ks)
+    _, lin = jax.linearize(grad, kernels)
+    out = {}
+    for i, n in enumerate(names):
+      def product(flat, n=n):
+        tangent = {m: jnp.zeros_like(kernels[m]) for m in names}
+        tangent[n] = jnp.reshape(flat, kernels[n].shape)
+        return jnp.ravel(lin(tangent)[n])
+      out[n] = jax.lax.cond(active[i], product, jnp.zeros_like, flats[n])
+    return out
+
+  return block_hvps
+
+
+class _Lanczos:
+  """Lanczos with full reorthogonalisation for one symmetric operator, stepped from outside.
+
+  ``vector`` is the current Lanczos vector (to multiply by H); :meth:`step`
+  takes ``H @ vector`` and returns True once converged: the residual bound
+  ``beta_j * |s_j|`` of the top Ritz pair is ``<= tol * |theta|`` (an
+  eigenvalue lies within ``tol * |theta|`` of ``theta``), the Krylov space is
+  invariant, or ``min(max_iter, n)`` steps were taken (with n steps the result
+  is exact up to rounding). Memory: a ``(min(max_iter, n) + 1, n)`` basis.
+  """
+
+  def __init__(self, v0: jax.Array, n: int, max_iter: int, tol: float):
+    self.m, self.tol = min(max_iter, n), tol
+    self.vector, self._v_prev, self._beta, self._basis = _lanczos_init(v0, self.m)
+    self.alphas: list[float] = []
+    self.betas: list[float] = []
+    self.theta = 0.0
+    self.done = False
+
+  def step(self, w: jax.Array) -> bool:
+    j = len(self.alphas)
+    alpha, beta_next, v_next, self._basis = _lanczos_step(self._basis, j, self.vector,
+                                                          self._v_prev, self._beta, w)
     alpha, beta_f = float(alpha), float(beta_next)
-    alphas.append(alpha)
+    self.alphas.append(alpha)
     if j == 0:
       evals, evecs = np.array([alpha]), np.ones((1, 1))
     else:
-      evals, evecs = scipy.linalg.eigh_tridiagonal(np.array(alphas), np.array(betas))
+      evals, evecs = scipy.linalg.eigh_tridiagonal(np.array(self.alphas), np.array(self.betas))
     top = int(np.argmax(evals))
-    theta = float(evals[top])
+    self.theta = float(evals[top])
     residual = beta_f * abs(float(evecs[-1, top]))
-    if residual <= tol * abs(theta) or beta_f <= 1e-7 * max(abs(theta), 1e-30):
-      break
-    betas.append(beta_f)
-    v_prev, v, beta = v, v_next, beta_next
-  return theta
+    if (residual <= self.tol * abs(self.theta) or beta_f <= 1e-7 * max(abs(self.theta), 1e-30)
+        or j + 1 >= self.m):
+      self.done = True
+    else:
+      self.betas.append(beta_f)
+      self._v_prev, self.vector, self._beta = self.vector, v_next, beta_next
+    return self.done
 
 
-def _power_top(matvec, v0: jax.Array, max_iter: int, tol: float) -> float:
-  """Eigenvalue of largest magnitude by power iteration (Rayleigh quotient).
+class _Power:
+  """Power iteration (Rayleigh quotient), stepped from outside; see :func:`top_eigenvalue`."""
 
-  Stops when two successive Rayleigh quotients differ by ``<= tol * |lambda|``.
-  """
-  v = v0 / jnp.linalg.norm(v0)
-  lam = None
-  for _ in range(max_iter):
-    w = matvec(v)
-    new = float(jnp.vdot(v, w))
-    norm = jnp.linalg.norm(w)
-    if float(norm) == 0.0:
-      return 0.0
-    v = w / norm
-    if lam is not None and abs(new - lam) <= tol * abs(new):
-      return new
-    lam = new
-  return lam
+  def __init__(self, v0: jax.Array, max_iter: int, tol: float):
+    self.vector = v0 / jnp.linalg.norm(v0)
+    self.max_iter, self.tol = max_iter, tol
+    self.theta: float | None = None
+    self.iters = 0
+    self.done = False
+
+  def step(self, w: jax.Array) -> bool:
+    self.iters += 1
+    new = float(jnp.vdot(self.vector, w))
+    norm = float(jnp.linalg.norm(w))
+    if norm == 0.0:
+      self.theta, self.done = 0.0, True
+      return True
+    self.vector = w / norm
+    converged = self.theta is not None and abs(new - self.theta) <= self.tol * abs(new)
+    self.theta = new
+    self.done = converged or self.iters >= self.max_iter
+    return self.done
 
 
 @_common.accepts_nnx_state
@@ -258,19 +395,26 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   layer under cross-entropy); stops when successive Rayleigh quotients differ by
   ``<= tol * |lambda|``; converges slowly when the top two eigenvalues are close.
 
+  All layers iterate together: each iteration is one compiled call per batch
+  that linearises the gradient once and applies it to every still-running
+  layer's vector (``H_ll v_l``); each layer stops on its own tolerance and is
+  skipped from then on.
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
     params: Flax params pytree.
     batches: sequence of batches.
     layers: ``None`` or regex pattern(s).
-    key: ``jax.random`` key for the start vector (``None``: ``key(0)``).
+    key: ``jax.random`` key for the start vectors (``None``: ``key(0)``);
+      layer ``i`` starts from ``normal(fold_in(key, i))``.
     method: ``'lanczos'`` or ``'power'``.
     max_iter: maximum number of HVPs per layer.
     tol: relative tolerance (see above).
 
   Returns:
-    ``{layer: lambda}`` (units: loss / weight^2). COST per layer: one HVP per
-    batch per iteration, at most ``max_iter`` iterations.
+    ``{layer: lambda}`` (units: loss / weight^2). COST: per iteration one
+    linearisation (forward + backward) and one block product per running layer,
+    per batch; at most ``max_iter`` iterations.
 
   Raises:
     ValueError: bad ``method``, non-finite parameters, a pattern matching no
@@ -282,29 +426,30 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   max_iter = _common.check_positive_int("max_iter", max_iter)
   tol = _common.check_nonneg_float("tol", tol)
   key = jax.random.key(0) if key is None else key
-  out = {}
+  block_hvps = _common.cached_jit(_block_hvps_fn, loss_fn, tuple(names))
+  solvers = {}
   for index, name in enumerate(names):
     kernel = layers_lib.get_kernel(params, name)
-    acc_hvp = _common.cached_jit(_flat_hvp_acc_fn, loss_fn, name)
-
-    def matvec(flat, kernel=kernel, acc_hvp=acc_hvp):
-      acc = jnp.zeros_like(flat)
-      for b in batches:
-        acc = acc_hvp(params, kernel, flat, b, acc, 1.0 / len(batches))
-      return acc
-
     v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
-    if method == "lanczos":
-      out[name] = _lanczos_top(matvec, kernel.size, v0, max_iter, tol)
-    else:
-      out[name] = _power_top(matvec, v0, max_iter, tol)
-  return out
+    solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
+                     else _Power(v0, max_iter, tol))
+  while not all(s.done for s in solvers.values()):
+    active = jnp.asarray([not solvers[n].done for n in names])
+    flats = {n: solvers[n].vector for n in names}
+    products = None
+    for b in batches:
+      hv = block_hvps(params, flats, active, b)
+      products = hv if products is None else jax.tree.map(jnp.add, products, hv)
+    for n in names:
+      if not solvers[n].done:
+        solvers[n].step(products[n] / len(batches))
+  return {n: float(solvers[n].theta) for n in names}
 
 
 @_common.accepts_nnx_state
 def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
             layers: Any = None, key: jax.Array | None = None, bits: int = 4,
-            rel_tol: float = 1e-2, max_probes: int = 1024, chunk_size: int = 16) -> _common.Scores:
+            **options) -> _common.Scores:
   """HAWQ-v2 sensitivity: mean Hessian eigenvalue times squared quantization error.
 
   score = tr(H) / n * ||Q_b(W) - W||_2^2 (Dong et al. 2020), the second-order
@@ -319,19 +464,18 @@ def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
     layers: ``None`` or regex pattern(s).
     key: probe key (``None``: ``key(0)``).
     bits: bit width, an integer in [1, 16].
-    rel_tol, max_probes, chunk_size: Hutchinson options.
+    **options: :func:`hutchinson_trace` options (``max_probes``, ``stop``, ...).
 
   Returns:
-    ``{layer: score}`` (units: loss). COST per layer: up to ``max_probes``
-    HVPs per batch, plus one quantization.
+    ``{layer: score}`` (units: loss). COST: that of :func:`hutchinson_trace`,
+    plus one quantization per layer.
 
   Raises:
     ValueError: bad ``bits``, non-finite parameters, a pattern matching no
       layer, no data.
   """
   bits = _common.check_bits(bits)
-  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, rel_tol=rel_tol,
-                         max_probes=max_probes, chunk_size=chunk_size)
+  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, **options)
   out = {}
   for name, e in est.items():
     w = layers_lib.get_kernel(params, name)

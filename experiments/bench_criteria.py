@@ -1,0 +1,167 @@
+"""Benchmark: is every criterion *cheap* next to the ground-truth sweep it predicts?
+
+SAfER's premise is that a criterion can stand in for the sweep. On one model
+(default ``mobilenet_v2``, the zoo model with the most layers) this times, in
+one process:
+
+* the ground-truth sweep (every layer x the criteria benchmark's families,
+  magnitudes and seeds) — cold (first call, compilation included) and warm;
+* every criterion on the same calibration batches — cold and warm — and its
+  Spearman rho (with a 95% bootstrap interval over layers) against the sweep's
+  per-layer importance, per family;
+* the all-layer Hutchinson trace (one full Hessian-vector product per probe)
+  against the per-layer estimator (one HVP per layer per probe) at an equal
+  number of probes, warm.
+
+Writes ``bench_criteria.json`` (``model``, ``sweep_seconds`` (warm),
+``criteria: {name: {seconds, seconds_cold, needs_data, fraction_of_sweep,
+spearman_vs_truth: {family: rho}, ...}}``, ``trace_all_layers_speedup``, ...)
+and ``bench_criteria.md``. The targets (2-core CPU): every data-dependent
+criterion <= 10% of the warm sweep, all-layer trace >= 20x the per-layer one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import common, criteria_benchmark
+from safer_jax import benchmark, criteria, io, sweep
+from safer_jax.progress import Progress
+
+DATA_FREE = ("random", "param_count", "weight_norm", "quant_error", "spectral_norm")
+TARGET_FRACTION = 0.10
+TARGET_TRACE_SPEEDUP = 20.0
+
+
+def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
+  """The criteria benchmark's setting on one model, plus the trace comparison.
+
+  Fields (besides :func:`experiments.criteria_benchmark.get_config`):
+    trace_probes: probes of the all-layer vs per-layer trace comparison.
+    metric: ground-truth metric the rho is computed against.
+  """
+  config = criteria_benchmark.get_config(tiny)
+  config.model = "mlp" if tiny else "mobilenet_v2"
+  config.trace_probes = 16 if tiny else 64
+  config.metric = "accuracy_drop"
+  return config
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  out = fn()
+  jax.block_until_ready(jax.tree.leaves(out) if not hasattr(out, "shape") else out)
+  return out, time.perf_counter() - t0
+
+
+def _spearman(scores, truth_frame, n_boot, seed) -> dict:
+  out = {}
+  for family in truth_frame.columns:
+    agreement = benchmark.rank_agreement(scores, truth_frame[family].to_dict(), n_boot=n_boot,
+                                         seed=seed)
+    out[family] = {"rho": agreement["spearman"], "lo": agreement["spearman_lo"],
+                   "hi": agreement["spearman_hi"]}
+  return out
+
+
+def run(config, workdir: str) -> dict:
+  # Cold timings must include compilation: no persistent XLA cache for this run.
+  jax.config.update("jax_enable_compilation_cache", False)
+  entry = common.pretrained(config)
+  split = entry.dataset.eval.take(config.eval_examples or None)
+  scfg = criteria_benchmark._sweep_config(config)  # pylint: disable=protected-access
+  table, sweep_cold = _timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,
+                                                     progress=config.progress))
+  _, sweep_warm = _timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,
+                                                 progress=False))
+  truth = sweep.importance(table, config.metric)
+  print(f"sweep: {len(table)} cells, cold {sweep_cold:.1f} s, warm {sweep_warm:.1f} s",
+        flush=True)
+
+  loss_fn = benchmark.classifier_loss_fn(entry.model, entry.variables)
+  batches = benchmark.batches_from_split(entry.dataset.train, config.calib_batch_size,
+                                         config.calib_batches)
+  params = entry.variables["params"]
+  key = jax.random.key(config.seed)
+  options = config.criteria_options.to_dict()
+  results = {}
+  bar = Progress(len(config.criteria), "criteria", enabled=config.progress, unit="criterion")
+  for name in config.criteria:
+    opts = {name: options[name]} if name in options else None
+    times = []
+    for _ in range(2):  # cold, then warm
+      scores, seconds = criteria.compute_all([name], loss_fn, params, batches, key=key,
+                                             options=opts)
+      times.append(seconds[name])
+    values = {layer: float(getattr(v, "mean", v)) for layer, v in scores[name].items()}
+    results[name] = {
+        "seconds": times[1], "seconds_cold": times[0], "needs_data": name not in DATA_FREE,
+        "fraction_of_sweep": times[1] / sweep_warm,
+        "fraction_of_sweep_cold": times[0] / sweep_cold,
+        "spearman_vs_truth": _spearman(values, truth, config.n_boot, config.seed)}
+    bar.update(1, postfix=f"{name} {times[1]:.2f}s")
+  bar.close()
+
+  # All-layer vs per-layer Hutchinson at equal probes (no early stop), warm.
+  n = int(config.trace_probes)
+  trace_opts = dict(stop="rel_tol", rel_tol=0.0, max_probes=n, min_probes=n,
+                    chunk_size=min(16, n))
+  trace_seconds = {}
+  for estimator in ("all_layers", "per_layer"):
+    for _ in range(2):
+      _, t = _timed(lambda e=estimator: criteria.hutchinson_trace(
+          loss_fn, params, batches, key=key, estimator=e, **trace_opts))
+    trace_seconds[estimator] = t
+  speedup = trace_seconds["per_layer"] / trace_seconds["all_layers"]
+
+  data_dependent = [r["fraction_of_sweep"] for r in results.values() if r["needs_data"]]
+  result = {
+      "model": entry.name, "dataset": entry.dataset.name, "layers": int(len(truth)),
+      "cells": len(table), "eval_examples": len(split),
+      "calibration_images": config.calib_batches * config.calib_batch_size,
+      "sweep_seconds": sweep_warm, "sweep_seconds_cold": sweep_cold, "metric": config.metric,
+      "criteria": results, "trace_probes": n, "trace_seconds": trace_seconds,
+      "trace_all_layers_speedup": speedup,
+      "max_data_dependent_fraction": max(data_dependent, default=0.0),
+      "targets": {"fraction_of_sweep": TARGET_FRACTION,
+                  "trace_all_layers_speedup": TARGET_TRACE_SPEEDUP},
+      "targets_met": {
+          "fraction_of_sweep": max(data_dependent, default=0.0) <= TARGET_FRACTION,
+          "trace_all_layers_speedup": speedup >= TARGET_TRACE_SPEEDUP},
+      "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind}, "
+                f"{os.cpu_count()} CPU cores visible)",
+      "versions": io.versions()}
+  families = list(truth.columns)
+  md = [f"# bench_criteria: {entry.name} on {entry.dataset.name}", "",
+        f"Ground truth: {len(table)} cells on {len(split)} eval images, {len(truth)} layers; "
+        f"sweep {sweep_warm:.1f} s warm ({sweep_cold:.1f} s cold). Criteria on "
+        f"{result['calibration_images']} training images; rho = Spearman vs. the sweep's "
+        f"{config.metric} importance [95% bootstrap over layers]. Device: {result['device']}.",
+        "",
+        "| criterion | data | warm s | % of sweep | cold s | " + " | ".join(
+            f"rho {f}" for f in families) + " |",
+        "|---" * (5 + len(families)) + "|"]
+  for name, r in results.items():
+    rho = [f"{r['spearman_vs_truth'][f]['rho']:.2f} [{r['spearman_vs_truth'][f]['lo']:.2f}, "
+           f"{r['spearman_vs_truth'][f]['hi']:.2f}]" for f in families]
+    md.append(f"| {name} | {'yes' if r['needs_data'] else 'no'} | {r['seconds']:.2f} | "
+              f"{100 * r['fraction_of_sweep']:.1f}% | {r['seconds_cold']:.2f} | "
+              + " | ".join(rho) + " |")
+  md += ["", f"Hutchinson trace at {n} probes, warm: all layers in one HVP per probe "
+         f"{trace_seconds['all_layers']:.2f} s, one HVP per layer per probe "
+         f"{trace_seconds['per_layer']:.2f} s: **{speedup:.1f}x**.", "",
+         f"Targets: every data-dependent criterion <= {100 * TARGET_FRACTION:.0f}% of the sweep "
+         f"(max {100 * result['max_data_dependent_fraction']:.1f}%: "
+         f"{'met' if result['targets_met']['fraction_of_sweep'] else 'NOT met'}); all-layer "
+         f"trace >= {TARGET_TRACE_SPEEDUP:.0f}x ({speedup:.1f}x: "
+         f"{'met' if result['targets_met']['trace_all_layers_speedup'] else 'NOT met'})."]
+  paths = {"json": io.write_json(os.path.join(workdir, "bench_criteria.json"), result),
+           "md": io.write_text(os.path.join(workdir, "bench_criteria.md"), "\n".join(md) + "\n")}
+  print("\n".join(md[2:]))
+  return {"paths": paths, **{k: result[k] for k in (
+      "model", "sweep_seconds", "trace_all_layers_speedup", "max_data_dependent_fraction")}}
