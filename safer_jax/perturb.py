@@ -846,8 +846,13 @@ def _perturb_bias(fam: Family, kernel: Array, bias: Array, grad: Array | None,
   opts = dict(options)
   if fam.name == "prune" and opts.get("method", "magnitude") == "structured":
     axis = opts.get("axis", -1)
-    pruned = _pruned_channels(jnp.asarray(kernel), magnitude, axis)
-    if bias.shape != pruned.shape:
+    kernel = jnp.asarray(kernel)
+    pruned = _pruned_channels(kernel, magnitude, axis)
+    # A DenseGeneral kernel (in, heads, head_dim) has a bias (heads, head_dim): pruning
+    # last-axis channel j zeroes bias[..., j] of every head.
+    last = axis is not None and axis % kernel.ndim == kernel.ndim - 1
+    if not (bias.shape == pruned.shape
+            or (last and bias.ndim >= 1 and bias.shape[-1] == pruned.shape[0])):
       raise ValueError(f"bias shape {bias.shape} does not match the {pruned.shape[0]} "
                        "kernel channels")
     return jnp.where(pruned, jnp.zeros((), bias.dtype), bias)

@@ -18,6 +18,7 @@ from safer_jax.models.lenet import LeNet
 from safer_jax.models.mlp import MLP
 from safer_jax.models.mobilenet import MobileNetV2
 from safer_jax.models.resnet import ResNet
+from safer_jax.models.vit import ViT
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
@@ -25,6 +26,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": functools.partial(ResNet, depth=8),
     "resnet20": functools.partial(ResNet, depth=20),
     "mobilenet_v2": MobileNetV2,
+    "vit_tiny": ViT,
     "resnet18": functools.partial(TorchResNet, depth=18),
     "resnet34": functools.partial(TorchResNet, depth=34),
     "resnet50": functools.partial(TorchResNet, depth=50),
@@ -59,4 +61,4 @@ def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 __all__ = ["MODELS", "get_model", "list_models", "StagedModel", "MLP", "LeNet", "ResNet",
-           "MobileNetV2", "IMAGENET_MODELS", "TorchResNet", "TorchMobileNetV2"]
+           "MobileNetV2", "ViT", "IMAGENET_MODELS", "TorchResNet", "TorchMobileNetV2"]
