@@ -83,3 +83,24 @@ def test_zoo_convolution_matches_lax(hw, cin, cout, k, stride, padding):
   got = jax.jit(lambda a, b: common.conv_general_dilated(a, b, (stride, stride), padding,
                                                          dimension_numbers=dn))(x, w)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 2), "SAME"), ((1, 1), "VALID"),
+                                             ((2, 2), ((1, 0), (0, 1)))])
+def test_depthwise_conv_equals_lax_also_under_vmap(strides, padding):
+  """Zoo depthwise convs (shifted multiply-adds) equal XLA's grouped conv, also vmapped over kernels."""
+  from safer_jax.models import common
+  x = jax.random.normal(jax.random.key(0), (3, 7, 8, 6))
+  kernels = jax.random.normal(jax.random.key(1), (4, 3, 3, 1, 6))
+  dn = jax.lax.conv_dimension_numbers(x.shape, kernels.shape[1:], ("NHWC", "HWIO", "NHWC"))
+
+  def ref(k):
+    return jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn,
+                                        feature_group_count=6)
+
+  def ours(k):
+    return common.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn,
+                                       feature_group_count=6)
+
+  np.testing.assert_allclose(jax.vmap(ours)(kernels), jax.vmap(ref)(kernels), atol=1e-5)
+  np.testing.assert_allclose(ours(kernels[0]), ref(kernels[0]), atol=1e-5)

@@ -38,6 +38,27 @@ def _im2col_conv(x, kernel, strides, pads):
   return jnp.concatenate(cols, axis=-1) @ kernel.reshape(kh * kw * cin, cout)
 
 
+def _depthwise_conv(x, kernel, strides, pads):
+  """Depthwise conv (groups = channels, multiplier 1) as a sum of shifted slices x weights.
+
+  ``x (B, H, W, C)``, ``kernel (kh, kw, 1, C)``. Elementwise multiply-adds, which stay
+  elementwise under ``vmap`` over the kernel (perturbed copies, per-example gradients,
+  Hessian-vector probes); XLA:CPU turns a vmapped grouped convolution into a
+  convolution with ``C x copies`` groups that it runs up to ~60x slower.
+  """
+  kh, kw, _, _ = kernel.shape
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  out = None
+  for a in range(kh):
+    for b in range(kw):
+      term = xp[:, a:a + (ho - 1) * sh + 1:sh, b:b + (wo - 1) * sw + 1:sw, :] * kernel[a, b, 0]
+      out = term if out is None else out + term
+  return out
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
@@ -45,6 +66,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
   Used by every zoo convolution; parameters (``kernel`` HWIO) are unchanged.
   """
+  nhwc = (lhs.ndim == 4 and not kwargs
+          and all(d == 1 for d in (lhs_dilation or (1, 1)))
+          and all(d == 1 for d in (rhs_dilation or (1, 1)))
+          and dimension_numbers == jax.lax.conv_dimension_numbers(
+              lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+  if (nhwc and feature_group_count > 1 and feature_group_count == lhs.shape[-1]
+      and rhs.shape[2] == 1 and rhs.shape[3] == lhs.shape[-1]):
+    pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+            if isinstance(padding, str) else padding)
+    return _depthwise_conv(lhs, rhs, window_strides, pads)
   plain = (feature_group_count != 1 or kwargs or lhs.ndim != 4
            or any(d != 1 for d in (lhs_dilation or (1, 1)))
            or any(d != 1 for d in (rhs_dilation or (1, 1)))
