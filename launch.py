@@ -1,7 +1,17 @@
 """Runs one experiment: ``python launch.py --experiment=NAME [--model=...] [--config key=value]``.
 
-Output goes to ``<workdir>/<experiment>/``. Experiments are listed in
-``experiments/__init__.py``; ``--experiment=help`` prints them.
+Output goes to ``<workdir>/<experiment>/<model>/`` (several models of one
+experiment coexist; ``criteria_benchmark`` keeps its aggregate files in
+``<workdir>/criteria_benchmark/``), and ``<workdir>/report.{md,html}`` gathers
+every experiment and model. Experiments are listed in ``experiments/__init__.py``;
+``--experiment=help`` (or ``list``) prints them.
+
+Every flag and ``--config`` value is checked before any work
+(:func:`experiments.common.validate_config`, each experiment's ``validate``):
+a bad one, an unwritable workdir or cache, or a missing checkpoint is one
+``error:`` line and exit status 2, with nothing written. Ctrl-C prints one
+``interrupted:`` line (a resumable sweep says how many cells it kept) and exits
+with 130. Other exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
@@ -14,15 +24,17 @@ from absl import app, flags, logging
 
 import experiments
 from experiments import common
+from safer_jax.errors import ConfigError
 from safer_jax.report import build_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "quant_sweep", "Experiment to run; one of "
-                    f"{experiments.list_experiments()}.")
-flags.DEFINE_string("workdir", "workdir", "Results go to <workdir>/<experiment>/.")
+                    f"{experiments.list_experiments()}; 'help' or 'list' describes them.")
+flags.DEFINE_string("workdir", "workdir", "Results go to <workdir>/<experiment>/<model>/.")
 flags.DEFINE_string("model", None, "Zoo model (overrides the experiment's default).")
 flags.DEFINE_string("dataset", None, "'digits' (embedded) or a prepared tfds name.")
-flags.DEFINE_integer("seed", None, "Seed (model training and stochastic perturbations).")
+flags.DEFINE_integer("seed", None, "Seed (model training and stochastic perturbations).",
+                     lower_bound=0)
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("cache_dir", None, "Zoo checkpoint cache (default ~/.cache/safer_jax/zoo).")
 flags.DEFINE_bool("tiny", False, "Run the experiment's tiny setting (seconds; used by tests).")
@@ -35,23 +47,105 @@ flags.DEFINE_bool("distributed", False, "Multi-host run: call jax.distributed.in
                   "trains or restores zoo models (the others receive its weights) and alone "
                   "writes results and the report.")
 flags.DEFINE_string("coordinator_address", None, "--distributed: 'host:port' of process 0.")
-flags.DEFINE_integer("num_processes", None, "--distributed: total number of processes.")
-flags.DEFINE_integer("process_id", None, "--distributed: this process's index.")
+flags.DEFINE_integer("num_processes", None, "--distributed: total number of processes.",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index.", lower_bound=0)
 flags.DEFINE_multi_string("config", [], "Config override key=value, repeatable, e.g. "
                           "--config epochs=5 --config bits='(8,4,2)'.")
+
+
+FLAG_KEYS = ("model", "dataset", "seed", "data_dir", "cache_dir")  # flags copied into the config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a bad flag is one ``error:`` line naming it, exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def list_experiments() -> str:
+  """One line per experiment: its name and the first line of its module docstring."""
+  names = experiments.list_experiments()
+  width = max(map(len, names))
+  lines = ["Experiments (python launch.py --experiment=NAME [--tiny] [--config key=value]):"]
+  for name in names:
+    doc = (experiments.get_experiment(name).__doc__ or "").strip().splitlines()
+    lines.append(f"  {name:<{width}}  {doc[0] if doc else ''}")
+  return "\n".join(lines)
+
+
+def results_dir(workdir: str, name: str, module, config) -> str:
+  """``<workdir>/<experiment>/<model>/``; ``<workdir>/<experiment>/`` where the experiment
+  sets ``RESULTS_PER_MODEL = False`` (it spans models) or has no model."""
+  from safer_jax import models  # pylint: disable=import-outside-toplevel
+  base = os.path.join(workdir, name)
+  model = config.get("model") if getattr(module, "RESULTS_PER_MODEL", True) else None
+  return os.path.join(base, models.ALIASES.get(model, model)) if model else base
+
+
+def check_writable(path: str, flag: str) -> list[str]:
+  """Creates ``path`` and a probe file in it, or raises a ConfigError naming ``flag``.
+
+  Returns the folders it created, deepest first (see :func:`remove_if_empty`).
+  """
+  created, parent = [], os.path.abspath(path)
+  while not os.path.exists(parent):
+    created.append(parent)
+    parent = os.path.dirname(parent)
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    remove_if_empty(created)
+    raise ConfigError(f"{flag} is not writable: cannot create files in {path!r} "
+                      f"({e.strerror or e}).") from e
+  return created
+
+
+def remove_if_empty(folders: list[str]) -> None:
+  """Removes each of ``folders`` (deepest first) that is still empty."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.experiment in ("help", "list"):
+    print(list_experiments())
+    return 0
+  try:
+    return _main()
+  except ConfigError as e:  # a bad value: the message names it and what is allowed
+    if FLAGS.verbosity >= 1:  # -v 1: the full traceback
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:
+    path = getattr(e, "path", None)
+    if path:
+      print(f"interrupted: {e.saved} cells saved in {path}; rerun to resume", file=sys.stderr)
+    else:
+      print(f"interrupted: {FLAGS.experiment} stopped; it keeps no partial results (rerun to "
+            f"start again).", file=sys.stderr)
+    return 130
+
+
+def _main() -> int:
   primary = True
   if FLAGS.distributed:  # Before anything touches a device.
     from safer_jax import distributed  # pylint: disable=import-outside-toplevel
     try:
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      raise ConfigError(str(e)) from e
     primary = distributed.is_primary()
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep orbax/jax INFO chatter out; -v 0 restores it.
@@ -60,33 +154,28 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.environ.get("SAFER_JAX_XLA_CACHE") or
                       os.path.join(os.path.expanduser("~"), ".cache", "safer_jax", "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  try:
-    module = experiments.get_experiment(FLAGS.experiment)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  module = experiments.get_experiment(FLAGS.experiment)
   config = module.get_config(tiny=FLAGS.tiny)
-  for name in ("model", "dataset", "seed", "data_dir", "cache_dir"):
+  names = {}
+  for name in FLAG_KEYS:
     value = getattr(FLAGS, name)
     if value is not None and name in config:
       config[name] = value
-  try:
-    common.apply_overrides(config, FLAGS.config)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+      names[name] = f"--{name}"
+  common.apply_overrides(config, FLAGS.config)
+  names.update({item.split("=", 1)[0].strip(): f"--config {item.split('=', 1)[0].strip()}"
+                for item in FLAGS.config})
+  common.validate_config(module, config, names)  # every value, before any work
   if not primary:
     return _run_secondary(module, config)
-  workdir = os.path.join(FLAGS.workdir, FLAGS.experiment)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = results_dir(FLAGS.workdir, FLAGS.experiment, module, config)
+  created = check_writable(workdir, f"--workdir={FLAGS.workdir}")
   print(f"safer_jax: experiment {FLAGS.experiment} -> {os.path.abspath(workdir)}", flush=True)
   try:
     result = module.run(config, workdir)
-  except ValueError as e:  # bad input: the message names the value and what is allowed
-    if FLAGS.verbosity >= 1:  # -v 1: the full traceback
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (ConfigError, KeyboardInterrupt):  # e.g. an unwritable zoo cache: leave nothing behind
+    remove_if_empty(created)
+    raise
   for key, path in sorted(result.get("paths", {}).items()):
     print(f"  wrote {key}: {path}")
   report = build_report(FLAGS.workdir)
@@ -102,11 +191,11 @@ def _run_secondary(module, config) -> int:
   process writes no checkpoint.
   """
   with tempfile.TemporaryDirectory(prefix="safer_jax_secondary_") as scratch:
-    workdir = os.path.join(scratch, FLAGS.experiment)
+    workdir = results_dir(scratch, FLAGS.experiment, module, config)
     os.makedirs(workdir)
     module.run(config, workdir)
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

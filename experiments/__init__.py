@@ -35,8 +35,9 @@ def get_experiment(name: str) -> ModuleType:
   """Imports the experiment module registered as ``name``.
 
   Raises:
-    ValueError: unknown name (the message lists the valid names).
+    ConfigError: unknown name (a ValueError; the message lists the valid names).
   """
   if name not in REGISTRY:
-    raise ValueError(f"Unknown experiment {name!r}; valid experiments: {list_experiments()}")
+    from safer_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    raise ConfigError(f"Unknown experiment {name!r}; valid experiments: {list_experiments()}")
   return importlib.import_module(REGISTRY[name])

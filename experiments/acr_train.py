@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import acr, benchmark, data, io, layers, models, perturb, train
+from safer_jax import acr, benchmark, io, layers, models, perturb, train
 
 
 def get_config(tiny: bool = False):
@@ -56,6 +56,27 @@ def get_config(tiny: bool = False):
     config.bitflip_rates = (1e-2,)
     config.bitflip_trials = 1
   return config
+
+
+def validate(config, check: common.Checker) -> None:
+  """Seeds, training, ACR options, robustness conditions (see :func:`common.validate_config`)."""
+  from safer_jax.criteria import _common  # pylint: disable=import-outside-toplevel
+  check.rule("seeds", common.SEEDS)
+  check.rule("epochs", common.COUNT)
+  check.rule("acr.eps", common.number(0, note="relative radius"))
+  check.rule("acr.p", common.choice(_common.ALLOWED_P))
+  check.rule("acr.steps", common.integer(0))
+  check.rule("acr.step_size", common.number(0))
+  check.rule("acr.mix", common.number(0, 1))
+  check.rule("acr.scope", common.choice(acr.SCOPES))
+  check.rule("acr.warmup_epochs", common.integer(0))
+  check.rule("acr.n_sparse", common.integer(0, note="0: dense"))
+  check.rule("eval_eps", common.sequence(common.number(0), nonempty=False))
+  check.rule("eval_p", common.choice(_common.ALLOWED_P))
+  check.rule("eval_steps", common.integer(0))
+  check.rule("bitflip_rates", common.sequence(common.number(0, 1), nonempty=False))
+  check.rule("bitflip_trials", common.COUNT)
+  check.rule("quant_bits", common.sequence(common.integer(1, 16), nonempty=False))
 
 
 def acr_config(config) -> acr.ACRConfig:
@@ -103,7 +124,7 @@ def robustness(model, variables, split, names, config, seed: int, attack=None) -
 
 
 def run(config, workdir: str) -> dict:
-  ds = data.load_dataset(config.dataset, data_dir=config.data_dir or None)
+  ds = common.load_dataset(config)
   model = models.get_model(config.model, num_classes=ds.num_classes)
   acr_cfg = acr_config(config)
   rows, attack = [], None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import jax
 import numpy as np
@@ -51,6 +52,26 @@ def get_config(tiny: bool = False):
     config.steps = 4
     config.num_examples = 1
   return config
+
+
+def validate(config, check: common.Checker) -> None:
+  """Layer, compression levels and fine-tuning (see :func:`common.validate_config`)."""
+  from safer_jax import perturb  # pylint: disable=import-outside-toplevel
+  check.rule("layer", common.text(nonempty=True, note="the Grad-CAM layer, e.g. conv2/conv"))
+  common.check_layers(check, "layer", [re.escape(config.layer)])
+  allowed = "'prune:R' (R in [0, 1]) or 'quantize:B' (B an integer in 1..16)"
+  check.rule("levels", common.sequence(common.text(nonempty=True), note=allowed))
+  for text in config.levels:
+    try:
+      method, level = _parse_level(text)
+      perturb.validate_magnitude(method, level)
+    except ValueError as e:
+      check.fail("levels", allowed, problem=f"{text!r}: {e}")
+  check.rule("steps", common.integer(0))
+  check.rule("beta", common.number(0))
+  check.rule("channel_drop", common.number(0, 1, hi_open=True))
+  check.rule("top_k", common.number(0, 1, lo_open=True, note="fraction of the map"))
+  check.rule("num_examples", common.integer(1, note="example maps drawn per level"))
 
 
 def _parse_level(text: str) -> tuple[str, float]:
@@ -172,16 +193,18 @@ def _plot_metrics(results: pd.DataFrame, base: dict, path: str) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   labels = list(dict.fromkeys(results["label"]))
   xs = np.arange(len(labels))
+  # Dodge: each variant a little left or right of the level, so error bars do not overlap.
+  offsets = {v: (k - (len(VARIANTS) - 1) / 2) * 0.12 for k, v in enumerate(VARIANTS)}
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
   for ax, (col, title) in zip(axes, (("accuracy", "eval accuracy"), ("spearman", "Spearman"),
                                      ("iou", "top-k IoU"), ("cosine", "cosine"))):
     for v in VARIANTS:
       sub = results[results.variant == v].set_index("label").reindex(labels)
       if col == "accuracy":
-        ax.plot(xs, 100 * sub["accuracy"], marker="o", label=v)
+        ax.plot(xs + offsets[v], 100 * sub["accuracy"], marker="o", label=v)
       else:
-        ax.errorbar(xs, sub[f"{col}_mean"], yerr=sub[f"{col}_std"], marker="o", capsize=2,
-                    label=v, alpha=0.85)
+        ax.errorbar(xs + offsets[v], sub[f"{col}_mean"], yerr=sub[f"{col}_std"], marker="o",
+                    capsize=2, label=v, alpha=0.85)
     if col == "accuracy":
       ax.axhline(100 * base["accuracy"], color="green", ls="-.", lw=0.8, label="original")
     ax.set_xticks(xs)

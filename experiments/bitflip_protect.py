@@ -76,6 +76,28 @@ def get_config(tiny: bool = False):
   return config
 
 
+def validate(config, check: common.Checker) -> None:
+  """Budgets, rates, seeds and rules (see :func:`common.validate_config`)."""
+  check.rule("budget_fractions", common.sequence(common.number(0, 1)))
+  check.rule("rates", common.sequence(common.number(0, 1, note="per-bit flip rate")))
+  check.rule("representation", common.choice(("int8", "float32", "bfloat16")))
+  check.rule("num_seeds", common.COUNT)
+  check.rule("seed_chunk", common.COUNT)
+  bases = ["oracle", "random", "none", *sorted(criteria.CRITERIA)]
+  names = bases + [b + PER_PARAM for b in bases if b not in ("random", "none")]
+  check.rule("rules", common.sequence(common.choice(names), unique=True))
+  check.rule("random_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
+  check.require(bool(config.random_seeds) or "random" not in config.rules, "random_seeds",
+                "a non-empty tuple of integers >= 0 (the 'random' rule needs one seed per "
+                "ordering; or drop it from rules)")
+  check.rule("oracle_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
+  oracle = any(r.startswith("oracle") for r in config.rules)
+  check.require(bool(config.oracle_seeds) or not oracle, "oracle_seeds",
+                "a non-empty tuple of integers >= 0 (the oracle rules sweep bit flips, which "
+                "need seeds; or drop them from rules)")
+  check.rule("oracle_metric", common.choice(("loss_increase", "accuracy_drop")))
+
+
 def select_protected(scores: Mapping[str, float], sizes: Mapping[str, int],
                      fraction: float) -> list[str]:
   """Greedy: layers in descending score (ties: key order of ``sizes``), each kept if it fits.

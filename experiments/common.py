@@ -1,12 +1,29 @@
-"""Config fields and helpers shared by experiments."""
+"""Config fields and helpers shared by experiments, and the validation of configs.
+
+Validation runs once, up front (``launch.py`` calls :func:`validate_config`
+after the overrides, before any file is written or model trained): the
+declarative per-key rules :data:`RULES` apply to every experiment that has the
+key, cross-key rules apply by the keys present (a sensitivity-style sweep:
+``families`` + ``seeds``), and an experiment module may add its own checks as
+``validate(config, check)`` (``check`` a :class:`Checker`). A bad value raises a
+:class:`~safer_jax.errors.ConfigError` naming the flag or key, the value and what
+is allowed, e.g. ``--config eval_examples=-5 is not allowed; allowed: an integer
+>= 0 (0: the whole eval split)``.
+"""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
 from safer_jax import data, zoo
+from safer_jax.errors import ConfigError
 
 
 def base_config(**fields) -> ml_collections.ConfigDict:
@@ -14,6 +31,8 @@ def base_config(**fields) -> ml_collections.ConfigDict:
 
   ``checkpoint``: a user checkpoint to load instead of training a zoo model (a
   torchvision ``.npz`` state dict or an orbax directory; see :func:`pretrained`).
+  ``train_from_scratch``: let an ImageNet-size zoo architecture train on first use
+  (refused by default: they take a ``checkpoint``).
   ``max_train``, ``max_eval``, ``image_size``: tfds datasets only (None: the
   dataset's default; for ImageNet-like names 1,024 / 2,000 images, 224x224 crops,
   see :func:`safer_jax.data.load_tfds`).
@@ -25,6 +44,7 @@ def base_config(**fields) -> ml_collections.ConfigDict:
   config.data_dir = ""
   config.cache_dir = ""
   config.checkpoint = ""
+  config.train_from_scratch = False
   config.max_train = None
   config.max_eval = None
   config.image_size = None
@@ -40,37 +60,395 @@ def parse_value(text: str):
     return text
 
 
+def _literal(key: str, text: str, current: Any) -> Any:
+  """``text`` as a Python literal; a plain string only where one is acceptable.
+
+  A string is acceptable for string fields, and (one bare word, or words joined by
+  commas, optionally in parentheses) for tuples of strings: ``families=quantize``,
+  ``families=quantize,prune`` or ``criteria=(fisher,taylor)``.
+  """
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    if isinstance(current, str):
+      return text
+    words = [w.strip() for w in text.strip().strip("()[]").split(",") if w.strip()]
+    if (isinstance(current, tuple) and current and all(isinstance(c, str) for c in current)
+        and words and all(re.fullmatch(r"[^'\"()\[\]\s]+", w) for w in words)):
+      return tuple(words)  # bare words: families=quantize,prune or levels=(prune:0.5,)
+    if current is None or isinstance(current, (tuple, list, int, float)):
+      example = {tuple: "a tuple such as (1, 2)", list: "a list such as [1, 2]",
+                 bool: "True or False"}.get(
+          type(current), "a number" if isinstance(current, (int, float)) else "a Python literal")
+      reason = getattr(e, "msg", None) or "a bare word; numbers, tuples, True/False or quotes"
+      raise ConfigError(f"--config {key}={text} is not a Python literal ({reason}); expected "
+                        f"{example}, e.g. --config {key}={_show(current) or '...'}.") from None
+    return text
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
   """Applies ``key=value`` overrides (values parsed as Python literals, else strings).
 
   Raises:
-    ValueError: malformed override, unknown key (lists valid keys) or a value of the wrong type.
+    ConfigError: malformed override, unknown key (lists valid keys), a value that
+      is not a literal where one is needed (e.g. ``quantize=(8,4``) or a value of
+      the wrong type. The message names the key.
   """
   for item in overrides:
     if "=" not in item:
-      raise ValueError(f"Config override {item!r} must look like key=value.")
+      raise ConfigError(f"--config {item!r} must look like key=value.")
     key, text = item.split("=", 1)
     key = key.strip()
     target = config
     parts = key.split(".")
     for part in parts[:-1]:
-      if part not in target:
-        raise ValueError(f"Unknown config key {key!r}; valid keys: {sorted(config.keys())}")
+      if part not in target or not isinstance(target[part], ml_collections.ConfigDict):
+        raise ConfigError(f"Unknown config key {key!r}; valid keys: {sorted(config.keys())}")
       target = target[part]
     if parts[-1] not in target:
-      raise ValueError(f"Unknown config key {key!r}; valid keys: {sorted(target.keys())}")
-    value = parse_value(text)
+      raise ConfigError(f"Unknown config key {key!r}; valid keys: {sorted(target.keys())}")
     current = target[parts[-1]]
-    if isinstance(current, tuple) and not isinstance(value, tuple):
+    value = _literal(key, text, current)
+    if isinstance(current, tuple) and not isinstance(value, (tuple, list)):
       value = (value,)
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if isinstance(current, str) and not isinstance(value, str):
       value = text
     try:
       target[parts[-1]] = value
-    except TypeError as e:
-      raise ValueError(f"Config override {item!r}: {e}") from e
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"--config {key}={text} has the wrong type ({type(value).__name__}); "
+                        f"expected a {type(current).__name__} like the default "
+                        f"{_show(current)}.") from e
+
+
+# ---------------------------------------------------------------------------
+# Validation: declarative per-key rules, cross-key rules, per-experiment checks.
+# ---------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+  """A value as the user would type it after ``key=`` (``''`` for an empty string)."""
+  if isinstance(value, str):
+    return value if value else "''"
+  if isinstance(value, ml_collections.ConfigDict):
+    return repr(value.to_dict())
+  return repr(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A check of one value: ``test(value) -> bool``, the text of what is allowed, and
+  optionally ``why(value) -> str`` saying what is wrong (e.g. which element)."""
+  test: Callable[[Any], bool]
+  allowed: str
+  why: Callable[[Any], str] | None = None
+
+  def __call__(self, value: Any) -> bool:
+    try:
+      return bool(self.test(value))
+    except (TypeError, ValueError):
+      return False
+
+  def problem(self, value: Any) -> str:
+    return self.why(value) if self.why is not None else ""
+
+
+def _is_int(v) -> bool:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  import math  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+          and math.isfinite(float(v)))
+
+
+def integer(lo: int | None = None, hi: int | None = None, note: str = "") -> Rule:
+  """An integer in ``[lo, hi]`` (either bound optional)."""
+  if lo is not None and hi is not None:
+    text = f"an integer in {lo}..{hi}"
+  elif lo is not None:
+    text = f"an integer >= {lo}"
+  else:
+    text = "an integer" + (f" <= {hi}" if hi is not None else "")
+  return Rule(lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi),
+              text + (f" ({note})" if note else ""))
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False, note: str = "") -> Rule:
+  """A finite number in the interval ``lo..hi`` (open or closed ends)."""
+  if lo is not None and hi is not None:
+    text = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+  elif lo is not None:
+    text = f"a number {'>' if lo_open else '>='} {lo:g}"
+  elif hi is not None:
+    text = f"a number {'<' if hi_open else '<='} {hi:g}"
+  else:
+    text = "a finite number"
+
+  def test(v):
+    if not _is_num(v):
+      return False
+    v = float(v)
+    return ((lo is None or (v > lo if lo_open else v >= lo))
+            and (hi is None or (v < hi if hi_open else v <= hi)))
+  return Rule(test, text + (f" ({note})" if note else ""))
+
+
+def choice(options: Sequence[Any], note: str = "") -> Rule:
+  """One of ``options``."""
+  options = list(options)
+  shown = ", ".join(_show(o) for o in options)
+  return Rule(lambda v: v in options, f"one of {shown}" + (f" ({note})" if note else ""))
+
+
+def boolean() -> Rule:
+  return Rule(lambda v: isinstance(v, bool), "True or False")
+
+
+def text(nonempty: bool = False, note: str = "") -> Rule:
+  return Rule(lambda v: isinstance(v, str) and (bool(v) or not nonempty),
+              ("a non-empty string" if nonempty else "a string") + (f" ({note})" if note else ""))
+
+
+def optional(rule: Rule) -> Rule:
+  """``None`` or a value ``rule`` allows."""
+  return Rule(lambda v: v is None or rule(v), f"None or {rule.allowed}")
+
+
+def sequence(item: Rule, *, nonempty: bool = True, unique: bool = False,
+             note: str = "") -> Rule:
+  """A tuple (or list) whose every element ``item`` allows."""
+  def why(v):
+    if not isinstance(v, (tuple, list)):
+      return "not a tuple"
+    if nonempty and not v:
+      return "empty"
+    bad = [x for x in v if not item(x)]
+    if bad:
+      return f"{_show(bad[0])} is not {item.allowed}"
+    if unique and len(set(v)) != len(v):
+      return "repeated values"
+    return ""
+
+  what = ("a non-empty tuple" if nonempty else "a tuple") + (" of distinct values" if unique
+                                                              else "")
+  return Rule(lambda v: not why(v), f"{what}, each {item.allowed}" + (f" ({note})" if note
+                                                                         else ""), why)
+
+
+COUNT = integer(1)
+SEED = integer(0, 2**31 - 1)
+SEEDS = sequence(SEED, unique=True)
+
+# Keys with one meaning in every experiment that has them.
+RULES: dict[str, Rule] = {
+    "seed": SEED,
+    "dataset": text(nonempty=True, note="'digits' or a prepared tensorflow-datasets name"),
+    "data_dir": text(),
+    "cache_dir": text(),
+    "checkpoint": text(),
+    "max_train": optional(COUNT),
+    "max_eval": optional(COUNT),
+    "image_size": optional(COUNT),
+    "progress": boolean(),
+    "train_from_scratch": boolean(),
+    "eval_examples": integer(0, note="0: the whole eval split"),
+    "eval_batch_size": COUNT,
+    "max_parallel": COUNT,
+    "memory_budget_gb": number(0, note="0: no budget"),
+    "calib_examples": COUNT,
+    "calib_batch_size": COUNT,
+    "calib_batches": COUNT,
+    "batch_size": COUNT,
+    "learning_rate": number(0, lo_open=True),
+    "devices": sequence(COUNT),
+    "timeout_s": number(0, lo_open=True),
+}
+
+
+class Checker:
+  """Checks the values of one config and raises :class:`ConfigError` naming the flag or key.
+
+  ``names`` maps keys set from a flag to that flag (``{'seed': '--seed'}``);
+  others are named ``--config key``.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, names: Mapping[str, str] | None = None):
+    self.config = config
+    self.names = dict(names or {})
+
+  def value(self, key: str) -> Any:
+    node = self.config
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def has(self, key: str) -> bool:
+    node = self.config
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        return False
+      node = node[part]
+    return True
+
+  def name(self, key: str) -> str:
+    return self.names.get(key, f"--config {key}")
+
+  def fail(self, key: str, allowed: str, value: Any = None, *, problem: str = "") -> None:
+    """Raises the ConfigError for ``key`` (its current value unless ``value`` is given)."""
+    value = self.value(key) if value is None else value
+    raise ConfigError(f"{self.name(key)}={_show(value)} is not allowed"
+                      + (f" ({problem})" if problem else "") + f"; allowed: {allowed}")
+
+  def rule(self, key: str, rule: Rule) -> None:
+    """Checks ``key`` (when the config has it) against ``rule``."""
+    if self.has(key) and not rule(self.value(key)):
+      self.fail(key, rule.allowed, problem=rule.problem(self.value(key)))
+
+  def require(self, ok: bool, key: str, allowed: str, *, problem: str = "") -> None:
+    if not ok:
+      self.fail(key, allowed, problem=problem)
+
+
+def model_names(extra: Sequence[str] = ()) -> list[str]:
+  from safer_jax import models  # pylint: disable=import-outside-toplevel
+  return [*models.list_models(), *models.ALIASES, *extra]
+
+
+def check_sweep_keys(check: Checker) -> None:
+  """A sensitivity-style sweep config (``families``, per-family grid keys, ``seeds``, ...)."""
+  from safer_jax import perturb  # pylint: disable=import-outside-toplevel
+  config = check.config
+  check.rule("families", sequence(choice(sorted(perturb.FAMILIES)), unique=True))
+  for family in config.families:
+    if family in config:
+      grid = config[family]
+      check.require(isinstance(grid, (tuple, list)) and len(grid) > 0, family,
+                    f"a non-empty tuple of {perturb.FAMILIES[family].magnitude_name} values "
+                    f"(the {family} family's magnitude grid)")
+      check_magnitudes(check, family, family, grid)
+  check.rule("seeds", sequence(SEED, nonempty=False, unique=True))
+  stochastic = [f for f in config.families if perturb.FAMILIES[f].stochastic]
+  check.require(bool(config.seeds) or not stochastic, "seeds",
+                f"a non-empty tuple of integers >= 0 (the stochastic families {stochastic} need "
+                f"at least one seed; or drop them from families)")
+  if "bitflip_representation" in config:
+    check.rule("bitflip_representation", choice(("int8", "float32", "bfloat16")))
+  check.rule("layers", text(note="comma-separated regexes; empty: every layer"))
+  check_layers(check, "layers", [p for p in check.value("layers").split(",") if p])
+
+
+def check_magnitudes(check: Checker, key: str, family: str, grid: Sequence[Any]) -> None:
+  from safer_jax import perturb  # pylint: disable=import-outside-toplevel
+  for m in grid:
+    if not _is_num(m):
+      check.fail(key, f"numbers ({perturb.FAMILIES[family].magnitude_name} values)")
+    try:
+      perturb.validate_magnitude(family, float(m))
+    except ValueError as e:
+      check.fail(key, str(e).split("allowed: ")[-1], problem=str(e).split(";")[0])
+
+
+def _check_regex(check: Checker, key: str, pattern: str) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    check.fail(key, "valid regular expressions", problem=f"{pattern!r}: {e}")
+
+
+def layer_names(config: ml_collections.ConfigDict, model: str | None = None) -> list[str] | None:
+  """The layer paths of ``model`` (default ``config.model``) without training or loading weights.
+
+  Known up front for the embedded ``'digits'`` (its input shape and classes are
+  fixed); ``None`` for other datasets (known only once their data is loaded).
+  """
+  if config.get("dataset") != "digits":
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+  from safer_jax import layers, models, train  # pylint: disable=import-outside-toplevel
+  ds = data.load_dataset("digits")
+  net = models.get_model(model or config.model, num_classes=ds.num_classes)
+  abstract = jax.eval_shape(lambda: train.init_variables(net, ds.input_shape, 0))
+  return layers.find_layers(abstract)
+
+
+def check_layers(check: Checker, key: str, patterns: Sequence[str],
+                 model: str | None = None) -> None:
+  """Each regex of ``patterns`` is valid and (when the layers are known) matches a layer."""
+  for pattern in patterns:
+    _check_regex(check, key, pattern)
+  names = layer_names(check.config, model) if patterns else None
+  for pattern in patterns if names else ():
+    if not any(re.fullmatch(pattern, n) for n in names):
+      check.fail(key, f"regexes matching layers of {model or check.config.model}: {names}",
+                 problem=f"{pattern!r} matches no layer")
+
+
+def _check_paths(check: Checker) -> None:
+  """Paths that must exist before any work: the user checkpoint and the tfds data dir."""
+  config = check.config
+  if config.get("checkpoint"):
+    path = os.path.expanduser(config.checkpoint)
+    if not os.path.exists(path):
+      check.fail("checkpoint", "an existing .npz file or orbax checkpoint directory",
+                 problem="no such file or directory")
+    if not (os.path.isdir(path) or path.endswith(".npz")):
+      check.fail("checkpoint", "a .npz file (torchvision state_dict) or an orbax checkpoint "
+                 "directory")
+  if config.get("data_dir") and not os.path.isdir(os.path.expanduser(config.data_dir)):
+    check.fail("data_dir", "an existing tensorflow-datasets directory (or empty)",
+               problem="no such directory")
+  if config.get("cache_dir") and os.path.exists(config.cache_dir) and not os.path.isdir(
+      config.cache_dir):
+    check.fail("cache_dir", "a directory (created if missing)", problem="it is a file")
+
+
+def validate_config(module: Any, config: ml_collections.ConfigDict,
+                    names: Mapping[str, str] | None = None) -> None:
+  """Every check of ``config`` for the experiment ``module``, before any work.
+
+  Args:
+    module: the experiment module (its optional ``validate(config, check)`` and
+      ``EXTRA_MODELS``, names besides the zoo's allowed as ``model``).
+    config: the config after flags and overrides.
+    names: keys set from flags -> the flag (``{'seed': '--seed'}``).
+
+  Raises:
+    ConfigError: the first bad value (flag or key, value, what is allowed).
+  """
+  check = Checker(config, names)
+  for key, rule in RULES.items():
+    check.rule(key, rule)
+  if "model" in config:
+    check.rule("model", choice(model_names(getattr(module, "EXTRA_MODELS", ()))))
+  if "families" in config and "seeds" in config:
+    check_sweep_keys(check)
+  _check_paths(check)
+  own = getattr(module, "validate", None)
+  if own is not None:
+    own(config, check)
+
+
+def load_dataset(config) -> data.Dataset:
+  """``config.dataset`` (with data_dir, max_train, max_eval, image_size).
+
+  Raises:
+    ConfigError: an unknown or unprepared dataset, or options that do not apply to it.
+  """
+  try:
+    return data.load_dataset(config.dataset, data_dir=config.data_dir or None,
+                             max_train=config.get("max_train"), max_eval=config.get("max_eval"),
+                             image_size=config.get("image_size"))
+  except ValueError as e:
+    raise ConfigError(f"--dataset={config.dataset}: {e}") from e
 
 
 def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry:
@@ -82,11 +460,13 @@ def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry
   training recipe.
   """
   model = model or config.model
-  dataset = data.load_dataset(config.dataset, data_dir=config.data_dir or None,
-                              max_train=config.get("max_train"), max_eval=config.get("max_eval"),
-                              image_size=config.get("image_size"))
+  dataset = load_dataset(config)
   if config.get("checkpoint"):
-    return zoo.from_checkpoint(model, config.checkpoint, dataset)
+    try:
+      return zoo.from_checkpoint(model, os.path.expanduser(config.checkpoint), dataset)
+    except (ValueError, FileNotFoundError) as e:  # keys, shapes, classes, NaN weights
+      raise ConfigError(f"--config checkpoint={config.checkpoint}: {e}") from e
   return zoo.pretrained(model, dataset, config.seed, config=recipe,
                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
-                        progress=config.progress)
+                        progress=config.progress,
+                        train_from_scratch=bool(config.get("train_from_scratch", False)))

@@ -70,6 +70,20 @@ def get_config(tiny: bool = False):
   return config
 
 
+def validate(config, check: common.Checker) -> None:
+  """Radii, norms, sparsities, ascent and layers (see :func:`common.validate_config`)."""
+  check.rule("eps", common.sequence(common.number(0, lo_open=True, note="relative radius")))
+  check.rule("norms", common.sequence(common.choice(_common.ALLOWED_P), unique=True))
+  check.rule("n_sparse", common.sequence(common.integer(0, note="0: dense"), unique=True))
+  check.rule("pga_steps", common.integer(0))
+  check.rule("step_size", common.number(0, lo_open=True))
+  check.rule("num_random", common.COUNT)
+  check.rule("bar_eps", common.number(0, lo_open=True))
+  check.rule("layers", common.text(note="a regex of layers; empty: every layer"))
+  common.check_layers(check, "layers", [config.layers] if config.layers else [])
+  check.rule("zoo_epochs", common.integer(0, note="0: the zoo recipe"))
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "p", "n", "num"))
 def random_corruptions(key: jax.Array, eps_abs: jax.Array, *, shape: tuple[int, ...], p: str,
                        n: int | None, num: int) -> jax.Array:

@@ -117,6 +117,35 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   return config
 
 
+EXTRA_MODELS = ("all", "")  # 'all': every zoo model; '': config.models
+RESULTS_PER_MODEL = False  # launch.py: workdir/criteria_benchmark/, one subdir per model inside
+
+
+def validate(config, check: common.Checker) -> None:
+  """Models, families, grids, seeds, criteria and agreement (see :func:`common.validate_config`)."""
+  check.rule("models", common.sequence(common.choice(common.model_names()), unique=True))
+  check.rule("families", common.sequence(common.choice(sorted(perturb.FAMILIES)), unique=True))
+  for family in config.families:
+    key = f"grids.{family}"
+    if check.has(key):
+      check.rule(key, common.sequence(common.number(),
+                                      note=f"{perturb.FAMILIES[family].magnitude_name} values"))
+      common.check_magnitudes(check, key, family, config.grids[family])
+  check.rule("sweep_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
+  stochastic = [f for f in config.families if perturb.FAMILIES[f].stochastic]
+  check.require(bool(config.sweep_seeds) or not stochastic, "sweep_seeds",
+                f"a non-empty tuple of integers >= 0 (the stochastic families {stochastic} need "
+                f"at least one seed; or drop them from families)")
+  check.rule("criteria", common.sequence(common.choice(sorted(criteria.CRITERIA)), unique=True))
+  unknown = sorted(set(config.criteria_options) - set(criteria.CRITERIA))
+  check.require(not unknown, "criteria_options",
+                f"options keyed by criterion names ({sorted(criteria.CRITERIA)})",
+                problem=f"unknown criteria {unknown}")
+  check.rule("metrics", common.sequence(common.choice(METRICS), unique=True))
+  check.rule("k_frac", common.number(0, 1, lo_open=True))
+  check.rule("n_boot", common.integer(0, note="bootstrap resamples; 0: no intervals"))
+
+
 def _model_names(config) -> list[str]:
   if config.model == "all":  # every model trained on first use (not the ImageNet architectures)
     return [m for m in models.list_models() if m not in models.IMAGENET_MODELS]

@@ -49,6 +49,19 @@ def get_config(tiny: bool = False):
   return config
 
 
+def validate(config, check: common.Checker) -> None:
+  """Model shape, budget and the chunking grid (see :func:`common.validate_config`)."""
+  check.rule("image_size", common.COUNT)
+  check.rule("channels", common.COUNT)
+  check.rule("num_classes", common.COUNT)
+  check.rule("budget_gb", common.number(0, lo_open=True, note="10**9 bytes"))
+  check.rule("margin", common.number(1, note="safety factor"))
+  check.rule("max_parallels", common.sequence(common.COUNT))
+  check.rule("batch_sizes", common.sequence(common.COUNT))
+  check.rule("use_prefix", common.boolean())
+  check.rule("check_layers", common.boolean())
+
+
 def _copies_per_layer(config) -> int:
   """Cells per layer of the default sensitivity sweep (its families, grids and seeds)."""
   scfg = sensitivity.sweep_config(sensitivity.get_config())

@@ -38,6 +38,7 @@ import pandas as pd
 from experiments import common
 from safer_jax import budget, io, layers, mixed_precision, perturb, sweep, train
 from safer_jax.benchmark import batches_from_split, classifier_loss_fn
+from safer_jax.errors import ConfigError
 
 FIXED_SOURCES = ("uniform", "erk", "global_magnitude")
 COST_SOURCES = ("oracle", "magnitude", "fisher")
@@ -60,6 +61,24 @@ def get_config(tiny: bool = False):
     config.targets = (0.5, 0.9)
     config.calib_examples = 128
   return config
+
+
+def validate(config, check: common.Checker) -> None:
+  """Targets, candidate ratios, sources and fine-tuning (see :func:`common.validate_config`)."""
+  check.rule("targets", common.sequence(common.number(0, 1, note="global sparsity")))
+  check.rule("candidates", common.sequence(common.number(0, 1, note="pruning ratio"),
+                                           unique=True))
+  check.rule("sources", common.sequence(common.choice(FIXED_SOURCES + COST_SOURCES),
+                                        unique=True))
+  if not set(config.sources) & set(FIXED_SOURCES):  # then no source could give some targets
+    top = max(config.candidates)
+    check.require(all(t <= top for t in config.targets), "targets",
+                  f"targets <= the largest candidate ratio ({top:g}) when every source is "
+                  f"cost-guided (add uniform, erk or global_magnitude to sources, or larger "
+                  f"candidates)")
+  check.rule("bn_recalibration", common.boolean())
+  check.rule("finetune_steps", common.integer(0, note="0: no fine-tuning"))
+  check.rule("finetune_lr", common.number(0, lo_open=True))
 
 
 def _sorted_by_magnitude(w) -> np.ndarray:
@@ -191,6 +210,10 @@ def run(config, workdir: str) -> dict:
         f"{r['source']} {100 * r['accuracy']:.1f}%"
         + (f" (bn {100 * r['accuracy_bn']:.1f}%)" if bn else "")
         for r in rows if r["target"] == target), flush=True)
+  if not rows:
+    raise ConfigError(f"--config targets={tuple(config.targets)}: no source reached any target "
+                      f"with the candidate ratios {candidates}; add a fixed source (uniform, "
+                      f"erk, global_magnitude) or larger candidates.")
   results = pd.DataFrame(rows)
   summary = _summary(results, base, entry, seconds)
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 
 import numpy as np
@@ -40,6 +41,21 @@ def get_config(tiny: bool = False):
     config.random_seeds = (0,)
     config.calib_examples = 128
   return config
+
+
+def validate(config, check: common.Checker) -> None:
+  """Bit widths, budgets, sources, seeds and tie groups (see :func:`common.validate_config`)."""
+  check.rule("candidates", common.sequence(common.integer(1, 16), unique=True,
+                                           note="bit widths"))
+  lowest = min(config.candidates)
+  check.rule("budgets", common.sequence(common.number(
+      lowest, note=f"average bits per weight, at least the smallest candidate ({lowest})")))
+  check.rule("sources", common.sequence(common.choice(mixed_precision.COST_SOURCES),
+                                        nonempty=False, unique=True))
+  check.rule("random_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
+  check.rule("tie_groups", common.text(note="'a+b;c+d': '+' joins layers, ';' separates groups"))
+  ties = _tie_groups(config.tie_groups) or []
+  common.check_layers(check, "tie_groups", [re.escape(n) for g in ties for n in g])
 
 
 def _tie_groups(text: str) -> list[list[str]] | None:

@@ -1,10 +1,12 @@
 """The layer-sensitivity ground truth for one model (SAfER's "dataset").
 
 ``python launch.py --experiment=sensitivity [--model=resnet8]`` writes to
-``workdir/sensitivity/``: ``table.csv`` (one row per layer x family x magnitude x
-seed), ``summary.csv`` (mean/std over seeds), ``importance.csv`` (area under the
-accuracy-drop curve, layer x family), ``meta.json``, ``heatmap.png`` and
-``lines.png``. Killed half-way, a rerun resumes from ``table.csv``.
+``workdir/sensitivity/<model>/``: ``table.csv`` (one row per layer x family x
+magnitude x seed), ``summary.csv`` (mean/std over seeds), ``importance.csv``
+(area under the accuracy-drop curve, layer x family), ``meta.json``,
+``heatmap.png`` and ``lines.png``. Killed half-way, a rerun resumes from
+``table.csv`` (byte-identical to an uninterrupted run; the summary says how
+many cells were reused and how many computed).
 """
 
 from __future__ import annotations
@@ -87,12 +89,14 @@ def run(config, workdir: str) -> dict:
   meta = {"model": entry.name, "dataset": entry.dataset.name, "seed": config.seed,
           "eval_examples": len(split), "baseline": table.attrs,
           "families": {k: list(v) for k, v in scfg.grids().items()},
-          "seeds": list(scfg.seeds), "cells": len(table), "seconds": seconds,
+          "seeds": list(scfg.seeds), "cells": len(table),
+          "reused_cells": table.attrs["reused_cells"],
+          "computed_cells": table.attrs["computed_cells"], "seconds": seconds,
           "checkpoint": entry.path, "versions": io.versions()}
   paths["meta"] = io.write_json(os.path.join(workdir, "meta.json"), meta)
   paths["summary_md"] = io.write_text(os.path.join(workdir, "summary.md"),
                                       _markdown(entry, split, table, imp, seconds))
-  print(f"{len(table)} cells in {seconds:.1f}s; baseline accuracy "
+  print(f"{len(table)} cells ({_cells(table)}) in {seconds:.1f}s; baseline accuracy "
         f"{table.attrs['baseline_accuracy']:.4f}. Most sensitive layer per family "
         f"(area under the accuracy-drop curve):")
   for family in imp.columns:
@@ -100,9 +104,16 @@ def run(config, workdir: str) -> dict:
   return {"paths": paths, "table": table, "importance": imp}
 
 
+def _cells(table) -> str:
+  """How many cells were computed now and how many reused from an earlier run's table.csv."""
+  reused, computed = table.attrs["reused_cells"], table.attrs["computed_cells"]
+  return f"{computed} computed, {reused} reused from table.csv" if reused else "all computed"
+
+
 def _markdown(entry, split, table, imp, seconds: float) -> str:
   lines = [f"# sensitivity: {entry.name} on {entry.dataset.name}", "",
-           f"{len(table)} cells on {len(split)} eval images in {seconds:.1f} s; float accuracy "
+           f"{len(table)} cells ({_cells(table)}) on {len(split)} eval images in {seconds:.1f} "
+           f"s; float accuracy "
            f"{100 * table.attrs['baseline_accuracy']:.2f}%. Importance = area under the "
            f"seed-averaged accuracy-drop curve over the magnitude grid (higher = more "
            f"sensitive); the most sensitive layer per family in bold.", "",

@@ -1,7 +1,8 @@
 """Train (or restore from the zoo cache) models and record their accuracy.
 
 ``python launch.py --experiment=train --model=all`` trains every zoo model on
-the embedded digits dataset (not the ImageNet architectures, which load checkpoints) and writes ``workdir/train/metrics.{json,md}``.
+the embedded digits dataset (not the ImageNet architectures, which load checkpoints) and
+writes ``workdir/train/<model>/metrics.{json,md}`` (``<model>``: ``all`` for every model).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import os
 import time
 
 from experiments import common
-from safer_jax import io, models, zoo
+from safer_jax import io, models
+
+
+EXTRA_MODELS = ("all",)  # besides the zoo's names (see common.validate_config)
 
 
 def get_config(tiny: bool = False):
@@ -25,8 +29,7 @@ def run(config, workdir: str) -> dict:
   rows = []
   for name in names:
     t0 = time.perf_counter()
-    entry = zoo.pretrained(name, config.dataset, config.seed, cache_dir=config.cache_dir or None,
-                           data_dir=config.data_dir or None, progress=config.progress)
+    entry = common.pretrained(config, model=name)
     seconds = time.perf_counter() - t0
     rows.append({"model": entry.name, "dataset": entry.dataset.name, "seed": config.seed,
                  "accuracy": entry.metrics["accuracy"], "loss": entry.metrics["loss"],

@@ -57,9 +57,12 @@ class Split:
     return int(self.labels.shape[0])
 
   def take(self, n: int | None) -> "Split":
-    """The first ``n`` examples (all if ``n`` is None)."""
+    """The first ``n`` examples (all if ``n`` is None; ``n`` >= 0, at most all)."""
     if n is None:
       return self
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+      raise ValueError(f"take({n!r}): the number of examples must be an integer >= 0 "
+                       f"(or None for all).")
     return Split(self.images[:n], self.labels[:n])
 
   def as_batch(self) -> dict[str, np.ndarray]:

@@ -34,6 +34,8 @@ from typing import Any
 
 import jax
 
+from safer_jax.errors import ConfigError
+
 Params = Mapping[str, Any]
 
 KERNEL = "kernel"
@@ -114,8 +116,9 @@ def select_layers(params: Params, patterns: str | Sequence[str] | None = None) -
     The selected layer paths, in pytree order.
 
   Raises:
-    ValueError: if a pattern is not a valid regex, or matches no layer (the
-      error lists the available layer paths).
+    ValueError: the pytree holds no layer; or (a
+      :class:`~safer_jax.errors.ConfigError`, the user's pattern) a pattern is
+      not a valid regex or matches no layer (the error lists the layer paths).
   """
   layers = find_layers(params)
   if not layers:
@@ -131,13 +134,46 @@ def select_layers(params: Params, patterns: str | Sequence[str] | None = None) -
     try:
       regex = re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"Layer pattern {pattern!r} is not a valid regex: {e}") from e
+      raise ConfigError(f"Layer pattern {pattern!r} is not a valid regex: {e}") from e
     hits = [name for name in layers if regex.fullmatch(name)]
     if not hits:
-      raise ValueError(
+      raise ConfigError(
           f"Layer pattern {pattern!r} matches no layer. Available layers: {layers}")
     selected.update(hits)
   return [name for name in layers if name in selected]
+
+
+@jax.jit
+def _finite_flags(leaves: list) -> list:
+  return [jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]
+
+
+def check_finite(tree: Any, what: str = "Parameter") -> None:
+  """Raises ``ValueError`` naming the first floating-point leaf of ``tree`` with NaN or inf.
+
+  One compiled reduction per call (every leaf at once), then one transfer of
+  ``len(leaves)`` booleans. Integer and boolean leaves always pass; an
+  ``nnx.State`` is read through :func:`as_pure`.
+
+  Args:
+    tree: variables, params, or any pytree of arrays.
+    what: how to call the leaves in the message (``'Parameter'``, ``'Checkpoint leaf'``).
+
+  Raises:
+    ValueError: ``"<what> ['params']['conv1']['kernel'] holds NaN or inf values (3 of 288)"``.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(as_pure(tree))[0]
+          if np.issubdtype(np.result_type(leaf), np.inexact)]
+  if not flat:
+    return
+  ok = jax.device_get(_finite_flags([leaf for _, leaf in flat]))
+  for (path, leaf), good in zip(flat, ok):
+    if not bool(good):
+      arr = np.asarray(leaf)
+      bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+      raise ValueError(f"{what} {jax.tree_util.keystr(path)} holds NaN or inf values "
+                       f"({bad} of {arr.size}); the weights must be finite.")
 
 
 def match_rules(name: str, rules: Sequence[tuple[str, Any]], default: Any = None) -> Any:

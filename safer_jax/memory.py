@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safer_jax import errors
 from safer_jax import layers as layers_lib
 from safer_jax import sweep
 
@@ -399,7 +400,8 @@ def plan_chunking(model: Any, variables: Any, input_shape: Sequence[int],
     A :class:`Chunking`.
 
   Raises:
-    ValueError: a bad budget, margin or size, or a budget below the need at
+    ValueError: a bad budget, margin or size, or (a
+      :class:`~safer_jax.errors.ConfigError`) a budget below the need at
       ``P = 1`` and ``B = 1`` (the message states both).
   """
   _check_sizes(max_parallel, eval_batch_size)
@@ -435,7 +437,7 @@ def plan_chunking(model: Any, variables: Any, input_shape: Sequence[int],
   i = _largest_fitting(0, len(batches) - 1, lambda i: need(1, batches[i]), budget_bytes)
   if i is None:
     worst = max(estimates(1, 1), key=lambda e: e.program)
-    raise ValueError(
+    raise errors.ConfigError(  # the user's budget (memory_budget_gb), not a bug
         f"memory budget {budget_bytes} bytes ({budget_bytes / GB:.2f} GB) is too small: even "
         f"max_parallel=1 and eval_batch_size=1 need {need(1, 1)} bytes "
         f"({need(1, 1) / GB:.2f} GB) = margin {margin} x {worst.program} bytes for one compiled "

@@ -55,7 +55,12 @@ def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, An
 
   Examples are processed ``chunk_size`` at a time (per-example gradients of a whole batch
   of a depthwise-conv model take tens of GB).
+
+  Raises:
+    ValueError: no examples in ``batches`` (the mean would be NaN) or ``chunk_size`` < 1.
   """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
 
   @jax.jit
   def batch_sq(p, batch):
@@ -71,6 +76,9 @@ def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, An
       sq = batch_sq(params, {k: v[lo:lo + chunk_size] for k, v in batch.items()})
       total = sq if total is None else {n: total[n] + sq[n] for n in names}
     count += size
+  if count == 0:
+    raise ValueError("fisher_diagonal got no examples (empty batches): the Fisher of 0 "
+                     "examples is undefined; pass at least one calibration example.")
   return {n: total[n] / count for n in names}
 
 

@@ -25,13 +25,31 @@ def _layers(table: pd.DataFrame) -> list[str]:
   return list(dict.fromkeys(table["layer"]))
 
 
+def layer_styles(n: int) -> list[dict]:
+  """``n`` distinguishable line styles, in network order.
+
+  Up to 10: the ``tab10`` colours; up to 20: ``tab20``; more: ``viridis`` sampled
+  over ``n`` (first layer dark, last yellow), with the line style and marker
+  cycling so that neighbouring layers (close colours) still differ.
+  """
+  if n <= 10:
+    return [{"color": plt.get_cmap("tab10")(i)} for i in range(n)]
+  if n <= 20:
+    return [{"color": plt.get_cmap("tab20")(i)} for i in range(n)]
+  cmap = plt.get_cmap("viridis")
+  dashes, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v")
+  return [{"color": cmap(i / (n - 1)), "ls": dashes[i % len(dashes)],
+           "marker": markers[i % len(markers)], "ms": 3} for i in range(n)]
+
+
 def sensitivity_heatmap(table: pd.DataFrame, path: str, metric: str = "accuracy_drop",
                         title: str = "") -> str:
   """Layers x magnitude heatmap of the seed-averaged ``metric``, one panel per family."""
   families, layer_order = _families(table), _layers(table)
+  # constrained layout: the figure title, panel titles, tick labels and colour bar never overlap.
   fig, axes = plt.subplots(1, len(families), figsize=(3.2 * len(families) + 1.5,
-                                                      0.32 * len(layer_order) + 1.8),
-                           squeeze=False, sharey=True)
+                                                      0.32 * len(layer_order) + 2.2),
+                           squeeze=False, sharey=True, layout="constrained")
   vmax = max(float(table[metric].max()), 1e-9)
   image = None
   for ax, family in zip(axes[0], families):
@@ -48,7 +66,7 @@ def sensitivity_heatmap(table: pd.DataFrame, path: str, metric: str = "accuracy_
     ax.set_yticklabels(layer_order, fontsize=8)
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=metric.replace("_", " "))
   if title:
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=11)
   return io.save_figure(path, fig)
 
 
@@ -56,23 +74,27 @@ def sensitivity_lines(table: pd.DataFrame, path: str, metric: str = "accuracy",
                       title: str = "") -> str:
   """Seed-averaged ``metric`` vs magnitude, one line per layer, one panel per family."""
   families, layer_order = _families(table), _layers(table)
-  fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.6), squeeze=False)
-  cmap = plt.get_cmap("viridis", max(len(layer_order), 2))
+  styles = layer_styles(len(layer_order))
+  fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families) + 2.2, 3.9),
+                           squeeze=False, layout="constrained")
   for ax, family in zip(axes[0], families):
     sub = table[table.family == family]
-    for i, layer in enumerate(layer_order):
+    for style, layer in zip(styles, layer_order):
       curve = sub[sub.layer == layer].groupby("magnitude_index").agg(
           m=("magnitude", "first"), y=(metric, "mean"), s=(metric, "std")).fillna(0.0)
       x = np.arange(len(curve))
-      ax.errorbar(x, curve["y"], yerr=curve["s"], color=cmap(i), label=layer, lw=1.2,
-                  capsize=2)
+      ax.errorbar(x, curve["y"], yerr=curve["s"], label=layer, lw=1.2, capsize=2, **style)
       ax.set_xticks(x)
       ax.set_xticklabels([f"{m:g}" for m in curve["m"]], rotation=45)
     ax.set_title(family)
     ax.set_xlabel(_magnitude_name(family))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  # One legend for the figure, outside the panels (one column per 20 layers).
+  handles, labels = axes[0][-1].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside right center", fontsize=7,
+             ncols=max(1, -(-len(layer_order) // 20)), title="layer (network order)",
+             title_fontsize=7)
   if title:
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=11)
   return io.save_figure(path, fig)

@@ -1,8 +1,11 @@
 """One report per workdir: ``<workdir>/report.md`` and ``report.html`` gathering the Markdown
 tables and PNG figures that the experiments wrote, so results can be read without code.
 
-``launch.py`` rebuilds the report after every experiment; ``build_report(workdir)``
-can be called from a notebook.
+Results live in ``<workdir>/<experiment>/<model>/`` (several models per
+experiment) or, for files spanning models, ``<workdir>/<experiment>/``; the
+report has a section per experiment and a sub-section per model. ``launch.py``
+rebuilds the report after every experiment; ``build_report(workdir)`` can be
+called from a notebook.
 """
 
 from __future__ import annotations
@@ -15,25 +18,44 @@ import re
 from safer_jax import io
 
 # Markdown files an experiment may write, in the order they are shown.
-SUMMARIES = ("summary.md", "bench.md", "agreement.md", "costs.md", "metrics.md", "memory.md")
+SUMMARIES = ("summary.md", "bench.md", "bench_criteria.md", "devices.md", "agreement.md",
+             "costs.md", "metrics.md", "memory.md")
 
 
-def _sections(workdir: str) -> list[tuple[str, list[str], list[str]]]:
+def _files(folder: str) -> tuple[list[str], list[str]]:
+  """The Markdown summaries and PNG figures directly in ``folder``."""
+  mds = [os.path.join(folder, f) for f in SUMMARIES if os.path.exists(os.path.join(folder, f))]
+  pngs = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
+  return mds, pngs
+
+
+def _subdirs(folder: str) -> list[str]:
+  return sorted(n for n in os.listdir(folder)
+                if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+
+
+def _sections(workdir: str) -> list[tuple[str, list[tuple[str | None, list[str], list[str]]]]]:
+  """``[(experiment, [(model or None, summaries, figures), ...])]``, empty parts left out.
+
+  ``None``: files in the experiment's own folder (e.g. criteria_benchmark's
+  aggregate over models); then one entry per model folder holding files.
+  """
   out = []
-  for name in sorted(os.listdir(workdir)):
+  for name in _subdirs(workdir):
     folder = os.path.join(workdir, name)
-    if not os.path.isdir(folder):
-      continue
-    mds = [os.path.join(folder, f) for f in SUMMARIES if os.path.exists(os.path.join(folder, f))]
-    pngs = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
-    if mds or pngs:
-      out.append((name, mds, pngs))
+    parts = []
+    for sub in [None, *_subdirs(folder)]:
+      mds, pngs = _files(folder if sub is None else os.path.join(folder, sub))
+      if mds or pngs:
+        parts.append((sub, mds, pngs))
+    if parts:
+      out.append((name, parts))
   return out
 
 
-def _demote(text: str) -> str:
-  """Turns the summaries' own headings into sub-headings of the report."""
-  return re.sub(r"^(#+) ", lambda m: "##" + m.group(1) + " ", text, flags=re.M)
+def _demote(text: str, levels: int = 2) -> str:
+  """Turns the summaries' own headings into sub-headings of the report (``levels`` deeper)."""
+  return re.sub(r"^(#+) ", lambda m: "#" * levels + m.group(1) + " ", text, flags=re.M)
 
 
 def build_report(workdir: str) -> dict[str, str]:
@@ -44,13 +66,21 @@ def build_report(workdir: str) -> dict[str, str]:
   """
   sections = _sections(workdir)
   md = [f"# safer_jax report: {os.path.abspath(workdir)}", ""]
-  for name, mds, pngs in sections:
+  if len(sections) > 1 or any(len(parts) > 1 for _, parts in sections):
+    md += ["Contents: " + "; ".join(
+        f"{name} ({', '.join(sub or 'all models' for sub, _, _ in parts)})"
+        for name, parts in sections), ""]
+  for name, parts in sections:
     md += [f"## {name}", ""]
-    for path in mds:
-      with open(path, encoding="utf-8") as f:
-        md += [_demote(f.read().strip()), ""]
-    for path in pngs:
-      md += [f"![{name}/{os.path.basename(path)}]({name}/{os.path.basename(path)})", ""]
+    for sub, mds, pngs in parts:
+      if sub is not None:
+        md += [f"### {name} / {sub}", ""]
+      rel = name if sub is None else f"{name}/{sub}"
+      for path in mds:
+        with open(path, encoding="utf-8") as f:
+          md += [_demote(f.read().strip(), 2 if sub is None else 3), ""]
+      for path in pngs:
+        md += [f"![{rel}/{os.path.basename(path)}]({rel}/{os.path.basename(path)})", ""]
   md_path = io.write_text(os.path.join(workdir, "report.md"), "\n".join(md) + "\n")
   html_path = io.write_text(os.path.join(workdir, "report.html"), _to_html(md, workdir))
   return {"md": md_path, "html": html_path}

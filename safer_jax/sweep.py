@@ -30,8 +30,10 @@ PRNG key of a cell is :func:`cell_key` (seed, layer, family, magnitude index),
 so the table is identical across runs, chunk sizes and the naive loop.
 
 Resumable: with ``results_path``, the table is rewritten atomically after each
-(layer, family) group; a restarted sweep skips finished cells, and refuses to
-mix results from a different setup (fingerprint check).
+layer (floats written exactly, so a resumed table is byte-identical to an
+uninterrupted one); a restarted sweep skips finished cells, and refuses to mix
+results from a different setup (fingerprint check). Ctrl-C saves the finished
+layers before stopping (:class:`safer_jax.errors.Interrupted`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from jax.experimental import multihost_utils
 
 from safer_jax import data as data_lib
 from safer_jax import distributed
+from safer_jax import errors
 from safer_jax import io
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
@@ -414,18 +417,9 @@ class _Engine:
     return np.asarray(correct) / self.n, np.asarray(loss) / self.n
 
 
-@jax.jit
-def _nonfinite(tree) -> jax.Array:
-  return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
-
-
 def check_variables(variables: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first parameter leaf holding NaN or inf."""
-  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
-  bad = np.asarray(_nonfinite([leaf for _, leaf in flat]))
-  if bad.any():
-    path = jax.tree_util.keystr(flat[int(np.argmax(bad))][0])
-    raise ValueError(f"Parameter {path} holds NaN or inf values; the sweep needs finite weights.")
+  """Raises ValueError naming the first leaf with NaN or inf (see :func:`layers.check_finite`)."""
+  layers_lib.check_finite(variables)
 
 
 def perturb_stack(family: str, options: Mapping[str, Any]) -> Callable:
@@ -486,9 +480,10 @@ def _load_partial(results_path: str | None, fp: str) -> pd.DataFrame:
   meta_path = results_path + ".fingerprint"
   stored = open(meta_path, encoding="utf-8").read().strip() if os.path.exists(meta_path) else ""
   if stored != fp:
-    raise ValueError(f"{results_path} holds results of a different sweep setup (weights, data, "
-                     f"grids, seeds or options differ). Delete it or use another workdir.")
-  return pd.read_csv(results_path)
+    raise errors.ConfigError(
+        f"{results_path} holds results of a different sweep setup (weights, data, grids, seeds "
+        f"or options differ). Delete it or use another workdir.")
+  return io.read_csv(results_path)  # exact floats: a resumed table equals an uninterrupted one
 
 
 def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
@@ -516,7 +511,14 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
 
   Raises:
     ValueError: unknown family, magnitude out of range, layer pattern matching
-      nothing, NaN/inf weights, or a results file of another setup.
+      nothing, NaN/inf weights, an empty split, ``eval_batch_size`` < 1, or a
+      results file of another setup (:class:`~safer_jax.errors.ConfigError`).
+    safer_jax.errors.Interrupted: Ctrl-C (a ``KeyboardInterrupt``); every layer
+      finished by then is saved to ``results_path`` first, for a rerun to resume.
+
+  The table's ``attrs`` hold ``baseline_accuracy``, ``baseline_loss``, and
+  ``reused_cells`` / ``computed_cells``: rows read back from ``results_path``
+  vs evaluated in this call.
   """
   model, variables = wrapping.as_model(model, variables)
   grids = config.grids()
@@ -526,6 +528,9 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
     raise ValueError(f"copies_per_step={config.copies_per_step} must be >= 1 or None.")
   if config.workers is not None and config.workers < 1:
     raise ValueError(f"workers={config.workers} must be >= 1 or None.")
+  if config.eval_batch_size < 1 or len(split) == 0:
+    raise ValueError(f"eval_batch_size={config.eval_batch_size} must be >= 1 and the split "
+                     f"non-empty ({len(split)} examples).")
   check_variables(variables)
   layer_names = _ordered_layers(model, variables, split, config.layers)
   fp = fingerprint(variables, split, config)
@@ -555,8 +560,9 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
   rows = [done] if len(done) else []
 
   lock = threading.Lock()
+  stop = threading.Event()  # Ctrl-C: layers still running stop at their next chunk
 
-  def run_layer(layer, groups) -> pd.DataFrame:
+  def run_layer(layer, groups) -> pd.DataFrame | None:
     """Perturbs ``layer`` for every cell of ``groups`` and evaluates the copies, chunk by chunk."""
     kernel = jnp.asarray(layers_lib.get_kernel(variables, layer))
     grad = None if grads is None else layers_lib.get_kernel(grads, layer)
@@ -570,6 +576,8 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
     count = len(meta)
     accs, losses = [], []
     for lo in range(0, count, chunk):
+      if stop.is_set():
+        return None
       idx = np.arange(lo, lo + chunk).clip(max=count - 1)  # pad with the last copy
       a, l = engine.evaluate_kernels(layer, kernels[idx])
       valid = min(chunk, count - lo)
@@ -587,18 +595,30 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
   # Layers run on `engine.workers` threads (see SweepConfig.workers); results are collected in
   # network order and saved after each layer, so a killed sweep resumes from whole layers.
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=engine.workers)
+  futures = []
   try:
     futures = [pool.submit(run_layer, layer, groups) for layer, groups in plan]
     for future in futures:
       rows.append(future.result())
       if results_path:
         _save(results_path, pd.concat(rows, ignore_index=True), fp)
+  except KeyboardInterrupt:  # Ctrl-C: keep every layer that finished, then stop.
+    stop.set()
+    pool.shutdown(cancel_futures=True)  # running layers return at their next chunk
+    bar.close()
+    kept = [f.result() for f in futures[len(rows) - bool(len(done)):]
+            if not f.cancelled() and f.exception() is None and f.result() is not None]
+    saved = pd.concat(rows + kept, ignore_index=True) if rows or kept else done
+    if results_path and (rows or kept):  # (Ctrl-C may have cut the last save short)
+      _save(results_path, _sorted(saved, layer_names, list(grids)), fp)
+    raise errors.Interrupted(len(saved) if results_path else 0, results_path) from None
   finally:
     pool.shutdown(cancel_futures=True)
   bar.close()
   table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
   table = _sorted(table, layer_names, list(grids))
-  table.attrs.update(baseline_accuracy=base_acc, baseline_loss=base_loss)
+  table.attrs.update(baseline_accuracy=base_acc, baseline_loss=base_loss,
+                     reused_cells=len(done), computed_cells=len(table) - len(done))
   if results_path:
     _save(results_path, table, fp)
   return table
@@ -668,8 +688,9 @@ def _sorted(table: pd.DataFrame, layer_order: list[str], family_order: list[str]
 
 
 def _save(path: str, table: pd.DataFrame, fp: str) -> None:
+  """Writes the table (exact floats, so reused rows are written as recomputed ones would be)."""
   io.write_text(path + ".fingerprint", fp)
-  io.write_csv(path, table)
+  io.write_csv(path, table, exact=True)
 
 
 def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
@@ -702,7 +723,7 @@ def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib
     new = perturb.get_family(family).fn(kernel, mag, cell_key(seed, layer, family, mi),
                                         grad=grad, **opts)
     m = evaluate(apply, layers_lib.replace_kernel(variables, layer, new), split,
-                 config.eval_batch_size)
+                 config.eval_batch_size, check_finite=False)  # e.g. float32 bit flips: inf
     rows.append({"layer": layer, "family": family, "magnitude": mag, "magnitude_index": mi,
                  "seed": seed, "accuracy": m["accuracy"], "loss": m["loss"],
                  "accuracy_drop": base["accuracy"] - m["accuracy"],

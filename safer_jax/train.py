@@ -19,6 +19,7 @@ import optax
 
 from safer_jax import data as data_lib
 from safer_jax import distributed
+from safer_jax import layers as layers_lib
 from safer_jax import wrapping
 from safer_jax.progress import Progress
 
@@ -69,7 +70,7 @@ def _eval_batch(apply_fn: ApplyFn, variables, images, labels, mask):
 
 def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
              split: data_lib.Split | data_lib.Dataset, batch_size: int = 1024, *,
-             shard: bool = True) -> dict[str, float]:
+             shard: bool = True, check_finite: bool = True) -> dict[str, float]:
   """Accuracy and mean cross-entropy of ``apply_fn(variables, images)`` on a split.
 
   Pure: reads ``variables`` only. ``apply_fn`` is a static argument of a cached
@@ -97,12 +98,16 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
     shard: split batches over the devices (when there are several and
       :func:`safer_jax.distributed.use_data_sharding` has not turned it off);
       ``False`` evaluates on the default device.
+    check_finite: refuse ``variables`` holding NaN or inf (one check per call,
+      :func:`safer_jax.layers.check_finite`); ``False`` to evaluate deliberately
+      damaged weights (e.g. float32 bit flips).
 
   Returns:
     ``{'accuracy': fraction in [0, 1], 'loss': nats per example, 'num_examples': N}``.
 
   Raises:
-    ValueError: an empty split or a bad ``batch_size``.
+    ValueError: an empty split, a bad ``batch_size`` or (``check_finite``) a
+      parameter holding NaN or inf (the leaf is named).
   """
   if wrapping.is_model(apply_fn):
     model, variables = wrapping.as_model(apply_fn, variables)
@@ -114,6 +119,8 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
   if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
       or batch_size < 1):
     raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+  if check_finite:
+    layers_lib.check_finite(variables)
   shards = distributed.num_data_shards() if shard else 1
   bs = min(int(batch_size), n)
   bs = -(-bs // shards) * shards  # Round up to a multiple of the device count.
@@ -191,8 +198,16 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
   Returns:
     ``(variables, history)``; ``history`` holds per-epoch ``train_loss`` and
     the final ``eval`` metrics from :func:`evaluate`.
+
+  Raises:
+    ValueError: an empty training split, ``batch_size`` < 1 or ``epochs`` < 0.
   """
   n = len(dataset.train)
+  if n == 0:
+    raise ValueError(f"Cannot train on an empty training split (dataset {dataset.name!r}).")
+  if config.batch_size < 1 or config.epochs < 0:
+    raise ValueError(f"TrainConfig batch_size={config.batch_size} must be >= 1 and "
+                     f"epochs={config.epochs} >= 0.")
   bs = min(config.batch_size, n)
   steps_per_epoch = n // bs
   if variables is None:

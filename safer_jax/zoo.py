@@ -8,6 +8,15 @@ has the wrong structure or whose checksum differs (truncated or corrupted
 files) is reported, deleted and retrained — never silently loaded. Orbax
 writes to a temporary directory and renames it when complete, so a half-written
 save is never seen as a finished step.
+
+Concurrent processes (several experiments started together on an empty cache)
+share the cache safely: a finished entry is restored without any lock; to
+train, a process takes ``<entry>.lock`` (:class:`EntryLock`, created with
+``O_CREAT | O_EXCL``), so exactly one trains and saves each entry while the
+others print that they wait and then restore it. A lock left by a crashed
+process is broken when its process is gone (same host) or it has not been
+refreshed for :data:`LOCK_STALE_SECONDS`. A cache that cannot be written is
+reported (:class:`~safer_jax.errors.ConfigError`) before any training.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,12 +38,15 @@ import orbax.checkpoint as ocp
 
 from safer_jax import data as data_lib
 from safer_jax import distributed
+from safer_jax import errors
+from safer_jax import layers as layers_lib
 from safer_jax import models as models_lib
 from safer_jax import train as train_lib
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 2  # bump when a zoo model or the training recipe changes (2: im2col tiny convs).
+ZOO_VERSION = 3  # bump when a zoo model or the training recipe changes (2: im2col tiny convs;
+# 3: depthwise convolutions as shifted multiply-adds).
 
 # Per-model training recipes (epochs on the embedded digits dataset; < 1 min on 2 CPU cores).
 RECIPES: dict[str, train_lib.TrainConfig] = {
@@ -42,6 +55,9 @@ RECIPES: dict[str, train_lib.TrainConfig] = {
     "resnet8": train_lib.TrainConfig(epochs=20),
     "resnet20": train_lib.TrainConfig(epochs=15),
     "mobilenet_v2": train_lib.TrainConfig(epochs=15),
+    # No inductive bias and no dropout: a ViT overfits 1,438 digits (train loss -> 0, ~93% eval
+    # at the default weight decay); strong decoupled weight decay regularises it.
+    "vit_tiny": train_lib.TrainConfig(epochs=100, weight_decay=1.0),
 }
 
 
@@ -189,8 +205,13 @@ def restore_checkpoint(path: str, abstract_variables: Any) -> tuple[dict, dict]:
 def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits", seed: int = 0,
                *, cache_dir: str | None = None, config: train_lib.TrainConfig | None = None,
                data_dir: str | None = None, retrain: bool = False,
-               progress: bool = True) -> ZooEntry:
+               progress: bool = True, train_from_scratch: bool = False) -> ZooEntry:
   """Returns a trained zoo model, training and caching it on first use.
+
+  The ImageNet-size architectures (:data:`safer_jax.models.IMAGENET_MODELS`) are
+  refused unless ``train_from_scratch=True``: they take their weights from a
+  checkpoint (:func:`from_checkpoint`), and training millions of parameters on
+  a small dataset such as the digits is almost never what was meant.
 
   Under ``jax.distributed`` (several processes; every process calls this in
   the same order) process 0 alone restores, or trains on its default device
@@ -207,14 +228,27 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
     data_dir: tfds data directory for non-embedded datasets.
     retrain: ignore and overwrite any cached checkpoint.
     progress: show training progress.
+    train_from_scratch: allow an ImageNet-size architecture to be trained (or
+      restored from the cache) like the small zoo models.
 
   Returns:
     A :class:`ZooEntry`.
+
+  Raises:
+    ValueError: an unknown model; :class:`safer_jax.errors.ConfigError` (a
+      ValueError) for an ImageNet-size one without ``train_from_scratch=True`` (raised before any data loading or training).
   """
+  name = models_lib.ALIASES.get(model, model)
+  if name in models_lib.IMAGENET_MODELS and not train_from_scratch:
+    raise errors.ConfigError(
+        f"Model {name!r} is an ImageNet-size architecture; the zoo does not train it on first "
+        f"use. Load its weights with --config checkpoint=PATH (a torchvision state_dict .npz "
+        f"or an orbax checkpoint directory; safer_jax.zoo.from_checkpoint in Python), or train "
+        f"it from scratch anyway with --config train_from_scratch=True "
+        f"(zoo.pretrained(..., train_from_scratch=True)).")
   ds = dataset if isinstance(dataset, data_lib.Dataset) else data_lib.load_dataset(
       dataset, data_dir=data_dir)
   net = models_lib.get_model(model, num_classes=ds.num_classes)
-  name = models_lib.ALIASES.get(model, model)
   if config is None:
     config = dataclasses.replace(RECIPES.get(name, train_lib.TrainConfig()), seed=seed)
   path = _entry_dir(cache_dir or default_cache_dir(), name, ds.name, seed, config,
@@ -243,42 +277,215 @@ def _shared_entry(name: str, net: nn.Module, ds: data_lib.Dataset, abstract: Any
                   restored=record["restored"])
 
 
+LOCK_STALE_SECONDS = 600.0  # default; $SAFER_JAX_LOCK_STALE_S overrides it.
+_LOCK_REFRESH_SECONDS = 15.0  # how often the holder refreshes its lock file's mtime
+
+
+class EntryLock:
+  """An exclusive, cross-process lock on one cache entry: the file ``<entry>.lock``.
+
+  Taken with ``os.open(O_CREAT | O_EXCL)`` (atomic on local and NFS file
+  systems); the file holds the holder's pid, host, start time and a random
+  token. While held, a daemon thread refreshes its mtime every few seconds. A
+  lock is *stale* when its holder is a dead process on this host, or when the
+  file was not refreshed for ``stale_seconds`` (default :data:`LOCK_STALE_SECONDS`,
+  ``$SAFER_JAX_LOCK_STALE_S``): it is then broken (renamed away, checked to be
+  the same lock, removed) and taken.
+
+  Raises (from :meth:`acquire`):
+    safer_jax.errors.ConfigError: the cache directory cannot be created or written.
+  """
+
+  def __init__(self, entry_path: str, what: str, *, stale_seconds: float | None = None,
+               poll_seconds: float = 0.25):
+    self.entry_path = entry_path
+    self.path = entry_path.rstrip(os.sep) + ".lock"
+    self.what = what
+    self.stale_seconds = float(stale_seconds if stale_seconds is not None else
+                               os.environ.get("SAFER_JAX_LOCK_STALE_S", LOCK_STALE_SECONDS))
+    self.poll_seconds = poll_seconds
+    self.token = None
+    self._stop = None
+
+  def _record(self) -> dict:
+    import socket  # pylint: disable=import-outside-toplevel
+    return {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+            "token": self.token}
+
+  def try_acquire(self) -> bool:
+    """Takes the lock if free (True); False if another process holds it."""
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    except OSError as e:  # EACCES, EROFS, ENOTDIR, EEXIST (a file), ...
+      raise self._unwritable(e) from e
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    except OSError as e:
+      raise self._unwritable(e) from e
+    self.token = os.urandom(8).hex()
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(self._record(), f)
+    self._start_refresh()
+    return True
+
+  def _unwritable(self, e: OSError) -> errors.ConfigError:
+    reason = e.strerror or str(e)
+    return errors.ConfigError(
+        f"The zoo cache {os.path.dirname(self.path)!r} is not writable ({reason}): cannot "
+        f"train and save {self.what} there. Set cache_dir (launch.py --cache_dir=DIR, or "
+        f"$SAFER_JAX_CACHE) to a writable directory.")
+
+  def holder(self) -> tuple[dict, float] | None:
+    """The current lock's record and mtime, or None if there is no lock file."""
+    try:
+      mtime = os.stat(self.path).st_mtime
+      with open(self.path, encoding="utf-8") as f:
+        text = f.read()
+    except FileNotFoundError:
+      return None
+    try:
+      record = json.loads(text)
+    except ValueError:  # being written right now (or garbage): judge by its age only
+      record = {}
+    return record, mtime
+
+  def is_stale(self, record: dict, mtime: float) -> bool:
+    import socket  # pylint: disable=import-outside-toplevel
+    if time.time() - mtime > self.stale_seconds:
+      return True
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+      try:
+        os.kill(record["pid"], 0)
+      except ProcessLookupError:
+        return True
+      except OSError:  # e.g. EPERM: it exists
+        return False
+    return False
+
+  def _break(self, record: dict) -> None:
+    """Removes the stale lock described by ``record`` (not a newer one taken meanwhile)."""
+    aside = f"{self.path}.stale-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return  # someone else broke it
+    except OSError as e:  # a read-only cache holding a stale lock
+      raise self._unwritable(e) from e
+    try:
+      with open(aside, encoding="utf-8") as f:
+        moved = json.loads(f.read() or "{}")
+    except ValueError:
+      moved = {}
+    if moved.get("token") != record.get("token"):  # a fresh lock: put it back untouched
+      try:
+        os.link(aside, self.path)
+      except OSError:
+        pass
+    os.remove(aside)
+
+  def acquire(self) -> bool:
+    """Waits until this process holds the lock; returns whether it had to wait."""
+    waited, announced = False, 0.0
+    while not self.try_acquire():
+      state = self.holder()
+      if state is None:
+        continue
+      record, mtime = state
+      if self.is_stale(record, mtime):
+        log.warning("Breaking the stale lock %s (%s)", self.path, record)
+        print(f"zoo: breaking a stale lock on {self.what} (process {record.get('pid')} on "
+              f"{record.get('host')} is gone or silent): {self.path}", flush=True)
+        self._break(record)
+        continue
+      if time.monotonic() - announced > 60.0:
+        announced = time.monotonic()
+        print(f"zoo: waiting for process {record.get('pid')} on {record.get('host')} to "
+              f"finish training {self.what} (lock {self.path})", flush=True)
+      waited = True
+      time.sleep(self.poll_seconds)
+    return waited
+
+  def _start_refresh(self) -> None:
+    import threading  # pylint: disable=import-outside-toplevel
+    stop = self._stop = threading.Event()
+    interval = max(min(_LOCK_REFRESH_SECONDS, self.stale_seconds / 4), 0.05)
+
+    def refresh():
+      while not stop.wait(interval):
+        try:
+          os.utime(self.path)
+        except OSError:
+          return
+
+    threading.Thread(target=refresh, name="safer_jax-zoo-lock", daemon=True).start()
+
+  def release(self) -> None:
+    """Stops refreshing and removes the lock file if it is still this process's."""
+    if self._stop is not None:
+      self._stop.set()
+    state = self.holder()
+    if state is not None and state[0].get("token") == self.token:
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+    self.token = None
+
+  def __enter__(self) -> "EntryLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
 def _restore_or_train(name: str, net: nn.Module, ds: data_lib.Dataset, seed: int,
                       config: train_lib.TrainConfig, path: str, abstract: Any, retrain: bool,
                       progress: bool) -> ZooEntry:
-  """The cached entry at ``path`` if intact (and not ``retrain``), else trained and saved."""
+  """The cached entry at ``path`` if intact (and not ``retrain``), else trained and saved.
+
+  A finished entry is restored without locking (a read-only cache works). Otherwise
+  the entry's :class:`EntryLock` is taken first: if another process is training it,
+  this one waits and then restores its checkpoint instead of training again.
+  """
   if not retrain and os.path.isdir(path):
     try:
-      variables, meta = restore_checkpoint(path, abstract)
-      log.info("Restored %s from %s", name, path)
-      return ZooEntry(name, net, variables, ds, meta.get("metrics", {}), path, restored=True)
-    except FileNotFoundError:
-      pass
-    except CorruptCheckpointError as e:
-      log.warning("%s -- deleting it and retraining.", e)
-      print(f"WARNING: {e} -- retraining.", flush=True)
-  if os.path.isdir(path):
-    shutil.rmtree(path)
-  # Under jax.distributed process 0 trains (and evaluates) alone, on its default device.
-  with distributed.use_data_sharding(not _process_local()):
-    variables, history = train_lib.train(net, ds, config, progress=progress)
-  meta = {"model": name, "dataset": ds.name, "seed": seed, "config": dataclasses.asdict(config),
-          "metrics": history["eval"], "train_seconds": history["train_seconds"],
-          "zoo_version": ZOO_VERSION}
-  save_checkpoint(path, variables, meta)
+      return _restore(name, net, ds, path, abstract)
+    except Exception:  # pylint: disable=broad-except
+      pass  # not finished, being written or replaced, or damaged: decided under the lock.
+  with EntryLock(path, f"{name} on {ds.name} (seed {seed})"):
+    if not retrain and os.path.isdir(path):
+      try:
+        return _restore(name, net, ds, path, abstract)
+      except FileNotFoundError:
+        pass
+      except CorruptCheckpointError as e:
+        log.warning("%s -- deleting it and retraining.", e)
+        print(f"WARNING: {e} -- retraining.", flush=True)
+    if os.path.isdir(path):  # a damaged entry, or a save killed half-way (orbax tmp dirs)
+      shutil.rmtree(path)
+    # Under jax.distributed process 0 trains (and evaluates) alone, on its default device.
+    with distributed.use_data_sharding(not _process_local()):
+      variables, history = train_lib.train(net, ds, config, progress=progress)
+    meta = {"model": name, "dataset": ds.name, "seed": seed,
+            "config": dataclasses.asdict(config), "metrics": history["eval"],
+            "train_seconds": history["train_seconds"], "zoo_version": ZOO_VERSION}
+    save_checkpoint(path, variables, meta)
   return ZooEntry(name, net, jax.device_get(variables), ds, history["eval"], path, restored=False)
 
 
+def _restore(name: str, net: nn.Module, ds: data_lib.Dataset, path: str,
+             abstract: Any) -> ZooEntry:
+  variables, meta = restore_checkpoint(path, abstract)
+  log.info("Restored %s from %s", name, path)
+  return ZooEntry(name, net, variables, ds, meta.get("metrics", {}), path, restored=True)
+
+
 def check_finite(variables: Any) -> None:
-  """Raises a ValueError naming every leaf of ``variables`` that holds NaN or inf values."""
-  bad = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    arr = np.asarray(leaf)
-    if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
-      bad.append(f"{jax.tree_util.keystr(path)} ({int(np.sum(~np.isfinite(arr)))} of {arr.size} "
-                 f"values are NaN/inf)")
-  if bad:
-    raise ValueError("Checkpoint has non-finite values in " + ", ".join(bad))
+  """Raises a ValueError naming the first checkpoint leaf that holds NaN or inf values."""
+  layers_lib.check_finite(variables, what="Checkpoint leaf")
 
 
 def from_checkpoint(model_name: str, checkpoint_path: str | os.PathLike,

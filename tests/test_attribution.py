@@ -181,7 +181,7 @@ def test_experiment_tiny_writes_files(tmp_path, launch):
   out = launch(["--experiment=attribution_preservation", "--tiny", f"--workdir={tmp_path}",
                 "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "attribution_preservation"
+  work = tmp_path / "attribution_preservation" / "lenet"
   for name in ("results.csv", "per_image.csv", "summary.md", "example_maps.png", "metrics.png"):
     assert (work / name).stat().st_size > 0, name
   results = pd.read_csv(work / "results.csv")

@@ -26,7 +26,7 @@ def test_corruption_experiment_writes_files(tmp_path, launch):
   out = launch(["--experiment=corruption", "--tiny", f"--workdir={tmp_path}",
                  "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "corruption"
+  work = tmp_path / "corruption" / "mlp"
   for name in ("results.csv", "summary.md", "meta.json", "delta_vs_eps.png",
                "layer_vulnerability.png"):
     assert (work / name).stat().st_size > 0, name
@@ -43,7 +43,7 @@ def test_acr_train_experiment_writes_files(tmp_path, launch):
   out = launch(["--experiment=acr_train", "--tiny", f"--workdir={tmp_path}",
                  "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "acr_train"
+  work = tmp_path / "acr_train" / "mlp"
   for name in ("results.csv", "summary.md", "meta.json", "robustness.png"):
     assert (work / name).stat().st_size > 0, name
   results = pd.read_csv(work / "results.csv")

@@ -97,16 +97,16 @@ def test_distributed_launch_writes_single_process_table_and_restores(tmp_path):
   assert os.path.getmtime(os.path.join(checkpoints[0], "0", "_CHECKPOINT_METADATA")) == stamp
   assert os.listdir(tmp_path / "cache") == [os.path.basename(checkpoints[0])]
   for tag in ("first", "second"):  # Only process 0 writes results.
-    assert os.path.exists(tmp_path / f"{tag}0" / "sensitivity" / "table.csv")
+    assert os.path.exists(tmp_path / f"{tag}0" / "sensitivity" / "mlp" / "table.csv")
     assert not os.path.exists(tmp_path / f"{tag}1")
   # One process, one device, restoring the checkpoint saved under jax.distributed.
   out = subprocess.run(_launch(tmp_path, "single", False), cwd=ROOT, env=_env(tmp_path, None),
                        capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-4000:]
   assert "retraining" not in out.stdout + out.stderr
-  want = pd.read_csv(tmp_path / "single" / "sensitivity" / "table.csv")
+  want = pd.read_csv(tmp_path / "single" / "sensitivity" / "mlp" / "table.csv")
   for tag in ("first", "second"):
-    got = pd.read_csv(tmp_path / f"{tag}0" / "sensitivity" / "table.csv")
+    got = pd.read_csv(tmp_path / f"{tag}0" / "sensitivity" / "mlp" / "table.csv")
     assert len(got) == len(want) == 24
     pd.testing.assert_frame_equal(got.drop(columns=["accuracy", "loss", "accuracy_drop",
                                                     "loss_increase"]),

@@ -40,7 +40,7 @@ def test_every_experiment_has_a_tiny_config(name):
 def test_train_experiment_writes_files(tmp_path, launch):
   out = launch(["--experiment=train", "--tiny", f"--workdir={tmp_path}"])
   assert out.returncode == 0, out.stderr[-3000:]
-  metrics = json.load(open(tmp_path / "train" / "metrics.json"))
+  metrics = json.load(open(tmp_path / "train" / "mlp" / "metrics.json"))
   assert metrics["rows"][0]["model"] == "mlp"
   assert metrics["rows"][0]["accuracy"] > 0.9
 
@@ -48,7 +48,7 @@ def test_train_experiment_writes_files(tmp_path, launch):
 def test_sensitivity_experiment_writes_table_and_plots(tmp_path, launch):
   out = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"])
   assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "sensitivity"
+  work = tmp_path / "sensitivity" / "mlp"
   for name in ("table.csv", "summary.csv", "importance.csv", "meta.json", "heatmap.png",
                "lines.png"):
     assert (work / name).stat().st_size > 0, name
@@ -66,7 +66,7 @@ def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
   out = launch(["--experiment=bench_sweep", "--tiny", f"--workdir={tmp_path}",
                  "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
-  result = json.load(open(tmp_path / "bench_sweep" / "bench.json"))
+  result = json.load(open(tmp_path / "bench_sweep" / "mlp" / "bench.json"))
   assert result["same_numbers"] is True
   assert result["speedup_warm"] > 0 and result["cells"] > 0
   # The FLOP ratio against a hand count: the tiny mlp is 64 -> 128 -> 64 -> 10, so a copy
@@ -84,7 +84,7 @@ def test_bench_devices_tiny_same_table_on_1_and_2_devices(tmp_path, launch):
   out = launch(["--experiment=bench_devices", "--tiny", f"--workdir={tmp_path}",
                 "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
-  result = json.load(open(tmp_path / "bench_devices" / "devices.json"))
+  result = json.load(open(tmp_path / "bench_devices" / "mlp" / "devices.json"))
   assert result["same_table"] is True
   assert [r["devices"] for r in result["rows"]] == [1, 2]
 
@@ -94,7 +94,7 @@ def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
                  "--config", "progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   import pandas as pd
-  work = tmp_path / "quant_sweep"
+  work = tmp_path / "quant_sweep" / "mlp"
   results = pd.read_csv(work / "results.csv")
   assert set(results.source) == {"oracle", "quant_error", "fisher", "uniform", "random"}
   assert (results.avg_bits <= results.budget_avg_bits + 1e-9).all()
@@ -105,8 +105,8 @@ def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
 def test_quant_sweep_rejects_bad_bits(tmp_path, launch):
   out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
                  "--config", "candidates=(0,4)"])
-  assert out.returncode != 0 and "bits=0" in out.stderr
-  assert not (tmp_path / "quant_sweep" / "results.csv").exists()
+  assert out.returncode == 2 and "candidates=(0, 4)" in out.stderr and "1..16" in out.stderr
+  assert not (tmp_path / "quant_sweep" / "mlp" / "results.csv").exists()
 
 
 def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, launch):
@@ -115,4 +115,4 @@ def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, launch):
   assert out.returncode == 2
   assert "error: memory budget 10000 bytes" in out.stderr and "is too small" in out.stderr
   assert "Traceback" not in out.stderr
-  assert not (tmp_path / "sensitivity" / "table.csv").exists()
+  assert not (tmp_path / "sensitivity" / "mlp" / "table.csv").exists()

@@ -93,3 +93,28 @@ def test_image_size_is_part_of_the_cache_entry(tmp_path, digits):
   again = zoo.pretrained("mlp", digits, cache_dir=str(tmp_path), config=TINY, progress=False)
   assert again.restored and again.path == small.path
   _assert_identical(again.variables, small.variables)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2_imagenet"])
+def test_imagenet_size_models_are_not_trained_unless_asked(tmp_path, monkeypatch, digits, name):
+  """An ImageNet architecture is refused before any data loading or training; the
+  ``train_from_scratch=True`` keyword lets it through to the usual restore-or-train."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError(f"called with {args} {kwargs}")
+
+  monkeypatch.setattr(zoo.data_lib, "load_dataset", forbidden)
+  monkeypatch.setattr(zoo.train_lib, "train", forbidden)
+  monkeypatch.setattr(zoo, "_restore_or_train", forbidden)
+  with pytest.raises(ValueError) as err:
+    zoo.pretrained(name, "digits", cache_dir=str(tmp_path), progress=False)
+  msg = str(err.value)
+  for part in (repr(name), "ImageNet-size architecture", "not train it on first use",
+               "--config checkpoint=PATH", ".npz", "orbax", "--config train_from_scratch=True"):
+    assert part in msg, (part, msg)
+  assert not os.listdir(tmp_path)  # nothing cached.
+
+  calls = []
+  monkeypatch.setattr(zoo, "_restore_or_train", lambda *args: calls.append(args) or "entry")
+  got = zoo.pretrained(name, digits, cache_dir=str(tmp_path), progress=False,
+                       train_from_scratch=True)
+  assert got == "entry" and len(calls) == 1 and calls[0][0] == name

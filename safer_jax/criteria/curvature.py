@@ -105,11 +105,13 @@ def _all_layers_quad_fn(loss_fn, names):
 def _probes_per_call(chunk: int) -> int:
   """Probes one compiled call evaluates side by side (``vmap``).
 
-  On CPU one: XLA:CPU runs convolutions with a batch of kernel tangents (what
-  ``vmap`` over probes makes of them) far slower than one probe after another
-  (measured on the zoo mobilenet_v2, 128 images: 4 vmapped probes 75 s, 4
-  separate calls 0.9 s; a ``lax.scan`` over probes 7 s). Accelerators batch the
-  whole chunk in one call.
+  On CPU one: XLA:CPU runs grouped (e.g. depthwise) convolutions with a batch
+  of kernel tangents (what ``vmap`` over probes makes of them) far slower than
+  one probe after another (measured on a mobilenet_v2 with ``nn.Conv``
+  depthwise layers, 128 images: 4 vmapped probes 75 s, 4 separate calls 0.9 s;
+  a ``lax.scan`` over probes 7 s); where nothing is pathological, one call per
+  probe costs about the same as a vmapped chunk (zoo mobilenet_v2 and resnet8,
+  16 probes: within 10%). Accelerators batch the whole chunk in one call.
   """
   return 1 if jax.default_backend() == "cpu" else chunk
 
