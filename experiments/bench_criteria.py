@@ -109,7 +109,15 @@ def _per_probe_seconds(loss_fn, params, batches, key, probes: int) -> dict:
 
 def run(config, workdir: str) -> dict:
   # Cold timings must include compilation: no persistent XLA cache for this run.
+  previous = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return _run(config, workdir)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", previous)
+
+
+def _run(config, workdir: str) -> dict:
   entry = common.pretrained(config)
   split = entry.dataset.eval.take(config.eval_examples or None)
   scfg = criteria_benchmark._sweep_config(config)  # pylint: disable=protected-access

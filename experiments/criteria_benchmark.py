@@ -38,7 +38,7 @@ from experiments import common
 from safer_jax import benchmark, criteria, io, layers, models, perturb, sweep
 from safer_jax.criteria import _common as criteria_common
 
-ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2")
+ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2", "vit_tiny")
 FAMILIES = ("quantize", "prune", "bitflip", "noise")
 METRICS = ("accuracy_drop", "loss_increase")
 

@@ -19,15 +19,40 @@ def digits():
 
 @pytest.fixture(scope="session")
 def zoo_cache(tmp_path_factory):
-  """A zoo cache shared by the tests of one session (models train once)."""
-  return str(tmp_path_factory.mktemp("zoo"))
+  """A zoo cache shared by the tests of one run (models train once).
+
+  Under pytest-xdist (``-n 2``) the workers share one directory next to their
+  own temp roots; the zoo's per-entry lock makes one worker train each model
+  while the others wait and restore it.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  path = root / "zoo"
+  path.mkdir(exist_ok=True)
+  return str(path)
 
 
 def pytest_configure(config):
-  """Subprocess launches share one throw-away persistent XLA cache (never the user's)."""
+  """One throw-away persistent XLA cache (never the user's) for the whole run.
+
+  Subprocess launches use it through ``$SAFER_JAX_XLA_CACHE`` (as ``launch.py``
+  does); the in-process tests too, so a program compiled by one test (or one
+  pytest-xdist worker) is loaded, not recompiled, by the next. Results do not
+  depend on it: a cache hit returns the same executable.
+  """
   del config
   import tempfile
-  os.environ.setdefault("SAFER_JAX_XLA_CACHE", tempfile.mkdtemp(prefix="safer_jax_xla_"))
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run
+  if run:
+    path = os.path.join(tempfile.gettempdir(), f"safer_jax_xla_{run}")
+    os.makedirs(path, exist_ok=True)
+  else:
+    path = tempfile.mkdtemp(prefix="safer_jax_xla_")
+  os.environ.setdefault("SAFER_JAX_XLA_CACHE", path)
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", os.environ["SAFER_JAX_XLA_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture

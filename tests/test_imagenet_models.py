@@ -385,8 +385,8 @@ def test_from_checkpoint_npz_logits_match_numpy(tmp_path, resnet18_sd, images):
   bad["layer3.1.bn2.running_var"] = bad["layer3.1.bn2.running_var"].copy()
   bad["layer3.1.bn2.running_var"][3] = np.nan
   np.savez(str(tmp_path / "nan.npz"), **bad)
-  with pytest.raises(ValueError, match=r"'batch_stats'\]\['layer3_block2'\]\['bn2'\]\['var'\] "
-                                       r"\(1 of 256"):
+  with pytest.raises(ValueError, match=r"'batch_stats'\]\['layer3_block2'\]\['bn2'\]\['var'\] holds NaN "
+                                       r"or inf values \(1 of 256"):
     zoo.from_checkpoint("resnet18", str(tmp_path / "nan.npz"), _tiny_dataset(5))
   with pytest.raises(FileNotFoundError):
     zoo.from_checkpoint("resnet18", str(tmp_path / "absent.npz"), _tiny_dataset(5))

@@ -116,3 +116,25 @@ def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, launch):
   assert "error: memory budget 10000 bytes" in out.stderr and "is too small" in out.stderr
   assert "Traceback" not in out.stderr
   assert not (tmp_path / "sensitivity" / "mlp" / "table.csv").exists()
+
+
+def test_bench_criteria_tiny_writes_its_table(tmp_path, zoo_cache):
+  """In-process: every criterion timed against the sweep, the trace comparison, the JSON keys."""
+  import json
+  from experiments import bench_criteria
+  config = bench_criteria.get_config(tiny=True)
+  config.cache_dir = zoo_cache
+  config.progress = False
+  config.criteria = ("fisher", "hessian_trace", "quant_error")
+  config.trace_probes = 4
+  config.families = ("quantize", "noise")
+  out = bench_criteria.run(config, str(tmp_path))
+  result = json.load(open(out["paths"]["json"]))
+  assert result["model"] == "mlp" and result["sweep_seconds"] > 0
+  assert set(result["criteria"]) == {"fisher", "hessian_trace", "quant_error"}
+  for name, r in result["criteria"].items():
+    assert r["needs_data"] == (name != "quant_error")
+    assert r["fraction_of_sweep"] == r["seconds"] / result["sweep_seconds"]
+    assert set(r["spearman_vs_truth"]) == set(config.families)
+  assert result["trace_all_layers_speedup"] > 0 and result["per_probe"]["layer"] is None
+  assert "| fisher | yes |" in open(out["paths"]["md"]).read()

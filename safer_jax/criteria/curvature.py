@@ -73,20 +73,22 @@ def _quad_fn(loss_fn, name):
   return quad
 
 
-def _all_layers_quad_fn(loss_fn, names):
-  """``(params, key, batch) -> (P, L)``: ``v_l^T (H v)_l`` per probe and layer, one HVP per probe.
+def _all_layers_quad_fn(loss_fn, names, impl):
+  """``(params, key_data, batch) -> (P, L)``: ``v_l^T (H v)_l`` per probe and layer, one HVP each.
 
   ``v`` is a Rademacher vector over all ``L`` selected kernels at once and
   ``H v`` the full Hessian (of the loss w.r.t. those kernels) times ``v``:
   forward-over-reverse, vmapped over the probes of one call (see
   :func:`_probes_per_call`). ``E[v_l^T (H v)_l] = tr(H_ll)``
   since the cross-layer terms ``v_l^T H_lm v_m`` vanish in expectation.
-  The probes are drawn inside from ``key`` (``(P,)`` keys, one per probe).
+  The probes are drawn inside from ``key_data`` (``(P, ...)`` uint32: the raw data of
+  one key of implementation ``impl`` per probe).
   """
   names = tuple(names)
 
-  def quad(params, keys, batch):
+  def quad(params, key_data, batch):
     kernels = _common.kernels_of(params, names)
+    keys = jax.random.wrap_key_data(key_data, impl=impl)  # raw uint32: placeable on any mesh
 
     def grad(ks):
       return jax.grad(lambda k: loss_fn(_common.with_kernels(params, k), batch))(ks)
@@ -223,10 +225,11 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
   kernels = _common.kernels_of(params, names)
 
   if estimator == "all_layers":
-    quad = _common.cached_jit(_all_layers_quad_fn, loss_fn, tuple(names))
+    quad = _common.cached_jit(_all_layers_quad_fn, loss_fn, tuple(names),
+                              jax.random.key_impl(key))
 
     def draw(chunk):  # (chunk_size, L)
-      keys = jax.random.split(jax.random.fold_in(key, chunk), chunk_size)
+      keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, chunk), chunk_size))
       return sum(_in_calls(lambda k, b: quad(params, k, b), keys, b)
                  for b in batches) / len(batches)
   else:
