@@ -338,8 +338,12 @@ def _call_signature(module: Any) -> tuple[list[inspect.Parameter], bool]:
   return rest, var_kw
 
 
-def _mode_kwargs(module: Any, given: Mapping[str, Any]) -> tuple[dict, dict]:
-  """(inference kwargs, training overrides) for ``module.__call__``; checks ``given``."""
+def _mode_kwargs(module: Any, given: Mapping[str, Any], *,
+                 infer: bool = True) -> tuple[dict, dict]:
+  """(inference kwargs, training overrides) for ``module.__call__``; checks ``given``.
+
+  ``infer=False`` (nnx, whose modes are module attributes): only the checks.
+  """
   rest, var_kw = _call_signature(module)
   names = [p.name for p in rest]
   cls = type(module).__name__
@@ -349,7 +353,7 @@ def _mode_kwargs(module: Any, given: Mapping[str, Any]) -> tuple[dict, dict]:
                        f"{names or 'no keyword besides the input'}.")
   kwargs = dict(given)
   train = {}
-  for p in rest:
+  for p in rest if infer else ():
     if p.name in INFERENCE_FLAGS:
       inference = INFERENCE_FLAGS[p.name]
       if p.name not in kwargs and (p.default is p.empty or p.default is not inference):
@@ -359,7 +363,7 @@ def _mode_kwargs(module: Any, given: Mapping[str, Any]) -> tuple[dict, dict]:
   missing = [p.name for p in rest if p.default is p.empty and p.name not in kwargs]
   if missing:
     raise ValueError(f"{cls}.__call__ needs {missing} besides the input; pass them to wrap(), "
-                     f"e.g. wrap(model, variables, {missing[0]}=...).")
+                     f"e.g. wrap(model{', variables' if infer else ''}, {missing[0]}=...).")
   return kwargs, train
 
 
@@ -443,23 +447,10 @@ def _wrap_nnx(module: Any, variables: Any, apply_kwargs: Mapping[str, Any]) -> W
   out = {"params": params_pure}
   if stats_pure:
     out["batch_stats"] = stats_pure
-  wrapped = WrappedModel("nnx", module, out, _check_nnx_kwargs(module, apply_kwargs), {})
+  wrapped = WrappedModel("nnx", module, out, _mode_kwargs(module, apply_kwargs, infer=False)[0],
+                         {})
   wrapped._nnx = (g_eval, g_train, g_orig, convert, rest)  # pylint: disable=protected-access
   return wrapped
-
-
-def _check_nnx_kwargs(module: Any, given: Mapping[str, Any]) -> dict:
-  rest, var_kw = _call_signature(module)
-  names = [p.name for p in rest]
-  for key in given:
-    if key not in names and not var_kw:
-      raise ValueError(f"Apply keyword {key!r} is not accepted by {type(module).__name__}."
-                       f"__call__; it accepts {names or 'no keyword besides the input'}.")
-  missing = [p.name for p in rest if p.default is p.empty and p.name not in given]
-  if missing:
-    raise ValueError(f"{type(module).__name__}.__call__ needs {missing} besides the input; pass "
-                     f"them to wrap(), e.g. wrap(model, {missing[0]}=...).")
-  return dict(given)
 
 
 def training_apply(model: Any) -> Callable[..., tuple[jax.Array, Variables]]:
