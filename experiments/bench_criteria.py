@@ -120,7 +120,7 @@ def run(config, workdir: str) -> dict:
 def _run(config, workdir: str) -> dict:
   entry = common.pretrained(config)
   split = entry.dataset.eval.take(config.eval_examples or None)
-  scfg = criteria_benchmark._sweep_config(config)  # pylint: disable=protected-access
+  scfg = criteria_benchmark.sweep_config(config)
   table, sweep_cold = _timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,
                                                      progress=config.progress))
   _, sweep_warm = _timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,

@@ -152,7 +152,8 @@ def _model_names(config) -> list[str]:
   return [config.model] if config.model else list(config.models)
 
 
-def _sweep_config(config) -> sweep.SweepConfig:
+def sweep_config(config) -> sweep.SweepConfig:
+  """The ground-truth sweep of the benchmark (families, grids, seeds, chunking of ``config``)."""
   grids = {f: tuple(config.grids[f]) if f in config.grids else None for f in config.families}
   return sweep.SweepConfig(families=grids, seeds=tuple(config.sweep_seeds),
                            max_parallel=config.max_parallel,
@@ -167,7 +168,7 @@ def _ground_truth(entry, config, model_dir: str) -> dict:
   rows_before = len(pd.read_csv(results_path)) if os.path.exists(results_path) else 0
   meta = io.read_json(meta_path) if rows_before and os.path.exists(meta_path) else {"seconds": 0.0}
   start = time.perf_counter()
-  table = sweep.run_sweep(entry.model, entry.variables, split, _sweep_config(config),
+  table = sweep.run_sweep(entry.model, entry.variables, split, sweep_config(config),
                           results_path=results_path, progress=config.progress)
   elapsed = time.perf_counter() - start
   if len(table) > rows_before:  # cells were evaluated now: count their time.

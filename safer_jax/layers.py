@@ -44,7 +44,8 @@ KERNEL = "kernel"
 KERNEL_LEAVES = (KERNEL, "embedding")
 
 
-def _is_nnx_state(tree: Any) -> bool:
+def is_nnx_state(tree: Any) -> bool:
+  """Whether ``tree`` is an ``nnx.State`` (read through :func:`as_pure` by this module)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   return isinstance(tree, nnx.State)
 
@@ -63,7 +64,7 @@ def as_pure(tree: Any) -> Any:
   become ``'0', '1'``), so layer paths read ``'blocks/0/attn/query'``. Linen
   params and variables are returned unchanged.
   """
-  if _is_nnx_state(tree):
+  if is_nnx_state(tree):
     from flax import nnx  # pylint: disable=import-outside-toplevel
     return _str_keys(nnx.to_pure_dict(tree))
   return tree

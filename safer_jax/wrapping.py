@@ -289,7 +289,7 @@ class StateLossFn:
 
 def pure_params_and_loss(loss_fn: Callable | None, params: Any) -> tuple[Callable | None, Any]:
   """``(loss_fn, params)`` with an ``nnx.State`` replaced by its pure dict (criteria entry)."""
-  if not layers_lib._is_nnx_state(params):  # pylint: disable=protected-access
+  if not layers_lib.is_nnx_state(params):
     return loss_fn, params
   pure = layers_lib.as_pure(params)
   return (None if loss_fn is None else StateLossFn(loss_fn, params)), pure
@@ -313,7 +313,7 @@ def _is_nnx(model: Any) -> bool:
 def _as_variables(variables: Any) -> Variables:
   """Plain dicts; params alone become ``{'params': params}``."""
   from flax.core import unfreeze  # pylint: disable=import-outside-toplevel
-  if layers_lib._is_nnx_state(variables):  # pylint: disable=protected-access
+  if layers_lib.is_nnx_state(variables):
     variables = layers_lib.as_pure(variables)
   if not isinstance(variables, Mapping):
     raise ValueError(f"variables must be a dict of parameter collections (or params), got "
