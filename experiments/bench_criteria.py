@@ -27,10 +27,10 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from experiments import common, criteria_benchmark
 from safer_jax import benchmark, criteria, io, sweep
+from safer_jax import layers as layers_lib
 from safer_jax.progress import Progress
 
 DATA_FREE = ("random", "param_count", "weight_norm", "quant_error", "spectral_norm")
@@ -77,7 +77,6 @@ def _per_probe_seconds(loss_fn, params, batches, key, probes: int) -> dict:
   estimator (probes vectorised); ``all_layers``: the all-layer estimator (one full
   HVP per probe gives every layer).
   """
-  from safer_jax import layers as layers_lib  # pylint: disable=import-outside-toplevel
   convs = [n for n in layers_lib.find_layers(params) if layers_lib.get_kernel(params, n).ndim == 4]
   if not convs:
     return {"layer": None, "reference": float("nan"), "per_layer": float("nan"),
