@@ -21,6 +21,7 @@ matrix products, one call replaces hundreds of dispatches). Writes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -35,8 +36,17 @@ from safer_jax import layers as layers_lib
 
 
 def get_config(tiny: bool = False):
+  """The sensitivity sweep's setting on resnet8, plus the small job.
+
+  Fields (besides :func:`experiments.sensitivity.get_config`):
+    small_family, small_grid: the small job: one family over this grid on every
+      layer (default: quantization at 8, 6, 4, 3, 2 bits, 50 cells on resnet8),
+      where compilation is most of a first run.
+  """
   config = sensitivity.get_config(tiny)
   config.model = "mlp" if tiny else "resnet8"
+  config.small_family = "quantize"
+  config.small_grid = (8, 4) if tiny else (8, 6, 4, 3, 2)
   return config
 
 
@@ -44,6 +54,30 @@ def _timed(fn):
   t0 = time.perf_counter()
   out = fn()
   return out, time.perf_counter() - t0
+
+
+def cold_and_warm(fn) -> dict:
+  """``fn()`` twice after emptying JAX's caches: seconds and XLA compilations of each call.
+
+  Cold is what a new process sees (every program compiled, none shared with an
+  earlier measurement); warm reuses what cold compiled.
+  """
+  jax.clear_caches()
+  sweep.clear_compiled()
+  compiles = []
+  listener = lambda event, seconds, **kw: compiles.append(event == _COMPILE_EVENT)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    table, cold = _timed(fn)
+    n_cold = sum(compiles)
+    _, warm = _timed(fn)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return {"table": table, "cold_s": cold, "warm_s": warm, "compiles_cold": n_cold,
+          "compiles_warm": sum(compiles) - n_cold}
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def flop_ratio(entry, split, scfg, table) -> dict:
@@ -76,20 +110,35 @@ def run(config, workdir: str) -> dict:
   entry, split = sensitivity.load(config)
   scfg = sensitivity.sweep_config(config)
   kwargs = dict(progress=config.progress)
-  naive_cold, t_naive_cold = _timed(lambda: sweep.naive_sweep(entry.model, entry.variables,
-                                                              split, scfg, **kwargs))
-  _, t_naive_warm = _timed(lambda: sweep.naive_sweep(entry.model, entry.variables, split, scfg,
-                                                     **kwargs))
-  fast_cold, t_fast_cold = _timed(lambda: sweep.run_sweep(entry.model, entry.variables, split,
-                                                          scfg, **kwargs))
-  _, t_fast_warm = _timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,
-                                                  **kwargs))
+  jobs = {"full": scfg,
+          "small": dataclasses.replace(scfg, families={config.small_family:
+                                                       tuple(config.small_grid)})}
+  runs = {}
+  for job, job_cfg in jobs.items():
+    for method, fn in (("naive", sweep.naive_sweep), ("engine", sweep.run_sweep)):
+      runs[job, method] = cold_and_warm(
+          lambda f=fn, c=job_cfg: f(entry.model, entry.variables, split, c, **kwargs))
+      print(f"{job} {method}: cold {runs[job, method]['cold_s']:.2f} s "
+            f"({runs[job, method]['compiles_cold']} compilations), warm "
+            f"{runs[job, method]['warm_s']:.2f} s", flush=True)
+  naive_cold, fast_cold = runs["full", "naive"]["table"], runs["full", "engine"]["table"]
+  t_naive_cold, t_naive_warm = runs["full", "naive"]["cold_s"], runs["full", "naive"]["warm_s"]
+  t_fast_cold, t_fast_warm = runs["full", "engine"]["cold_s"], runs["full", "engine"]["warm_s"]
   acc_diff = float(np.max(np.abs(naive_cold["accuracy"].to_numpy()
                                  - fast_cold["accuracy"].to_numpy())))
   loss_diff = float(np.max(np.abs(naive_cold["loss"].to_numpy() - fast_cold["loss"].to_numpy())
                            / np.maximum(np.abs(naive_cold["loss"].to_numpy()), 1e-3)))
   same = (len(naive_cold) == len(fast_cold) and acc_diff <= 1e-6 and loss_diff <= 1e-4
           and list(naive_cold["layer"]) == list(fast_cold["layer"]))
+  small_naive, small_fast = runs["small", "naive"]["table"], runs["small", "engine"]["table"]
+  same = same and np.array_equal(small_naive["accuracy"].to_numpy(),
+                                 small_fast["accuracy"].to_numpy())
+  small = {"cells": len(small_fast), "family": config.small_family,
+           "grid": list(config.small_grid),
+           **{f"{m}_{k}": runs["small", m][k] for m in ("naive", "engine")
+              for k in ("cold_s", "warm_s", "compiles_cold")},
+           "speedup_cold": runs["small", "naive"]["cold_s"] / runs["small", "engine"]["cold_s"],
+           "speedup_warm": runs["small", "naive"]["warm_s"] / runs["small", "engine"]["warm_s"]}
   flops = flop_ratio(entry, split, scfg, fast_cold)
   device = f"{jax.default_backend()} ({jax.device_count()} x {jax.devices()[0].device_kind}, " \
            f"{os.cpu_count()} CPU cores visible)"
@@ -100,6 +149,9 @@ def run(config, workdir: str) -> dict:
       "device": device, "naive_cold_s": t_naive_cold, "naive_warm_s": t_naive_warm,
       "engine_cold_s": t_fast_cold, "engine_warm_s": t_fast_warm,
       "speedup_cold": t_naive_cold / t_fast_cold, "speedup_warm": t_naive_warm / t_fast_warm,
+      "compiles_cold": {m: runs["full", m]["compiles_cold"] for m in ("naive", "engine")},
+      "compiles_warm": {m: runs["full", m]["compiles_warm"] for m in ("naive", "engine")},
+      "strategy": sweep.engine_strategy(scfg, False), "small_job": small,
       "flop_ratio": flops["ratio"], "per_copy_flop_fraction": flops["per_copy_fraction"],
       "max_accuracy_diff": acc_diff, "max_loss_rel_diff": loss_diff, "same_numbers": same,
       "versions": io.versions()}
@@ -112,6 +164,13 @@ def run(config, workdir: str) -> dict:
         f"{result['speedup_cold']:.2f}x |",
         f"| warm (compiled) | {t_naive_warm:.1f} s | {t_fast_warm:.1f} s | "
         f"{result['speedup_warm']:.2f}x |",
+        f"| XLA compilations, cold | {result['compiles_cold']['naive']} | "
+        f"{result['compiles_cold']['engine']} | |",
+        f"| small job cold ({small['cells']} cells: {small['family']} {small['grid']}) | "
+        f"{small['naive_cold_s']:.1f} s | {small['engine_cold_s']:.1f} s | "
+        f"{small['speedup_cold']:.2f}x |",
+        f"| small job warm | {small['naive_warm_s']:.2f} s | {small['engine_warm_s']:.2f} s | "
+        f"{small['speedup_warm']:.2f}x |",
         f"| FLOP ratio (work saved alone) | | | {flops['ratio']:.2f}x |", "",
         "Per-copy FLOPs of the engine (from the perturbed layer on) as a fraction of a full "
         "forward: " + ", ".join(f"{l} {f:.2f}" for l, f in flops["per_copy_fraction"].items())

@@ -393,6 +393,23 @@ def _prune(w: Array, ratio: ArrayLike, key: Array | None, *, method: str,
   return jnp.where(keep, w, jnp.zeros((), w.dtype))
 
 
+@jax.jit
+def prune_magnitude_padded(flat: Array, ratio: ArrayLike, n: ArrayLike) -> Array:
+  """:func:`prune` ``method='magnitude'`` of ``flat[:n]``, the rest of ``flat`` being padding.
+
+  ``flat`` (N,) holds a kernel's ``n`` weights in row-major order, then
+  anything; ``n`` may be traced, so kernels of every size share one compiled
+  program. The first ``n`` outputs equal ``prune(flat[:n], ratio)`` bit for bit
+  (padding ranks after every weight; the count is ``floor(ratio * n)`` in
+  float32); the rest are zero.
+  """
+  valid = jnp.arange(flat.shape[0]) < n
+  magnitude = jnp.where(valid, jnp.abs(flat.astype(jnp.float32)), jnp.inf)
+  count = jnp.floor(jnp.asarray(ratio, jnp.float32) * jnp.asarray(n, jnp.float32))
+  keep = valid & (_stable_rank(magnitude) >= count.astype(jnp.int32))
+  return jnp.where(keep, flat, jnp.zeros((), flat.dtype))
+
+
 # ---------------------------------------------------------------------------
 # Bit flips.
 # ---------------------------------------------------------------------------
@@ -570,6 +587,25 @@ def bitflip(w: ArrayLike, rate: ArrayLike, key: Array, *, representation: str = 
   validate_magnitude("bitflip", rate)
   check_finite(w, "w")
   w = _as_float_array(w)
+  static = _bitflip_static(representation, positions, num_bits, axis)
+  if any(_is_traced(x) for x in (w, rate, key)):
+    return _bitflip(w, rate, key, **static)
+  mask = bitflip_masks(key[None], jnp.asarray(rate, jnp.float32)[None], flat_bucket(w.size),
+                       num_bits=static["num_bits"], positions=static["positions"])[0]
+  return _bitflip_with(w, mask, **static)
+
+
+def bitflip_with_mask(w: ArrayLike, mask: ArrayLike, *, representation: str = "int8",
+                      positions: Sequence[int] | None = None, num_bits: int = 8,
+                      axis: int | None = -1) -> Array:
+  """:func:`bitflip` with a given XOR ``mask`` (``w.shape``; e.g. :func:`random_bit_mask`)."""
+  return _bitflip_with(_as_float_array(w), jnp.asarray(mask),
+                       **_bitflip_static(representation, positions, num_bits, axis))
+
+
+def _bitflip_static(representation: str = "int8", positions: Sequence[int] | None = None,
+                    num_bits: int = 8, axis: int | None = -1) -> dict:
+  """:func:`bitflip`'s static options, checked: representation, positions, num_bits, axis."""
   if representation not in REPRESENTATIONS:
     raise ValueError(
         f"Unknown representation {representation!r}; valid ones: {list(REPRESENTATIONS)}")
@@ -579,8 +615,8 @@ def bitflip(w: ArrayLike, rate: ArrayLike, key: Array, *, representation: str = 
   if representation == "int":
     _check_num_bits(num_bits, 2, MAX_BITS)
   width = {"int8": 8, "int": num_bits, "float32": 32, "bfloat16": 16}[representation]
-  return _bitflip(w, rate, key, representation=representation,
-                  positions=_check_positions(positions, width), num_bits=int(width), axis=axis)
+  return dict(representation=representation, positions=_check_positions(positions, width),
+              num_bits=int(width), axis=axis)
 
 
 @functools.partial(jax.jit,
@@ -588,6 +624,18 @@ def bitflip(w: ArrayLike, rate: ArrayLike, key: Array, *, representation: str = 
 def _bitflip(w: Array, rate: ArrayLike, key: Array, *, representation: str,
              positions: tuple[int, ...], num_bits: int, axis: int | None) -> Array:
   mask = _random_bit_mask(key, rate, shape=w.shape, num_bits=num_bits, positions=positions)
+  return _bitflip_with(w, mask, representation=representation, positions=positions,
+                       num_bits=num_bits, axis=axis)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("representation", "positions", "num_bits", "axis"))
+def _bitflip_with(w: Array, mask: Array, *, representation: str, positions: tuple[int, ...],
+                  num_bits: int, axis: int | None) -> Array:
+  """:func:`bitflip` given its XOR mask: ``w.shape``, or flat and at least ``w.size`` long."""
+  del positions  # (already in the mask)
+  if mask.shape != w.shape:
+    mask = mask[:w.size].reshape(w.shape)
   if representation in ("int8", "int"):
     grid = _quantize_grid(w, num_bits, axis=axis, symmetric=True)
     return dequantize(grid.replace(codes=_flip_bits_int(grid.codes, mask, num_bits)))
@@ -618,14 +666,66 @@ def noise(w: ArrayLike, sigma: ArrayLike, key: Array) -> Array:
   """
   validate_magnitude("noise", sigma)
   check_finite(w, "w")
-  return _noise(_as_float_array(w), sigma, key)
+  w = _as_float_array(w)
+  if any(_is_traced(x) for x in (w, sigma, key)):
+    return _noise(w, sigma, key)
+  return _noise_with(w, sigma, normal_draws(key[None], flat_bucket(w.size))[0])
 
 
 @jax.jit
 def _noise(w: Array, sigma: ArrayLike, key: Array) -> Array:
+  return _noise_with(w, sigma, jax.random.normal(key, w.shape, jnp.float32))
+
+
+@jax.jit
+def _noise_with(w: Array, sigma: ArrayLike, z: Array) -> Array:
+  """:func:`noise` given its N(0, 1) draws ``z``: ``w.shape``, or flat and >= ``w.size`` long."""
+  if z.shape != w.shape:
+    z = z[:w.size].reshape(w.shape)
   x = w.astype(jnp.float32)
-  z = jax.random.normal(key, w.shape, jnp.float32)
   return (x + jnp.asarray(sigma, jnp.float32) * jnp.std(x) * z).astype(w.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Random draws, compiled once per size bucket.
+# ---------------------------------------------------------------------------
+#
+# XLA compiles the counter-based PRNG (threefry) into a large program: on CPU it is
+# most of the compile time of `noise` and `bitflip` (~0.4 s per weight shape). With
+# `jax_threefry_partitionable` (JAX's default) element i of a draw of shape S is a
+# function of the key and of i's row-major index alone, so the first n values of a
+# flat draw of any size >= n, reshaped, *are* the draw of shape S (n = prod S). The
+# eager `noise` / `bitflip` and the sweep draw on flat sizes and
+# compile the PRNG once per size bucket (a power of 4) instead of once per shape; the numbers are
+# those of the per-shape draw (tests/test_perturb.py checks it bit for bit).
+
+_MIN_BUCKET = 1 << 12
+
+
+def flat_bucket(n: int) -> int:
+  """The flat draw size for ``n`` weights: the next power of 4 >= n (at least 4096).
+
+  Powers of 4: few buckets (few compilations) for at most 4x the draws needed.
+  """
+  if not jax.config.jax_threefry_partitionable:
+    raise RuntimeError("Bucketed draws need jax_threefry_partitionable=True (JAX's default), "
+                       "under which a flat draw's prefix equals the per-shape draw.")
+  bits = max(int(n) - 1, 0).bit_length()
+  return max(_MIN_BUCKET, 1 << (bits + bits % 2))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def normal_draws(keys: Array, size: int) -> Array:
+  """``(P, size)`` float32 N(0, 1): row p is ``jax.random.normal(keys[p], (size,))``."""
+  return jax.vmap(lambda k: jax.random.normal(k, (size,), jnp.float32))(keys)
+
+
+@functools.partial(jax.jit, static_argnums=(2,), static_argnames=("num_bits", "positions"))
+def bitflip_masks(keys: Array, rates: Array, size: int, *, num_bits: int,
+                  positions: tuple[int, ...]) -> Array:
+  """``(P, size)`` XOR masks: row p is ``random_bit_mask(keys[p], (size,), ..., rates[p])``."""
+  return jax.vmap(lambda k, r: _random_bit_mask(k, r, shape=(size,), num_bits=num_bits,
+                                                positions=positions))(keys, rates)
 
 
 # ---------------------------------------------------------------------------
@@ -771,6 +871,9 @@ class Family:
     magnitude_name: what the magnitude is (``'bits'``, ``'ratio'``, ...).
     needs_grad: whether ``fn`` needs ``grad`` (the loss gradient w.r.t. ``w``).
     default_grid: default magnitudes, mildest first.
+    draw: optional ``draw(keys (P,), magnitudes (P,), size, **options) -> (P, size)``,
+      the family's random draws on flat ``size``-long rows (see :func:`split_draws`).
+    apply: with ``draw``: ``apply(w, magnitude, row, grad=None, **options) -> w'``.
   """
 
   name: str
@@ -779,6 +882,18 @@ class Family:
   magnitude_name: str
   needs_grad: bool
   default_grid: tuple[float, ...]
+  draw: Callable[..., Array] | None = None
+  apply: Callable[..., Array] | None = None
+
+
+def split_draws(family: Family, options: Mapping[str, Any]) -> bool:
+  """Whether ``family`` with ``options`` draws its randomness apart (:attr:`Family.draw`).
+
+  Then ``fn(w, m, key, **options)`` equals ``apply(w, m, draw(key[None], m[None],
+  flat_bucket(w.size), **options)[0], **options)`` bit for bit, and ``draw``
+  compiles once per size bucket (see :func:`flat_bucket`).
+  """
+  return family.draw is not None and family.apply is not None
 
 
 def _quantize_fn(w, magnitude, key=None, grad=None, **options):
@@ -803,6 +918,29 @@ def _noise_fn(w, magnitude, key, grad=None, **options):
   return noise(w, magnitude, key)
 
 
+def _bitflip_draw(keys, magnitudes, size, **options):
+  static = _bitflip_static(**options)
+  return bitflip_masks(keys, jnp.asarray(magnitudes, jnp.float32), size,
+                       num_bits=static["num_bits"], positions=static["positions"])
+
+
+def _bitflip_apply(w, magnitude, mask, grad=None, **options):
+  del magnitude, grad  # (in the mask)
+  return _bitflip_with(_as_float_array(w), mask, **_bitflip_static(**options))
+
+
+def _noise_draw(keys, magnitudes, size, **options):
+  del magnitudes
+  if options:
+    raise TypeError(f"noise takes no options, got {sorted(options)}")
+  return normal_draws(keys, size)
+
+
+def _noise_apply(w, magnitude, z, grad=None, **options):
+  del grad, options
+  return _noise_with(_as_float_array(w), magnitude, z)
+
+
 def _corrupt_fn(w, magnitude, key=None, grad=None, **options):
   del key
   if grad is None:
@@ -815,8 +953,9 @@ FAMILIES: dict[str, Family] = {
     # 'prune' is deterministic for the default method; method='random' uses the key.
     "prune": Family("prune", _prune_fn, False, "ratio", False, (0.1, 0.3, 0.5, 0.7, 0.9)),
     "bitflip": Family("bitflip", _bitflip_fn, True, "rate", False,
-                      (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)),
-    "noise": Family("noise", _noise_fn, True, "sigma", False, (0.05, 0.1, 0.2, 0.5, 1.0)),
+                      (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), _bitflip_draw, _bitflip_apply),
+    "noise": Family("noise", _noise_fn, True, "sigma", False, (0.05, 0.1, 0.2, 0.5, 1.0),
+                    _noise_draw, _noise_apply),
     "corrupt": Family("corrupt", _corrupt_fn, False, "eps", True,
                       (0.01, 0.02, 0.05, 0.1, 0.2)),
 }

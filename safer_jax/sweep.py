@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -111,10 +112,23 @@ class SweepConfig:
       upper bounds: the sweep takes the largest ``max_parallel`` (and, only if
       one copy does not fit, a smaller ``eval_batch_size``) whose estimated
       need fits, from XLA's memory analysis of the compiled call
-      (:func:`safer_jax.memory.plan_chunking`). The table equals that of a
-      fixed chunking with the chosen sizes. None: the sizes as given.
+      (:func:`safer_jax.memory.plan_chunking`), which is the ``'layer'``
+      strategy's (a budget implies it under ``strategy='auto'``). The table
+      equals that of a fixed chunking with the chosen sizes. None: the sizes
+      as given.
     memory_margin: safety factor (>= 1) on the compiled call's estimate when
       ``memory_budget_bytes`` is set (other compilers and allocators differ).
+    strategy: how perturbed copies are evaluated (the table does not depend on
+      it beyond float rounding of the loss). ``'stage'``: one compiled program
+      per *stage* (a staged zoo model's block; the whole network otherwise) that
+      takes any of the stage's layers as its perturbed one, copies one after
+      another (``lax.map``): few compilations, the fast first run on CPU.
+      ``'layer'``: one program per layer, ``copies_per_step`` copies side by
+      side (``vmap``): the wide batched calls accelerators want. ``'auto'``:
+      ``'stage'`` on one CPU device without ``memory_budget_bytes`` (and, for
+      sweeps of fewer than :data:`CELLS_PER_STAGE_PROGRAM` cells per stage
+      program, one program for the whole network, as ``use_prefix=False``),
+      else ``'layer'``.
   """
   families: Mapping[str, Sequence[float] | None] = dataclasses.field(
       default_factory=lambda: {f: None for f in DEFAULT_FAMILIES})
@@ -129,6 +143,7 @@ class SweepConfig:
   workers: int | None = None
   memory_budget_bytes: int | None = None
   memory_margin: float = 1.25
+  strategy: str = "auto"
 
   def grids(self) -> dict[str, tuple[float, ...]]:
     out = {}
@@ -272,6 +287,56 @@ def eval_program(model: Any, layer: str, stage: int, step: int | None = None) ->
   return chunk_fn
 
 
+STRATEGIES = ("auto", "stage", "layer")
+# 'auto' on CPU: one program per stage only for sweeps with at least this many cells per
+# extra program; smaller ones run every copy from the input in one program. An extra stage
+# program costs ~0.5 s to compile and saves a few ms per cell (measured on resnet8 and
+# mobilenet_v2, 2 cores: 60 cells over 5 stages cold 1.8 s in one program vs 4.9 s per
+# stage; 410 cells 6.1 s vs 7.0 s cold but 2.5 s vs 1.3 s warm).
+CELLS_PER_STAGE_PROGRAM = 50
+
+
+def engine_strategy(config: SweepConfig, sharded: bool) -> str:
+  """``config.strategy`` with ``'auto'`` resolved (see :class:`SweepConfig`)."""
+  if config.strategy not in STRATEGIES:
+    raise ValueError(f"strategy={config.strategy!r}; allowed: {list(STRATEGIES)}.")
+  if config.strategy != "auto":
+    return config.strategy
+  single_cpu = (not sharded and jax.process_count() == 1 and jax.default_backend() == "cpu")
+  return "stage" if single_cpu and config.memory_budget_bytes is None else "layer"
+
+
+def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
+  """The function the ``'stage'`` strategy jits for ``stage``, not yet jitted.
+
+  ``(variables, flats (P, N) float32, which () int32, h (B, ...), labels (B,) int,
+  mask (B,) float32) -> (correct (P,), loss_sum (P,))``: copy ``p`` is the model
+  with the kernel of ``layers[which]`` replaced by ``flats[p, :size].reshape(shape)``
+  (``N`` >= the largest kernel of ``layers``, zero padded), evaluated from ``h``
+  (the activation entering ``stage``); copies run one after another
+  (``lax.map``), so every kernel stays unbatched and each copy computes as a
+  plain forward. Outputs as in :func:`eval_program`.
+  """
+  suffix = _suffix_fn(model, stage)
+  names = tuple(layers)
+
+  def one(variables, flat, which, h, labels, mask):
+    v = variables
+    for i, name in enumerate(names):
+      kernel = layers_lib.get_kernel(variables, name)
+      new = flat[:kernel.size].reshape(kernel.shape).astype(kernel.dtype)
+      v = layers_lib.replace_kernel(v, name, new if len(names) == 1
+                                    else jnp.where(which == i, new, kernel))
+    logits = suffix(v, h)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(correct * mask), jnp.sum(cross_entropy(logits, labels) * mask)
+
+  def chunk_fn(variables, flats, which, h, labels, mask):
+    return jax.lax.map(lambda f: one(variables, f, which, h, labels, mask), flats)
+
+  return chunk_fn
+
+
 def _batches(split: data_lib.Split, batch_size: int):
   n = len(split)
   bs = min(batch_size, n)
@@ -290,7 +355,18 @@ def _batches(split: data_lib.Split, batch_size: int):
 # several families run one after another) compile each (model, layer) once.
 _EVAL_FNS: dict[tuple, tuple[Any, Callable]] = {}
 _PREFIX_FNS: dict[tuple, tuple[Any, Callable]] = {}
-_STACK_FNS: dict[tuple, Callable] = {}
+# 'stage' strategy's programs (suffixes, prefixes), compiled ahead of time: key -> (model,
+# Future of the executable). A thread that needs one another thread is compiling waits for
+# it instead of compiling too.
+_STAGE_FNS: dict[tuple, tuple[Any, concurrent.futures.Future]] = {}
+_STAGE_LOCK = threading.Lock()
+
+
+def clear_compiled() -> None:
+  """Forgets every program the engine compiled (with ``jax.clear_caches()``: a cold start)."""
+  with _STAGE_LOCK:
+    for cache in (_EVAL_FNS, _PREFIX_FNS, _STAGE_FNS, _ORDERS):
+      cache.clear()
 
 
 class _Engine:
@@ -306,11 +382,13 @@ class _Engine:
   """
 
   def __init__(self, model: Any, variables: Mapping[str, Any], split: data_lib.Split,
-               config: SweepConfig):
+               config: SweepConfig, layer_names: Sequence[str] | None = None,
+               cells: int | None = None):
     self.model, self.variables, self.config = model, variables, config
+    self.layer_names = list(layer_names or layers_lib.find_layers(variables))
     # Keep only the current model's compiled functions: a process that sweeps several models
     # (criteria_benchmark) must not hold every model's executables.
-    for cache in (_EVAL_FNS, _PREFIX_FNS):
+    for cache in (_EVAL_FNS, _PREFIX_FNS, _STAGE_FNS):
       for key in [k for k, (m, _) in cache.items() if m is not model]:
         del cache[key]
     self.batches = list(_batches(split, config.eval_batch_size))
@@ -339,6 +417,20 @@ class _Engine:
     if self.workers > 1 and self.mesh is not None:
       raise ValueError(f"workers={self.workers}: under jax.distributed the sweep's collectives "
                        f"must run in one order on every process; use workers=1 (or None).")
+    self.strategy = engine_strategy(config, self.sharding is not None)
+    self.chunk = 1  # copies per compiled call; run_sweep sets it before evaluating
+    self.use_prefix = config.use_prefix
+    stages = {_stage_of(model, name) for name in self.layer_names}
+    if (self.strategy == "stage" and config.strategy == "auto" and cells is not None
+        and cells < CELLS_PER_STAGE_PROGRAM * (len(stages) - 1)):
+      self.use_prefix = False  # too little work to pay for one program per stage
+    # 'stage': the swept layers of each stage (without prefix reuse: one stage, 0).
+    self.stage_layers: dict[int, tuple[str, ...]] = {}
+    for name in self.layer_names:
+      stage = _stage_of(model, name) if self.use_prefix else 0
+      self.stage_layers[stage] = self.stage_layers.get(stage, ()) + (name,)
+    self.flat_size = max(int(np.prod(layers_lib.get_kernel(variables, n).shape))
+                         for n in self.layer_names)
 
   def prefix(self, stage: int) -> list:
     """Activations entering ``stage`` for every eval batch.
@@ -360,11 +452,14 @@ class _Engine:
     if stage == 0:
       hs = [images for images, _, _ in self.batches]
     else:
-      key = (id(self.model), stage)
-      if key not in _PREFIX_FNS:
-        model = self.model
-        _PREFIX_FNS[key] = (model, jax.jit(lambda v, x: model.apply(v, x, stop=stage)))
-      run = _PREFIX_FNS[key][1]
+      if self.strategy == "stage":
+        run = self.prefix_fn(stage)
+      else:
+        key = (id(self.model), stage)
+        if key not in _PREFIX_FNS:
+          model = self.model
+          _PREFIX_FNS[key] = (model, jax.jit(lambda v, x: model.apply(v, x, stop=stage)))
+        run = _PREFIX_FNS[key][1]
       if self.mesh is None:
         hs = [run(self.variables, images) for images, _, _ in self.batches]
       else:  # Replicated inputs: every device computes the prefix; the output is replicated.
@@ -379,9 +474,83 @@ class _Engine:
       _EVAL_FNS[key] = (self.model, jax.jit(eval_program(self.model, layer, stage, self.step)))
     return _EVAL_FNS[key][1]
 
+  def stage_of(self, layer: str) -> int:
+    """The stage ``layer`` is evaluated from (0 without prefix reuse)."""
+    return _stage_of(self.model, layer) if self.use_prefix else 0
+
+  def stage_fn(self, stage: int) -> Callable:
+    """:func:`stage_program` for ``stage``, compiled (once) for :attr:`chunk` copies.
+
+    Thread-safe: concurrent callers share one compilation (see :meth:`precompile`).
+    """
+    key = (id(self.model), "stage", stage, self.stage_layers[stage], self.chunk,
+           self.flat_size)
+    return self._compiled(key, lambda: self._compile_stage(stage))
+
+  def prefix_fn(self, stage: int) -> Callable:
+    """``(variables, images) -> activations entering stage``, compiled (once)."""
+    images = self.batches[0][0]
+    key = (id(self.model), "prefix", stage, images.shape, str(images.dtype))
+    return self._compiled(key, lambda: jax.jit(
+        lambda v, x: self.model.apply(v, x, stop=stage)).lower(self.variables, images).compile())
+
+  def _compiled(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+    """``build()``'s result, built once per ``key`` however many threads ask at once."""
+    with _STAGE_LOCK:
+      entry = _STAGE_FNS.get(key)
+      owner = entry is None
+      if owner:
+        entry = _STAGE_FNS[key] = (self.model, concurrent.futures.Future())
+    future = entry[1]
+    if owner:
+      try:
+        future.set_result(build())
+      except BaseException as e:  # pylint: disable=broad-except
+        with _STAGE_LOCK:
+          _STAGE_FNS.pop(key, None)
+        future.set_exception(e)
+        raise
+    return future.result()
+
+  def _compile_stage(self, stage: int) -> Callable:
+    images, labels, mask = self.batches[0]
+    h = images if stage == 0 else jax.eval_shape(
+        lambda v, x: self.model.apply(v, x, stop=stage), self.variables, images)
+    flats = jax.ShapeDtypeStruct((self.chunk, self.flat_size), jnp.float32)
+    which = jax.ShapeDtypeStruct((), jnp.int32)
+    program = jax.jit(stage_program(self.model, stage, self.stage_layers[stage]))
+    return program.lower(self.variables, flats, which, h, labels, mask).compile()
+
+  def precompile(self, stages: Sequence[int], stop: threading.Event) -> None:
+    """Compiles the ``'stage'`` programs of ``stages`` on a background thread, in order.
+
+    The sweep calls this first, so compilation overlaps with perturbing the first
+    layers; a layer that needs a program still being compiled waits for it. The
+    thread stops before its next program once ``stop`` is set. Errors surface in
+    the layer that needs the program.
+    """
+    def work():
+      jobs = ([functools.partial(self.stage_fn, st) for st in stages]
+              + [functools.partial(self.prefix_fn, st) for st in stages if st > 0])
+      for job in jobs:
+        if stop.is_set():
+          return
+        try:
+          job()
+        except Exception:  # pylint: disable=broad-except
+          return  # (raised again where the program is needed)
+
+    threading.Thread(target=work, name="safer_jax-precompile", daemon=False).start()
+
   def evaluate_kernels(self, layer: str, kernels: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy and mean loss of ``P`` perturbed copies (kernels stacked on axis 0)."""
-    stage = _stage_of(self.model, layer) if self.config.use_prefix else 0
+    """Accuracy and mean loss of ``P`` perturbed copies (kernels stacked on axis 0).
+
+    With the ``'stage'`` strategy the copies are padded to :attr:`chunk` (one
+    compiled shape per stage); the first ``P`` results are returned.
+    """
+    stage = self.stage_of(layer)
+    if self.strategy == "stage":
+      return self._evaluate_stage(layer, stage, np.asarray(kernels))
     fn = self.eval_fn(layer, stage)
     if self.mesh is not None:
       return self._evaluate_global(fn, stage, kernels)
@@ -389,12 +558,29 @@ class _Engine:
     if self.sharding is not None:  # split over the devices, or (odd count) on every device
       kernels = jax.device_put(kernels, self.sharding if kernels.shape[0] % self.num_devices == 0
                                else self.sharding.update(spec=jax.sharding.PartitionSpec()))
-    correct = jnp.zeros(kernels.shape[0])
-    loss = jnp.zeros(kernels.shape[0])
+    # Sums on the host (float32, as on the device): no small programs to compile for them.
+    correct = np.zeros(kernels.shape[0], np.float32)
+    loss = np.zeros(kernels.shape[0], np.float32)
     for h, (_, labels, mask) in zip(hs, self.batches):
       c, l = fn(self.variables, kernels, h, labels, mask)
-      correct, loss = correct + c, loss + l
-    return np.asarray(correct) / self.n, np.asarray(loss) / self.n
+      correct, loss = correct + np.asarray(c), loss + np.asarray(l)
+    return correct / self.n, loss / self.n
+
+  def _evaluate_stage(self, layer: str, stage: int,
+                      kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    count = kernels.shape[0]
+    size = max(self.chunk, count)
+    flats = np.zeros((size, self.flat_size), np.float32)
+    flats[:count, :kernels[0].size] = kernels.reshape(count, -1)
+    flats[count:, :kernels[0].size] = kernels[-1].reshape(-1)  # pad with the last copy
+    which = np.int32(self.stage_layers[stage].index(layer))
+    fn = self.stage_fn(stage)
+    correct = np.zeros(size, np.float32)
+    loss = np.zeros(size, np.float32)
+    for h, (_, labels, mask) in zip(self.prefix(stage), self.batches):
+      c, l = fn(self.variables, flats, which, h, labels, mask)
+      correct, loss = correct + np.asarray(c), loss + np.asarray(l)
+    return correct[:count] / self.n, loss[:count] / self.n
 
   def _evaluate_global(self, fn: Callable, stage: int,
                        kernels: jax.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -422,22 +608,87 @@ def check_variables(variables: Mapping[str, Any]) -> None:
   layers_lib.check_finite(variables)
 
 
-def perturb_stack(family: str, options: Mapping[str, Any]) -> Callable:
-  """jit: ``(kernel, magnitudes (P,), keys (P,), grad) -> kernels (P, *kernel.shape)``."""
-  cache_key = (family, json.dumps(dict(options), sort_keys=True, default=str))
-  if cache_key not in _STACK_FNS:
-    fam = perturb.get_family(family)
-    opts = dict(options)
+_MAX_PADDED = 1 << 24  # elements of the shared padded layout (64 MiB in float32)
 
-    # lax.map, not vmap: generating P kernels is cheap next to evaluating them, and a
-    # sequential map compiles about twice as fast as a vmapped PRNG (measured on CPU).
-    @jax.jit
-    def stack(kernel, magnitudes, keys, grad):
-      return jax.lax.map(lambda mk: fam.fn(kernel, mk[0], mk[1], grad=grad, **opts),
-                         (magnitudes, keys))
 
-    _STACK_FNS[cache_key] = stack
-  return _STACK_FNS[cache_key]
+def padded_layout(variables: Mapping[str, Any], layers: Sequence[str]) -> tuple[int, int]:
+  """``(R, C)``: powers of two holding every kernel of ``layers`` as a (rows, channels) matrix.
+
+  A kernel of shape ``(..., c)`` is the ``(n / c, c)`` matrix of its rows (all
+  axes but the last, flattened) by output channels.
+  """
+  shapes = [layers_lib.get_kernel(variables, name).shape for name in layers]
+  rows = max(int(np.prod(s[:-1])) for s in shapes)
+  cols = max(int(s[-1]) for s in shapes)
+  return 1 << max(rows - 1, 0).bit_length(), 1 << max(cols - 1, 0).bit_length()
+
+
+def _padded_kind(family: str, options: Mapping[str, Any]) -> str | None:
+  """How ``family`` runs on the padded layout: ``'matrix'``, ``'flat'``, or None (per shape)."""
+  if family in ("quantize", "bitflip") and options.get("axis", -1) in (-1, None):
+    return "matrix"  # per output channel (or per tensor): zero padding changes no scale
+  if family == "prune" and options.get("method", "magnitude") == "magnitude":
+    return "flat"
+  return None
+
+
+def perturb_stack(family: str, options: Mapping[str, Any],
+                  layout: tuple[int, int] | None = None) -> Callable:
+  """``(kernel, magnitudes [P floats], keys (P,), grad) -> kernels (P, *kernel.shape)`` (NumPy).
+
+  The family's function on every cell, the same numbers as :func:`naive_sweep`'s
+  one call per cell (bit for bit; ``bench_sweep`` and tests/test_sweep.py check
+  it), compiled as little as possible:
+
+  * with ``layout`` (:func:`padded_layout`), quantization and bit flips run on
+    the kernel zero padded into that matrix, so every layer shares one compiled
+    program per family (padding with zeros changes no per-channel or per-tensor
+    maximum or minimum), and magnitude pruning on the flat kernel padded to its
+    size bucket (:func:`safer_jax.perturb.flat_bucket`; padding ranks last).
+    Binary quantization (1 bit, whose scale is a mean) stays per shape.
+  * families that draw their randomness apart (:func:`safer_jax.perturb.split_draws`:
+    bit flips, noise) draw all ``P`` cells' rows in one call, compiled once per
+    flat size bucket: the PRNG is what made per-shape programs slow to compile.
+  * everything else: the family function per cell, compiled once per kernel shape.
+  """
+  fam = perturb.get_family(family)
+  opts = dict(options)
+
+  def stack(kernel, magnitudes, keys, grad):
+    shape, n = kernel.shape, int(np.prod(kernel.shape))
+    fits = layout is not None and n // shape[-1] <= layout[0] and shape[-1] <= layout[1]
+    kind = _padded_kind(family, opts) if fits else None
+    rows = None
+    if perturb.split_draws(fam, opts):
+      rows = np.asarray(fam.draw(keys, jnp.asarray(magnitudes, jnp.float32),
+                                 perturb.flat_bucket(n), **opts))
+    if kind is not None:
+      r, c = n // shape[-1], shape[-1]
+      host = np.asarray(kernel)
+      padded = np.zeros(layout, host.dtype)
+      padded[:r, :c] = host.reshape(r, c)
+      if kind == "flat":  # (a sort: a size bucket per kernel, not the largest layout)
+        flat = np.zeros(perturb.flat_bucket(n), host.dtype)
+        flat[:n] = host.reshape(-1)
+
+    def one(i, m):
+      if kind == "flat":
+        return np.asarray(perturb.prune_magnitude_padded(flat, m, n))[:n].reshape(shape)
+      if kind == "matrix" and not (family == "quantize" and m == 1):
+        if family == "quantize":
+          out = perturb.quantize(padded, m, **opts)
+        else:
+          mask = np.zeros(layout, rows.dtype)
+          mask[:r, :c] = rows[i, :n].reshape(r, c)
+          out = perturb.bitflip_with_mask(padded, mask, **opts)
+        return np.asarray(out)[:r, :c].reshape(shape)
+      if rows is not None:
+        return np.asarray(fam.apply(kernel, m, rows[i], grad=grad, **opts))
+      return np.asarray(fam.fn(kernel, m, keys[i], grad=grad, **opts))
+
+    return np.stack([one(i, m) for i, m in enumerate(magnitudes)])
+
+  return stack
 
 
 def loss_gradients(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
@@ -543,37 +794,59 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
   if "corrupt" in grids and grads is None:
     grads = loss_gradients(model, variables, split, config.eval_batch_size)
 
-  engine = _Engine(model, variables, split, config)
-  baseline = engine.evaluate_kernels(
-      layer_names[0], jnp.asarray(layers_lib.get_kernel(variables, layer_names[0]))[None])
-  base_acc, base_loss = float(baseline[0][0]), float(baseline[1][0])
+  engine = _Engine(model, variables, split, config, layer_names,
+                   cells=sum(len(g[2]) for _, groups in plan for g in groups))
 
   per_layer = [sum(len(g[2]) for g in groups) for _, groups in plan]
   total = sum(per_layer)
+  first = layer_names[0]
+  # The unperturbed model: with the 'stage' strategy an extra copy in the first layer's
+  # first chunk (when that layer is to do), else one evaluation of its own.
+  fold = engine.strategy == "stage" and bool(plan) and plan[0][0] == first
+  if fold:
+    per_layer[0] += 1
   # One chunk size for every layer: each layer's suffix compiles once.
   chunk = min(config.max_parallel, max(per_layer, default=1))
   chunk = -(-chunk // engine.num_devices) * engine.num_devices  # whole copies per device
-  if engine.step and chunk > engine.step:  # whole steps per chunk: one loop body, no remainder
+  if engine.step and chunk > engine.step and engine.strategy == "layer":
+    # whole steps per chunk: one loop body, no remainder
     up = -(-chunk // engine.step) * engine.step
     chunk = up if up <= config.max_parallel else chunk // engine.step * engine.step
+  engine.chunk = chunk
+  stop = threading.Event()  # Ctrl-C: layers still running stop at their next chunk
+  first_kernel = np.asarray(layers_lib.get_kernel(variables, first))
+  layout = padded_layout(variables, layer_names)
+  if layout[0] * layout[1] > _MAX_PADDED:  # e.g. one huge embedding: per-shape programs
+    layout = None
+  if engine.strategy == "stage":
+    engine.precompile(list(dict.fromkeys(
+        [engine.stage_of(first)] + [engine.stage_of(layer) for layer, _ in plan])), stop)
+  base: list[float] = []
+  if not fold:
+    baseline = engine.evaluate_kernels(first, first_kernel[None])
+    base += [float(baseline[0][0]), float(baseline[1][0])]
   bar = Progress(total, "sweep", enabled=progress and total > 0, unit="cell")
   rows = [done] if len(done) else []
-
   lock = threading.Lock()
-  stop = threading.Event()  # Ctrl-C: layers still running stop at their next chunk
 
-  def run_layer(layer, groups) -> pd.DataFrame | None:
-    """Perturbs ``layer`` for every cell of ``groups`` and evaluates the copies, chunk by chunk."""
+  def run_layer(layer, groups) -> tuple[pd.DataFrame, tuple[float, float] | None] | None:
+    """Perturbs ``layer`` for every cell of ``groups`` and evaluates the copies, chunk by chunk.
+
+    Returns the layer's rows (drops not yet filled in) and, when the baseline is
+    folded into this layer, its (accuracy, loss).
+    """
     kernel = jnp.asarray(layers_lib.get_kernel(variables, layer))
     grad = None if grads is None else layers_lib.get_kernel(grads, layer)
-    stacks, meta = [], []
+    with_base = fold and layer == first
+    stacks, meta = ([first_kernel[None]] if with_base else []), []
     for family, opts, todo in groups:
-      mags = jnp.asarray([c[0] for c in todo], jnp.float32)
-      keys = cell_keys([c[2] for c in todo], layer, family, [c[1] for c in todo])
-      stacks.append(perturb_stack(family, opts)(kernel, mags, keys, grad))
+      mags = [c[0] for c in todo]
+      keys = (cell_keys([c[2] for c in todo], layer, family, [c[1] for c in todo])
+              if is_stochastic(family, opts) else [None] * len(todo))
+      stacks.append(perturb_stack(family, opts, layout)(kernel, mags, keys, grad))
       meta += [(family, *c) for c in todo]
-    kernels = jnp.concatenate(stacks)
-    count = len(meta)
+    kernels = np.concatenate(stacks)  # on the host: copies are gathered into chunks there
+    count = len(kernels)
     accs, losses = [], []
     for lo in range(0, count, chunk):
       if stop.is_set():
@@ -584,13 +857,25 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
       accs.append(a[:valid])
       losses.append(l[:valid])
       with lock:
-        bar.update(valid, postfix=layer)
+        bar.update(valid - (with_base and lo == 0), postfix=layer)
     acc, loss = np.concatenate(accs), np.concatenate(losses)
-    return pd.DataFrame({
+    own = (float(acc[0]), float(loss[0])) if with_base else None
+    acc, loss = acc[int(with_base):], loss[int(with_base):]
+    frame = pd.DataFrame({
         "layer": layer, "family": [m[0] for m in meta], "magnitude": [m[1] for m in meta],
         "magnitude_index": [m[2] for m in meta], "seed": [m[3] for m in meta],
-        "accuracy": acc, "loss": loss, "accuracy_drop": base_acc - acc,
-        "loss_increase": loss - base_loss, "num_params": int(kernel.size)})
+        "accuracy": acc, "loss": loss, "accuracy_drop": np.nan, "loss_increase": np.nan,
+        "num_params": int(kernel.size)})
+    return frame, own
+
+  def finish(result) -> pd.DataFrame:
+    """The layer's rows with the drops filled in (the first result may bring the baseline)."""
+    frame, own = result
+    if own is not None:
+      base[:] = own
+    frame["accuracy_drop"] = base[0] - frame["accuracy"].to_numpy()
+    frame["loss_increase"] = frame["loss"].to_numpy() - base[1]
+    return frame
 
   # Layers run on `engine.workers` threads (see SweepConfig.workers); results are collected in
   # network order and saved after each layer, so a killed sweep resumes from whole layers.
@@ -599,24 +884,26 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
   try:
     futures = [pool.submit(run_layer, layer, groups) for layer, groups in plan]
     for future in futures:
-      rows.append(future.result())
+      rows.append(finish(future.result()))
       if results_path:
         _save(results_path, pd.concat(rows, ignore_index=True), fp)
   except KeyboardInterrupt:  # Ctrl-C: keep every layer that finished, then stop.
     stop.set()
     pool.shutdown(cancel_futures=True)  # running layers return at their next chunk
     bar.close()
-    kept = [f.result() for f in futures[len(rows) - bool(len(done)):]
-            if not f.cancelled() and f.exception() is None and f.result() is not None]
+    kept = [finish(f.result()) for f in futures[len(rows) - bool(len(done)):]
+            if base and not f.cancelled() and f.exception() is None and f.result() is not None]
     saved = pd.concat(rows + kept, ignore_index=True) if rows or kept else done
     if results_path and (rows or kept):  # (Ctrl-C may have cut the last save short)
       _save(results_path, _sorted(saved, layer_names, list(grids)), fp)
     raise errors.Interrupted(len(saved) if results_path else 0, results_path) from None
   finally:
+    stop.set()  # (also ends the precompiling thread)
     pool.shutdown(cancel_futures=True)
   bar.close()
   table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
   table = _sorted(table, layer_names, list(grids))
+  base_acc, base_loss = base
   table.attrs.update(baseline_accuracy=base_acc, baseline_loss=base_loss,
                      reused_cells=len(done), computed_cells=len(table) - len(done))
   if results_path:

@@ -104,7 +104,7 @@ def test_auto_chunking_fits_and_equals_fixed_chunking(lenet):
   assert (picked.max_parallel, picked.eval_batch_size) == (plan.max_parallel, 32)
   auto = sweep.run_sweep(model, variables, split, auto_cfg, progress=False)
   fixed = sweep.run_sweep(model, variables, split,
-                          sweep.SweepConfig(**{**CONFIG.__dict__,
+                          sweep.SweepConfig(**{**CONFIG.__dict__, "strategy": "layer",
                                                "max_parallel": plan.max_parallel}),
                           progress=False)
   pd.testing.assert_frame_equal(auto, fixed, check_exact=True)  # same sizes: same numbers

@@ -683,3 +683,37 @@ def test_perturb_params_errors():
     P.perturb_params(params, ["head"], "prune", 2, KEY)
   with pytest.raises(ValueError, match="key"):
     P.perturb_params(params, ["head"], "noise", 0.1, None)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (10,), (5000,), (3, 3, 1, 96), (2, 4097)])
+def test_bucketed_draws_are_the_per_shape_draws(shape):
+  """Flat draws of a bucket size, cut and reshaped, are the draws of the shape (bit for bit)."""
+  w = jax.random.normal(jax.random.key(1), shape)
+  n = int(np.prod(shape))
+  assert P.flat_bucket(n) >= n and P.flat_bucket(n) in (4 ** k for k in range(6, 12))
+  for key in (jax.random.key(7), jax.random.PRNGKey(7)):
+    z = jax.random.normal(key, shape, jnp.float32)  # the per-shape draw
+    row = P.normal_draws(key[None], P.flat_bucket(n))[0]
+    np.testing.assert_array_equal(np.asarray(row[:n]).reshape(shape), z)
+    np.testing.assert_array_equal(P.noise(w, 0.3, key),
+                                  P._noise_with(w, 0.3, z))  # pylint: disable=W0212
+    mask = P.random_bit_mask(key, shape, 8, 0.01)
+    rows = P.bitflip_masks(key[None], jnp.float32(0.01)[None], P.flat_bucket(n),
+                                 num_bits=8, positions=tuple(range(8)))
+    np.testing.assert_array_equal(np.asarray(rows[0, :n]).reshape(shape), mask)
+    np.testing.assert_array_equal(P.bitflip(w, 0.01, key),
+                                  P.bitflip_with_mask(w, mask))
+    # traced (inside jit) and eager calls draw the same bits.
+    traced = jax.jit(lambda w, k: P.bitflip(w, 0.01, k))(w, key)
+    np.testing.assert_array_equal(traced, P.bitflip(w, 0.01, key))
+
+
+def test_prune_magnitude_padded_equals_prune():
+  rng = np.random.default_rng(3)
+  for n, pad in [(1, 0), (7, 9), (300, 1024 - 300), (4096, 0)]:
+    w = np.round(rng.normal(size=n), 1).astype(np.float32)  # many ties
+    flat = np.concatenate([w, rng.normal(size=pad).astype(np.float32)])
+    for ratio in (0.0, 0.1, 0.57, 1.0):
+      got = np.asarray(P.prune_magnitude_padded(flat, ratio, n))
+      np.testing.assert_array_equal(got[:n], P.prune(w, ratio))
+      assert not got[n:].any()

@@ -86,6 +86,91 @@ def test_engine_equals_naive_sweep_and_no_prefix(tiny):
   np.testing.assert_allclose(a["loss"], d["loss"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy,use_prefix", [("stage", True), ("stage", False),
+                                                 ("layer", True)])
+def test_strategies_equal_naive_sweep(tiny, strategy, use_prefix):
+  """Each evaluation strategy gives the naive loop's table (accuracy exactly)."""
+  model, variables, split = tiny
+  config = dataclasses.replace(CONFIG, families={"quantize": (3,), "bitflip": (5e-2,),
+                                                 "prune": (0.9,)}, seeds=(0,),
+                               strategy=strategy, use_prefix=use_prefix)
+  table = sweep.run_sweep(model, variables, split, config, progress=False)
+  naive = sweep.naive_sweep(model, variables, split, config, progress=False)
+  np.testing.assert_array_equal(table["accuracy"], naive["accuracy"])
+  np.testing.assert_allclose(table["loss"], naive["loss"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(table.attrs["baseline_accuracy"],
+                             naive["accuracy"][0] + naive["accuracy_drop"][0], atol=1e-6)
+  with pytest.raises(ValueError, match="strategy='fast'"):
+    sweep.run_sweep(model, variables, split, dataclasses.replace(config, strategy="fast"))
+
+
+KERNEL_SHAPES = [(3, 3, 1, 6), (5, 5, 6, 16), (3, 3, 16, 16), (400, 120), (84, 10), (7,)]
+
+
+@pytest.mark.parametrize("family,options,grid", [
+    ("quantize", {}, (8, 4, 2, 1)),
+    ("quantize", {"axis": None, "symmetric": False}, (5, 2)),
+    ("prune", {}, (0.1, 0.5, 0.97)),
+    ("prune", {"method": "structured"}, (0.5,)),
+    ("bitflip", {}, (1e-2, 0.3)),
+    ("bitflip", {"representation": "float32"}, (1e-2,)),
+    ("noise", {}, (0.5,)),
+])
+def test_perturb_stack_equals_the_family_function_bit_for_bit(family, options, grid):
+  """Padded layouts and batched draws change how programs compile, not one bit of a kernel."""
+  rng = np.random.default_rng(0)
+  kernels = [rng.normal(size=s).astype(np.float32) for s in KERNEL_SHAPES[:-1]]
+  kernels[2][0, 0, :4, :] = 0.0  # ties at zero (pruning ranks them by index)
+  kernels[3][::3] = np.round(kernels[3][::3], 1)  # more ties
+  layout = (512, 128)  # every kernel's rows x channels fits; (5, 5, 6, 16) also a bigger one
+  fam = perturb.get_family(family)
+  for li, kernel in enumerate(kernels):
+    cells = [(m, i, s) for i, m in enumerate(grid) for s in (0, 1)]
+    keys = sweep.cell_keys([c[2] for c in cells], f"l{li}", family, [c[1] for c in cells])
+    for lay in (layout, None):
+      got = sweep.perturb_stack(family, options, lay)(
+          jnp.asarray(kernel), [float(c[0]) for c in cells], keys, None)
+      for (m, i, s), row in zip(cells, got):
+        want = np.asarray(fam.fn(jnp.asarray(kernel), float(m),
+                                 sweep.cell_key(s, f"l{li}", family, i), **options))
+        np.testing.assert_array_equal(row, want, err_msg=f"{family} {options} {m} "
+                                                         f"{kernel.shape} layout={lay}")
+
+
+def test_compilations_do_not_grow_with_layers(tiny):
+  """One quantize / bit-flip program for every kernel shape; one program per stage; warm: none."""
+  model, variables, split = tiny
+  config = dataclasses.replace(CONFIG, families={"quantize": (4, 2), "bitflip": (1e-2,),
+                                                 "noise": (0.5,)}, seeds=(0,), strategy="stage")
+  jax.clear_caches()
+  sweep.clear_compiled()
+  table = sweep.run_sweep(model, variables, split, config, progress=False)
+  shapes = {layers.get_kernel(variables, n).shape for n in set(table["layer"])}
+  assert len(shapes) >= 4
+  assert perturb._quantize._cache_size() == 1  # pylint: disable=protected-access
+  assert perturb._bitflip_with._cache_size() == 1  # pylint: disable=protected-access
+  buckets = {perturb.flat_bucket(int(np.prod(s))) for s in shapes}
+  assert perturb.bitflip_masks._cache_size() == len(buckets)
+  assert perturb.normal_draws._cache_size() == len(buckets)
+  stages = {sweep._stage_of(model, n) for n in set(table["layer"])}  # pylint: disable=W0212
+  programs = [k for k in sweep._STAGE_FNS if k[0] == id(model) and k[1] == "stage"]  # W0212
+  assert len(programs) == len(stages) > 1
+  compiles = []
+  listener = lambda event, seconds, **kw: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    again = sweep.run_sweep(model, variables, split, config, progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert "/jax/core/compile/backend_compile_duration" not in compiles
+  pd.testing.assert_frame_equal(again, table)
+  # 'auto': this small sweep (16 cells) runs every copy from the input in one program.
+  sweep.run_sweep(model, variables, split, dataclasses.replace(config, strategy="auto"),
+                  progress=False)
+  programs = [k for k in sweep._STAGE_FNS if k[0] == id(model) and k[1] == "stage"]  # W0212
+  assert any(k[2] == 0 and set(k[3]) == set(table["layer"]) for k in programs)
+
+
 def test_cell_keys_equal_cell_key_one_by_one():
   seeds, indices = [0, 1, 2, 12345], [0, 3, 4, 2]
   batch = jax.random.key_data(sweep.cell_keys(seeds, "stage1/conv", "noise", indices))
@@ -101,6 +186,7 @@ def test_copies_per_step_does_not_change_the_table(tiny):
   model, variables, split = tiny
   config = dataclasses.replace(CONFIG, families={"noise": (0.5, 2.0), "quantize": (3, 2)},
                                max_parallel=7)
+  config = dataclasses.replace(config, strategy="layer")  # (the 'stage' strategy maps copies)
   wide = sweep.run_sweep(model, variables, split,
                          dataclasses.replace(config, copies_per_step=64), progress=False)
   for step in (1, 3):
