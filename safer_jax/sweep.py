@@ -394,6 +394,7 @@ class _Engine:
     self.batches = list(_batches(split, config.eval_batch_size))
     self.n = len(split)
     self._prefixes: dict[int, list] = {}  # stage -> activations, the most recent last
+    self._fits_all: bool | None = None  # see _all_prefixes
     self._lock = threading.Lock()
     devices = copies_devices(config)
     self.sharding = None
@@ -436,11 +437,21 @@ class _Engine:
     """Activations entering ``stage`` for every eval batch.
 
     Cached for the ``workers`` most recently used stages (layers run in network
-    order, so concurrent workers need at most that many); thread-safe.
+    order, so concurrent workers need at most that many), or, with the
+    ``'stage'`` strategy when they fit in :data:`_MAX_PREFIX_BYTES`, for every
+    stage at once from one program; thread-safe.
     """
+    if stage == 0:
+      return [images for images, _, _ in self.batches]
     with self._lock:
       if stage in self._prefixes:
         self._prefixes[stage] = self._prefixes.pop(stage)  # most recent last
+        return self._prefixes[stage]
+      if self._all_prefixes():
+        stages, run = self.prefixes_fn()
+        outs = [run(self.variables, images) for images, _, _ in self.batches]
+        for i, st in enumerate(stages):
+          self._prefixes[st] = [out[i] for out in outs]
         return self._prefixes[stage]
       while len(self._prefixes) >= self.workers:  # free the oldest before computing these
         self._prefixes.pop(next(iter(self._prefixes)))
@@ -487,6 +498,39 @@ class _Engine:
            self.flat_size)
     return self._compiled(key, lambda: self._compile_stage(stage))
 
+  def _all_prefixes(self) -> bool:
+    """'stage' strategy: every stage's input from one program, if they fit in memory."""
+    if self.strategy != "stage":
+      return False
+    if self._fits_all is None:
+      stages, run = self._prefixes_program()
+      shapes = jax.eval_shape(run, self.variables, self.batches[0][0])
+      size = sum(x.size * x.dtype.itemsize for x in shapes) * len(self.batches)
+      self._fits_all = size <= _MAX_PREFIX_BYTES
+    return self._fits_all
+
+  def _prefixes_program(self) -> tuple[tuple[int, ...], Callable]:
+    stages = tuple(sorted(st for st in self.stage_layers if st > 0))
+    model = self.model
+
+    def run(v, x):
+      out, h, at = [], x, 0
+      for st in stages:
+        h = model.apply(v, h, start=at, stop=st)
+        out.append(h)
+        at = st
+      return tuple(out)
+
+    return stages, run
+
+  def prefixes_fn(self) -> tuple[tuple[int, ...], Callable]:
+    """The stages after 0 and ``(variables, images) -> (their inputs...)``, compiled once."""
+    stages, run = self._prefixes_program()
+    images = self.batches[0][0]
+    key = (id(self.model), "prefixes", stages, images.shape, str(images.dtype))
+    return stages, self._compiled(key, lambda: jax.jit(run).lower(self.variables,
+                                                                  images).compile())
+
   def prefix_fn(self, stage: int) -> Callable:
     """``(variables, images) -> activations entering stage``, compiled (once)."""
     images = self.batches[0][0]
@@ -530,8 +574,10 @@ class _Engine:
     the layer that needs the program.
     """
     def work():
-      jobs = ([functools.partial(self.stage_fn, st) for st in stages]
-              + [functools.partial(self.prefix_fn, st) for st in stages if st > 0])
+      jobs = [functools.partial(self.stage_fn, st) for st in stages]
+      if any(st > 0 for st in stages):
+        jobs += ([self.prefixes_fn] if self._all_prefixes() else
+                 [functools.partial(self.prefix_fn, st) for st in stages if st > 0])
       for job in jobs:
         if stop.is_set():
           return
@@ -608,6 +654,7 @@ def check_variables(variables: Mapping[str, Any]) -> None:
   layers_lib.check_finite(variables)
 
 
+_MAX_PREFIX_BYTES = 1 << 30  # every stage's input at once ('stage' strategy), if it fits
 _MAX_PADDED = 1 << 24  # elements of the shared padded layout (64 MiB in float32)
 
 
