@@ -394,20 +394,32 @@ def _prune(w: Array, ratio: ArrayLike, key: Array | None, *, method: str,
 
 
 @jax.jit
-def prune_magnitude_padded(flat: Array, ratio: ArrayLike, n: ArrayLike) -> Array:
-  """:func:`prune` ``method='magnitude'`` of ``flat[:n]``, the rest of ``flat`` being padding.
+def prune_magnitude_padded(flat: Array, ratios: ArrayLike, n: ArrayLike) -> Array:
+  """:func:`prune` ``method='magnitude'`` of ``flat[:n]`` at each of ``ratios``; the rest is padding.
 
   ``flat`` (N,) holds a kernel's ``n`` weights in row-major order, then
   anything; ``n`` may be traced, so kernels of every size share one compiled
-  program. The first ``n`` outputs equal ``prune(flat[:n], ratio)`` bit for bit
-  (padding ranks after every weight; the count is ``floor(ratio * n)`` in
-  float32); the rest are zero.
+  program, and the ranking is computed once for all ``ratios`` (P,). Row p of
+  the ``(P, N)`` result equals ``prune(flat[:n], ratios[p])`` on its first
+  ``n`` entries bit for bit (padding ranks after every weight; the count is
+  ``floor(ratio * n)`` in float32) and is zero after them.
   """
   valid = jnp.arange(flat.shape[0]) < n
-  magnitude = jnp.where(valid, jnp.abs(flat.astype(jnp.float32)), jnp.inf)
-  count = jnp.floor(jnp.asarray(ratio, jnp.float32) * jnp.asarray(n, jnp.float32))
-  keep = valid & (_stable_rank(magnitude) >= count.astype(jnp.int32))
-  return jnp.where(keep, flat, jnp.zeros((), flat.dtype))
+  rank = _stable_rank(jnp.where(valid, jnp.abs(flat.astype(jnp.float32)), jnp.inf))
+  counts = jnp.floor(jnp.asarray(ratios, jnp.float32) * jnp.asarray(n, jnp.float32))
+  keep = valid & (rank[None, :] >= counts.astype(jnp.int32)[:, None])
+  return jnp.where(keep, flat[None, :], jnp.zeros((), flat.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "symmetric"))
+def quantize_many(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
+                  symmetric: bool = True) -> Array:
+  """``(P, *w.shape)``: :func:`quantize` of ``w`` at each of ``bits`` (P,), in one program.
+
+  Row p equals ``quantize(w, bits[p])`` bit for bit for ``bits[p] >= 2`` (the
+  statistics are computed once; the rest is elementwise). Bits are not range-checked.
+  """
+  return jax.vmap(lambda b: _quantize(w, b, axis=axis, symmetric=symmetric))(bits)
 
 
 # ---------------------------------------------------------------------------
@@ -601,6 +613,24 @@ def bitflip_with_mask(w: ArrayLike, mask: ArrayLike, *, representation: str = "i
   """:func:`bitflip` with a given XOR ``mask`` (``w.shape``; e.g. :func:`random_bit_mask`)."""
   return _bitflip_with(_as_float_array(w), jnp.asarray(mask),
                        **_bitflip_static(representation, positions, num_bits, axis))
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("representation", "positions", "num_bits", "axis"))
+def _bitflip_many(w: Array, masks: Array, *, representation: str, positions: tuple[int, ...],
+                  num_bits: int, axis: int | None) -> Array:
+  return jax.vmap(lambda m: _bitflip_with(w, m, representation=representation,
+                                          positions=positions, num_bits=num_bits,
+                                          axis=axis))(masks)
+
+
+def bitflip_many(w: ArrayLike, masks: ArrayLike, **options) -> Array:
+  """``(P, *w.shape)``: :func:`bitflip_with_mask` of ``w`` with each of ``masks`` (P, *w.shape).
+
+  In one program (the integer grid is computed once); row p equals
+  ``bitflip_with_mask(w, masks[p], **options)`` bit for bit.
+  """
+  return _bitflip_many(_as_float_array(w), jnp.asarray(masks), **_bitflip_static(**options))
 
 
 def _bitflip_static(representation: str = "int8", positions: Sequence[int] | None = None,

@@ -718,22 +718,28 @@ def perturb_stack(family: str, options: Mapping[str, Any],
         flat = np.zeros(perturb.flat_bucket(n), host.dtype)
         flat[:n] = host.reshape(-1)
 
-    def one(i, m):
-      if kind == "flat":
-        return np.asarray(perturb.prune_magnitude_padded(flat, m, n))[:n].reshape(shape)
-      if kind == "matrix" and not (family == "quantize" and m == 1):
-        if family == "quantize":
-          out = perturb.quantize(padded, m, **opts)
-        else:
-          mask = np.zeros(layout, rows.dtype)
-          mask[:r, :c] = rows[i, :n].reshape(r, c)
-          out = perturb.bitflip_with_mask(padded, mask, **opts)
-        return np.asarray(out)[:r, :c].reshape(shape)
-      if rows is not None:
-        return np.asarray(fam.apply(kernel, m, rows[i], grad=grad, **opts))
-      return np.asarray(fam.fn(kernel, m, keys[i], grad=grad, **opts))
-
-    return np.stack([one(i, m) for i, m in enumerate(magnitudes)])
+    out = [None] * len(magnitudes)
+    if kind == "flat":
+      pruned = np.asarray(perturb.prune_magnitude_padded(
+          flat, np.asarray(magnitudes, np.float32), n))
+      out = [row[:n].reshape(shape) for row in pruned]
+    elif kind == "matrix":
+      todo = [i for i, m in enumerate(magnitudes) if not (family == "quantize" and m == 1)]
+      if family == "quantize" and todo:
+        bits = np.asarray([magnitudes[i] for i in todo], np.float32)
+        perturb.validate_magnitude("quantize", bits)
+        done = np.asarray(perturb.quantize_many(padded, bits, **opts))
+      elif todo:
+        masks = np.zeros((len(todo), *layout), rows.dtype)
+        masks[:, :r, :c] = rows[todo, :n].reshape(len(todo), r, c)
+        done = np.asarray(perturb.bitflip_many(padded, masks, **opts))
+      for j, i in enumerate(todo):
+        out[i] = done[j, :r, :c].reshape(shape)
+    for i, m in enumerate(magnitudes):  # the rest: the family function, per shape
+      if out[i] is None:
+        out[i] = np.asarray(fam.apply(kernel, m, rows[i], grad=grad, **opts) if rows is not None
+                            else fam.fn(kernel, m, keys[i], grad=grad, **opts))
+    return np.stack(out)
 
   return stack
 

@@ -713,7 +713,18 @@ def test_prune_magnitude_padded_equals_prune():
   for n, pad in [(1, 0), (7, 9), (300, 1024 - 300), (4096, 0)]:
     w = np.round(rng.normal(size=n), 1).astype(np.float32)  # many ties
     flat = np.concatenate([w, rng.normal(size=pad).astype(np.float32)])
-    for ratio in (0.0, 0.1, 0.57, 1.0):
-      got = np.asarray(P.prune_magnitude_padded(flat, ratio, n))
-      np.testing.assert_array_equal(got[:n], P.prune(w, ratio))
-      assert not got[n:].any()
+    ratios = (0.0, 0.1, 0.57, 1.0)
+    got = np.asarray(P.prune_magnitude_padded(flat, np.asarray(ratios, np.float32), n))
+    for row, ratio in zip(got, ratios):
+      np.testing.assert_array_equal(row[:n], P.prune(w, ratio))
+      assert not row[n:].any()
+
+
+def test_batched_quantize_and_bitflip_equal_one_call_each():
+  w = jax.random.normal(jax.random.key(0), (3, 3, 8, 16))
+  bits = np.asarray([8, 5, 3, 2], np.float32)
+  for row, b in zip(P.quantize_many(w, bits), bits):
+    np.testing.assert_array_equal(row, P.quantize(w, float(b)))
+  masks = np.stack([P.random_bit_mask(jax.random.key(i), w.shape, 8, 0.05) for i in range(3)])
+  for row, mask in zip(P.bitflip_many(w, masks), masks):
+    np.testing.assert_array_equal(row, P.bitflip_with_mask(w, mask))

@@ -147,8 +147,8 @@ def test_compilations_do_not_grow_with_layers(tiny):
   table = sweep.run_sweep(model, variables, split, config, progress=False)
   shapes = {layers.get_kernel(variables, n).shape for n in set(table["layer"])}
   assert len(shapes) >= 4
-  assert perturb._quantize._cache_size() == 1  # pylint: disable=protected-access
-  assert perturb._bitflip_with._cache_size() == 1  # pylint: disable=protected-access
+  assert perturb.quantize_many._cache_size() == 1  # pylint: disable=protected-access
+  assert perturb._bitflip_many._cache_size() == 1  # pylint: disable=protected-access
   buckets = {perturb.flat_bucket(int(np.prod(s))) for s in shapes}
   assert perturb.bitflip_masks._cache_size() == len(buckets)
   assert perturb.normal_draws._cache_size() == len(buckets)
