@@ -141,6 +141,7 @@ def _run(config, workdir: str) -> dict:
     times = []
     for _ in range(2):  # cold, then warm
       scores, seconds = criteria.compute_all([name], loss_fn, params, batches, key=key,
+                                             progress=config.progress,
                                              options=opts)
       times.append(seconds[name])
     values = {layer: float(getattr(v, "mean", v)) for layer, v in scores[name].items()}

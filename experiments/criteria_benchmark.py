@@ -198,6 +198,7 @@ def _criteria_scores(entry, config) -> tuple[dict, dict]:
   scores, seconds = {}, {}
   for name in names:  # one at a time, to print progress; compute_all times each.
     s, t = criteria.compute_all([name], loss_fn, params, batches, key=key,
+                                progress=config.progress,
                                 options={name: options[name]} if name in options else None)
     value = s[name]
     scores[name] = {layer: float(v) for layer, v in value.items()}

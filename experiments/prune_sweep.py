@@ -39,6 +39,7 @@ from experiments import common
 from safer_jax import budget, io, layers, mixed_precision, perturb, sweep, train
 from safer_jax.benchmark import batches_from_split, classifier_loss_fn
 from safer_jax.errors import ConfigError
+from safer_jax.progress import Progress
 
 FIXED_SOURCES = ("uniform", "erk", "global_magnitude")
 COST_SOURCES = ("oracle", "magnitude", "fisher")
@@ -101,6 +102,8 @@ def cost_tables(entry, variables, calib, names, candidates, sources, *, batch_si
   """Cost tables ``{source: {layer: {ratio: cost}}}`` and each one's wall time (s)."""
   kernels = {n: np.asarray(layers.get_kernel(variables, n)) for n in names}
   tables, seconds = {}, {}
+  bar = Progress(len([s for s in sources if s in ("oracle", "magnitude", "fisher")]),
+                 "cost tables", enabled=progress, unit="table")
   if "oracle" in sources:
     t0 = time.perf_counter()
     table = sweep.run_sweep(entry.model, variables, calib, sweep.SweepConfig(
@@ -108,11 +111,13 @@ def cost_tables(entry, variables, calib, names, candidates, sources, *, batch_si
     tables["oracle"] = {n: {float(r.magnitude): float(r.loss_increase)
                             for r in table[table.layer == n].itertuples()} for n in names}
     seconds["oracle"] = time.perf_counter() - t0
+    bar.update(1, postfix=f"oracle {seconds['oracle']:.1f}s")
   if "magnitude" in sources:
     t0 = time.perf_counter()
     tables["magnitude"] = removed_cost_table(kernels, {n: w.astype(np.float64) ** 2
                                                        for n, w in kernels.items()}, candidates)
     seconds["magnitude"] = time.perf_counter() - t0
+    bar.update(1, postfix=f"magnitude {seconds['magnitude']:.1f}s")
   if "fisher" in sources:
     t0 = time.perf_counter()
     batches = batches_from_split(calib, batch_size, max(1, len(calib) // batch_size))
@@ -122,6 +127,8 @@ def cost_tables(entry, variables, calib, names, candidates, sources, *, batch_si
         kernels, {n: np.asarray(diag[n], np.float64) * kernels[n].astype(np.float64) ** 2
                   for n in names}, candidates)
     seconds["fisher"] = time.perf_counter() - t0
+    bar.update(1, postfix=f"fisher {seconds['fisher']:.1f}s")
+  bar.close()
   return tables, seconds
 
 

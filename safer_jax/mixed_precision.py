@@ -35,6 +35,7 @@ from safer_jax import layers as layers_lib
 from safer_jax import perturb
 from safer_jax import sweep
 from safer_jax import wrapping
+from safer_jax.progress import Progress
 
 CostTable = dict[str, dict[int, float]]
 COST_SOURCES = ("oracle", "hawq", "fisher", "corruption", "integrated_gradients", "quant_error")
@@ -100,7 +101,9 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     seed: PRNG seed of the Hutchinson probes.
     hutchinson_probes: at most this many probes (stops earlier at 1% rel. s.e.).
     ig_steps: Gauss-Legendre nodes of the integrated-gradients path.
-    progress: show the oracle sweep's progress.
+    progress: show tables done with an ETA, and the inner progress of the long
+      ones (the oracle sweep's cells, Hutchinson probes, integrated-gradient
+      bit widths) on stderr.
 
   Raises:
     ValueError: unknown source (lists the valid ones).
@@ -120,10 +123,13 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   errors = quant_errors(params, names, candidates)
   sq = {n: {b: float(jnp.sum(jnp.square(e))) for b, e in errs.items()} for n, errs in errors.items()}
 
+  bar = Progress(len(sources), "cost tables", enabled=progress, unit="table")
+
   def timed(source, fn):
     t0 = time.perf_counter()
     tables[source] = fn()
     seconds[source] = time.perf_counter() - t0
+    bar.update(1, postfix=f"{source} {seconds[source]:.1f}s")
 
   if "oracle" in sources:
     def oracle():
@@ -137,7 +143,7 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   if "hawq" in sources:
     def hawq():
       est = criteria.hutchinson_trace(loss_fn, params, batches, key=jax.random.key(seed),
-                                      max_probes=hutchinson_probes)
+                                      max_probes=hutchinson_probes, progress=progress)
       return {n: {b: float(est[n].mean) / layers_lib.get_kernel(params, n).size * sq[n][b]
                   for b in candidates} for n in names}
     timed("hawq", hawq)
@@ -149,20 +155,25 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     timed("fisher", fisher)
   if "corruption" in sources:
     def corruption():
-      grads = jax.tree.map(lambda *g: sum(g) / len(g),
-                           *[jax.grad(loss_fn)(params, b) for b in batches])
+      grad = jax.jit(jax.grad(loss_fn))  # (eagerly, every primitive compiles apart: ~10 s)
+      grads = jax.tree.map(lambda *g: sum(g) / len(g), *[grad(params, b) for b in batches])
       return {n: {b: float(jnp.linalg.norm(layers_lib.get_kernel(grads, n).ravel()))
                   * float(np.sqrt(sq[n][b])) for b in candidates} for n in names}
     timed("corruption", corruption)
   if "integrated_gradients" in sources:
     def integrated():
-      per_bits = {b: criteria.integrated_gradients(loss_fn, params, batches,
-                                                   baseline="quantized", bits=b, steps=ig_steps)
-                  for b in candidates}
+      inner = Progress(len(candidates), "integrated gradients", enabled=progress,
+                       unit="bit width")
+      per_bits = {}
+      for b in candidates:
+        per_bits[b] = criteria.integrated_gradients(loss_fn, params, batches,
+                                                    baseline="quantized", bits=b, steps=ig_steps)
+        inner.update(1, postfix=f"{b} bits")
       return {n: {b: float(per_bits[b][n]) for b in candidates} for n in names}
     timed("integrated_gradients", integrated)
   if "quant_error" in sources:
     timed("quant_error", lambda: {n: dict(sq[n]) for n in names})
+  bar.close()
   return tables, seconds
 
 

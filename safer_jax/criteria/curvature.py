@@ -23,6 +23,7 @@ import scipy.linalg
 from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
 from safer_jax.criteria.data_free import _quant_sq_error
+from safer_jax.progress import Progress
 
 
 class TraceEstimate(NamedTuple):
@@ -197,7 +198,8 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     chunk_size: probes vectorised together (memory ~ chunk_size x one HVP).
     estimator: ``'all_layers'`` or ``'per_layer'``.
     n_boot: bootstrap resamples of the ranking rule.
-    progress: print probes drawn and the current stability.
+    progress: show probes drawn (of ``max_probes``), an ETA and the current
+      ranking stability (stderr).
 
   Returns:
     ``{layer: TraceEstimate(mean, stderr, num_probes, stability)}``. COST:
@@ -247,14 +249,15 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
 
   samples: list[np.ndarray] = []
   chunk, stability = 0, float("nan")
+  bar = Progress(-(-max_probes // chunk_size) * chunk_size, "hutchinson", enabled=progress,
+                 unit="probe")
   while True:
     samples.append(np.asarray(jax.device_get(draw(chunk)), dtype=np.float64))
     chunk += 1
     x = np.concatenate(samples)  # (P, L)
     count = x.shape[0]
     stability = ranking_stability(x, n_boot)
-    if progress:
-      print(f"hutchinson: {count} probes, ranking stability {stability:.3f}", flush=True)
+    bar.update(chunk_size, postfix=f"ranking stability {stability:.3f}")
     if count >= max_probes:
       break
     if count < min_probes:
@@ -266,6 +269,7 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
       mean, std = x.mean(axis=0), x.std(axis=0, ddof=1) if count > 1 else np.inf
       if np.all(std / math.sqrt(count) <= rel_tol * np.abs(mean)):
         break
+  bar.close()
   mean = x.mean(axis=0)
   stderr = (x.std(axis=0, ddof=1) / math.sqrt(count) if count > 1
             else np.full(len(names), math.inf))
@@ -275,7 +279,8 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
 
 @_common.accepts_nnx_state
 def hessian_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
-                  layers: Any = None, key: jax.Array | None = None, **options) -> _common.Scores:
+                  layers: Any = None, key: jax.Array | None = None, progress: bool = False,
+                  **options) -> _common.Scores:
   """Trace of each layer's Hessian block (Hutchinson), i.e. the sum of its eigenvalues.
 
   See :func:`hutchinson_trace` for the estimator, its stopping rules and
@@ -289,7 +294,8 @@ def hessian_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any,
     ValueError: non-finite parameters, a pattern matching no layer, no data,
       or a bad option.
   """
-  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, **options)
+  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, progress=progress,
+                         **options)
   return {n: e.mean for n, e in est.items()}
 
 
@@ -411,7 +417,7 @@ class _Power:
 def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                    layers: Any = None, key: jax.Array | None = None,
                    method: str = "lanczos", max_iter: int = 100,
-                   tol: float = 1e-3) -> _common.Scores:
+                   tol: float = 1e-3, progress: bool = False) -> _common.Scores:
   """Top eigenvalue of each layer's Hessian block (local sharpness along that layer).
 
   ``method='lanczos'`` (default): the largest *algebraic* eigenvalue, by
@@ -438,6 +444,8 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     method: ``'lanczos'`` or ``'power'``.
     max_iter: maximum number of HVPs per layer.
     tol: relative tolerance (see above).
+    progress: show iterations (of at most ``max_iter``), an ETA and the layers
+      still running (stderr).
 
   Returns:
     ``{layer: lambda}`` (units: loss / weight^2). COST: per iteration one
@@ -461,6 +469,7 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
     solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
                      else _Power(v0, max_iter, tol))
+  bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
   while not all(s.done for s in solvers.values()):
     active = jnp.asarray([not solvers[n].done for n in names])
     flats = {n: solvers[n].vector for n in names}
@@ -471,13 +480,16 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     for n in names:
       if not solvers[n].done:
         solvers[n].step(products[n] / len(batches))
+    running = sum(not s.done for s in solvers.values())
+    bar.update(1, postfix=f"{running} of {len(names)} layers still running")
+  bar.close()
   return {n: float(solvers[n].theta) for n in names}
 
 
 @_common.accepts_nnx_state
 def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
             layers: Any = None, key: jax.Array | None = None, bits: int = 4,
-            **options) -> _common.Scores:
+            progress: bool = False, **options) -> _common.Scores:
   """HAWQ-v2 sensitivity: mean Hessian eigenvalue times squared quantization error.
 
   score = tr(H) / n * ||Q_b(W) - W||_2^2 (Dong et al. 2020), the second-order
@@ -503,7 +515,8 @@ def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
       layer, no data.
   """
   bits = _common.check_bits(bits)
-  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, **options)
+  est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, progress=progress,
+                         **options)
   out = {}
   for name, e in est.items():
     w = layers_lib.get_kernel(params, name)

@@ -21,6 +21,7 @@ import numpy as np
 from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
 from safer_jax.perturb import quantize
+from safer_jax.progress import Progress
 
 _BASELINES = ("zero", "quantized")
 _RULES = ("gauss_legendre", "riemann")
@@ -70,7 +71,7 @@ def _integral_fn(loss_fn, name, chunk_size):
 def integrated_gradients_attributions(
     loss_fn: _common.LossFn, params: _common.Params, batches: Any, *, layers: Any = None,
     baseline: str = "zero", bits: int = 4, steps: int = 32, rule: str = "gauss_legendre",
-    chunk_size: int | None = None) -> dict[str, jax.Array]:
+    chunk_size: int | None = None, progress: bool = False) -> dict[str, jax.Array]:
   """Signed per-weight integrated-gradient attributions of each selected kernel.
 
   Args:
@@ -84,6 +85,7 @@ def integrated_gradients_attributions(
     steps: number of quadrature nodes alpha.
     rule: ``'gauss_legendre'`` or ``'riemann'`` (midpoint), see ``quadrature``.
     chunk_size: alphas vectorised together with ``vmap`` (``None``: all).
+    progress: show layers done and an ETA (stderr).
 
   Returns:
     ``{layer: A}`` with ``A`` the kernel's shape; ``sum(A) ~ L(W) - L(W0)``
@@ -102,12 +104,15 @@ def integrated_gradients_attributions(
     chunk_size = _common.check_positive_int("chunk_size", chunk_size)
   names, batches = _common.setup(loss_fn, params, batches, layers)
   out = {}
+  bar = Progress(len(names), "integrated gradients", enabled=progress, unit="layer")
   for name in names:
     kernel = layers_lib.get_kernel(params, name)
     w0 = _baseline(kernel, baseline, bits)
     integral = _common.cached_jit(_integral_fn, loss_fn, name, chunk_size)
     total = sum(integral(params, kernel, w0, alphas, weights, b) for b in batches) / len(batches)
-    out[name] = total * (kernel - w0)
+    out[name] = jax.block_until_ready(total * (kernel - w0))
+    bar.update(1, postfix=name)
+  bar.close()
   return out
 
 
@@ -116,7 +121,7 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
                          layers: Any = None, key: jax.Array | None = None,
                          baseline: str = "zero", bits: int = 4, steps: int = 32,
                          rule: str = "gauss_legendre",
-                         chunk_size: int | None = None) -> _common.Scores:
+                         chunk_size: int | None = None, progress: bool = False) -> _common.Scores:
   """Integrated-gradient importance sum_i |A_i| of each layer's kernel.
 
   Estimates how much the loss depends on the layer's weights along the path
@@ -129,7 +134,7 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
     batches: sequence of batches.
     layers: ``None`` or regex pattern(s).
     key: ignored.
-    baseline, bits, steps, rule, chunk_size: see
+    baseline, bits, steps, rule, chunk_size, progress: see
       ``integrated_gradients_attributions``.
 
   Returns:
@@ -143,5 +148,5 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
   del key
   attr = integrated_gradients_attributions(loss_fn, params, batches, layers=layers,
                                            baseline=baseline, bits=bits, steps=steps, rule=rule,
-                                           chunk_size=chunk_size)
+                                           chunk_size=chunk_size, progress=progress)
   return {n: _common.to_float(jnp.sum(jnp.abs(a))) for n, a in attr.items()}

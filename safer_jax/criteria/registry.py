@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ import jax
 
 from safer_jax.criteria import corruption, curvature, data_free, gradient, integrated
 from safer_jax.criteria import _common
+from safer_jax.progress import Progress
 
 Criterion = Callable[..., _common.Scores]
 
@@ -52,7 +54,7 @@ def get_criterion(name: str) -> Criterion:
 def compute_all(names: str | Sequence[str], loss_fn: _common.LossFn | None, params: _common.Params,
                 batches: Any, *, layers: Any = None, key: jax.Array | None = None,
                 options: Mapping[str, Mapping[str, Any]] | None = None,
-                ) -> tuple[dict[str, _common.Scores], dict[str, float]]:
+                progress: bool = False) -> tuple[dict[str, _common.Scores], dict[str, float]]:
   """Runs several criteria on the same model and data.
 
   Args:
@@ -65,6 +67,8 @@ def compute_all(names: str | Sequence[str], loss_fn: _common.LossFn | None, para
     layers: ``None`` or regex pattern(s), shared by all criteria.
     key: ``jax.random`` key passed unchanged to every criterion.
     options: optional ``{name: {option: value}}`` extra keyword arguments.
+    progress: show criteria done with an ETA, and the inner progress (probes,
+      iterations, layers) of the criteria that take a ``progress`` flag (stderr).
 
   Returns:
     ``(scores, seconds)``: ``scores[name] = {layer: score}`` and
@@ -84,10 +88,16 @@ def compute_all(names: str | Sequence[str], loss_fn: _common.LossFn | None, para
   if batches is not None and not isinstance(batches, Mapping):
     batches = list(batches)
   scores, seconds = {}, {}
+  bar = Progress(len(fns), "criteria", enabled=progress and len(fns) > 1, unit="criterion")
   for name, fn in fns.items():
     start = time.perf_counter()
-    result = fn(loss_fn, params, batches, layers=layers, key=key, **options.get(name, {}))
+    extra = dict(options.get(name, {}))
+    if progress and "progress" in inspect.signature(fn).parameters:
+      extra.setdefault("progress", True)
+    result = fn(loss_fn, params, batches, layers=layers, key=key, **extra)
     jax.block_until_ready(list(result.values()))
     seconds[name] = time.perf_counter() - start
     scores[name] = result
+    bar.update(1, postfix=f"{name} {seconds[name]:.1f}s")
+  bar.close()
   return scores, seconds
