@@ -685,7 +685,7 @@ def test_perturb_params_errors():
     P.perturb_params(params, ["head"], "noise", 0.1, None)
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (10,), (5000,), (3, 3, 1, 96), (2, 4097)])
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (10,), (2, 4097)])
 def test_bucketed_draws_are_the_per_shape_draws(shape):
   """Flat draws of a bucket size, cut and reshaped, are the draws of the shape (bit for bit)."""
   w = jax.random.normal(jax.random.key(1), shape)

@@ -104,7 +104,7 @@ def test_strategies_equal_naive_sweep(tiny, strategy, use_prefix):
     sweep.run_sweep(model, variables, split, dataclasses.replace(config, strategy="fast"))
 
 
-KERNEL_SHAPES = [(3, 3, 1, 6), (5, 5, 6, 16), (3, 3, 16, 16), (400, 120), (84, 10), (7,)]
+KERNEL_SHAPES = [(3, 3, 1, 6), (3, 3, 16, 16), (400, 120)]
 
 
 @pytest.mark.parametrize("family,options,grid", [
@@ -119,13 +119,13 @@ KERNEL_SHAPES = [(3, 3, 1, 6), (5, 5, 6, 16), (3, 3, 16, 16), (400, 120), (84, 1
 def test_perturb_stack_equals_the_family_function_bit_for_bit(family, options, grid):
   """Padded layouts and batched draws change how programs compile, not one bit of a kernel."""
   rng = np.random.default_rng(0)
-  kernels = [rng.normal(size=s).astype(np.float32) for s in KERNEL_SHAPES[:-1]]
-  kernels[2][0, 0, :4, :] = 0.0  # ties at zero (pruning ranks them by index)
-  kernels[3][::3] = np.round(kernels[3][::3], 1)  # more ties
-  layout = (512, 128)  # every kernel's rows x channels fits; (5, 5, 6, 16) also a bigger one
+  kernels = [rng.normal(size=s).astype(np.float32) for s in KERNEL_SHAPES]
+  kernels[1][0, 0, :4, :] = 0.0  # ties at zero (pruning ranks them by index)
+  kernels[2][::3] = np.round(kernels[2][::3], 1)  # more ties
+  layout = (512, 128)  # every kernel's rows x channels fits (the first two: with room to spare)
   fam = perturb.get_family(family)
   for li, kernel in enumerate(kernels):
-    cells = [(m, i, s) for i, m in enumerate(grid) for s in (0, 1)]
+    cells = [(m, i, li % 2) for i, m in enumerate(grid)]
     keys = sweep.cell_keys([c[2] for c in cells], f"l{li}", family, [c[1] for c in cells])
     for lay in (layout, None):
       got = sweep.perturb_stack(family, options, lay)(
