@@ -309,7 +309,7 @@ def engine_strategy(config: SweepConfig, sharded: bool) -> str:
 def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
   """The function the ``'stage'`` strategy jits for ``stage``, not yet jitted.
 
-  ``(variables, flats (P, N) float32, which () int32, h (B, ...), labels (B,) int,
+  ``(variables, flats (P, N) (the kernels' widest dtype), which () int32, h (B, ...), labels (B,) int,
   mask (B,) float32) -> (correct (P,), loss_sum (P,))``: copy ``p`` is the model
   with the kernel of ``layers[which]`` replaced by ``flats[p, :size].reshape(shape)``
   (``N`` >= the largest kernel of ``layers``, zero padded), evaluated from ``h``
@@ -430,8 +430,9 @@ class _Engine:
     for name in self.layer_names:
       stage = _stage_of(model, name) if self.use_prefix else 0
       self.stage_layers[stage] = self.stage_layers.get(stage, ()) + (name,)
-    self.flat_size = max(int(np.prod(layers_lib.get_kernel(variables, n).shape))
-                         for n in self.layer_names)
+    kernels = [layers_lib.get_kernel(variables, n) for n in self.layer_names]
+    self.flat_size = max(int(np.prod(k.shape)) for k in kernels)
+    self.flat_dtype = np.result_type(*[k.dtype for k in kernels])  # (float64 kernels stay exact)
 
   def prefix(self, stage: int) -> list:
     """Activations entering ``stage`` for every eval batch.
@@ -560,7 +561,7 @@ class _Engine:
     images, labels, mask = self.batches[0]
     h = images if stage == 0 else jax.eval_shape(
         lambda v, x: self.model.apply(v, x, stop=stage), self.variables, images)
-    flats = jax.ShapeDtypeStruct((self.chunk, self.flat_size), jnp.float32)
+    flats = jax.ShapeDtypeStruct((self.chunk, self.flat_size), self.flat_dtype)
     which = jax.ShapeDtypeStruct((), jnp.int32)
     program = jax.jit(stage_program(self.model, stage, self.stage_layers[stage]))
     return program.lower(self.variables, flats, which, h, labels, mask).compile()
@@ -616,7 +617,7 @@ class _Engine:
                       kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     count = kernels.shape[0]
     size = max(self.chunk, count)
-    flats = np.zeros((size, self.flat_size), np.float32)
+    flats = np.zeros((size, self.flat_size), self.flat_dtype)
     flats[:count, :kernels[0].size] = kernels.reshape(count, -1)
     flats[count:, :kernels[0].size] = kernels[-1].reshape(-1)  # pad with the last copy
     which = np.int32(self.stage_layers[stage].index(layer))
