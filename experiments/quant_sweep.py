@@ -7,8 +7,14 @@ knapsack, :func:`safer_jax.budget.allocate_bits`), build that model and measure
 its real accuracy and loss on the eval split. Costs are computed on
 calibration data from the *training* split, never on the eval split.
 
+Quantization follows qwix's convention by default (``full_range``: the full
+signed grid, what qwix deploys), and each allocation is also deployed *through
+qwix* (``qwix.QtProvider`` with the rules of :func:`safer_jax.deploy.to_qwix_rules`)
+and evaluated: ``qwix_accuracy`` next to the simulated ``accuracy``.
+
 Writes ``results.csv`` (one row per source x budget, with the per-layer bits),
-``costs.json`` (the cost tables), ``summary.md`` and ``accuracy_vs_bits.png``.
+``qwix_rules.json`` (the qwix rules of every source x budget), ``costs.json``
+(the cost tables), ``summary.md`` and ``accuracy_vs_bits.png``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import budget, io, layers, mixed_precision, train
+from safer_jax import budget, deploy, io, layers, mixed_precision, train
 
 
 def get_config(tiny: bool = False):
@@ -34,6 +40,8 @@ def get_config(tiny: bool = False):
   config.calib_examples = 256
   config.calib_batch_size = 128
   config.tie_groups = ""  # e.g. "stage2_block1/conv1+stage2_block1/shortcut;..."
+  config.full_range = True  # qwix's grid (every signed code); False: -(2^(b-1)-1)..2^(b-1)-1
+  config.qwix = True  # also deploy every allocation through qwix and evaluate it
   if tiny:
     config.model = "mlp"
     config.budgets = (3.0, 6.0)
@@ -54,6 +62,12 @@ def validate(config, check: common.Checker) -> None:
                                         nonempty=False, unique=True))
   check.rule("random_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
   check.rule("tie_groups", common.text(note="'a+b;c+d': '+' joins layers, ';' separates groups"))
+  check.rule("full_range", common.boolean())
+  check.rule("qwix", common.boolean())
+  if config.qwix:
+    check.require(all(deploy.MIN_BITS <= b <= deploy.MAX_BITS for b in config.candidates),
+                  "candidates", f"bit widths {deploy.MIN_BITS}..{deploy.MAX_BITS} with qwix=True "
+                  f"(qwix's integer types), or --config qwix=False")
   ties = _tie_groups(config.tie_groups) or []
   common.check_layers(check, "tie_groups", [re.escape(n) for g in ties for n in g])
 
@@ -84,9 +98,19 @@ def run(config, workdir: str) -> dict:
   print(f"cost tables from {len(calib)} calibration images: {list(config.sources)}", flush=True)
   tables, seconds = mixed_precision.cost_tables(
       entry.model, variables, calib, candidates, tuple(config.sources),
-      batch_size=config.calib_batch_size, seed=config.seed, progress=config.progress)
+      batch_size=config.calib_batch_size, seed=config.seed, full_range=config.full_range,
+      progress=config.progress)
   base = train.evaluate(entry.model.apply, variables, split)
-  rows = []
+  rows, rules, deployed = [], {}, {}
+
+  def through_qwix(bits: dict) -> dict:
+    """The allocation deployed by qwix and evaluated (one compilation per distinct one)."""
+    key = tuple(sorted(bits.items()))
+    if key not in deployed:
+      apply = deploy.quantized_apply(entry.model, deploy.to_qwix_rules(bits))
+      deployed[key] = train.evaluate(apply, variables, split)
+    return deployed[key]
+
   plan = [(s, None) for s in config.sources] + [("uniform", None)] + [
       ("random", seed) for seed in config.random_seeds]
   for avg in config.budgets:
@@ -98,20 +122,26 @@ def run(config, workdir: str) -> dict:
         alloc = budget.random_allocation(sizes, candidates, cap, seed, tie_groups=ties)
       else:
         alloc = budget.allocate_bits(tables[source], sizes, candidates, cap, tie_groups=ties)
-      quantized = mixed_precision.quantize_model(variables, alloc.bits)
+      quantized = mixed_precision.quantize_model(variables, alloc.bits,
+                                                 full_range=config.full_range)
       m = train.evaluate(entry.model.apply, quantized, split)
+      bits = {n: int(alloc.bits[n]) for n in names}
+      q = through_qwix(bits) if config.qwix else {"accuracy": np.nan}
+      label = source if seed is None else f"{source}_seed{seed}"
+      rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(deploy.to_qwix_rules(bits))
       rows.append({"source": source, "seed": -1 if seed is None else seed, "budget_avg_bits": avg,
                    "avg_bits": alloc.avg_bits, "size_bytes": alloc.size_bytes,
                    "accuracy": m["accuracy"], "loss": m["loss"],
                    "accuracy_drop": base["accuracy"] - m["accuracy"],
-                   "bits": json.dumps({n: int(alloc.bits[n]) for n in names}),
-                   "solver": alloc.method})
+                   "qwix_accuracy": q["accuracy"],
+                   "bits": json.dumps(bits), "solver": alloc.method})
     print(f"  budget {avg:4.1f} bits: " + ", ".join(
         f"{r['source']} {100 * r['accuracy']:.1f}%" for r in rows[-len(plan):]
         if r["seed"] <= 0), flush=True)
   results = pd.DataFrame(rows)
-  summary = _summary(results, base, entry, seconds)
+  summary = _summary(results, base, entry, seconds, config.full_range)
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
+           "qwix_rules": io.write_json(os.path.join(workdir, "qwix_rules.json"), rules),
            "costs": io.write_json(os.path.join(workdir, "costs.json"),
                                   {"tables": tables, "seconds": seconds, "sizes": sizes,
                                    "baseline": base, "model": entry.name,
@@ -125,10 +155,10 @@ def run(config, workdir: str) -> dict:
 def _mean_by_source(results: pd.DataFrame) -> pd.DataFrame:
   return results.groupby(["source", "budget_avg_bits"], sort=False).agg(
       accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
-      avg_bits=("avg_bits", "mean")).reset_index()
+      qwix_accuracy=("qwix_accuracy", "mean"), avg_bits=("avg_bits", "mean")).reset_index()
 
 
-def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict) -> str:
+def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, full_range: bool) -> str:
   mean = _mean_by_source(results)
   pivot = mean.pivot(index="source", columns="budget_avg_bits", values="accuracy")
   order = list(dict.fromkeys(results["source"]))
@@ -157,6 +187,21 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict) -> str:
       parts.append(f"best criterion ({top}) {100 * criteria_rows.loc[top, b]:.2f}%")
     parts.append(f"uniform {100 * pivot.loc['uniform', b]:.2f}%")
     lines.append(f"- At {b:g} bits average: " + ", ".join(parts) + ".")
+  grid = ("qwix's full signed grid (codes -2^(b-1)..2^(b-1)-1)" if full_range else
+          "the restricted grid (codes -(2^(b-1)-1)..2^(b-1)-1)")
+  lines += ["", f"Simulated quantization: {grid}, per output channel."]
+  if results["qwix_accuracy"].notna().any():
+    qwix_pivot = mean.pivot(index="source", columns="budget_avg_bits",
+                            values="qwix_accuracy").reindex(order)
+    n = base["num_examples"]
+    gap = float(np.nanmax(np.abs(results["qwix_accuracy"] - results["accuracy"]))) * n
+    lines += ["", "Deployed through qwix (`qwix.QtProvider`, the rules in `qwix_rules.json`), "
+              f"eval accuracy (%); largest gap to the simulated model: {gap:.0f} of {n} "
+              "eval images.", "",
+              "| source | " + " | ".join(f"{b:g} bits" for b in budgets) + " |",
+              "|---|" + "---|" * len(budgets)]
+    for source, row in qwix_pivot.iterrows():
+      lines.append(f"| {source} | " + " | ".join(f"{100 * v:.2f}" for v in row) + " |")
   return "\n".join(lines) + "\n"
 
 

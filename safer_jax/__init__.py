@@ -18,8 +18,18 @@ from safer_jax.train import train as fit
 from safer_jax.wrapping import WrappedModel, wrap
 from safer_jax.zoo import pretrained
 
+
+
+def __getattr__(name):  # `sj.deploy` on first use: importing qwix takes ~1 s
+  if name == "deploy":
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module("safer_jax.deploy")
+  raise AttributeError(f"module 'safer_jax' has no attribute {name!r}")
+
+
 __all__ = [
-    "acr", "attribution", "benchmark", "budget", "criteria", "data", "layers", "mixed_precision",
+    "acr", "attribution", "benchmark", "budget", "criteria", "data", "deploy", "layers",
+    "mixed_precision",
     "models", "perturb", "sweep", "train", "wcam", "wrapping", "zoo",
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",

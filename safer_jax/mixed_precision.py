@@ -41,12 +41,14 @@ CostTable = dict[str, dict[int, float]]
 COST_SOURCES = ("oracle", "hawq", "fisher", "corruption", "integrated_gradients", "quant_error")
 
 
-def quant_errors(params, names: Sequence[str], candidates: Sequence[int]) -> dict:
-  """``{layer: {bits: Q_b(W) - W}}`` (arrays, kernel shape)."""
+def quant_errors(params, names: Sequence[str], candidates: Sequence[int], *,
+                 full_range: bool = False) -> dict:
+  """``{layer: {bits: Q_b(W) - W}}`` (arrays, kernel shape); ``full_range``: qwix's grid."""
   out = {}
   for name in names:
     w = jnp.asarray(layers_lib.get_kernel(params, name))
-    out[name] = {int(b): perturb.quantize(w, int(b)) - w for b in candidates}
+    out[name] = {int(b): perturb.quantize(w, int(b), full_range=full_range) - w
+                 for b in candidates}
   return out
 
 
@@ -86,7 +88,7 @@ def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, An
 def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
                 candidates: Sequence[int], sources: Sequence[str] = COST_SOURCES, *,
                 batch_size: int = 128, max_batches: int = 2, seed: int = 0,
-                hutchinson_probes: int = 32, ig_steps: int = 8,
+                hutchinson_probes: int = 32, ig_steps: int = 8, full_range: bool = False,
                 progress: bool = False) -> tuple[dict[str, CostTable], dict[str, float]]:
   """Cost tables ``{source: {layer: {bits: cost}}}`` and each source's wall time (s).
 
@@ -101,6 +103,9 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     seed: PRNG seed of the Hutchinson probes.
     hutchinson_probes: at most this many probes (stops earlier at 1% rel. s.e.).
     ig_steps: Gauss-Legendre nodes of the integrated-gradients path.
+    full_range: quantize on qwix's full signed grid (what :mod:`safer_jax.deploy`
+      runs; see :func:`safer_jax.perturb.quantize_grid`) instead of the
+      restricted one, in every table (errors, oracle sweep, IG baseline).
     progress: show tables done with an ETA, and the inner progress of the long
       ones (the oracle sweep's cells, Hutchinson probes, integrated-gradient
       bit widths) on stderr.
@@ -120,7 +125,7 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   loss_fn = classifier_loss_fn(model, variables)
   batches = batches_from_split(calib, batch_size, max_batches)
   tables, seconds = {}, {}
-  errors = quant_errors(params, names, candidates)
+  errors = quant_errors(params, names, candidates, full_range=full_range)
   sq = {n: {b: float(jnp.sum(jnp.square(e))) for b, e in errs.items()} for n, errs in errors.items()}
 
   bar = Progress(len(sources), "cost tables", enabled=progress, unit="table")
@@ -135,8 +140,10 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     def oracle():
       calib_split = data_lib.Split(np.concatenate([b["image"] for b in batches]),
                                    np.concatenate([b["label"] for b in batches]))
+      options = {"quantize": {"full_range": True}} if full_range else {}
       table = sweep.run_sweep(model, variables, calib_split, sweep.SweepConfig(
-          families={"quantize": tuple(candidates)}, seeds=(0,)), progress=progress)
+          families={"quantize": tuple(candidates)}, seeds=(0,), family_options=options),
+          progress=progress)
       return {n: {int(r.magnitude): float(r.loss_increase)
                   for r in table[table.layer == n].itertuples()} for n in names}
     timed("oracle", oracle)
@@ -167,7 +174,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
       per_bits = {}
       for b in candidates:
         per_bits[b] = criteria.integrated_gradients(loss_fn, params, batches,
-                                                    baseline="quantized", bits=b, steps=ig_steps)
+                                                    baseline="quantized", bits=b, steps=ig_steps,
+                                                    full_range=full_range)
         inner.update(1, postfix=f"{b} bits")
       return {n: {b: float(per_bits[b][n]) for b in candidates} for n in names}
     timed("integrated_gradients", integrated)
@@ -204,14 +212,18 @@ def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Sp
                               budget.budget_from_avg_bits(sizes, avg_bits))
 
 
-def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int]) -> dict:
+def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int], *,
+                   full_range: bool = False) -> dict:
   """Variables with each listed layer's kernel fake-quantized to ``bits[layer]`` bits.
 
   Per-output-channel symmetric round-to-nearest; other leaves are unchanged.
-  ``variables`` may be an ``nnx.State`` (the result is its pure dict).
+  ``full_range``: qwix's full signed grid (the weights qwix deploys, bit for bit;
+  see :mod:`safer_jax.deploy`). ``variables`` may be an ``nnx.State`` (the result
+  is its pure dict).
   """
   out = dict(layers_lib.as_pure(variables))
   for name, b in bits.items():
     w = layers_lib.get_kernel(variables, name)
-    out = layers_lib.replace_kernel(out, name, perturb.quantize(w, int(b)))
+    out = layers_lib.replace_kernel(out, name, perturb.quantize(w, int(b),
+                                                                full_range=full_range))
   return out

@@ -214,11 +214,16 @@ class QuantGrid:
 
 
 def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-                  symmetric: bool = True) -> QuantGrid:
+                  symmetric: bool = True, full_range: bool = False) -> QuantGrid:
   """Uniform round-to-nearest quantization of ``w`` onto a ``bits``-bit grid.
 
   Symmetric, ``b >= 2``: ``scale = max|w| / (2^(b-1) - 1)``, codes
-  ``clip(round(w / scale), -(2^(b-1) - 1), 2^(b-1) - 1)``.
+  ``clip(round(w / scale), -(2^(b-1) - 1), 2^(b-1) - 1)`` (the restricted range:
+  ternary at 2 bits). With ``full_range=True``, qwix's convention (what its
+  deployed integer kernels run): every code of the signed type is used,
+  ``scale = max|w| / (2^(b-1) - 0.5)`` and codes
+  ``clip(round(w / scale), -2^(b-1), 2^(b-1) - 1)`` (int4: scale max|w| / 7.5,
+  codes -8..7), a scale below sqrt(float32 tiny) becoming 1, as in qwix.
   Symmetric, ``b = 1`` (binary, as in BinaryConnect/XNOR-Net): codes
   ``sign(w)`` in ``{-1, +1}`` (``+1`` for ``w = 0``) and ``scale = mean|w|``,
   the L2-optimal scale for sign codes.
@@ -239,6 +244,7 @@ def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
       other axes); ``-1`` is the output channel of Dense/Conv kernels. ``None``:
       one scale for the whole tensor.
     symmetric: symmetric (zero point 0) or asymmetric (min/max) grid.
+    full_range: symmetric ``b >= 2`` only: qwix's full signed range (above).
 
   Returns:
     A :class:`QuantGrid`; ``dequantize(grid)`` is the quantized ``w``.
@@ -249,11 +255,13 @@ def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
   """
   validate_magnitude("quantize", bits)
   check_finite(w, "w")
-  return _quantize_grid(_as_float_array(w), bits, axis=axis, symmetric=symmetric)
+  return _quantize_grid(_as_float_array(w), bits, axis=axis, symmetric=symmetric,
+                        full_range=full_range)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "symmetric"))
-def _quantize_grid(w: Array, bits: ArrayLike, *, axis: int | None, symmetric: bool) -> QuantGrid:
+@functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range"))
+def _quantize_grid(w: Array, bits: ArrayLike, *, axis: int | None, symmetric: bool,
+                   full_range: bool = False) -> QuantGrid:
   x = w.astype(jnp.float32)
   red = _reduce_axes(x.ndim, axis)
   b = jnp.round(jnp.asarray(bits, jnp.float32)).astype(jnp.int32)
@@ -262,8 +270,14 @@ def _quantize_grid(w: Array, bits: ArrayLike, *, axis: int | None, symmetric: bo
   if symmetric:
     qmax = (jnp.left_shift(one, b - 1) - 1).astype(jnp.float32)  # 0 when b == 1.
     amax = jnp.max(jnp.abs(x), axis=red, keepdims=True)
-    scale_multi = jnp.where(amax > 0, amax * (1.0 / jnp.maximum(qmax, 1.0)), 1.0)
-    codes_multi = jnp.clip(jnp.round(x / scale_multi), -qmax, qmax)
+    if full_range:  # qwix: absmax / (qmax + 0.5), codes -(qmax + 1)..qmax
+      scale_multi = amax / (qmax + 0.5)
+      scale_multi = jnp.where(scale_multi < jnp.sqrt(jnp.finfo(jnp.float32).tiny), 1.0,
+                              scale_multi)
+      codes_multi = jnp.clip(jnp.round(x / scale_multi), -qmax - 1.0, qmax)
+    else:
+      scale_multi = jnp.where(amax > 0, amax * (1.0 / jnp.maximum(qmax, 1.0)), 1.0)
+      codes_multi = jnp.clip(jnp.round(x / scale_multi), -qmax, qmax)
     count = math.prod(x.shape[i] for i in red)
     scale_bin = jnp.sum(jnp.abs(x), axis=red, keepdims=True) * (1.0 / max(count, 1))
     codes_bin = jnp.where(x >= 0, 1.0, -1.0)
@@ -292,7 +306,7 @@ def dequantize(grid: QuantGrid) -> Array:
 
 
 def quantize(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-             symmetric: bool = True) -> Array:
+             symmetric: bool = True, full_range: bool = False) -> Array:
   """Fake-quantizes ``w`` to ``bits`` bits: ``dequantize(quantize_grid(w, bits, ...))``.
 
   See :func:`quantize_grid` for the grid, ``axis`` and ``symmetric``.
@@ -302,18 +316,22 @@ def quantize(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
     bits: integer bit width 1..16 (may be traced).
     axis: channel axis for per-channel scales; ``None`` for one scale per tensor.
     symmetric: symmetric or asymmetric grid.
+    full_range: qwix's full signed range (see :func:`quantize_grid`).
 
   Returns:
     The dequantized array, same shape and dtype as ``w``.
   """
   validate_magnitude("quantize", bits)
   check_finite(w, "w")
-  return _quantize(_as_float_array(w), bits, axis=axis, symmetric=symmetric)
+  return _quantize(_as_float_array(w), bits, axis=axis, symmetric=symmetric,
+                   full_range=full_range)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "symmetric"))
-def _quantize(w: Array, bits: ArrayLike, *, axis: int | None, symmetric: bool) -> Array:
-  return dequantize(_quantize_grid(w, bits, axis=axis, symmetric=symmetric))
+@functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range"))
+def _quantize(w: Array, bits: ArrayLike, *, axis: int | None, symmetric: bool,
+              full_range: bool = False) -> Array:
+  return dequantize(_quantize_grid(w, bits, axis=axis, symmetric=symmetric,
+                                   full_range=full_range))
 
 
 # ---------------------------------------------------------------------------
@@ -411,15 +429,16 @@ def prune_magnitude_padded(flat: Array, ratios: ArrayLike, n: ArrayLike) -> Arra
   return jnp.where(keep, flat[None, :], jnp.zeros((), flat.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "symmetric"))
+@functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range"))
 def quantize_many(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-                  symmetric: bool = True) -> Array:
+                  symmetric: bool = True, full_range: bool = False) -> Array:
   """``(P, *w.shape)``: :func:`quantize` of ``w`` at each of ``bits`` (P,), in one program.
 
   Row p equals ``quantize(w, bits[p])`` bit for bit for ``bits[p] >= 2`` (the
   statistics are computed once; the rest is elementwise). Bits are not range-checked.
   """
-  return jax.vmap(lambda b: _quantize(w, b, axis=axis, symmetric=symmetric))(bits)
+  return jax.vmap(lambda b: _quantize(w, b, axis=axis, symmetric=symmetric,
+                                     full_range=full_range))(bits)
 
 
 # ---------------------------------------------------------------------------

@@ -43,10 +43,10 @@ def quadrature(steps: int, rule: str = "gauss_legendre") -> tuple[np.ndarray, np
   raise ValueError(f"Unsupported rule={rule!r}; allowed: {list(_RULES)}.")
 
 
-def _baseline(kernel: jax.Array, baseline: str, bits: int) -> jax.Array:
+def _baseline(kernel: jax.Array, baseline: str, bits: int, full_range: bool) -> jax.Array:
   if baseline == "zero":
     return jnp.zeros_like(kernel)
-  return quantize(kernel, bits)
+  return quantize(kernel, bits, full_range=full_range)
 
 
 def _integral_fn(loss_fn, name, chunk_size):
@@ -71,7 +71,8 @@ def _integral_fn(loss_fn, name, chunk_size):
 def integrated_gradients_attributions(
     loss_fn: _common.LossFn, params: _common.Params, batches: Any, *, layers: Any = None,
     baseline: str = "zero", bits: int = 4, steps: int = 32, rule: str = "gauss_legendre",
-    chunk_size: int | None = None, progress: bool = False) -> dict[str, jax.Array]:
+    chunk_size: int | None = None, full_range: bool = False,
+    progress: bool = False) -> dict[str, jax.Array]:
   """Signed per-weight integrated-gradient attributions of each selected kernel.
 
   Args:
@@ -85,6 +86,8 @@ def integrated_gradients_attributions(
     steps: number of quadrature nodes alpha.
     rule: ``'gauss_legendre'`` or ``'riemann'`` (midpoint), see ``quadrature``.
     chunk_size: alphas vectorised together with ``vmap`` (``None``: all).
+    full_range: the ``'quantized'`` baseline on qwix's full signed grid
+      (:func:`safer_jax.perturb.quantize_grid`).
     progress: show layers done and an ETA (stderr).
 
   Returns:
@@ -107,7 +110,7 @@ def integrated_gradients_attributions(
   bar = Progress(len(names), "integrated gradients", enabled=progress, unit="layer")
   for name in names:
     kernel = layers_lib.get_kernel(params, name)
-    w0 = _baseline(kernel, baseline, bits)
+    w0 = _baseline(kernel, baseline, bits, full_range)
     integral = _common.cached_jit(_integral_fn, loss_fn, name, chunk_size)
     total = sum(integral(params, kernel, w0, alphas, weights, b) for b in batches) / len(batches)
     out[name] = jax.block_until_ready(total * (kernel - w0))
@@ -121,7 +124,8 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
                          layers: Any = None, key: jax.Array | None = None,
                          baseline: str = "zero", bits: int = 4, steps: int = 32,
                          rule: str = "gauss_legendre",
-                         chunk_size: int | None = None, progress: bool = False) -> _common.Scores:
+                         chunk_size: int | None = None, full_range: bool = False,
+                         progress: bool = False) -> _common.Scores:
   """Integrated-gradient importance sum_i |A_i| of each layer's kernel.
 
   Estimates how much the loss depends on the layer's weights along the path
@@ -134,7 +138,7 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
     batches: sequence of batches.
     layers: ``None`` or regex pattern(s).
     key: ignored.
-    baseline, bits, steps, rule, chunk_size, progress: see
+    baseline, bits, steps, rule, chunk_size, full_range, progress: see
       ``integrated_gradients_attributions``.
 
   Returns:
@@ -148,5 +152,6 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
   del key
   attr = integrated_gradients_attributions(loss_fn, params, batches, layers=layers,
                                            baseline=baseline, bits=bits, steps=steps, rule=rule,
-                                           chunk_size=chunk_size, progress=progress)
+                                           chunk_size=chunk_size, full_range=full_range,
+                                           progress=progress)
   return {n: _common.to_float(jnp.sum(jnp.abs(a))) for n, a in attr.items()}
