@@ -41,6 +41,11 @@ def get_config(tiny: bool = False):
   config.calib_batch_size = 128
   config.tie_groups = ""  # e.g. "stage2_block1/conv1+stage2_block1/shortcut;..."
   config.full_range = True  # qwix's grid (every signed code); False: -(2^(b-1)-1)..2^(b-1)-1
+  # What a budget limits: 'bits' (average bits per weight: the model's size in bytes) or
+  # 'bops' (average weight bits per multiply-accumulate: bit operations, MACs x weight bits x
+  # act_bits, counted from the model's own layer shapes).
+  config.budget_unit = "bits"
+  config.act_bits = 8  # activation bits in the BOPs count (activations are not quantized)
   config.qwix = True  # also deploy every allocation through qwix and evaluate it
   if tiny:
     config.model = "mlp"
@@ -63,6 +68,8 @@ def validate(config, check: common.Checker) -> None:
   check.rule("random_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
   check.rule("tie_groups", common.text(note="'a+b;c+d': '+' joins layers, ';' separates groups"))
   check.rule("full_range", common.boolean())
+  check.rule("budget_unit", common.choice(BUDGET_UNITS))
+  check.rule("act_bits", common.integer(1, 32, note="activation bits of the BOPs count"))
   check.rule("qwix", common.boolean())
   if config.qwix:
     check.require(all(deploy.MIN_BITS <= b <= deploy.MAX_BITS for b in config.candidates),
@@ -70,6 +77,9 @@ def validate(config, check: common.Checker) -> None:
                   f"(qwix's integer types), or --config qwix=False")
   ties = _tie_groups(config.tie_groups) or []
   common.check_layers(check, "tie_groups", [re.escape(n) for g in ties for n in g])
+
+
+BUDGET_UNITS = ("bits", "bops")
 
 
 def _tie_groups(text: str) -> list[list[str]] | None:
@@ -82,6 +92,10 @@ def run(config, workdir: str) -> dict:
   variables, split = entry.variables, entry.dataset.eval
   names = layers.find_layers(variables)
   sizes = {n: int(layers.get_kernel(variables, n).size) for n in names}
+  macs = layers.macs_per_layer(entry.model.apply, variables, split.images[:1])
+  # The knapsack's item weights: kernel weights (bits budget) or MACs (BOPs budget); a budget
+  # of `avg` allows sum(weights * bits) <= avg * sum(weights).
+  weights = macs if config.budget_unit == "bops" else sizes
   ties = _tie_groups(config.tie_groups)
   if ties:
     layers.select_layers(variables, [n for g in ties for n in g])  # unknown names -> error
@@ -114,14 +128,14 @@ def run(config, workdir: str) -> dict:
   plan = [(s, None) for s in config.sources] + [("uniform", None)] + [
       ("random", seed) for seed in config.random_seeds]
   for avg in config.budgets:
-    cap = budget.budget_from_avg_bits(sizes, avg)
+    cap = budget.budget_from_avg_bits(weights, avg)
     for source, seed in plan:
       if source == "uniform":
-        alloc = budget.uniform_allocation(sizes, candidates, cap)
+        alloc = budget.uniform_allocation(weights, candidates, cap)
       elif source == "random":
-        alloc = budget.random_allocation(sizes, candidates, cap, seed, tie_groups=ties)
+        alloc = budget.random_allocation(weights, candidates, cap, seed, tie_groups=ties)
       else:
-        alloc = budget.allocate_bits(tables[source], sizes, candidates, cap, tie_groups=ties)
+        alloc = budget.allocate_bits(tables[source], weights, candidates, cap, tie_groups=ties)
       quantized = mixed_precision.quantize_model(variables, alloc.bits,
                                                  full_range=config.full_range)
       m = train.evaluate(entry.model.apply, quantized, split)
@@ -129,8 +143,13 @@ def run(config, workdir: str) -> dict:
       q = through_qwix(bits) if config.qwix else {"accuracy": np.nan}
       label = source if seed is None else f"{source}_seed{seed}"
       rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(deploy.to_qwix_rules(bits))
+      size_bits = sum(sizes[n] * b for n, b in bits.items())
       rows.append({"source": source, "seed": -1 if seed is None else seed, "budget_avg_bits": avg,
-                   "avg_bits": alloc.avg_bits, "size_bytes": alloc.size_bytes,
+                   "budget_unit": config.budget_unit,
+                   "avg_bits": size_bits / sum(sizes.values()), "size_bytes": size_bits / 8,
+                   "bops": budget.bops(bits, macs, config.act_bits),
+                   "avg_bits_per_mac": sum(macs[n] * b for n, b in bits.items())
+                                       / max(sum(macs.values()), 1),
                    "accuracy": m["accuracy"], "loss": m["loss"],
                    "accuracy_drop": base["accuracy"] - m["accuracy"],
                    "qwix_accuracy": q["accuracy"],
@@ -139,11 +158,12 @@ def run(config, workdir: str) -> dict:
         f"{r['source']} {100 * r['accuracy']:.1f}%" for r in rows[-len(plan):]
         if r["seed"] <= 0), flush=True)
   results = pd.DataFrame(rows)
-  summary = _summary(results, base, entry, seconds, config.full_range)
+  summary = _summary(results, base, entry, seconds, config)
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
            "qwix_rules": io.write_json(os.path.join(workdir, "qwix_rules.json"), rules),
            "costs": io.write_json(os.path.join(workdir, "costs.json"),
                                   {"tables": tables, "seconds": seconds, "sizes": sizes,
+                                   "macs_per_example": macs,
                                    "baseline": base, "model": entry.name,
                                    "versions": io.versions()}),
            "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
@@ -155,10 +175,15 @@ def run(config, workdir: str) -> dict:
 def _mean_by_source(results: pd.DataFrame) -> pd.DataFrame:
   return results.groupby(["source", "budget_avg_bits"], sort=False).agg(
       accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
-      qwix_accuracy=("qwix_accuracy", "mean"), avg_bits=("avg_bits", "mean")).reset_index()
+      qwix_accuracy=("qwix_accuracy", "mean"), avg_bits=("avg_bits", "mean"),
+      avg_bits_per_mac=("avg_bits_per_mac", "mean")).reset_index()
 
 
-def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, full_range: bool) -> str:
+def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config) -> str:
+  full_range = config.full_range
+  unit = ("average bits per weight" if config.budget_unit == "bits" else
+          f"average weight bits per multiply-accumulate: BOPs at {config.act_bits}-bit "
+          f"activations / ({config.act_bits} x MACs)")
   mean = _mean_by_source(results)
   pivot = mean.pivot(index="source", columns="budget_avg_bits", values="accuracy")
   order = list(dict.fromkeys(results["source"]))
@@ -166,7 +191,7 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, full_range
   budgets = list(pivot.columns)
   lines = [f"# quant_sweep: {entry.name} on {entry.dataset.name}", "",
            f"Float accuracy {100 * base['accuracy']:.2f}%. Eval accuracy (%) of the "
-           f"mixed-precision model at each budget (average bits per weight); random: mean of "
+           f"mixed-precision model at each budget ({unit}); random: mean of "
            f"{int((results.source == 'random').sum() / max(len(budgets), 1))} seeds. Best per "
            f"budget in bold.", "",
            "| source | " + " | ".join(f"{b:g} bits" for b in budgets) + " | cost time (s) |",
@@ -210,17 +235,20 @@ def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   mean = _mean_by_source(results)
+  x = "avg_bits_per_mac" if results["budget_unit"].iloc[0] == "bops" else "avg_bits"
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for source in dict.fromkeys(results["source"]):
-    sub = mean[mean.source == source].sort_values("avg_bits")
+    sub = mean[mean.source == source].sort_values(x)
     style = {"oracle": dict(color="black", lw=2.5), "uniform": dict(color="red", ls="--", lw=2),
              "random": dict(color="gray", ls=":", lw=2)}.get(source, dict(lw=1.4))
-    ax.errorbar(sub["avg_bits"], 100 * sub["accuracy"], yerr=100 * sub["accuracy_std"].fillna(0),
+    ax.errorbar(sub[x], 100 * sub["accuracy"], yerr=100 * sub["accuracy_std"].fillna(0),
                 marker="o", ms=3.5, label=source, capsize=2, **style)
   ax.axhline(100 * base["accuracy"], color="green", lw=0.8, ls="-.", label="float32")
-  ax.set_xlabel("average bits per weight (parameter-weighted)")
+  ax.set_xlabel("average bits per weight (parameter-weighted)" if x == "avg_bits" else
+                "average weight bits per MAC (BOPs / (activation bits x MACs))")
   ax.set_ylabel("eval accuracy (%)")
-  ax.set_title(f"{entry.name} on {entry.dataset.name}: mixed precision under a size budget")
+  ax.set_title(f"{entry.name} on {entry.dataset.name}: mixed precision under a "
+               f"{'size' if x == 'avg_bits' else 'BOPs'} budget")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return io.save_figure(path, fig)

@@ -70,6 +70,18 @@ def budget_from_avg_bits(sizes: Mapping[Layer, int], avg_bits: float) -> int:
   return int(math.floor(avg_bits * total * (1 + 1e-9)))
 
 
+def bops(bits: Mapping[Layer, int], macs: Mapping[Layer, int], act_bits: int) -> int:
+  """Bit operations per example: ``sum_l macs[l] * bits[l] * act_bits`` (HAWQ-v3's BOPs).
+
+  Args:
+    bits: layer -> weight bit width.
+    macs: layer -> multiply-accumulates per example
+      (:func:`safer_jax.layers.macs_per_layer`).
+    act_bits: activation bit width (the same for every layer).
+  """
+  return int(sum(int(macs[l]) * int(b) for l, b in bits.items()) * int(act_bits))
+
+
 def budget_from_bytes(num_bytes: float) -> int:
   """The total budget in bits for a model of ``num_bytes`` bytes (``floor(8 * num_bytes)``)."""
   if not (math.isfinite(num_bytes) and num_bytes >= 0):

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from safer_jax.errors import ConfigError
 
@@ -170,7 +171,6 @@ def check_finite(tree: Any, what: str = "Parameter") -> None:
   Raises:
     ValueError: ``"<what> ['params']['conv1']['kernel'] holds NaN or inf values (3 of 288)"``.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
   flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(as_pure(tree))[0]
           if np.issubdtype(np.result_type(leaf), np.inexact)]
   if not flat:
@@ -266,6 +266,55 @@ def num_params(params: Params, layer: str, include: Iterable[str] = KERNEL_LEAVE
   """Number of scalar parameters in the given leaves of ``layer`` (default: its kernel)."""
   node = _node(params, layer)
   return int(sum(node[k].size for k in include if k in node))
+
+
+def macs_per_layer(apply_fn: Any, variables: Params, example: jax.Array) -> dict[str, int]:
+  """Multiply-accumulates per example of every layer, counted from the model's own shapes.
+
+  One traced forward (``jax.eval_shape``, no compilation) on ``example[:1]``
+  records each layer's output shape ``y``; a layer whose kernel ``K`` has
+  ``c = K.shape[-1]`` output channels does ``(y.size / c) * K.size`` MACs per
+  example: a convolution ``H_out * W_out * kh * kw * (c_in / groups) * c_out``,
+  a Dense ``d_in * d_out`` per position. Embedding lookups count 0.
+
+  Args:
+    apply_fn: a Flax linen ``Module.apply`` (``capture_intermediates`` is used).
+    variables: the model variables.
+    example: input batch (only its first example's shape matters).
+
+  Returns:
+    ``{layer: MACs}`` in :func:`find_layers` order (ints).
+
+  Raises:
+    ValueError: the model cannot report its layers' outputs (not a linen apply).
+  """
+  known = find_layers(variables)
+  shapes: dict[str, tuple[int, ...]] = {}
+
+  def forward(v, x):
+    _, state = apply_fn(v, x, capture_intermediates=True, mutable=["intermediates"])
+    for path, out in _flatten(state.get("intermediates", {})).items():
+      if path[-1] == "__call__":
+        out = out[0] if isinstance(out, tuple) else out
+        shapes["/".join(path[:-1])] = tuple(out.shape)
+    return 0
+
+  try:
+    jax.eval_shape(forward, variables, example[:1])
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"Cannot count MACs: the model did not report its layers' outputs "
+                     f"(a linen Module.apply with capture_intermediates is needed): {e}") from e
+  out = {}
+  for name in known:
+    if kernel_leaf(variables, name) != "kernel":
+      out[name] = 0
+      continue
+    if name not in shapes:
+      raise ValueError(f"Cannot count MACs of layer {name!r}: its output was not captured.")
+    kernel = get_kernel(variables, name)
+    per_channel = int(np.prod(shapes[name][1:])) // int(kernel.shape[-1])
+    out[name] = per_channel * int(np.prod(kernel.shape))
+  return out
 
 
 def execution_order(apply_fn: Any, variables: Params, example: jax.Array) -> list[str]:

@@ -313,3 +313,8 @@ def test_allocate_ratios_infeasible():
     B.allocate_ratios(costs, sizes, (0.0, 0.5), 0.6)
   with pytest.raises(ValueError, match="in \\[0, 1\\]"):
     B.allocate_ratios(costs, sizes, (0.0, 0.5), 1.5)
+
+
+def test_bops_by_hand():
+  macs = {"a": 9216, "b": 73728, "c": 640}
+  assert B.bops({"a": 8, "b": 4, "c": 2}, macs, 8) == (9216 * 8 + 73728 * 4 + 640 * 2) * 8

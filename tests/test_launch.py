@@ -100,6 +100,22 @@ def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
   assert (results.avg_bits <= results.budget_avg_bits + 1e-9).all()
   assert (work / "accuracy_vs_bits.png").stat().st_size > 0
   assert "At 3 bits average" in (work / "summary.md").read_text()
+  # deployed through qwix: the same accuracy as the simulated model, rules that round-trip.
+  assert (abs(results.qwix_accuracy - results.accuracy) * 128 <= 1 + 1e-6).all()
+  from safer_jax import deploy
+  rules = json.load(open(work / "qwix_rules.json"))
+  for row in results.itertuples():
+    label = row.source if row.seed < 0 else f"{row.source}_seed{row.seed}"
+    bits = json.loads(row.bits)
+    assert deploy.from_qwix_rules(rules[label][f"{row.budget_avg_bits:g}"], list(bits)) == bits
+  # a BOPs budget: weight bits per MAC within the budget.
+  out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path / 'bops'}",
+                "--config", "progress=False", "--config", "budget_unit=bops",
+                "--config", "sources=('fisher',)"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = pd.read_csv(tmp_path / "bops" / "quant_sweep" / "mlp" / "results.csv")
+  assert (results.avg_bits_per_mac <= results.budget_avg_bits + 1e-9).all()
+  assert set(results.budget_unit) == {"bops"} and (results.bops > 0).all()
 
 
 def test_quant_sweep_rejects_bad_bits(tmp_path, launch):

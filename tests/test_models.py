@@ -104,3 +104,15 @@ def test_depthwise_conv_equals_lax_also_under_vmap(strides, padding):
 
   np.testing.assert_allclose(jax.vmap(ours)(kernels), jax.vmap(ref)(kernels), atol=1e-5)
   np.testing.assert_allclose(ours(kernels[0]), ref(kernels[0]), atol=1e-5)
+
+
+def test_macs_per_layer_by_hand():
+  """MACs per example counted from the model's shapes, checked against the architectures."""
+  x = np.zeros((2, 8, 8, 1), np.float32)
+  mlp = models.get_model("mlp")  # 64 -> 128 -> 64 -> 10
+  assert layers.macs_per_layer(mlp.apply, mlp.init(jax.random.key(0), x), x) == {
+      "dense1/fc": 64 * 128, "dense2/fc": 128 * 64, "head/fc": 64 * 10}
+  lenet = models.get_model("lenet")  # conv 3x3 1->16 on 8x8, pool, conv 3x3 16->32 on 4x4, pool
+  assert layers.macs_per_layer(lenet.apply, lenet.init(jax.random.key(0), x), x) == {
+      "conv1/conv": 8 * 8 * 3 * 3 * 1 * 16, "conv2/conv": 4 * 4 * 3 * 3 * 16 * 32,
+      "dense1/fc": 2 * 2 * 32 * 64, "head/fc": 64 * 10}
