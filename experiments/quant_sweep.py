@@ -45,6 +45,9 @@ def get_config(tiny: bool = False):
   # 'bops' (average weight bits per multiply-accumulate: bit operations, MACs x weight bits x
   # act_bits, counted from the model's own layer shapes).
   config.budget_unit = "bits"
+  # Granularity: None = per output channel; an integer = group-wise scales of that many input
+  # rows on Dense (2-D) kernels (qwix's tile_size; convolutions stay per channel).
+  config.group_size = None
   config.act_bits = 8  # activation bits in the BOPs count (activations are not quantized)
   config.qwix = True  # also deploy every allocation through qwix and evaluate it
   if tiny:
@@ -69,6 +72,7 @@ def validate(config, check: common.Checker) -> None:
   check.rule("tie_groups", common.text(note="'a+b;c+d': '+' joins layers, ';' separates groups"))
   check.rule("full_range", common.boolean())
   check.rule("budget_unit", common.choice(BUDGET_UNITS))
+  check.rule("group_size", common.optional(common.integer(1, note="input rows per scale group")))
   check.rule("act_bits", common.integer(1, 32, note="activation bits of the BOPs count"))
   check.rule("qwix", common.boolean())
   if config.qwix:
@@ -113,15 +117,18 @@ def run(config, workdir: str) -> dict:
   tables, seconds = mixed_precision.cost_tables(
       entry.model, variables, calib, candidates, tuple(config.sources),
       batch_size=config.calib_batch_size, seed=config.seed, full_range=config.full_range,
-      progress=config.progress)
+      group_size=config.group_size, progress=config.progress)
   base = train.evaluate(entry.model.apply, variables, split)
   rows, rules, deployed = [], {}, {}
+
+  def qwix_rules(bits: dict) -> list:
+    return deploy.to_qwix_rules(bits, group_size=config.group_size, variables=variables)
 
   def through_qwix(bits: dict) -> dict:
     """The allocation deployed by qwix and evaluated (one compilation per distinct one)."""
     key = tuple(sorted(bits.items()))
     if key not in deployed:
-      apply = deploy.quantized_apply(entry.model, deploy.to_qwix_rules(bits))
+      apply = deploy.quantized_apply(entry.model, qwix_rules(bits))
       deployed[key] = train.evaluate(apply, variables, split)
     return deployed[key]
 
@@ -137,12 +144,13 @@ def run(config, workdir: str) -> dict:
       else:
         alloc = budget.allocate_bits(tables[source], weights, candidates, cap, tie_groups=ties)
       quantized = mixed_precision.quantize_model(variables, alloc.bits,
-                                                 full_range=config.full_range)
+                                                 full_range=config.full_range,
+                                                 group_size=config.group_size)
       m = train.evaluate(entry.model.apply, quantized, split)
       bits = {n: int(alloc.bits[n]) for n in names}
       q = through_qwix(bits) if config.qwix else {"accuracy": np.nan}
       label = source if seed is None else f"{source}_seed{seed}"
-      rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(deploy.to_qwix_rules(bits))
+      rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(qwix_rules(bits))
       size_bits = sum(sizes[n] * b for n, b in bits.items())
       rows.append({"source": source, "seed": -1 if seed is None else seed, "budget_avg_bits": avg,
                    "budget_unit": config.budget_unit,
@@ -214,7 +222,9 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config) ->
     lines.append(f"- At {b:g} bits average: " + ", ".join(parts) + ".")
   grid = ("qwix's full signed grid (codes -2^(b-1)..2^(b-1)-1)" if full_range else
           "the restricted grid (codes -(2^(b-1)-1)..2^(b-1)-1)")
-  lines += ["", f"Simulated quantization: {grid}, per output channel."]
+  scales = ("per output channel" if config.group_size is None else
+            f"per output channel and group of {config.group_size} input rows on Dense kernels")
+  lines += ["", f"Simulated quantization: {grid}, {scales}."]
   if results["qwix_accuracy"].notna().any():
     qwix_pivot = mean.pivot(index="source", columns="budget_avg_bits",
                             values="qwix_accuracy").reindex(order)

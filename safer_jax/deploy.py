@@ -6,7 +6,8 @@ becomes one ``qwix.QtRule`` per layer: an anchored regex of the layer's path
 layer's path in the params pytree) and ``weight_qtype`` ``'int2'`` .. ``'int8'``.
 :func:`from_qwix_rules` reads rules back (qwix's first matching rule wins).
 
-Weights only, per output channel, symmetric: qwix's convention, which
+Weights only, per output channel (or group-wise on Dense kernels), symmetric:
+qwix's convention, which
 :func:`safer_jax.perturb.quantize` reproduces with ``full_range=True``
 (bit for bit on the weights; tests/test_deploy.py compares the two). qwix
 intercepts ``lax.conv_general_dilated`` and ``dot_general`` calls inside Flax
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import qwix
 
+from safer_jax import layers as layers_lib
 from safer_jax import wrapping
 from safer_jax.errors import ConfigError
 
@@ -36,22 +38,35 @@ def _qtype(bits: int) -> str:
   return f"int{int(bits)}"
 
 
-def to_qwix_rules(bits: Mapping[str, int], *, tile_size: int | float | None = None
-                  ) -> list[qwix.QtRule]:
+def to_qwix_rules(bits: Mapping[str, int], *, group_size: int | None = None,
+                  variables: Mapping[str, Any] | None = None) -> list[qwix.QtRule]:
   """One weight-only ``qwix.QtRule`` per layer of a bit allocation.
 
   Args:
     bits: ``{layer path: bit width}`` (2..8), e.g. an allocation's ``.bits``.
-    tile_size: qwix's sub-channel tile size along the contraction axis (None:
-      per channel).
+    group_size: qwix's sub-channel ``tile_size`` on the layers with a 2-D
+      (Dense) kernel, which ``variables`` tells apart (qwix cannot tile
+      convolutions); what ``perturb.quantize(..., group_size=...)`` simulates.
+      None: per channel.
+    variables: the model variables; needed with ``group_size``.
 
   Returns:
     Rules in the order of ``bits``, each ``module_path=re.escape(layer)``.
 
   Raises:
-    ConfigError: a bit width qwix has no integer type for.
+    ConfigError: a bit width qwix has no integer type for, or ``group_size``
+      without ``variables``.
   """
-  return [qwix.QtRule(module_path=re.escape(layer), weight_qtype=_qtype(b), tile_size=tile_size)
+  if group_size is not None and variables is None:
+    raise ConfigError("to_qwix_rules(group_size=...) needs variables= to find the Dense "
+                      "(2-D) kernels it applies to.")
+
+  def tile(layer):
+    if group_size is None or layers_lib.get_kernel(variables, layer).ndim != 2:
+      return None
+    return int(group_size)
+
+  return [qwix.QtRule(module_path=re.escape(layer), weight_qtype=_qtype(b), tile_size=tile(layer))
           for layer, b in bits.items()]
 
 

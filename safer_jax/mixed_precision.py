@@ -42,13 +42,13 @@ COST_SOURCES = ("oracle", "hawq", "fisher", "corruption", "integrated_gradients"
 
 
 def quant_errors(params, names: Sequence[str], candidates: Sequence[int], *,
-                 full_range: bool = False) -> dict:
-  """``{layer: {bits: Q_b(W) - W}}`` (arrays, kernel shape); ``full_range``: qwix's grid."""
+                 full_range: bool = False, group_size: int | None = None) -> dict:
+  """``{layer: {bits: Q_b(W) - W}}`` (arrays, kernel shape); options of :func:`perturb.quantize`."""
   out = {}
   for name in names:
     w = jnp.asarray(layers_lib.get_kernel(params, name))
-    out[name] = {int(b): perturb.quantize(w, int(b), full_range=full_range) - w
-                 for b in candidates}
+    out[name] = {int(b): perturb.quantize(w, int(b), full_range=full_range,
+                                          group_size=group_size) - w for b in candidates}
   return out
 
 
@@ -89,6 +89,7 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
                 candidates: Sequence[int], sources: Sequence[str] = COST_SOURCES, *,
                 batch_size: int = 128, max_batches: int = 2, seed: int = 0,
                 hutchinson_probes: int = 32, ig_steps: int = 8, full_range: bool = False,
+                group_size: int | None = None,
                 progress: bool = False) -> tuple[dict[str, CostTable], dict[str, float]]:
   """Cost tables ``{source: {layer: {bits: cost}}}`` and each source's wall time (s).
 
@@ -106,6 +107,9 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     full_range: quantize on qwix's full signed grid (what :mod:`safer_jax.deploy`
       runs; see :func:`safer_jax.perturb.quantize_grid`) instead of the
       restricted one, in every table (errors, oracle sweep, IG baseline).
+    group_size: group-wise scales on 2-D (Dense) kernels (see
+      :func:`safer_jax.perturb.quantize_grid`), in the errors and the oracle
+      sweep (the integrated-gradients baseline stays per channel).
     progress: show tables done with an ETA, and the inner progress of the long
       ones (the oracle sweep's cells, Hutchinson probes, integrated-gradient
       bit widths) on stderr.
@@ -125,7 +129,7 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   loss_fn = classifier_loss_fn(model, variables)
   batches = batches_from_split(calib, batch_size, max_batches)
   tables, seconds = {}, {}
-  errors = quant_errors(params, names, candidates, full_range=full_range)
+  errors = quant_errors(params, names, candidates, full_range=full_range, group_size=group_size)
   sq = {n: {b: float(jnp.sum(jnp.square(e))) for b, e in errs.items()} for n, errs in errors.items()}
 
   bar = Progress(len(sources), "cost tables", enabled=progress, unit="table")
@@ -140,7 +144,9 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     def oracle():
       calib_split = data_lib.Split(np.concatenate([b["image"] for b in batches]),
                                    np.concatenate([b["label"] for b in batches]))
-      options = {"quantize": {"full_range": True}} if full_range else {}
+      quantizer = {k: v for k, v in (("full_range", full_range), ("group_size", group_size))
+                   if v}
+      options = {"quantize": quantizer} if quantizer else {}
       table = sweep.run_sweep(model, variables, calib_split, sweep.SweepConfig(
           families={"quantize": tuple(candidates)}, seeds=(0,), family_options=options),
           progress=progress)
@@ -213,17 +219,17 @@ def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Sp
 
 
 def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int], *,
-                   full_range: bool = False) -> dict:
+                   full_range: bool = False, group_size: int | None = None) -> dict:
   """Variables with each listed layer's kernel fake-quantized to ``bits[layer]`` bits.
 
   Per-output-channel symmetric round-to-nearest; other leaves are unchanged.
   ``full_range``: qwix's full signed grid (the weights qwix deploys, bit for bit;
-  see :mod:`safer_jax.deploy`). ``variables`` may be an ``nnx.State`` (the result
+  see :mod:`safer_jax.deploy`); ``group_size``: group-wise scales on 2-D kernels. ``variables`` may be an ``nnx.State`` (the result
   is its pure dict).
   """
   out = dict(layers_lib.as_pure(variables))
   for name, b in bits.items():
     w = layers_lib.get_kernel(variables, name)
-    out = layers_lib.replace_kernel(out, name, perturb.quantize(w, int(b),
-                                                                full_range=full_range))
+    out = layers_lib.replace_kernel(out, name, perturb.quantize(
+        w, int(b), full_range=full_range, group_size=group_size))
   return out

@@ -214,7 +214,8 @@ class QuantGrid:
 
 
 def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-                  symmetric: bool = True, full_range: bool = False) -> QuantGrid:
+                  symmetric: bool = True, full_range: bool = False,
+                  group_size: int | None = None) -> QuantGrid:
   """Uniform round-to-nearest quantization of ``w`` onto a ``bits``-bit grid.
 
   Symmetric, ``b >= 2``: ``scale = max|w| / (2^(b-1) - 1)``, codes
@@ -245,6 +246,14 @@ def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
       one scale for the whole tensor.
     symmetric: symmetric (zero point 0) or asymmetric (min/max) grid.
     full_range: symmetric ``b >= 2`` only: qwix's full signed range (above).
+    group_size: group-wise (sub-channel) scales, as qwix's ``tile_size``: one
+      scale per output channel *and* per group of ``group_size`` consecutive
+      entries along the first axis (the contraction axis of a Dense kernel
+      ``(in, out)``, which ``in`` must be a multiple of). Applies to 2-D
+      kernels (``axis=-1``); others keep per-channel scales, as in qwix, which
+      cannot tile convolutions. For a 2-D kernel the grid is in the grouped shape: codes
+      ``(in // group_size, group_size, out)``, scale ``(in // group_size, 1, out)``
+      (``dequantize(grid).reshape(w.shape)`` is the quantized ``w``).
 
   Returns:
     A :class:`QuantGrid`; ``dequantize(grid)`` is the quantized ``w``.
@@ -255,15 +264,31 @@ def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
   """
   validate_magnitude("quantize", bits)
   check_finite(w, "w")
-  return _quantize_grid(_as_float_array(w), bits, axis=axis, symmetric=symmetric,
-                        full_range=full_range)
+  w = _as_float_array(w)
+  if group_size is not None and w.ndim == 2:
+    grouped = _grouped(w, axis, group_size)
+    return _quantize_grid(grouped, bits, axis=-1, symmetric=symmetric, full_range=full_range,
+                          reduce=(1,))
+  return _quantize_grid(w, bits, axis=axis, symmetric=symmetric, full_range=full_range)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range"))
+def _grouped(w: Array, axis: int | None, group_size: int) -> Array:
+  """``w (in, out)`` as ``(in // group_size, group_size, out)`` (checked)."""
+  if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
+    raise ValueError(f"group_size={group_size!r} must be a positive integer (or None).")
+  if axis not in (-1, 1):
+    raise ValueError(f"group_size needs per-channel scales (axis=-1); got axis={axis}.")
+  if w.shape[0] % group_size:
+    raise ValueError(f"group_size={group_size} does not divide the kernel's {w.shape[0]} "
+                     f"input rows (shape {w.shape}).")
+  return w.reshape(w.shape[0] // group_size, int(group_size), w.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range", "reduce"))
 def _quantize_grid(w: Array, bits: ArrayLike, *, axis: int | None, symmetric: bool,
-                   full_range: bool = False) -> QuantGrid:
+                   full_range: bool = False, reduce: tuple[int, ...] | None = None) -> QuantGrid:
   x = w.astype(jnp.float32)
-  red = _reduce_axes(x.ndim, axis)
+  red = _reduce_axes(x.ndim, axis) if reduce is None else reduce
   b = jnp.round(jnp.asarray(bits, jnp.float32)).astype(jnp.int32)
   one = jnp.int32(1)
 
@@ -306,7 +331,8 @@ def dequantize(grid: QuantGrid) -> Array:
 
 
 def quantize(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-             symmetric: bool = True, full_range: bool = False) -> Array:
+             symmetric: bool = True, full_range: bool = False,
+             group_size: int | None = None) -> Array:
   """Fake-quantizes ``w`` to ``bits`` bits: ``dequantize(quantize_grid(w, bits, ...))``.
 
   See :func:`quantize_grid` for the grid, ``axis`` and ``symmetric``.
@@ -317,21 +343,26 @@ def quantize(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
     axis: channel axis for per-channel scales; ``None`` for one scale per tensor.
     symmetric: symmetric or asymmetric grid.
     full_range: qwix's full signed range (see :func:`quantize_grid`).
+    group_size: group-wise scales along a 2-D (Dense) kernel's input axis (see
+      :func:`quantize_grid`); ``None``: per channel (or per tensor).
 
   Returns:
     The dequantized array, same shape and dtype as ``w``.
   """
   validate_magnitude("quantize", bits)
   check_finite(w, "w")
-  return _quantize(_as_float_array(w), bits, axis=axis, symmetric=symmetric,
-                   full_range=full_range)
+  w = _as_float_array(w)
+  if group_size is not None and w.ndim == 2:
+    return _quantize(_grouped(w, axis, group_size), bits, axis=-1, symmetric=symmetric,
+                     full_range=full_range, reduce=(1,)).reshape(w.shape)
+  return _quantize(w, bits, axis=axis, symmetric=symmetric, full_range=full_range)
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range"))
+@functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range", "reduce"))
 def _quantize(w: Array, bits: ArrayLike, *, axis: int | None, symmetric: bool,
-              full_range: bool = False) -> Array:
+              full_range: bool = False, reduce: tuple[int, ...] | None = None) -> Array:
   return dequantize(_quantize_grid(w, bits, axis=axis, symmetric=symmetric,
-                                   full_range=full_range))
+                                   full_range=full_range, reduce=reduce))
 
 
 # ---------------------------------------------------------------------------

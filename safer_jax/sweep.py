@@ -673,7 +673,8 @@ def padded_layout(variables: Mapping[str, Any], layers: Sequence[str]) -> tuple[
 
 def _padded_kind(family: str, options: Mapping[str, Any]) -> str | None:
   """How ``family`` runs on the padded layout: ``'matrix'``, ``'flat'``, or None (per shape)."""
-  if family in ("quantize", "bitflip") and options.get("axis", -1) in (-1, None):
+  if (family in ("quantize", "bitflip") and options.get("axis", -1) in (-1, None)
+      and options.get("group_size") is None):
     return "matrix"  # per output channel (or per tensor): zero padding changes no scale
   if family == "prune" and options.get("method", "magnitude") == "magnitude":
     return "flat"

@@ -77,3 +77,35 @@ def test_qwix_quantized_lenet_equals_ours(digits):
         ours_vars, n, perturb.quantize(layers.get_kernel(variables, n), b, full_range=True))
   np.testing.assert_allclose(np.asarray(theirs), np.asarray(model.apply(ours_vars, images)),
                              atol=1e-2, rtol=0)
+
+
+def test_group_wise_is_qwix_tile_size(digits):
+  """Group-wise scales on Dense kernels equal qwix's sub-channel tiles; convolutions keep channels."""
+  w = jax.random.normal(jax.random.key(0), (64, 10))
+  for b in (3, 4, 8):
+    theirs = qwix.dequantize(qwix.quantize(w, f"int{b}", channelwise_axes=(1,),
+                                           tiled_axes={0: 16}))
+    np.testing.assert_array_equal(perturb.quantize(w, b, full_range=True, group_size=16), theirs)
+  # NumPy: a scale per (group of 16 rows, channel).
+  ref = np.asarray(w).reshape(4, 16, 10)
+  scale = np.asarray(perturb.quantize_grid(w, 4, full_range=True, group_size=16).scale)
+  np.testing.assert_allclose(scale, np.abs(ref).max(axis=1, keepdims=True) / 7.5, rtol=3e-7)
+  conv = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
+  np.testing.assert_array_equal(perturb.quantize(conv, 4, group_size=16), perturb.quantize(conv, 4))
+  with pytest.raises(ValueError, match="group_size=12 does not divide"):
+    perturb.quantize(w, 4, group_size=12)
+  # the model: lenet's Dense layers tiled by qwix, its convolutions per channel.
+  model = models.get_model("lenet")
+  images = jnp.asarray(digits.eval.images[:128])
+  variables = model.init(jax.random.key(0), images[:1])
+  alloc = {n: 4 for n in layers.find_layers(variables)}
+  rules = deploy.to_qwix_rules(alloc, group_size=32, variables=variables)
+  assert [r.tile_size for r in rules] == [None, None, 32, 32]  # conv1, conv2, dense1, head
+  theirs = deploy.quantized_apply(model, rules)(variables, images)
+  ours_vars = variables
+  for n in alloc:
+    ours_vars = layers.replace_kernel(ours_vars, n, perturb.quantize(
+        layers.get_kernel(variables, n), 4, full_range=True, group_size=32))
+  np.testing.assert_array_equal(np.asarray(theirs), np.asarray(model.apply(ours_vars, images)))
+  with pytest.raises(ConfigError, match="needs variables"):
+    deploy.to_qwix_rules(alloc, group_size=32)
