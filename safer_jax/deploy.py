@@ -39,8 +39,9 @@ def _qtype(bits: int) -> str:
 
 
 def to_qwix_rules(bits: Mapping[str, int], *, group_size: int | None = None,
-                  variables: Mapping[str, Any] | None = None) -> list[qwix.QtRule]:
-  """One weight-only ``qwix.QtRule`` per layer of a bit allocation.
+                  variables: Mapping[str, Any] | None = None,
+                  act_bits: int | None = None) -> list[qwix.QtRule]:
+  """One ``qwix.QtRule`` per layer of a bit allocation (weights; activations if asked).
 
   Args:
     bits: ``{layer path: bit width}`` (2..8), e.g. an allocation's ``.bits``.
@@ -49,6 +50,8 @@ def to_qwix_rules(bits: Mapping[str, int], *, group_size: int | None = None,
       convolutions); what ``perturb.quantize(..., group_size=...)`` simulates.
       None: per channel.
     variables: the model variables; needed with ``group_size``.
+    act_bits: also quantize each layer's input (qwix ``act_qtype``, its dynamic
+      ranges); None: weights only.
 
   Returns:
     Rules in the order of ``bits``, each ``module_path=re.escape(layer)``.
@@ -66,8 +69,9 @@ def to_qwix_rules(bits: Mapping[str, int], *, group_size: int | None = None,
       return None
     return int(group_size)
 
-  return [qwix.QtRule(module_path=re.escape(layer), weight_qtype=_qtype(b), tile_size=tile(layer))
-          for layer, b in bits.items()]
+  act = None if act_bits is None else _qtype(act_bits)
+  return [qwix.QtRule(module_path=re.escape(layer), weight_qtype=_qtype(b), tile_size=tile(layer),
+                      act_qtype=act) for layer, b in bits.items()]
 
 
 def from_qwix_rules(rules: Iterable[Any], layers: Sequence[str]) -> dict[str, int]:
@@ -105,7 +109,8 @@ def from_qwix_rules(rules: Iterable[Any], layers: Sequence[str]) -> dict[str, in
 def rules_to_json(rules: Iterable[qwix.QtRule]) -> list[dict]:
   """The rules as JSON-ready dicts (``module_path``, ``weight_qtype``, ``tile_size``)."""
   return [{"module_path": r.module_path, "weight_qtype": str(r.weight_qtype),
-           "tile_size": r.tile_size} for r in rules]
+           "tile_size": r.tile_size,
+           "act_qtype": None if r.act_qtype is None else str(r.act_qtype)} for r in rules]
 
 
 def quantized_apply(model: Any, rules: Sequence[qwix.QtRule]) -> Callable:
