@@ -7,7 +7,7 @@
 {'accuracy': 0.98..., 'loss': 0.05..., 'num_examples': 359}
 """
 
-from safer_jax import (acr, attribution, benchmark, budget, criteria, data, layers,
+from safer_jax import (acr, activations, attribution, benchmark, budget, criteria, data, layers,
                        mixed_precision, models, perturb, sweep, train, wcam, wrapping, zoo)
 from safer_jax.data import Dataset, Split, load_dataset
 from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
@@ -28,7 +28,8 @@ def __getattr__(name):  # `sj.deploy` on first use: importing qwix takes ~1 s
 
 
 __all__ = [
-    "acr", "attribution", "benchmark", "budget", "criteria", "data", "deploy", "layers",
+    "acr", "activations", "attribution", "benchmark", "budget", "criteria", "data", "deploy",
+    "layers",
     "mixed_precision",
     "models", "perturb", "sweep", "train", "wcam", "wrapping", "zoo",
     "Dataset", "Split", "load_dataset",

@@ -108,14 +108,24 @@ def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
     label = row.source if row.seed < 0 else f"{row.source}_seed{row.seed}"
     bits = json.loads(row.bits)
     assert deploy.from_qwix_rules(rules[label][f"{row.budget_avg_bits:g}"], list(bits)) == bits
-  # a BOPs budget: weight bits per MAC within the budget.
-  out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path / 'bops'}",
-                "--config", "progress=False", "--config", "budget_unit=bops",
-                "--config", "sources=('fisher',)"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  results = pd.read_csv(tmp_path / "bops" / "quant_sweep" / "mlp" / "results.csv")
+
+
+
+def test_quant_sweep_bops_budget(tmp_path, zoo_cache):
+  """A BOPs budget (in process): weight bits per MAC within the budget, BOPs as counted."""
+  from experiments import quant_sweep
+  from safer_jax import budget, layers, zoo
+  config = quant_sweep.get_config(tiny=True)
+  config.update(budget_unit="bops", sources=("fisher",), qwix=False, progress=False,
+                cache_dir=str(zoo_cache))
+  results = quant_sweep.run(config, str(tmp_path))["results"]
   assert (results.avg_bits_per_mac <= results.budget_avg_bits + 1e-9).all()
-  assert set(results.budget_unit) == {"bops"} and (results.bops > 0).all()
+  assert set(results.budget_unit) == {"bops"}
+  entry = zoo.pretrained("mlp", cache_dir=str(zoo_cache), progress=False)
+  macs = layers.macs_per_layer(entry.model.apply, entry.variables,
+                               entry.dataset.eval.images[:1])
+  for row in results.itertuples():
+    assert row.bops == budget.bops(json.loads(row.bits), macs, config.act_bits)
 
 
 def test_quant_sweep_rejects_bad_bits(tmp_path, launch):
