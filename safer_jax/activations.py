@@ -27,6 +27,7 @@ import pandas as pd
 
 from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
+from safer_jax import wrapping
 from safer_jax.errors import ConfigError
 from safer_jax.progress import Progress
 from safer_jax.train import cross_entropy
@@ -50,18 +51,6 @@ def quantize_tensor(x: jax.Array, bits: jax.typing.ArrayLike, absmax: jax.typing
   return (codes * scale).astype(x.dtype)
 
 
-def _module(model: Any) -> tuple[nn.Module, dict]:
-  from safer_jax import wrapping  # pylint: disable=import-outside-toplevel
-  if isinstance(model, wrapping.WrappedModel):
-    if model.kind != "linen":
-      raise ConfigError(f"activation quantization needs a linen model; got {model.kind!r}")
-    return model.module, dict(model.apply_kwargs)
-  if isinstance(model, nn.Module):
-    return model, {}
-  raise ConfigError(f"activation quantization needs a linen model (or a wrapped one); got "
-                    f"{type(model).__name__}")
-
-
 def _on_inputs(fns: Mapping[str, Callable[[jax.Array], jax.Array]]):
   """A linen interceptor applying ``fns[layer]`` to the input of each listed layer's ``__call__``."""
   def interceptor(next_fun, args, kwargs, context):
@@ -75,7 +64,7 @@ def _on_inputs(fns: Mapping[str, Callable[[jax.Array], jax.Array]]):
 def input_ranges(model: Any, variables: Mapping[str, Any], batches: Sequence[Mapping[str, Any]],
                  layers: Sequence[str]) -> dict[str, float]:
   """``{layer: max |x|}`` of each layer's input over the calibration ``batches`` (one program)."""
-  module, kwargs = _module(model)
+  module, kwargs = wrapping.linen_module(model, "activation quantization")
   names = tuple(layers)
 
   @jax.jit
@@ -109,7 +98,7 @@ def quantized_inputs_apply(model: Any, ranges: Mapping[str, float], bits: int) -
   signed grid (:func:`quantize_tensor`); weights as given in ``variables``.
   Returns ``apply(variables, images) -> logits``.
   """
-  module, kwargs = _module(model)
+  module, kwargs = wrapping.linen_module(model, "activation quantization")
   fns = {name: (lambda x, r=float(r): quantize_tensor(x, bits, r)) for name, r in ranges.items()}
 
   @jax.jit
@@ -146,7 +135,7 @@ def act_sweep(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
   Raises:
     ConfigError: bits outside 2..16, an unknown layer, a non-linen model.
   """
-  module, kwargs = _module(model)
+  module, kwargs = wrapping.linen_module(model, "activation quantization")
   names = list(layers or layers_lib.find_layers(variables))
   unknown = sorted(set(names) - set(layers_lib.find_layers(variables)))
   if unknown:

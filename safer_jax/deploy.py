@@ -124,12 +124,7 @@ def quantized_apply(model: Any, rules: Sequence[qwix.QtRule]) -> Callable:
   Returns:
     ``apply(variables, images) -> logits``.
   """
-  if isinstance(model, wrapping.WrappedModel):
-    if model.kind != "linen":
-      raise ConfigError(f"quantized_apply supports linen models; got a {model.kind!r} model")
-    module, kwargs = model.module, dict(model.apply_kwargs)
-  else:
-    module, kwargs = model, {}
+  module, kwargs = wrapping.linen_module(model, "quantized_apply")
   quantized = qwix.quantize_model(module, qwix.QtProvider(list(rules)))
   # Under jit: qwix finds each weight by tracing the kernel back to its param.
   return jax.jit(lambda variables, x: quantized.apply(variables, x, **kwargs))

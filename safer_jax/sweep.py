@@ -259,6 +259,12 @@ def engine_workers(config: SweepConfig, sharded: bool) -> int:
   return 1
 
 
+def _masked_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
+  """``(right answers, summed cross-entropy)`` over the unmasked examples of a batch."""
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return jnp.sum(correct * mask), jnp.sum(cross_entropy(logits, labels) * mask)
+
+
 def eval_program(model: Any, layer: str, stage: int, step: int | None = None) -> Callable:
   """The function the engine jits for ``layer`` (suffix from ``stage``), not yet jitted.
 
@@ -274,8 +280,7 @@ def eval_program(model: Any, layer: str, stage: int, step: int | None = None) ->
   def one(variables, kernel, h, labels, mask):
     v = layers_lib.replace_kernel(variables, layer, kernel)
     logits = suffix(v, h)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return jnp.sum(correct * mask), jnp.sum(cross_entropy(logits, labels) * mask)
+    return _masked_scores(logits, labels, mask)
 
   batched = jax.vmap(one, in_axes=(None, 0, None, None, None))
 
@@ -328,8 +333,7 @@ def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
       v = layers_lib.replace_kernel(v, name, new if len(names) == 1
                                     else jnp.where(which == i, new, kernel))
     logits = suffix(v, h)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return jnp.sum(correct * mask), jnp.sum(cross_entropy(logits, labels) * mask)
+    return _masked_scores(logits, labels, mask)
 
   def chunk_fn(variables, flats, which, h, labels, mask):
     return jax.lax.map(lambda f: one(variables, f, which, h, labels, mask), flats)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from safer_jax import layers as layers_lib
+from safer_jax.errors import ConfigError
 
 Variables = dict[str, Any]
 
@@ -479,6 +480,22 @@ def with_variables(model: Any, variables: Any) -> WrappedModel:
   if isinstance(model, WrappedModel):
     return model
   return wrap(model, variables)
+
+
+def linen_module(model: Any, what: str) -> tuple[Any, dict]:
+  """``(linen module, inference apply keywords)`` of a linen module or a wrapped linen model.
+
+  Raises:
+    ConfigError: any other model (``what`` names the feature that needs linen).
+  """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  if isinstance(model, WrappedModel):
+    if model.kind != "linen":
+      raise ConfigError(f"{what} needs a linen model; got a {model.kind!r} model")
+    return model.module, dict(model.apply_kwargs)
+  if isinstance(model, nn.Module):
+    return model, {}
+  raise ConfigError(f"{what} needs a linen model (or a wrapped one); got {type(model).__name__}")
 
 
 def is_model(obj: Any) -> bool:
