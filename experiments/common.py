@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+import pandas as pd
 
 from safer_jax import data, zoo
 from safer_jax.errors import ConfigError
@@ -470,3 +471,78 @@ def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry
                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
                         progress=config.progress,
                         train_from_scratch=bool(config.get("train_from_scratch", False)))
+
+
+# ---------------------------------------------------------------------------
+# The interaction-aware search's files and paragraphs (quant_sweep, prune_sweep).
+# ---------------------------------------------------------------------------
+
+
+def validate_search(check: "Checker", magnitude: str, rule: Callable) -> None:
+  """The search and interaction fields (``magnitude``: the interaction figure's, with ``rule``)."""
+  check.rule("search_evals", integer(0, note="whole-model evaluations per budget; 0: off"))
+  check.rule("search_examples", integer(1, note="training images the search scores on"))
+  check.rule("search_batch", integer(1, note="candidates per batched evaluation"))
+  check.rule(magnitude, rule)
+  check.rule("interaction_top", integer(2, note="layers paired in the interaction figure"))
+
+
+def write_search_files(workdir: str, search_record: dict, interactions, title: str) -> dict:
+  """``search.json`` (when a search ran) and ``interactions.csv`` / ``.png``; their paths."""
+  from safer_jax import io, plots  # pylint: disable=import-outside-toplevel
+  paths = {}
+  if any(search_record.get(k) for k in ("budgets", "targets")):
+    paths["search"] = io.write_json(os.path.join(workdir, "search.json"), search_record)
+  if interactions is not None:
+    paths["interactions"] = io.write_csv(os.path.join(workdir, "interactions.csv"),
+                                         interactions)
+    paths["interactions_plot"] = plots.interaction_figure(
+        interactions, os.path.join(workdir, "interactions.png"), title)
+  return paths
+
+
+def search_summary(results: pd.DataFrame, searches: list, examples: int, budget_column: str,
+                   unit: str, source: str = "searched", metric: str = "accuracy",
+                   scored: str = "") -> str:
+  """A paragraph on the ``source`` rows (a search): cost, where they came from, how they compare.
+
+  Compares held-out ``metric`` with the best other non-random, non-searched source per budget.
+  """
+  searches = [s for s in searches if s.get("source", "searched") == source]
+  evals = sum(s["evaluations"] for s in searches)
+  secs = sum(s["seconds"] for s in searches)
+  others = results[~results.source.str.startswith("searched") & (results.source != "random")]
+  best = others.groupby(budget_column)[metric].max()
+  found = results[results.source == source].set_index(budget_column)[metric]
+  behind = [f"{b:g} {unit} ({100 * found[b]:.2f}% vs {100 * best[b]:.2f}%)"
+            for b in found.index if found[b] < best[b] - 1e-9]
+  moved = [s for s in searches if s["calib_loss"] < s["best_start_calib_loss"]]
+  kept = [s for s in searches if s.get("kept_start")]
+  text = (f"{source}: a batched local search over whole models (raise one layer, lower another "
+          f"until the budget holds) from every non-random source's allocation, scored by "
+          f"loss{scored} on {examples} training images (never the eval split): {evals} "
+          f"whole-model evaluations in {secs:.1f} s over {len(searches)} budgets. It lowered "
+          f"the calibration loss significantly (paired z >= 2 over the calibration images) "
+          f"below its best start at {len(moved)} of {len(searches)} budgets"
+          + (f"; at {len(kept)} more it found lower but not significantly lower losses and "
+             f"kept the best start" if kept else "") + ". ")
+  what = "accuracy" if metric == "accuracy" else "accuracy with BatchNorm re-estimated"
+  if behind:
+    text += (f"On held-out {what} it is below the best other source at "
+             + ", ".join(behind) + ": selection on training images does not carry over "
+             "exactly to the eval split.")
+  else:
+    text += (f"On held-out {what} it is at least as good as every other "
+             f"source at every budget.")
+  return text
+
+
+def interaction_summary(table: pd.DataFrame, what: str) -> str:
+  """One sentence on how far the joint loss of layer pairs departs from additivity."""
+  ratio = table["ratio"].dropna()
+  worst = table.loc[table["excess"].idxmax()]
+  return (f"Interactions (`interactions.csv`, `interactions.png`): for {len(table)} pairs of the "
+          f"most sensitive layers at {what}, the joint loss increase is {ratio.min():.2f}x to "
+          f"{ratio.max():.2f}x the sum of the single-layer increases (median "
+          f"{ratio.median():.2f}x); the largest excess is {worst.layer_a} + {worst.layer_b} "
+          f"({worst.joint:.4f} vs {worst.additive:.4f} nats).")

@@ -17,11 +17,19 @@ loss, without fine-tuning. Sources:
   - ``fisher`` — Σ F_ii w_i² over the removed weights, F the diagonal
     empirical Fisher (:func:`safer_jax.mixed_precision.fisher_diagonal`).
 
+* ``searched`` — whole allocations measured, not per-layer costs added: a
+  batched local search (:mod:`safer_jax.search`) from every source's ratios,
+  scored by loss on ``search_examples`` training images; with BatchNorm,
+  ``searched_bn`` scores each candidate after re-estimating its BatchNorm
+  statistics (what the ``_bn`` columns report).
+
 Costs are computed on calibration data from the *training* split, never on
 the eval split. With ``bn_recalibration`` (default), every pruned model is also
 evaluated after re-estimating its BatchNorm statistics on those calibration
 images (no weight is trained): columns ``accuracy_bn`` / ``loss_bn``. Writes ``results.csv`` (one row per source x target, with the
-per-layer ratios), ``costs.json``, ``summary.md`` and ``accuracy_vs_sparsity.png``.
+per-layer ratios), ``costs.json``, ``search.json``, ``interactions.csv`` /
+``interactions.png`` (joint vs additive loss of layer pairs), ``summary.md`` and
+``accuracy_vs_sparsity.png``.
 """
 
 from __future__ import annotations
@@ -30,13 +38,12 @@ import json
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import budget, io, layers, mixed_precision, perturb, sweep, train
+from safer_jax import budget, io, layers, mixed_precision, perturb, search, sweep, train
 from safer_jax.benchmark import batches_from_split, classifier_loss_fn
 from safer_jax.errors import ConfigError
 from safer_jax.progress import Progress
@@ -57,10 +64,23 @@ def get_config(tiny: bool = False):
   config.bn_recalibration = True
   config.finetune_steps = 0  # > 0: also report accuracy after a short fine-tune, masks fixed
   config.finetune_lr = 1e-3
+  # Interaction-aware search (source 'searched'): whole-model evaluations per target, from
+  # every source's ratios, selected by loss on search_examples training images (never the
+  # eval split); the candidate ratios plus every source's ratios are the options. 0: off.
+  config.search_evals = 256
+  config.search_examples = 1024
+  config.search_batch = 32
+  # The interaction figure: every layer pruned alone and the `interaction_top` most
+  # sensitive ones in pairs, at interaction_ratio (0: no figure).
+  config.interaction_ratio = 0.9
+  config.interaction_top = 6
   if tiny:
     config.model = "mlp"
     config.targets = (0.5, 0.9)
     config.calib_examples = 128
+    config.search_evals = 24
+    config.search_examples = 256
+    config.search_batch = 8
   return config
 
 
@@ -80,6 +100,8 @@ def validate(config, check: common.Checker) -> None:
   check.rule("bn_recalibration", common.boolean())
   check.rule("finetune_steps", common.integer(0, note="0: no fine-tuning"))
   check.rule("finetune_lr", common.number(0, lo_open=True))
+  common.validate_search(check, "interaction_ratio", common.number(
+      0, 1, note="pruning ratio of the interaction figure; 0: off"))
 
 
 def _sorted_by_magnitude(w) -> np.ndarray:
@@ -152,24 +174,6 @@ def prune_model(variables, ratios: dict) -> dict:
   return out
 
 
-BN_MOMENTUM = 0.9  # safer_jax.models.common.batch_norm
-
-
-def recalibrate_bn(model, variables, images) -> dict:
-  """Variables whose BatchNorm statistics are those of ``images`` (one train-mode forward).
-
-  Running averages start from zero, so the updated value is ``(1 - momentum) *
-  batch statistic`` and is divided back. Models without ``batch_stats``: unchanged.
-  """
-  if "batch_stats" not in variables:
-    return variables
-  zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
-  _, state = model.apply({**variables, "batch_stats": zero}, jnp.asarray(images), train=True,
-                         mutable=["batch_stats"])
-  return {**variables,
-          "batch_stats": jax.tree.map(lambda x: x / (1 - BN_MOMENTUM), state["batch_stats"])}
-
-
 def run(config, workdir: str) -> dict:
   entry = common.pretrained(config)
   variables, split = entry.variables, entry.dataset.eval
@@ -187,42 +191,109 @@ def run(config, workdir: str) -> dict:
                                 batch_size=config.calib_batch_size, progress=config.progress)
   base = train.evaluate(entry.model.apply, variables, split)
   bn = bool(config.bn_recalibration) and "batch_stats" in variables
-  rows = []
+  allocations = {}  # (source, target) -> ratios
   for target in config.targets:
     for source in config.sources:
       try:
-        ratios = ratios_for(source, float(target), kernels, tables, candidates)
+        allocations[source, float(target)] = ratios_for(source, float(target), kernels, tables,
+                                                        candidates)
       except ValueError as e:  # e.g. an unreachable target for the candidate ratios
         print(f"  {source} at {target}: {e}", flush=True)
-        continue
-      pruned = prune_model(variables, ratios)
-      m = train.evaluate(entry.model.apply, pruned, split)
-      row = {"source": source, "target": float(target),
-             "achieved_sparsity": budget.global_sparsity(ratios, sizes),
-             "accuracy": m["accuracy"], "loss": m["loss"],
-             "accuracy_drop": base["accuracy"] - m["accuracy"]}
-      if bn:
-        mb = train.evaluate(entry.model.apply, recalibrate_bn(entry.model, pruned, calib.images),
-                            split)
-        row.update(accuracy_bn=mb["accuracy"], loss_bn=mb["loss"])
-      if config.finetune_steps > 0:
-        masks = {n: np.asarray(layers.get_kernel(pruned, n)) != 0 for n in names}
-        tuned = train.finetune(entry.model, pruned, entry.dataset.train,
-                               int(config.finetune_steps), masks=masks,
-                               learning_rate=float(config.finetune_lr), seed=config.seed)
-        mf = train.evaluate(entry.model.apply, tuned, split)
-        row.update(accuracy_ft=mf["accuracy"], loss_ft=mf["loss"])
-      rows.append({**row, "ratios": json.dumps({n: float(ratios[n]) for n in names})})
+  searching = config.search_evals > 0 and bool(allocations)
+  if searching or config.interaction_ratio:
+    search_split = entry.dataset.train.take(config.search_examples)
+  if searching:
+    # Options: the candidate ratios and every ratio a source gave the layer (sorted).
+    options = search.pruned_options(variables, {n: sorted(
+        set(candidates) | {float(r[n]) for r in allocations.values()}) for n in names})
+    evaluators = {"searched": search.AllocationEvaluator(entry.model, variables, search_split,
+                                                         options)}
+    if bn:  # a second search scored after re-estimating BatchNorm, as the _bn columns are
+      evaluators["searched_bn"] = search.AllocationEvaluator(
+          entry.model, variables, search_split, options,
+          transform=lambda v: train.recalibrate_bn(entry.model, v, calib.images))
+    evaluator = evaluators["searched"]
+    kept = {n: {r: sizes[n] - budget.prune_count(r, sizes[n]) for r in evaluator.values[n]}
+            for n in names}
+    seconds.update({label: 0.0 for label in evaluators})
+
+  def measure(source: str, target: float, ratios: dict) -> dict:
+    """The row of one allocation: held-out accuracy and loss (BN re-estimated, fine-tuned)."""
+    pruned = prune_model(variables, ratios)
+    m = train.evaluate(entry.model.apply, pruned, split)
+    row = {"source": source, "target": target,
+           "achieved_sparsity": budget.global_sparsity(ratios, sizes),
+           "accuracy": m["accuracy"], "loss": m["loss"],
+           "accuracy_drop": base["accuracy"] - m["accuracy"]}
+    if bn:
+      mb = train.evaluate(entry.model.apply, train.recalibrate_bn(entry.model, pruned, calib.images),
+                          split)
+      row.update(accuracy_bn=mb["accuracy"], loss_bn=mb["loss"])
+    if config.finetune_steps > 0:
+      masks = {n: np.asarray(layers.get_kernel(pruned, n)) != 0 for n in names}
+      tuned = train.finetune(entry.model, pruned, entry.dataset.train,
+                             int(config.finetune_steps), masks=masks,
+                             learning_rate=float(config.finetune_lr), seed=config.seed)
+      mf = train.evaluate(entry.model.apply, tuned, split)
+      row.update(accuracy_ft=mf["accuracy"], loss_ft=mf["loss"])
+    return {**row, "ratios": json.dumps({n: float(ratios[n]) for n in names})}
+
+  rows, searches = [], []
+  for target in config.targets:
+    target = float(target)
+    for source in config.sources:
+      if (source, target) in allocations:
+        rows.append(measure(source, target, allocations[source, target]))
+    capacity = sum(sizes.values()) - budget.prune_count(target, sum(sizes.values()))
+    starts = {s: r for (s, t), r in allocations.items() if t == target
+              and sum(kept[n][float(r[n])] for n in names) <= capacity} if searching else {}
+    for label, ev in (evaluators.items() if starts else ()):
+      found = search.search_allocation(
+          ev, kept, capacity, {s: {n: float(r[n]) for n in names} for s, r in starts.items()},
+          evaluations=config.search_evals, batch=config.search_batch, seed=config.seed,
+          progress=config.progress)
+      r = found.result
+      seconds[label] += r.seconds
+      best_start = min(r.starts, key=lambda k: r.starts[k][1])
+      searches.append({"source": label, "target": target, "evaluations": r.evaluations,
+                       "seconds": r.seconds, "converged": r.converged, "from": r.start,
+                       "calib_loss": r.loss, "calib_accuracy": r.accuracy,
+                       "best_start": best_start,
+                       "best_start_calib_loss": r.starts[best_start][1],
+                       "z": r.z, "kept_start": r.kept_start,
+                       "skipped_starts": sorted(s for (s, t) in allocations
+                                                if t == target and s not in starts),
+                       "starts": {k: {"accuracy": a, "loss": l}
+                                  for k, (a, l) in r.starts.items()}})
+      rows.append({**measure(label, target, found.allocation),
+                   "search_evals": r.evaluations, "search_seconds": r.seconds})
     print(f"  sparsity {target:.2f}: " + ", ".join(
         f"{r['source']} {100 * r['accuracy']:.1f}%"
         + (f" (bn {100 * r['accuracy_bn']:.1f}%)" if bn else "")
         for r in rows if r["target"] == target), flush=True)
+  interactions = None
+  if config.interaction_ratio:
+    interactions = search.interactions(
+        entry.model, variables, search_split,
+        {n: perturb.prune(jnp.asarray(kernels[n]), float(config.interaction_ratio))
+         for n in names}, top=min(config.interaction_top, len(names)))
   if not rows:
     raise ConfigError(f"--config targets={tuple(config.targets)}: no source reached any target "
                       f"with the candidate ratios {candidates}; add a fixed source (uniform, "
                       f"erk, global_magnitude) or larger candidates.")
   results = pd.DataFrame(rows)
+  results.attrs["num_examples"] = base["num_examples"]
   summary = _summary(results, base, entry, seconds)
+  for label in dict.fromkeys(s["source"] for s in searches):
+    bn_search = label == "searched_bn"
+    summary += "\n" + common.search_summary(
+        results, searches, config.search_examples, "target", "sparsity", source=label,
+        metric="accuracy_bn" if bn_search else "accuracy",
+        scored=" after re-estimating BatchNorm on the calibration images" if bn_search
+        else "") + "\n"
+  if interactions is not None and len(interactions):
+    summary += "\n" + common.interaction_summary(
+        interactions, f"pruning ratio {config.interaction_ratio:g}") + "\n"
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
            "costs": io.write_json(os.path.join(workdir, "costs.json"),
                                   {"tables": {s: {n: {str(r): c for r, c in t.items()}
@@ -232,6 +303,11 @@ def run(config, workdir: str) -> dict:
                                    "model": entry.name, "versions": io.versions()}),
            "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
            "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_sparsity.png"))}
+  paths.update(common.write_search_files(
+      workdir, {"search_examples": config.search_examples, "objective": "loss",
+                "targets": searches}, interactions,
+      f"{entry.name}: joint vs additive loss increase, layers pruned at "
+      f"{config.interaction_ratio:g} ({config.search_examples} training images)"))
   print(summary)
   return {"paths": paths, "results": results}
 
@@ -293,9 +369,12 @@ def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
     for source in dict.fromkeys(results["source"]):
       sub = results[results.source == source].sort_values("achieved_sparsity")
       style = {"oracle": dict(color="black", lw=2.5), "uniform": dict(color="red", ls="--", lw=2),
-               "global_magnitude": dict(color="gray", ls=":", lw=2)}.get(source, dict(lw=1.4))
-      ax.plot(sub["achieved_sparsity"], 100 * sub[column], marker="o", ms=3.5, label=source,
-              **style)
+               "global_magnitude": dict(color="gray", ls=":", lw=2),
+               "searched": dict(color="tab:green", lw=2.5, marker="*", ms=8),
+               "searched_bn": dict(color="tab:olive", lw=2.5, marker="*", ms=8)}.get(source,
+                                                                                dict(lw=1.4))
+      style = {"marker": "o", "ms": 3.5, **style}
+      ax.plot(sub["achieved_sparsity"], 100 * sub[column], label=source, **style)
     ax.axhline(100 * base["accuracy"], color="green", lw=0.8, ls="-.", label="dense")
     ax.set_xlabel("global sparsity (fraction of kernel weights removed)")
     ax.set_title(title)

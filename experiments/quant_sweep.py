@@ -12,9 +12,18 @@ signed grid, what qwix deploys), and each allocation is also deployed *through
 qwix* (``qwix.QtProvider`` with the rules of :func:`safer_jax.deploy.to_qwix_rules`)
 and evaluated: ``qwix_accuracy`` next to the simulated ``accuracy``.
 
+Source ``searched`` (``search_evals`` > 0) measures whole allocations instead
+of adding per-layer costs: a batched local search (:mod:`safer_jax.search`)
+from the knapsack allocations of every other non-random source, scored by loss
+on ``search_examples`` training images, keeping an improvement over the best
+start only when it is significant on those images; the interaction figure
+compares the joint loss increase of pairs of layers with the sum of each alone.
+
 Writes ``results.csv`` (one row per source x budget, with the per-layer bits),
 ``qwix_rules.json`` (the qwix rules of every source x budget), ``costs.json``
-(the cost tables), ``summary.md`` and ``accuracy_vs_bits.png``.
+(the cost tables), ``search.json`` (per budget: evaluations, seconds, the
+calibration scores of the starts and of the result), ``interactions.csv`` /
+``interactions.png``, ``summary.md`` and ``accuracy_vs_bits.png``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import activations, benchmark, budget, deploy, io, layers, mixed_precision, train
+from safer_jax import (activations, benchmark, budget, deploy, io, layers, mixed_precision, search,
+                       train)
 
 
 def get_config(tiny: bool = False):
@@ -53,12 +63,25 @@ def get_config(tiny: bool = False):
   # ranges calibrated on the calibration images), in the evaluation of every allocation.
   config.quantize_acts = False
   config.qwix = True  # also deploy every allocation through qwix and evaluate it
+  # Interaction-aware search (source 'searched'): whole-model evaluations per budget, from the
+  # knapsack solutions of every source (and uniform), selected by loss on search_examples
+  # training images (never the eval split). 0: no search.
+  config.search_evals = 256
+  config.search_examples = 1024
+  config.search_batch = 32  # candidates proposed per batched evaluation
+  # The interaction figure: every layer quantized alone and the `interaction_top` most
+  # sensitive ones in pairs, at interaction_bits (0: no figure).
+  config.interaction_bits = 3
+  config.interaction_top = 6
   if tiny:
     config.model = "mlp"
     config.budgets = (3.0, 6.0)
     config.sources = ("oracle", "quant_error", "fisher")
     config.random_seeds = (0,)
     config.calib_examples = 128
+    config.search_evals = 24
+    config.search_examples = 256
+    config.search_batch = 8
   return config
 
 
@@ -79,6 +102,8 @@ def validate(config, check: common.Checker) -> None:
   check.rule("act_bits", common.integer(2, 16, note="activation bits"))
   check.rule("quantize_acts", common.boolean())
   check.rule("qwix", common.boolean())
+  common.validate_search(check, "interaction_bits", common.integer(
+      0, 16, note="bits of the interaction figure; 0: off"))
   if config.qwix:
     check.require(all(deploy.MIN_BITS <= b <= deploy.MAX_BITS for b in config.candidates),
                   "candidates", f"bit widths {deploy.MIN_BITS}..{deploy.MAX_BITS} with qwix=True "
@@ -143,40 +168,84 @@ def run(config, workdir: str) -> dict:
 
   plan = [(s, None) for s in config.sources] + [("uniform", None)] + [
       ("random", seed) for seed in config.random_seeds]
+  model = apply if config.quantize_acts else entry.model
+  searching = config.search_evals > 0
+  if searching or config.interaction_bits:
+    search_split = entry.dataset.train.take(config.search_examples)
+  if searching:
+    options = search.quantized_options(variables, names, candidates, full_range=config.full_range,
+                                       group_size=config.group_size)
+    evaluator = search.AllocationEvaluator(model, variables, search_split, options)
+    resource = {n: {b: weights[n] * b for b in candidates} for n in names}
+    plan.append(("searched", None))
+    seconds["searched"] = 0.0
+
+  def measure(source: str, seed: int | None, avg: float, bits: dict, solver: str) -> dict:
+    """The row of one allocation: held-out accuracy and loss, qwix, size, BOPs."""
+    quantized = mixed_precision.quantize_model(variables, bits, full_range=config.full_range,
+                                               group_size=config.group_size)
+    m = train.evaluate(apply, quantized, split)
+    bits = {n: int(bits[n]) for n in names}
+    # (W + A: qwix's QtProvider refuses a convolution whose input and weight types differ.)
+    q = through_qwix(bits) if config.qwix and not config.quantize_acts else {"accuracy": np.nan}
+    label = source if seed is None else f"{source}_seed{seed}"
+    rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(qwix_rules(bits))
+    size_bits = sum(sizes[n] * b for n, b in bits.items())
+    return {"source": source, "seed": -1 if seed is None else seed, "budget_avg_bits": avg,
+            "budget_unit": config.budget_unit,
+            "avg_bits": size_bits / sum(sizes.values()), "size_bytes": size_bits / 8,
+            "bops": budget.bops(bits, macs, config.act_bits),
+            "avg_bits_per_mac": sum(macs[n] * b for n, b in bits.items())
+                                / max(sum(macs.values()), 1),
+            "accuracy": m["accuracy"], "loss": m["loss"],
+            "accuracy_drop": base["accuracy"] - m["accuracy"],
+            "qwix_accuracy": q["accuracy"], "bits": json.dumps(bits), "solver": solver}
+
+  searches = []
   for avg in config.budgets:
     cap = budget.budget_from_avg_bits(weights, avg)
+    starts = {}
     for source, seed in plan:
+      if source == "searched":
+        found = search.search_allocation(
+            evaluator, resource, cap, starts, tie_groups=ties, evaluations=config.search_evals,
+            batch=config.search_batch, seed=config.seed, progress=config.progress)
+        r = found.result
+        seconds["searched"] += r.seconds
+        best_start = min(r.starts, key=lambda k: r.starts[k][1])
+        searches.append({"budget_avg_bits": avg, "evaluations": r.evaluations,
+                         "seconds": r.seconds, "converged": r.converged, "from": r.start,
+                         "calib_loss": r.loss, "calib_accuracy": r.accuracy,
+                         "best_start": best_start, "best_start_calib_loss": r.starts[best_start][1],
+                         "z": r.z, "kept_start": r.kept_start,
+                         "starts": {k: {"accuracy": a, "loss": l} for k, (a, l) in
+                                    r.starts.items()}})
+        rows.append({**measure(source, None, avg, found.allocation, f"search from {r.start}"),
+                     "search_evals": r.evaluations, "search_seconds": r.seconds})
+        continue
       if source == "uniform":
         alloc = budget.uniform_allocation(weights, candidates, cap)
       elif source == "random":
         alloc = budget.random_allocation(weights, candidates, cap, seed, tie_groups=ties)
       else:
         alloc = budget.allocate_bits(tables[source], weights, candidates, cap, tie_groups=ties)
-      quantized = mixed_precision.quantize_model(variables, alloc.bits,
-                                                 full_range=config.full_range,
-                                                 group_size=config.group_size)
-      m = train.evaluate(apply, quantized, split)
-      bits = {n: int(alloc.bits[n]) for n in names}
-      # (W + A: qwix's QtProvider refuses a convolution whose input and weight types differ.)
-      q = through_qwix(bits) if config.qwix and not config.quantize_acts else {"accuracy": np.nan}
-      label = source if seed is None else f"{source}_seed{seed}"
-      rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(qwix_rules(bits))
-      size_bits = sum(sizes[n] * b for n, b in bits.items())
-      rows.append({"source": source, "seed": -1 if seed is None else seed, "budget_avg_bits": avg,
-                   "budget_unit": config.budget_unit,
-                   "avg_bits": size_bits / sum(sizes.values()), "size_bytes": size_bits / 8,
-                   "bops": budget.bops(bits, macs, config.act_bits),
-                   "avg_bits_per_mac": sum(macs[n] * b for n, b in bits.items())
-                                       / max(sum(macs.values()), 1),
-                   "accuracy": m["accuracy"], "loss": m["loss"],
-                   "accuracy_drop": base["accuracy"] - m["accuracy"],
-                   "qwix_accuracy": q["accuracy"],
-                   "bits": json.dumps(bits), "solver": alloc.method})
+      if seed is None:
+        starts[source] = {n: int(alloc.bits[n]) for n in names}
+      rows.append(measure(source, seed, avg, alloc.bits, alloc.method))
     print(f"  budget {avg:4.1f} bits: " + ", ".join(
         f"{r['source']} {100 * r['accuracy']:.1f}%" for r in rows[-len(plan):]
         if r["seed"] <= 0), flush=True)
+  interactions = None
+  if config.interaction_bits:
+    perturbed = {n: mixed_precision.quantize_model(
+        variables, {n: config.interaction_bits}, full_range=config.full_range,
+        group_size=config.group_size)["params"] for n in names}
+    perturbed = {n: layers.get_kernel(p, n) for n, p in perturbed.items()}
+    interactions = search.interactions(model, variables, search_split, perturbed,
+                                       top=min(config.interaction_top, len(names)))
   results = pd.DataFrame(rows)
-  summary = _summary(results, base, entry, seconds, config)
+  results.attrs["num_examples"] = base["num_examples"]
+  summary = _summary(results, base, entry, seconds, config, searches, interactions)
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
            "qwix_rules": io.write_json(os.path.join(workdir, "qwix_rules.json"), rules),
            "costs": io.write_json(os.path.join(workdir, "costs.json"),
@@ -186,6 +255,11 @@ def run(config, workdir: str) -> dict:
                                    "versions": io.versions()}),
            "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
            "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_bits.png"))}
+  paths.update(common.write_search_files(
+      workdir, {"search_examples": config.search_examples, "objective": "loss",
+                "budgets": searches}, interactions,
+      f"{entry.name}: joint vs additive loss increase, layers at {config.interaction_bits} bits "
+      f"({config.search_examples} training images)"))
   print(summary)
   return {"paths": paths, "results": results}
 
@@ -197,7 +271,8 @@ def _mean_by_source(results: pd.DataFrame) -> pd.DataFrame:
       avg_bits_per_mac=("avg_bits_per_mac", "mean")).reset_index()
 
 
-def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config) -> str:
+def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
+             searches: list | None = None, interactions: pd.DataFrame | None = None) -> str:
   full_range = config.full_range
   unit = ("average bits per weight" if config.budget_unit == "bits" else
           f"average weight bits per multiply-accumulate: BOPs at {config.act_bits}-bit "
@@ -219,7 +294,8 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config) ->
     cells = [(f"**{100 * v:.2f}**" if np.isclose(v, best[b]) else f"{100 * v:.2f}")
              for b, v in row.items()]
     lines.append(f"| {source} | " + " | ".join(cells) + f" | {seconds.get(source, 0.0):.1f} |")
-  criteria_rows = pivot.drop(index=[s for s in ("oracle", "uniform", "random") if s in pivot.index])
+  criteria_rows = pivot.drop(index=[s for s in ("oracle", "uniform", "random", "searched")
+                                    if s in pivot.index])
   lines.append("")
   for b in budgets:
     parts = []
@@ -229,6 +305,8 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config) ->
       top = criteria_rows[b].idxmax()
       parts.append(f"best criterion ({top}) {100 * criteria_rows.loc[top, b]:.2f}%")
     parts.append(f"uniform {100 * pivot.loc['uniform', b]:.2f}%")
+    if "searched" in pivot.index:
+      parts.append(f"searched {100 * pivot.loc['searched', b]:.2f}%")
     lines.append(f"- At {b:g} bits average: " + ", ".join(parts) + ".")
   grid = ("qwix's full signed grid (codes -2^(b-1)..2^(b-1)-1)" if full_range else
           "the restricted grid (codes -(2^(b-1)-1)..2^(b-1)-1)")
@@ -240,6 +318,11 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config) ->
           f"int2..int8 weights); `qwix_rules.json` holds the weight rules."
           if config.quantize_acts else " Activations in float.")
   lines += ["", f"Simulated quantization: {grid}, {scales}.{acts}"]
+  if searches:
+    lines += ["", common.search_summary(results, searches, config.search_examples, "budget_avg_bits",
+                                 "bits")]
+  if interactions is not None and len(interactions):
+    lines += ["", common.interaction_summary(interactions, f"{config.interaction_bits} bits")]
   if results["qwix_accuracy"].notna().any():
     qwix_pivot = mean.pivot(index="source", columns="budget_avg_bits",
                             values="qwix_accuracy").reindex(order)
@@ -265,9 +348,12 @@ def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
   for source in dict.fromkeys(results["source"]):
     sub = mean[mean.source == source].sort_values(x)
     style = {"oracle": dict(color="black", lw=2.5), "uniform": dict(color="red", ls="--", lw=2),
-             "random": dict(color="gray", ls=":", lw=2)}.get(source, dict(lw=1.4))
+             "random": dict(color="gray", ls=":", lw=2),
+             "searched": dict(color="tab:green", lw=2.5, marker="*", ms=8)}.get(source,
+                                                                              dict(lw=1.4))
+    style = {"marker": "o", "ms": 3.5, **style}
     ax.errorbar(sub[x], 100 * sub["accuracy"], yerr=100 * sub["accuracy_std"].fillna(0),
-                marker="o", ms=3.5, label=source, capsize=2, **style)
+                label=source, capsize=2, **style)
   ax.axhline(100 * base["accuracy"], color="green", lw=0.8, ls="-.", label="float32")
   ax.set_xlabel("average bits per weight (parameter-weighted)" if x == "avg_bits" else
                 "average weight bits per MAC (BOPs / (activation bits x MACs))")

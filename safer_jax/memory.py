@@ -176,7 +176,7 @@ def layer_order(model: Any, variables: Any, input_shape: Sequence[int]) -> list[
   order: list[str] = []
 
   def trace(v, x):
-    apply = sweep._apply_fn(model)  # pylint: disable=protected-access
+    apply = sweep.apply_fn(model)
     order.extend(layers_lib.execution_order(apply, v, x))
     return jnp.zeros(())
 
@@ -213,7 +213,7 @@ def program_memory(model: Any, variables: Any, input_shape: Sequence[int], layer
     ``(arguments, outputs, temps, aliases)`` in bytes.
   """
   _check_sizes(max_parallel, eval_batch_size)
-  stage = sweep._stage_of(model, layer) if use_prefix else 0  # pylint: disable=protected-access
+  stage = sweep.stage_of(model, layer) if use_prefix else 0
   v = abstract(variables)
   h1 = stage_inputs(model, v, input_shape, dtype)[stage] if stage else \
       jax.ShapeDtypeStruct((1, *input_shape), dtype)
@@ -250,7 +250,7 @@ def resident_bytes(model: Any, variables: Any, input_shape: Sequence[int], layer
     num_copies: perturbed copies of the layer (cells of the sweep).
     Others: as :func:`program_memory`.
   """
-  stage = sweep._stage_of(model, layer) if use_prefix else 0  # pylint: disable=protected-access
+  stage = sweep.stage_of(model, layer) if use_prefix else 0
   prefix = 0
   if stage:
     n = eval_batch_size if num_examples is None else num_examples
@@ -322,7 +322,7 @@ def probe_layers(model: Any, variables: Any, input_shape: Sequence[int],
   probes = [layers[0]]
   if use_prefix and getattr(model, "stage_names", None):
     ins = stage_inputs(model, variables, input_shape)
-    stage_of = sweep._stage_of  # pylint: disable=protected-access
+    stage_of = sweep.stage_of
     widest = max(layers, key=lambda l: _nbytes(ins[stage_of(model, l)]))
     probes.append(widest)
   v = abstract(variables)
@@ -330,7 +330,7 @@ def probe_layers(model: Any, variables: Any, input_shape: Sequence[int],
   return tuple(dict.fromkeys(probes))
 
 
-def _largest_fitting(lo: int, hi: int, cost: Callable[[int], int], limit: int) -> int | None:
+def largest_fitting(lo: int, hi: int, cost: Callable[[int], int], limit: int) -> int | None:
   """Largest integer ``x`` in ``[lo, hi]`` with ``cost(x) <= limit``; ``cost`` nondecreasing.
 
   Alternates secant guesses (exact in one step when ``cost`` is affine) with
@@ -434,7 +434,7 @@ def plan_chunking(model: Any, variables: Any, input_shape: Sequence[int],
     return int(math.ceil(margin * max(e.program for e in estimates(p, b)))) + resident(b)
 
   batches = sorted({-(-b_max // 2**k) for k in range(b_max.bit_length() + 1)})  # ascending
-  i = _largest_fitting(0, len(batches) - 1, lambda i: need(1, batches[i]), budget_bytes)
+  i = largest_fitting(0, len(batches) - 1, lambda i: need(1, batches[i]), budget_bytes)
   if i is None:
     worst = max(estimates(1, 1), key=lambda e: e.program)
     raise errors.ConfigError(  # the user's budget (memory_budget_gb), not a bug
@@ -445,7 +445,7 @@ def plan_chunking(model: Any, variables: Any, input_shape: Sequence[int],
         f"{num_examples} examples, perturbed kernels, extra). Allowed: a budget >= that, fewer "
         f"eval examples or use_prefix=False (smaller prefix cache), or fewer copies per layer.")
   batch = batches[i]
-  p = _largest_fitting(1, p_max, lambda p: need(p, batch), budget_bytes)
+  p = largest_fitting(1, p_max, lambda p: need(p, batch), budget_bytes)
   worst = max(estimates(p, batch), key=lambda e: e.program)
   prefix, kernels = resident_parts(batch)
   worst = dataclasses.replace(worst, prefix=prefix, kernels=kernels, extra=int(extra_bytes))

@@ -98,3 +98,52 @@ def sensitivity_lines(table: pd.DataFrame, path: str, metric: str = "accuracy",
   if title:
     fig.suptitle(title, fontsize=11)
   return io.save_figure(path, fig)
+
+
+def interaction_figure(table: pd.DataFrame, path: str, title: str = "") -> str:
+  """How far additivity fails (:func:`safer_jax.search.interactions`), two panels.
+
+  Left: joint loss increase of each layer pair vs the sum of the two
+  single-layer increases (nats, log-log when all are positive; the diagonal is
+  additivity). Right: pairs x pairs matrix of ``joint / additive``.
+  """
+  order = list(dict.fromkeys(list(table["layer_a"]) + list(table["layer_b"])))
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.8), layout="constrained")
+  ax.scatter(table["additive"], table["joint"], s=22, color="tab:blue")
+  lo = float(min(table["additive"].min(), table["joint"].min()))
+  hi = float(max(table["additive"].max(), table["joint"].max()))
+  if lo > 0:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+  ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="additive (joint = sum)")
+  worst = table.reindex(table["excess"].abs().sort_values(ascending=False).index)[:3]
+  for row in worst.itertuples():
+    ax.annotate(f"{row.layer_a} + {row.layer_b}", (row.additive, row.joint), fontsize=7,
+                xytext=(4, 4), textcoords="offset points")
+  ax.set_xlabel("sum of single-layer loss increases (nats)")
+  ax.set_ylabel("joint loss increase, both layers perturbed (nats)")
+  ax.set_title("pairs of the most sensitive layers")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ratio = np.full((len(order), len(order)), np.nan)
+  for row in table.itertuples():
+    i, j = order.index(row.layer_a), order.index(row.layer_b)
+    ratio[i, j] = ratio[j, i] = row.ratio
+  finite = ratio[np.isfinite(ratio)]
+  span = max(float(np.max(np.abs(np.log2(finite)))) if finite.size else 1.0, 0.1)
+  image = bx.imshow(np.log2(ratio), cmap="RdBu_r", vmin=-span, vmax=span)
+  for i in range(len(order)):
+    for j in range(len(order)):
+      if np.isfinite(ratio[i, j]):
+        dark = abs(np.log2(ratio[i, j])) > 0.6 * span
+        bx.text(j, i, f"{ratio[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
+  bx.set_xticks(range(len(order)))
+  bx.set_xticklabels(order, rotation=45, ha="right", fontsize=7)
+  bx.set_yticks(range(len(order)))
+  bx.set_yticklabels(order, fontsize=7)
+  bx.set_title("joint / additive (red: worse than additive)")
+  fig.colorbar(image, ax=bx, shrink=0.8, label="log2(joint / additive)")
+  if title:
+    fig.suptitle(title, fontsize=11)
+  return io.save_figure(path, fig)

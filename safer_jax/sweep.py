@@ -198,7 +198,8 @@ def cells(layer: str, family: str, grid: Sequence[float], seeds: Sequence[int],
 # ---------------------------------------------------------------------------
 
 
-def _stage_of(model: Any, layer: str) -> int:
+def stage_of(model: Any, layer: str) -> int:
+  """The stage (top-level block of a staged zoo model) holding ``layer``; 0 otherwise."""
   names = getattr(model, "stage_names", None)
   if not names:
     return 0
@@ -213,7 +214,7 @@ def _ordered_layers(model: Any, variables, split: data_lib.Split,
   key = (id(model), tuple(layers_lib.find_layers(variables)), split.images.shape[1:])
   if key not in _ORDERS or _ORDERS[key][0] is not model:  # one traced forward per model
     _ORDERS.clear()
-    _ORDERS[key] = (model, layers_lib.execution_order(_apply_fn(model), variables,
+    _ORDERS[key] = (model, layers_lib.execution_order(apply_fn(model), variables,
                                                       split.images[:1]))
   return [name for name in _ORDERS[key][1] if name in selected]
 
@@ -221,14 +222,15 @@ def _ordered_layers(model: Any, variables, split: data_lib.Split,
 _ORDERS: dict[tuple, tuple[Any, list[str]]] = {}
 
 
-def _apply_fn(model: Any) -> Callable:
+def apply_fn(model: Any) -> Callable:
+  """``model.apply`` (a zoo, linen or wrapped model), else ``model`` (an apply function)."""
   return model.apply if hasattr(model, "apply") else model
 
 
 def _suffix_fn(model: Any, stage: int) -> Callable:
   if getattr(model, "stage_names", None):
     return lambda v, h: model.apply(v, h, start=stage)
-  return _apply_fn(model)
+  return apply_fn(model)
 
 
 def copies_devices(config: SweepConfig) -> list:
@@ -259,7 +261,7 @@ def engine_workers(config: SweepConfig, sharded: bool) -> int:
   return 1
 
 
-def _masked_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
+def masked_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
   """``(right answers, summed cross-entropy)`` over the unmasked examples of a batch."""
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return jnp.sum(correct * mask), jnp.sum(cross_entropy(logits, labels) * mask)
@@ -280,7 +282,7 @@ def eval_program(model: Any, layer: str, stage: int, step: int | None = None) ->
   def one(variables, kernel, h, labels, mask):
     v = layers_lib.replace_kernel(variables, layer, kernel)
     logits = suffix(v, h)
-    return _masked_scores(logits, labels, mask)
+    return masked_scores(logits, labels, mask)
 
   batched = jax.vmap(one, in_axes=(None, 0, None, None, None))
 
@@ -333,7 +335,7 @@ def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
       v = layers_lib.replace_kernel(v, name, new if len(names) == 1
                                     else jnp.where(which == i, new, kernel))
     logits = suffix(v, h)
-    return _masked_scores(logits, labels, mask)
+    return masked_scores(logits, labels, mask)
 
   def chunk_fn(variables, flats, which, h, labels, mask):
     return jax.lax.map(lambda f: one(variables, f, which, h, labels, mask), flats)
@@ -341,7 +343,11 @@ def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
   return chunk_fn
 
 
-def _batches(split: data_lib.Split, batch_size: int):
+def eval_batches(split: data_lib.Split, batch_size: int):
+  """``(images, labels, mask)`` batches of ``split``, all of ``min(batch_size, N)`` examples.
+
+  The last batch is zero padded; ``mask`` (B,) float32 is 1 on real examples.
+  """
   n = len(split)
   bs = min(batch_size, n)
   for lo in range(0, n, bs):
@@ -395,7 +401,7 @@ class _Engine:
     for cache in (_EVAL_FNS, _PREFIX_FNS, _STAGE_FNS):
       for key in [k for k, (m, _) in cache.items() if m is not model]:
         del cache[key]
-    self.batches = list(_batches(split, config.eval_batch_size))
+    self.batches = list(eval_batches(split, config.eval_batch_size))
     self.n = len(split)
     self._prefixes: dict[int, list] = {}  # stage -> activations, the most recent last
     self._fits_all: bool | None = None  # see _all_prefixes
@@ -425,14 +431,14 @@ class _Engine:
     self.strategy = engine_strategy(config, self.sharding is not None)
     self.chunk = 1  # copies per compiled call; run_sweep sets it before evaluating
     self.use_prefix = config.use_prefix
-    stages = {_stage_of(model, name) for name in self.layer_names}
+    stages = {stage_of(model, name) for name in self.layer_names}
     if (self.strategy == "stage" and config.strategy == "auto" and cells is not None
         and cells < CELLS_PER_STAGE_PROGRAM * (len(stages) - 1)):
       self.use_prefix = False  # too little work to pay for one program per stage
     # 'stage': the swept layers of each stage (without prefix reuse: one stage, 0).
     self.stage_layers: dict[int, tuple[str, ...]] = {}
     for name in self.layer_names:
-      stage = _stage_of(model, name) if self.use_prefix else 0
+      stage = stage_of(model, name) if self.use_prefix else 0
       self.stage_layers[stage] = self.stage_layers.get(stage, ()) + (name,)
     kernels = [layers_lib.get_kernel(variables, n) for n in self.layer_names]
     self.flat_size = max(int(np.prod(k.shape)) for k in kernels)
@@ -492,7 +498,7 @@ class _Engine:
 
   def stage_of(self, layer: str) -> int:
     """The stage ``layer`` is evaluated from (0 without prefix reuse)."""
-    return _stage_of(self.model, layer) if self.use_prefix else 0
+    return stage_of(self.model, layer) if self.use_prefix else 0
 
   def stage_fn(self, stage: int) -> Callable:
     """:func:`stage_program` for ``stage``, compiled (once) for :attr:`chunk` copies.
@@ -754,7 +760,7 @@ def loss_gradients(model: Any, variables: Mapping[str, Any], split: data_lib.Spl
                    batch_size: int = 1024) -> dict:
   """Gradient of the mean cross-entropy on ``split`` w.r.t. ``variables['params']``."""
   model, variables = wrapping.as_model(model, variables)
-  apply = _apply_fn(model)
+  apply = apply_fn(model)
   n = len(split)
 
   @jax.jit
@@ -765,7 +771,7 @@ def loss_gradients(model: Any, variables: Mapping[str, Any], split: data_lib.Spl
     return jax.grad(f)(params)
 
   total = None
-  for images, labels, mask in _batches(split, batch_size):
+  for images, labels, mask in eval_batches(split, batch_size):
     g = grad_sum(variables["params"], images, labels, mask)
     total = g if total is None else jax.tree.map(jnp.add, total, g)
   return jax.tree.map(lambda x: x / n, total)
@@ -1053,7 +1059,7 @@ def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib
   model, variables = wrapping.as_model(model, variables)
   grids = config.grids()
   check_variables(variables)
-  apply = _apply_fn(model)
+  apply = apply_fn(model)
   layer_names = _ordered_layers(model, variables, split, config.layers)
   if "corrupt" in grids and grads is None:
     grads = loss_gradients(model, variables, split, config.eval_batch_size)

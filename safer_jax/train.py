@@ -21,6 +21,7 @@ from safer_jax import data as data_lib
 from safer_jax import distributed
 from safer_jax import layers as layers_lib
 from safer_jax import wrapping
+from safer_jax.models import common as models_common
 from safer_jax.progress import Progress
 
 Variables = Mapping[str, Any]
@@ -144,6 +145,25 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
     correct += float(c)
     loss += float(l)
   return {"accuracy": correct / n, "loss": loss / n, "num_examples": n}
+
+
+def recalibrate_bn(model: Any, variables: Variables, images: Any) -> Variables:
+  """``variables`` whose BatchNorm statistics are those of ``images`` (B, H, W, C).
+
+  One train-mode forward of a zoo model (``train=True``, ``batch_stats``
+  mutable); running averages start from zero, so the updated value is ``(1 -
+  momentum) * batch statistic`` and is divided back (momentum
+  :data:`safer_jax.models.common.BN_MOMENTUM`). No weight changes; traceable
+  (usable inside ``jit``/``vmap``). Models without ``batch_stats``: unchanged.
+  """
+  if "batch_stats" not in variables:
+    return variables
+  momentum = models_common.BN_MOMENTUM
+  zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  _, state = model.apply({**variables, "batch_stats": zero}, jnp.asarray(images), train=True,
+                         mutable=["batch_stats"])
+  return {**variables,
+          "batch_stats": jax.tree.map(lambda x: x / (1 - momentum), state["batch_stats"])}
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -17,6 +17,16 @@ def digits():
   return data.load_dataset("digits")
 
 
+def train_small(digits, name: str, epochs: int):
+  """``(model, variables)``: zoo model ``name`` trained briefly on 512 training images."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from safer_jax import models, train  # pylint: disable=import-outside-toplevel
+  model = models.get_model(name)
+  small = dataclasses.replace(digits, train=digits.train.take(512))
+  variables, _ = train.train(model, small, train.TrainConfig(epochs=epochs), progress=False)
+  return model, variables
+
+
 @pytest.fixture(scope="session")
 def zoo_cache(tmp_path_factory):
   """A zoo cache shared by the tests of one run (models train once).

@@ -156,7 +156,10 @@ def test_prune_sweep_tiny_writes_files(tmp_path, launch):
     assert (work / name).stat().st_size > 0, name
   results = pd.read_csv(work / "results.csv")
   assert set(results.source) == {"uniform", "erk", "global_magnitude", "oracle", "magnitude",
-                                 "fisher"}
+                                 "fisher", "searched"}  # (no BatchNorm: no searched_bn)
+  searched = results[results.source == "searched"]
+  assert (searched.achieved_sparsity >= searched.target).all()
+  assert json.load(open(work / "search.json"))["targets"][0]["evaluations"] <= 24
   assert set(results.target) == {0.5, 0.9}
   assert (results.achieved_sparsity >= results.target - 0.01).all()
   assert results.accuracy.between(0, 1).all()

@@ -96,8 +96,17 @@ def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
   import pandas as pd
   work = tmp_path / "quant_sweep" / "mlp"
   results = pd.read_csv(work / "results.csv")
-  assert set(results.source) == {"oracle", "quant_error", "fisher", "uniform", "random"}
+  assert set(results.source) == {"oracle", "quant_error", "fisher", "uniform", "random",
+                                 "searched"}
   assert (results.avg_bits <= results.budget_avg_bits + 1e-9).all()
+  # the interaction-aware search: its evaluations, its file, the interaction figure
+  searched = results[results.source == "searched"]
+  assert len(searched) == 2 and (searched.search_evals <= 24).all()
+  found = json.load(open(work / "search.json"))
+  assert [b["budget_avg_bits"] for b in found["budgets"]] == [3.0, 6.0]
+  assert all(b["calib_loss"] <= b["best_start_calib_loss"] for b in found["budgets"])
+  assert (work / "interactions.png").stat().st_size > 0
+  assert len(pd.read_csv(work / "interactions.csv")) == 3  # 3 layers: 3 pairs
   assert (work / "accuracy_vs_bits.png").stat().st_size > 0
   assert "At 3 bits average" in (work / "summary.md").read_text()
   # deployed through qwix: the same accuracy as the simulated model, rules that round-trip.

@@ -71,10 +71,10 @@ def test_largest_fitting_search():
     calls.append(x)
     return 10 * x + 3
 
-  assert memory._largest_fitting(1, 64, cost, 300) == 29  # pylint: disable=protected-access
+  assert memory.largest_fitting(1, 64, cost, 300) == 29
   assert len(calls) <= 6
-  assert memory._largest_fitting(1, 64, cost, 5) is None  # pylint: disable=protected-access
-  assert memory._largest_fitting(1, 64, cost, 10**6) == 64  # pylint: disable=protected-access
+  assert memory.largest_fitting(1, 64, cost, 5) is None
+  assert memory.largest_fitting(1, 64, cost, 10**6) == 64
 
 
 def _copies(layers):

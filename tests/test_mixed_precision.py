@@ -1,18 +1,15 @@
 """Tests of mixed-precision cost tables and quantized models."""
 
-import dataclasses
-
 import numpy as np
 import pytest
+from conftest import train_small
 
-from safer_jax import budget, layers, mixed_precision, models, train
+from safer_jax import budget, layers, mixed_precision
 
 
 @pytest.fixture(scope="module")
 def mlp(digits):
-  model = models.get_model("mlp")
-  small = dataclasses.replace(digits, train=digits.train.take(512))
-  variables, _ = train.train(model, small, train.TrainConfig(epochs=3), progress=False)
+  model, variables = train_small(digits, "mlp", epochs=3)
   return model, variables, digits
 
 

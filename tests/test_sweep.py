@@ -8,16 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import train_small
 
-from safer_jax import layers, models, perturb, sweep, train
+from safer_jax import layers, models, perturb, sweep
 
 
 @pytest.fixture(scope="module")
 def tiny(digits):
   """A briefly trained LeNet and 64 eval images."""
-  model = models.get_model("lenet")
-  small = dataclasses.replace(digits, train=digits.train.take(512))
-  variables, _ = train.train(model, small, train.TrainConfig(epochs=4), progress=False)
+  model, variables = train_small(digits, "lenet", epochs=4)
   return model, variables, digits.eval.take(64)
 
 
@@ -157,7 +156,7 @@ def test_compilations_do_not_grow_with_layers(tiny):
   # one quantize and one bit-flip program for every kernel shape; draw programs per bucket
   # (at most: a bucket another test drew in already is not compiled again).
   assert new[:2] == [1, 1] and new[2] <= len(buckets) and new[3] <= len(buckets)
-  stages = {sweep._stage_of(model, n) for n in set(table["layer"])}  # pylint: disable=W0212
+  stages = {sweep.stage_of(model, n) for n in set(table["layer"])}
   programs = [k for k in sweep._STAGE_FNS if k[0] == id(model) and k[1] == "stage"]  # W0212
   assert len(programs) == len(stages) > 1
   compiles = []

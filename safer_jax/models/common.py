@@ -102,8 +102,12 @@ def Conv(*args, **kwargs) -> nn.Conv:  # pylint: disable=invalid-name
   return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
+BN_MOMENTUM = 0.9  # the zoo's BatchNorm running-average momentum
+
+
 def batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5,
+                      name=name)
 
 
 class StagedModel(nn.Module):
