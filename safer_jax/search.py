@@ -226,7 +226,8 @@ class AllocationEvaluator:
 
   def _lowered(self, chunk: int):
     images, labels, mask = self.batches[0]
-    choices = jax.ShapeDtypeStruct((chunk, len(self.layers)), jnp.int32)
+    choices = jax.ShapeDtypeStruct((chunk, len(self.layers)), jnp.int32,
+                                   sharding=self.sharding)
     program = jax.jit(allocation_program(self.model, self.layers, self.step, self.transform))
     return program.lower(self.variables, self.tables, choices, images, labels, mask)
 

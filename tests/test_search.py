@@ -252,3 +252,25 @@ def test_search_keeps_the_best_start_unless_the_improvement_is_significant():
   out = search.search(clear, res, 10.0, {"start": (0,)}, evaluations=3, seed=0)
   assert out.choice.tolist() == [1] and out.z > 5 and not out.kept_start
   assert search.paired_z(np.ones(4), np.zeros(4)) == np.inf
+
+
+def test_memory_budget_picks_a_fitting_chunk(mlp):
+  """The chunk shrinks to fit memory_budget_bytes (XLA's analysis); too small is a ConfigError."""
+  from safer_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  model, variables, split = mlp
+  names = layers.find_layers(variables)
+  opts = search.quantized_options(variables, names, (2, 8))
+  wide = sweep.SweepConfig(copies_per_step=8)  # copies side by side: memory grows with them
+  big = search.AllocationEvaluator(model, variables, split, opts, wide, chunk=8)
+  stats = big._lowered(8).compile().memory_analysis()  # pylint: disable=protected-access
+  need8 = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+           - stats.alias_size_in_bytes)
+  fitted = search.AllocationEvaluator(
+      model, variables, split, opts, sweep.SweepConfig(
+          copies_per_step=8, memory_budget_bytes=need8, memory_margin=1.25), chunk=8)
+  assert 1 <= fitted.chunk < 8
+  choices = np.array([[0, 1, 0], [1, 1, 1], [1, 0, 0]])
+  np.testing.assert_allclose(fitted(choices)[1], big(choices)[1], rtol=1e-6)
+  with pytest.raises(ConfigError, match="memory budget 1000 bytes is too small"):
+    search.AllocationEvaluator(model, variables, split, opts,
+                               sweep.SweepConfig(memory_budget_bytes=1000))

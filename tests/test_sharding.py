@@ -29,3 +29,30 @@ SCRIPT = textwrap.dedent("""
 
 def test_sharded_sweep_equals_single_device():
   assert "max loss diff" in run_script(SCRIPT, devices=4)
+
+
+SEARCH_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    assert jax.local_device_count() == 4, jax.devices()
+    from safer_jax import data, layers, models, search, sweep, train
+    ds = data.load_dataset("digits")
+    model = models.get_model("lenet")
+    variables = train.init_variables(model, ds.input_shape, 0)
+    names = layers.find_layers(variables)
+    opts = search.quantized_options(variables, names, (2, 4, 8))
+    choices = np.random.default_rng(0).integers(0, 3, (9, len(names)))
+    split = ds.eval.take(80)
+    sharded = search.AllocationEvaluator(model, variables, split, opts, chunk=5)
+    assert sharded.num_devices == 4 and sharded.chunk == 8
+    single = search.AllocationEvaluator(model, variables, split, opts,
+                                        sweep.SweepConfig(shard=False), chunk=5)
+    a, b = sharded(choices), single(choices)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
+    print("same whole-model scores on 4 devices")
+""")
+
+
+def test_sharded_allocation_evaluation_equals_single_device():
+  """Whole-model candidates spread over 4 devices score as on one."""
+  assert "same whole-model scores" in run_script(SEARCH_SCRIPT, devices=4)
