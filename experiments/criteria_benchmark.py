@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import benchmark, criteria, io, layers, models, perturb, sweep
+from safer_jax import benchmark, calibration, criteria, io, layers, models, perturb, sweep
 from safer_jax.criteria import _common as criteria_common
 
 ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2", "vit_tiny")
@@ -73,9 +73,17 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
       the iterative criteria.
     calib_batches, calib_batch_size: calibration data of the criteria (first
       full batches of the training split).
-    metrics: ground-truth metrics (``'accuracy_drop'``, ``'loss_increase'``);
-      the first one is the headline (Markdown, heatmap, summary).
+    metrics: ground-truth metrics (``'accuracy_drop'``, ``'loss_increase'``),
+      all reported; the headline (pooled winners, heatmap, frontier) is the one
+      whose per-layer importances tie least (:func:`safer_jax.benchmark.tie_fraction`,
+      averaged over models and families).
     k_frac, n_boot: top-k fraction and bootstrap resamples of the agreement.
+    grid_mode: ``'calibrated'`` (per model and family, :func:`safer_jax.calibration.calibrate_grid`
+      with ``calibration``'s target and mild drops and steps; families without a
+      search range keep ``grids``) or ``'fixed'`` (``grids`` for every model).
+    bitflip_representation, bitflip_positions: what the bit flips hit (``'int8'``
+      codes, or the bits of ``'float32'`` / ``'bfloat16'`` weights: sign, exponent,
+      mantissa positions; empty: every bit).
   """
   config = common.base_config()
   config.model = ""  # empty: benchmark `models`; a name (or 'all') overrides them.
@@ -103,7 +111,13 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   config.metrics = METRICS
   config.k_frac = 0.25
   config.n_boot = 1000
+  config.grid_mode = "calibrated"
+  config.calibration = ml_collections.ConfigDict(
+      {"target_drop": 0.45, "mild_drop": 0.05, "steps": 5})
+  config.bitflip_representation = "int8"
+  config.bitflip_positions = ()
   if tiny:
+    config.calibration.steps = 2
     for family in FAMILIES:
       config.grids[family] = config.grids[family][-2:]  # the two harshest magnitudes
     config.criteria_options.hessian_trace.max_probes = 16
@@ -117,6 +131,8 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   return config
 
 
+GRID_MODES = ("calibrated", "fixed")
+BITFLIP_REPRESENTATIONS = ("int8", "float32", "bfloat16")
 EXTRA_MODELS = ("all", "")  # 'all': every zoo model; '': config.models
 RESULTS_PER_MODEL = False  # launch.py: workdir/criteria_benchmark/, one subdir per model inside
 
@@ -144,6 +160,15 @@ def validate(config, check: common.Checker) -> None:
   check.rule("metrics", common.sequence(common.choice(METRICS), unique=True))
   check.rule("k_frac", common.number(0, 1, lo_open=True))
   check.rule("n_boot", common.integer(0, note="bootstrap resamples; 0: no intervals"))
+  check.rule("grid_mode", common.choice(GRID_MODES))
+  check.rule("calibration.target_drop", common.number(0, 1, lo_open=True,
+                                                      note="accuracy fraction"))
+  check.rule("calibration.mild_drop", common.number(0, config.calibration.target_drop,
+                                                    lo_open=True, note="below target_drop"))
+  check.rule("calibration.steps", common.integer(2, note="magnitudes per family"))
+  check.rule("bitflip_representation", common.choice(BITFLIP_REPRESENTATIONS))
+  check.rule("bitflip_positions", common.sequence(common.integer(0, 31), nonempty=False,
+                                                  unique=True, note="bit positions"))
 
 
 def _model_names(config) -> list[str]:
@@ -152,23 +177,66 @@ def _model_names(config) -> list[str]:
   return [config.model] if config.model else list(config.models)
 
 
-def sweep_config(config) -> sweep.SweepConfig:
-  """The ground-truth sweep of the benchmark (families, grids, seeds, chunking of ``config``)."""
-  grids = {f: tuple(config.grids[f]) if f in config.grids else None for f in config.families}
-  return sweep.SweepConfig(families=grids, seeds=tuple(config.sweep_seeds),
+def family_options(config) -> dict:
+  """The perturbation options of the benchmark (what the bit flips hit)."""
+  opts = {"representation": config.bitflip_representation}
+  if config.bitflip_positions:
+    opts["positions"] = tuple(int(p) for p in config.bitflip_positions)
+  return {"bitflip": opts} if "bitflip" in config.families else {}
+
+
+def sweep_config(config, grids: dict | None = None) -> sweep.SweepConfig:
+  """The ground-truth sweep of the benchmark (families, grids, seeds, chunking of ``config``).
+
+  ``grids``: ``{family: magnitudes}`` overriding ``config.grids`` (calibrated ones).
+  """
+  grids = grids or {}
+  families = {f: tuple(grids[f]) if f in grids else
+              (tuple(config.grids[f]) if f in config.grids else None) for f in config.families}
+  return sweep.SweepConfig(families=families, seeds=tuple(config.sweep_seeds),
                            max_parallel=config.max_parallel,
-                           eval_batch_size=config.eval_batch_size)
+                           eval_batch_size=config.eval_batch_size,
+                           family_options=family_options(config))
+
+
+def calibrated_grids(entry, config, split) -> dict:
+  """``{family: CalibratedGrid}`` for the families with a search range (``grid_mode='calibrated'``)."""
+  if config.grid_mode != "calibrated":
+    return {}
+  options = family_options(config)
+  out = {}
+  for family in config.families:
+    if family not in calibration.SEARCH_RANGES:
+      continue
+    g = calibration.calibrate_grid(
+        entry.model, entry.variables, split, family,
+        target_drop=config.calibration.target_drop, mild_drop=config.calibration.mild_drop,
+        steps=config.calibration.steps, seeds=tuple(config.sweep_seeds) or (0,),
+        options=options.get(family))
+    out[family] = g
+    print(f"  calibrated {family:<9s} {[float(f'{m:.3g}') for m in g.grid]} (most sensitive "
+          f"{g.most_sensitive}: {100 * g.drops['harsh'][g.most_sensitive]:.1f} points at the "
+          f"harshest{'' if g.reached else ', target not reached'})", flush=True)
+  return out
 
 
 def _ground_truth(entry, config, model_dir: str) -> dict:
-  """Runs (or resumes) the sweep of one model; returns table, importances and wall time."""
+  """Calibrates the grids, runs (or resumes) the sweep of one model; returns table,
+  importances, calibrations and wall time."""
   split = entry.dataset.eval.take(config.eval_examples or None)
+  t0 = time.perf_counter()
+  calibrations = calibrated_grids(entry, config, split)
+  calibration_seconds = time.perf_counter() - t0
+  if calibrations:
+    io.write_json(os.path.join(model_dir, "calibration.json"),
+                  {f: g.to_json() for f, g in calibrations.items()})
   results_path = os.path.join(model_dir, "sweep.csv")
   meta_path = os.path.join(model_dir, "sweep_meta.json")
   rows_before = len(pd.read_csv(results_path)) if os.path.exists(results_path) else 0
   meta = io.read_json(meta_path) if rows_before and os.path.exists(meta_path) else {"seconds": 0.0}
   start = time.perf_counter()
-  table = sweep.run_sweep(entry.model, entry.variables, split, sweep_config(config),
+  grids = {f: g.grid for f, g in calibrations.items()}
+  table = sweep.run_sweep(entry.model, entry.variables, split, sweep_config(config, grids),
                           results_path=results_path, progress=config.progress)
   elapsed = time.perf_counter() - start
   if len(table) > rows_before:  # cells were evaluated now: count their time.
@@ -183,7 +251,10 @@ def _ground_truth(entry, config, model_dir: str) -> dict:
                             long[["metric", "family", "layer", "importance"]])
   return {"table": table, "truth": truth, "seconds": float(meta["seconds"]),
           "sweep_path": results_path, "truth_path": truth_path,
-          "baseline_accuracy": table.attrs.get("baseline_accuracy")}
+          "baseline_accuracy": table.attrs.get("baseline_accuracy"),
+          "calibration": {f: g.to_json() for f, g in calibrations.items()},
+          "calibration_seconds": calibration_seconds,
+          "grids": {f: list(sweep_config(config, grids).grids()[f]) for f in config.families}}
 
 
 def _criteria_scores(entry, config) -> tuple[dict, dict]:
@@ -218,8 +289,12 @@ def _cell(row) -> str:
 
 
 def _markdown_table(frame: pd.DataFrame, families: list[str], criteria_names: list[str],
-                    cell=_cell, value: str = "spearman") -> list[str]:
-  """Rows criteria, columns families; the best ``value`` per column in bold."""
+                    cell=_cell, value: str = "spearman", marks: dict | None = None) -> list[str]:
+  """Rows criteria, columns families; the best ``value`` per column in bold.
+
+  ``marks``: ``{(criterion, family): 'winner' | 'tied'}`` from paired comparisons;
+  then only a winner is bold and its tie group italic (instead of the best in bold).
+  """
   best = {}
   for family in families:
     col = frame[frame.family == family][value]
@@ -235,6 +310,11 @@ def _markdown_table(frame: pd.DataFrame, families: list[str], criteria_names: li
       row = match.iloc[0]
       text = cell(row)
       v = getattr(row, value)
+      if marks is not None:
+        mark = marks.get((name, family))
+        cells.append(f"**{text}**" if mark == "winner" else (f"*{text}*" if mark == "tied"
+                                                              else text))
+        continue
       cells.append(f"**{text}**" if np.isfinite(v) and np.isclose(v, best[family]) else text)
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return lines
@@ -246,14 +326,23 @@ def _mean_over_models(agreement: pd.DataFrame) -> pd.DataFrame:
                topk=("topk", "mean"), models=("spearman", "count")).reset_index())
 
 
-def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict) -> str:
+def _marks(comparisons: pd.DataFrame) -> dict:
+  """``{(criterion, family): 'winner' | 'tied'}`` of paired-comparison rows."""
+  return {(r.criterion, r.family): "winner" if r.winner else "tied"
+          for r in comparisons.itertuples() if r.tied}
+
+
+def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict,
+                        per_model: dict) -> str:
   families = list(config.families)
   names = list(config.criteria)
   lines = ["# Criteria benchmark: rank agreement with the ground-truth sweep", "",
            f"Spearman rho between each criterion's per-layer score and the layer importance "
            f"(area under the seed-averaged drop curve over magnitudes), with a bootstrap 95% "
            f"interval over layers ({config.n_boot} resamples; n/a: too few layers or a constant "
-           f"side). Best criterion per family in **bold**. Criteria use "
+           f"side). A criterion is in **bold** only when it beats every other in a paired "
+           f"bootstrap over layers (the interval of the difference in rho excludes zero); "
+           f"otherwise the tie group of the best is in *italics*. Criteria use "
            f"{config.calib_batches} x {config.calib_batch_size} training images; the truth uses "
            f"the eval split. Full numbers (Kendall tau, top-{config.k_frac:g} overlap, "
            f"p-values): `agreement.csv`.", ""]
@@ -263,7 +352,9 @@ def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict) -> s
       sub = agreement[(agreement.model == model) & (agreement.metric == metric)]
       lines += [f"### {model} ({info['num_layers']} layers, baseline accuracy "
                 f"{100 * info['baseline_accuracy']:.2f}%)", ""]
-      lines += _markdown_table(sub, families, names) + [""]
+      comp = per_model[model]
+      lines += _markdown_table(sub, families, names,
+                               marks=_marks(comp[comp.metric == metric])) + [""]
     if len(models_info) > 1:
       mean = _mean_over_models(agreement[agreement.metric == metric])
       lines += [f"### Mean over {len(models_info)} models (mean Spearman rho; "
@@ -274,11 +365,10 @@ def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict) -> s
   return "\n".join(lines)
 
 
-def _heatmap(agreement: pd.DataFrame, config, path: str) -> str:
+def _heatmap(agreement: pd.DataFrame, config, path: str, metric: str) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  metric = config.metrics[0]
   sub = agreement[agreement.metric == metric]
   panels = list(dict.fromkeys(sub.model))
   if len(panels) > 1:
@@ -304,6 +394,133 @@ def _heatmap(agreement: pd.DataFrame, config, path: str) -> str:
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_title(panel, fontsize=9)
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"Spearman rho ({metric})")
+  return io.save_figure(path, fig)
+
+
+def pooled_comparisons(scores: dict, truth: dict, config) -> pd.DataFrame:
+  """Per metric and family: pooled rho of every criterion over the models, paired comparisons.
+
+  ``scores``: ``{model: {criterion: {layer: score}}}``; ``truth``: ``{model: {metric:
+  layer x family DataFrame}}``. Rows of :func:`safer_jax.benchmark.paired_comparison`
+  with ``metric`` and ``family``.
+  """
+  frames = []
+  names = list(config.criteria)
+  for metric in config.metrics:
+    for family in config.families:
+      by_criterion = {c: {m: scores[m][c] for m in scores} for c in names}
+      t = {m: truth[m][metric][family].to_dict() for m in truth}
+      point, samples = benchmark.pooled_bootstrap(by_criterion, t, n_boot=config.n_boot,
+                                                  seed=config.seed)
+      frames.append(benchmark.paired_comparison(point, samples).assign(metric=metric,
+                                                                       family=family))
+  return pd.concat(frames, ignore_index=True)
+
+
+def _pooled_markdown(pooled: pd.DataFrame, config, models_info: dict, ties: dict,
+                     headline: str) -> str:
+  families, names = list(config.families), list(config.criteria)
+  lines = ["# Criteria benchmark, pooled over models", "",
+           f"Pooled Spearman rho over {len(models_info)} model(s) "
+           f"({', '.join(models_info)}; {sum(i['num_layers'] for i in models_info.values())} "
+           f"layers): the per-model rhos averaged with weights = layers, a 95% interval from "
+           f"{config.n_boot} bootstrap resamples of layers within each model. A criterion is "
+           f"the **winner** of a family only when the paired interval of its difference to "
+           f"every other excludes zero; otherwise the *tie group* (in italics) holds the "
+           f"criteria whose difference to the best includes zero.", "",
+           "Tie noise of the ground truth (fraction of layer pairs with equal importance, mean "
+           "over models):", "", "| metric | " + " | ".join(families) + " |",
+           "|---" * (len(families) + 1) + "|"]
+  for metric, by_family in ties.items():
+    lines.append(f"| {metric} | " + " | ".join(f"{by_family[f]:.3f}" for f in families) + " |")
+  mean_ties = {m: float(np.nanmean(list(t.values()))) for m, t in ties.items()}
+  others = ", ".join(f"{mean_ties[m]:.3f} for {m}" for m in mean_ties if m != headline)
+  lines += ["", f"Headline metric: **{headline}**, the one whose importances tie least (mean "
+            f"tie fraction {mean_ties[headline]:.3f}" + (f" vs {others}" if others else "")
+            + "): tied truths make rank correlations noisy, and accuracy moves in steps of one "
+            "eval image while the loss increase is continuous.", ""]
+  grids = {m: i.get("grids", {}) for m, i in models_info.items()}
+  lines += ["Grids per model (mildest first" + (", calibrated: the harshest makes the most "
+            f"sensitive layer lose {100 * config.calibration.target_drop:.0f} points, the "
+            f"mildest {100 * config.calibration.mild_drop:.0f}" if config.grid_mode ==
+            "calibrated" else ", fixed") + "):", ""]
+  lines += ["| model | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
+  for m, g in grids.items():
+    lines.append(f"| {m} | " + " | ".join(", ".join(f"{v:.3g}" for v in g.get(f, []))
+                                         for f in families) + " |")
+  for metric in config.metrics:
+    sub = pooled[pooled.metric == metric]
+    lines += ["", f"## Truth: {metric.replace('_', ' ')}"
+              + (" (headline)" if metric == headline else ""), "",
+              "| criterion | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
+    for name in names:
+      cells = []
+      for family in families:
+        row = sub[(sub.family == family) & (sub.criterion == name)]
+        if row.empty:
+          cells.append("n/a")
+          continue
+        r = row.iloc[0]
+        text = f"{_fmt(r.rho)} [{_fmt(r.lo)}, {_fmt(r.hi)}]"
+        cells.append(f"**{text}**" if r.winner else (f"*{text}*" if r.tied else text))
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for family in families:
+      fam = sub[sub.family == family]
+      if fam.empty:
+        continue
+      top = fam.iloc[0]
+      if top.winner:
+        runner = fam.iloc[1] if len(fam) > 1 else None
+        lines.append(f"- {family}: winner **{top.criterion}** (rho {_fmt(top.rho)} "
+                     f"[{_fmt(top.lo)}, {_fmt(top.hi)}]" + (
+                         f"; ahead of {runner.criterion} by {_fmt(runner['diff'])} "
+                         f"[{_fmt(runner.diff_lo)}, {_fmt(runner.diff_hi)}])" if runner is not None
+                         else ")"))
+      else:
+        group = fam[fam.tied]
+        lines.append(f"- {family}: tie group of {len(group)}: " + ", ".join(
+            f"{r.criterion} {_fmt(r.rho)}" for r in group.itertuples()))
+  return "\n".join(lines) + "\n"
+
+
+def _frontier(pooled: pd.DataFrame, seconds: dict, config, num_models: int, metric: str,
+              path: str) -> str:
+  """Cost-agreement frontier: x = criterion seconds (summed over models, log), y = pooled rho."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  families = [f for f in config.families if f in set(pooled.family)]
+  fig, axes = plt.subplots(1, len(families), figsize=(4.6 * len(families), 4.4), squeeze=False,
+                           sharey=True, layout="constrained")
+  for ax, family in zip(axes[0], families):
+    sub = pooled[(pooled.family == family)].copy()
+    sub["seconds"] = [max(seconds.get(c, np.nan), 1e-3) for c in sub.criterion]
+    sub = sub.dropna(subset=["seconds", "rho"]).sort_values("seconds")
+    front, best = [], -np.inf
+    for r in sub.itertuples():  # cheapest first: on the front if better than all cheaper
+      if r.rho > best:
+        front.append(r.criterion)
+        best = r.rho
+    for r in sub.itertuples():
+      on = r.criterion in front
+      yerr = [[max(r.rho - r.lo, 0)], [max(r.hi - r.rho, 0)]] if np.isfinite(r.lo) else None
+      ax.errorbar(r.seconds, r.rho, yerr=yerr, fmt="o", ms=5 if on else 3.5, capsize=2,
+                  color="tab:red" if on else "tab:gray", alpha=1.0 if on else 0.7)
+      ax.annotate(r.criterion + (" (winner)" if r.winner else ""), (r.seconds, r.rho),
+                  fontsize=6.5, xytext=(3, 3), textcoords="offset points",
+                  fontweight="bold" if on else "normal")
+    pts = sub[sub.criterion.isin(front)]
+    ax.step(pts.seconds, pts.rho, where="post", color="tab:red", lw=1, alpha=0.6,
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_title(family)
+    ax.set_xlabel(f"criterion cost, seconds on {num_models} model(s) (log)")
+    ax.grid(alpha=0.3)
+    ax.axhline(0, color="black", lw=0.6)
+  axes[0][0].set_ylabel(f"pooled Spearman rho vs {metric.replace('_', ' ')} (95% CI)")
+  axes[0][0].legend(fontsize=7, loc="lower right")
+  fig.suptitle("Which criterion for the cost? Cost-agreement frontier per family", fontsize=11)
   return io.save_figure(path, fig)
 
 
@@ -333,6 +550,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"Unknown criteria {unknown}; valid names: {sorted(criteria.CRITERIA)}.")
   start = time.perf_counter()
   agreement_frames, cost_rows, models_info, scores_json = [], [], {}, {}
+  all_scores, all_truth = {}, {}  # model -> {criterion: {layer: score}}, {metric: DataFrame}
   for name in _model_names(config):
     # Compiled executables of the previous model are not needed any more; on 24 GB they
     # otherwise accumulate until LLVM cannot allocate (seen at mobilenet_v2, the last model).
@@ -357,39 +575,64 @@ def run(config, workdir: str) -> dict:
     models_info[entry.name] = {"num_layers": len(gt["truth"][config.metrics[0]]),
                                "baseline_accuracy": gt["baseline_accuracy"],
                                "sweep_path": gt["sweep_path"], "truth_path": gt["truth_path"],
-                               "sweep_seconds": gt["seconds"]}
+                               "sweep_seconds": gt["seconds"], "grids": gt["grids"],
+                               "calibration": gt["calibration"],
+                               "calibration_seconds": gt["calibration_seconds"]}
     scores_json[entry.name] = {
         **models_info[entry.name], "criteria": scores, "criteria_seconds": seconds,
         "truth": {m: {f: t[f].to_dict() for f in t.columns} for m, t in gt["truth"].items()}}
+    all_scores[entry.name], all_truth[entry.name] = scores, gt["truth"]
 
   agreement = pd.concat(agreement_frames, ignore_index=True)
   agreement = agreement[["model", "metric"] + benchmark.AGREEMENT_COLUMNS]
   costs = pd.DataFrame(cost_rows)
   costs["fraction_of_sweep"] = costs.seconds / costs.sweep_seconds.where(costs.sweep_seconds > 0)
-  headline = _mean_over_models(agreement[agreement.metric == config.metrics[0]])
+  ties = {metric: {family: float(np.nanmean([benchmark.tie_fraction(t[metric][family])
+                                              for t in all_truth.values()]))
+                    for family in config.families} for metric in config.metrics}
+  headline_metric = min(config.metrics, key=lambda m: (np.nanmean(list(ties[m].values())),
+                                                       config.metrics.index(m)))
+  pooled = pooled_comparisons(all_scores, all_truth, config)
+  criterion_seconds = costs[~costs.criterion.str.startswith("sweep")].groupby(
+      "criterion")["seconds"].sum().to_dict()
   best = {}
   for family in config.families:
-    col = headline[headline.family == family].dropna(subset=["spearman"])
-    if len(col):
-      row = col.loc[col.spearman.idxmax()]
-      best[family] = {"criterion": row.criterion, "mean_spearman": float(row.spearman)}
+    sub = pooled[(pooled.metric == headline_metric) & (pooled.family == family)]
+    if len(sub):
+      top = sub.iloc[0]
+      best[family] = {"criterion": top.criterion, "pooled_spearman": float(top.rho),
+                      "lo": float(top.lo), "hi": float(top.hi), "winner": bool(top.winner),
+                      "tie_group": list(sub[sub.tied].criterion)}
   paths = {
       "agreement_csv": io.write_csv(os.path.join(workdir, "agreement.csv"), agreement),
-      "agreement_md": io.write_text(os.path.join(workdir, "agreement.md"),
-                                    _agreement_markdown(agreement, config, models_info)),
-      "heatmap": _heatmap(agreement, config, os.path.join(workdir, "heatmap.png")),
+      "agreement_md": io.write_text(os.path.join(workdir, "agreement.md"), _agreement_markdown(
+          agreement, config, models_info,
+          {m: pooled_comparisons({m: all_scores[m]}, {m: all_truth[m]}, config)
+           for m in all_scores})),
+      "heatmap": _heatmap(agreement, config, os.path.join(workdir, "heatmap.png"),
+                          headline_metric),
+      "pooled_csv": io.write_csv(os.path.join(workdir, "pooled.csv"), pooled),
+      "pooled_md": io.write_text(os.path.join(workdir, "pooled.md"), _pooled_markdown(
+          pooled, config, models_info, ties, headline_metric)),
+      "frontier": _frontier(pooled[pooled.metric == headline_metric], criterion_seconds,
+                            config, len(models_info), headline_metric,
+                            os.path.join(workdir, "frontier.png")),
       "costs_csv": io.write_csv(os.path.join(workdir, "costs.csv"), costs),
       "costs_md": io.write_text(os.path.join(workdir, "costs.md"), _costs(costs, config)),
       "scores_json": io.write_json(os.path.join(workdir, "scores.json"), {
-          "models": scores_json, "best": best, "config": config.to_dict(),
+          "models": scores_json, "best": best, "headline_metric": headline_metric,
+          "tie_fraction": ties, "config": config.to_dict(),
           "versions": io.versions()}),
   }
   for model, info in models_info.items():
     paths[f"truth_{model}"] = info["truth_path"]
-  print(f"best criterion per family (mean Spearman over {len(models_info)} model(s), truth = "
-        f"{config.metrics[0]}):")
+  print(f"per family, pooled over {len(models_info)} model(s), truth = {headline_metric} "
+        f"(ties least):")
   for family, b in best.items():
-    print(f"  {family:<10s} {b['criterion']:<24s} rho = {b['mean_spearman']:.2f}")
+    who = (f"winner {b['criterion']}" if b["winner"] else
+           f"tie group {{{', '.join(b['tie_group'])}}}")
+    print(f"  {family:<10s} {who}; best rho = {b['pooled_spearman']:.2f} "
+          f"[{b['lo']:.2f}, {b['hi']:.2f}]")
   seconds = time.perf_counter() - start
   print(f"criteria benchmark done in {seconds:.1f}s", flush=True)
   return {"paths": paths, "best": best, "seconds": seconds}

@@ -237,6 +237,127 @@ def compare_criteria(criteria_scores: Mapping[str, Mapping[str, float]],
   return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
 
 
+# ---------------------------------------------------------------------------
+# Pooled and paired comparisons (layers stratified by model).
+# ---------------------------------------------------------------------------
+
+
+def tie_fraction(values: Any) -> float:
+  """Fraction of pairs of ``values`` (L,) that are equal (to 1e-12 relative): tie noise.
+
+  NaN for fewer than 2 values.
+  """
+  v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
+  if v.size < 2:
+    return math.nan
+  tol = 1e-12 * max(float(np.max(np.abs(v))), 1e-300)
+  same = np.abs(v[:, None] - v[None, :]) <= tol
+  n = v.size
+  return float((same.sum() - n) / (n * (n - 1)))
+
+
+def pooled_bootstrap(scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+                     truth: Mapping[str, Mapping[str, float]], *, n_boot: int = 1000,
+                     seed: int = 0) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Pooled Spearman rho of every criterion over several models, with paired resamples.
+
+  The pooled rho is the mean of the per-model Spearman rhos weighted by each
+  model's number of layers (models where either side is constant drop out of
+  that mean). Resamples draw layers with replacement *within* each model
+  (stratified), with the same draws for every criterion, so the difference of
+  two criteria's samples is a paired bootstrap of the difference in rho.
+
+  Args:
+    scores: ``{criterion: {model: {layer: score}}}`` (higher = more sensitive).
+    truth: ``{model: {layer: importance}}``. Per model, the layers used are those
+      with a finite truth and a finite score from every criterion.
+    n_boot: resamples (0: no samples).
+    seed: NumPy seed of the resampling.
+
+  Returns:
+    ``(point, samples)``: ``{criterion: pooled rho}`` and ``{criterion: (n_boot,)
+    pooled rho of each resample}`` (NaN where no model is non-degenerate).
+
+  Raises:
+    ValueError: a criterion without scores for a model of ``truth``.
+  """
+  names = list(scores)
+  rng = np.random.default_rng(seed)
+  sums = {c: np.zeros(n_boot) for c in names}
+  weights = {c: np.zeros(n_boot) for c in names}
+  point_sum = dict.fromkeys(names, 0.0)
+  point_w = dict.fromkeys(names, 0.0)
+  for model, t in truth.items():
+    missing = [c for c in names if model not in scores[c]]
+    if missing:
+      raise ValueError(f"criteria {missing} have no scores for model {model!r}.")
+    layer_names = [l for l, v in t.items() if np.isfinite(v) and all(
+        np.isfinite(scores[c][model].get(l, np.nan)) for c in names)]
+    n = len(layer_names)
+    if n < 2:
+      continue
+    y = np.asarray([t[l] for l in layer_names], np.float64)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    ys = _row_ranks(y[idx]) if n_boot else None
+    for c in names:
+      x = np.asarray([scores[c][model][l] for l in layer_names], np.float64)
+      if not (_is_constant(x) or _is_constant(y)):
+        rho = float(_row_pearson(_row_ranks(x[None]), _row_ranks(y[None]))[0])
+        point_sum[c] += n * rho
+        point_w[c] += n
+      if n_boot:
+        r = _row_pearson(_row_ranks(x[idx]), ys)
+        ok = np.isfinite(r)
+        sums[c][ok] += n * r[ok]
+        weights[c][ok] += n
+  point = {c: point_sum[c] / point_w[c] if point_w[c] else math.nan for c in names}
+  with np.errstate(invalid="ignore", divide="ignore"):
+    samples = {c: np.where(weights[c] > 0, sums[c] / np.where(weights[c] > 0, weights[c], 1),
+                           np.nan) for c in names}
+  return point, samples
+
+
+def paired_comparison(point: Mapping[str, float],
+                      samples: Mapping[str, np.ndarray]) -> pd.DataFrame:
+  """Winner or tie group from paired bootstrap samples (e.g. :func:`pooled_bootstrap`).
+
+  The best criterion is the one with the highest point rho. For every other
+  criterion the 95% interval of ``rho_best - rho_other`` over the paired
+  resamples says whether it is tied with the best (the interval includes 0).
+  The best is the *winner* only when no other criterion is tied with it.
+
+  Returns:
+    One row per criterion, best first then by rho: ``criterion``, ``rho``,
+    ``lo``, ``hi`` (95% interval of its own rho), ``diff`` (best minus it),
+    ``diff_lo``, ``diff_hi``, ``tied`` (in the best's tie group, the best
+    included), ``winner`` (True for the best when it is alone in its group).
+  """
+  names = [c for c in point if np.isfinite(point[c])]
+  if not names:
+    return pd.DataFrame(columns=["criterion", "rho", "lo", "hi", "diff", "diff_lo", "diff_hi",
+                                 "tied", "winner"])
+  best = max(names, key=lambda c: point[c])
+  rows = []
+  for c in sorted(names, key=lambda c: (c != best, -point[c])):
+    s = np.asarray(samples[c])
+    lo, hi = _interval(s, s.size) if s.size else (math.nan, math.nan)
+    d = np.asarray(samples[best]) - s
+    if c == best:
+      dlo = dhi = 0.0
+    elif d.size:
+      dlo, dhi = _interval(d, d.size)
+    else:
+      dlo = dhi = math.nan
+    tied = c == best or not (np.isfinite(dlo) and dlo > 0)
+    rows.append({"criterion": c, "rho": point[c], "lo": lo, "hi": hi,
+                 "diff": point[best] - point[c], "diff_lo": dlo, "diff_hi": dhi, "tied": tied,
+                 "winner": False})
+  table = pd.DataFrame(rows)
+  table.loc[0, "winner"] = int(table["tied"].sum()) == 1
+  return table
+
+
 def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[Any, Any], jax.Array]:
   """``loss_fn(params, batch) -> mean cross-entropy`` of a classifier, for the criteria.
 

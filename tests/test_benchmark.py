@@ -155,3 +155,72 @@ def test_experiment_end_to_end(tmp_path, launch):
   assert "| criterion | quantize | prune | bitflip | noise |" in (workdir / "agreement.md").read_text()
   costs = pd.read_csv(workdir / "costs.csv")
   assert set(costs.criterion) == set(criteria.CRITERIA) | {"sweep (ground truth)"}
+
+
+# ---------------------------------------------------------------------------
+# Pooled, paired comparisons (the discriminating benchmark)
+# ---------------------------------------------------------------------------
+
+
+def _synthetic(noise: dict, models=3, layers=25, seed=0):
+  """Truth per model and criteria = truth + Gaussian noise of the given scale."""
+  rng = np.random.default_rng(seed)
+  truth, scores = {}, {c: {} for c in noise}
+  for m in range(models):
+    t = rng.random(layers)
+    truth[f"m{m}"] = {f"l{i}": float(v) for i, v in enumerate(t)}
+    for c, scale in noise.items():
+      x = t + scale * rng.normal(size=layers)
+      scores[c][f"m{m}"] = {f"l{i}": float(v) for i, v in enumerate(x)}
+  return scores, truth
+
+
+def test_pooled_rho_is_the_layer_weighted_mean_of_scipy_spearman():
+  scores, truth = _synthetic({"a": 0.2, "b": 0.5}, models=3, layers=12)
+  truth["m1"] = dict(list(truth["m1"].items())[:7])  # models of different sizes
+  point, samples = benchmark.pooled_bootstrap(scores, truth, n_boot=50, seed=1)
+  for c in ("a", "b"):
+    rhos, ns = [], []
+    for m, t in truth.items():
+      ls = list(t)
+      rhos.append(scipy.stats.spearmanr([scores[c][m][l] for l in ls],
+                                        [t[l] for l in ls]).statistic)
+      ns.append(len(ls))
+    assert point[c] == pytest.approx(np.average(rhos, weights=ns))
+    assert samples[c].shape == (50,)
+
+
+def test_paired_bootstrap_finds_the_better_criterion():
+  scores, truth = _synthetic({"good": 0.1, "bad": 0.6, "worse": 1.5})
+  point, samples = benchmark.pooled_bootstrap(scores, truth, n_boot=1000, seed=0)
+  table = benchmark.paired_comparison(point, samples)
+  assert table.iloc[0]["criterion"] == "good" and bool(table.iloc[0]["winner"])
+  assert not table[table.criterion != "good"]["tied"].any()
+  assert (table[table.criterion != "good"]["diff_lo"] > 0).all()
+
+
+def test_paired_bootstrap_finds_a_tie_when_there_is_none():
+  """Two criteria of the same quality: a tie group of both, no winner (over several seeds)."""
+  for seed in range(5):
+    scores, truth = _synthetic({"a": 0.4, "b": 0.4}, seed=seed)
+    table = benchmark.paired_comparison(*benchmark.pooled_bootstrap(scores, truth, n_boot=1000,
+                                                                    seed=seed))
+    assert table["tied"].all() and not table["winner"].any(), table
+
+
+def test_pooled_interval_is_tighter_than_any_single_model():
+  scores, truth = _synthetic({"a": 0.5}, models=4, layers=20)
+  _, samples = benchmark.pooled_bootstrap(scores, truth, n_boot=1000, seed=0)
+  lo, hi = np.percentile(samples["a"], [2.5, 97.5])
+  for m in truth:
+    one = benchmark.rank_agreement(scores["a"][m], truth[m], n_boot=1000, seed=0)
+    assert hi - lo < one["spearman_hi"] - one["spearman_lo"]
+
+
+def test_tie_fraction_against_brute_force():
+  v = [0.0, 1 / 359, 1 / 359, 2 / 359, 0.0, 0.5]
+  pairs = [(i, j) for i in range(6) for j in range(6) if i != j]
+  assert benchmark.tie_fraction(v) == pytest.approx(
+      sum(v[i] == v[j] for i, j in pairs) / len(pairs))
+  assert benchmark.tie_fraction([1.0, 2.0, 3.0]) == 0.0
+  assert math.isnan(benchmark.tie_fraction([1.0]))
