@@ -491,13 +491,17 @@ def _frontier(pooled: pd.DataFrame, seconds: dict, config, num_models: int, metr
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   families = [f for f in config.families if f in set(pooled.family)]
-  fig, axes = plt.subplots(1, len(families), figsize=(4.6 * len(families), 4.4), squeeze=False,
+  cols = min(2, len(families))
+  rows = -(-len(families) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False,
                            sharey=True, layout="constrained")
-  for ax, family in zip(axes[0], families):
+  for ax in axes.flat[len(families):]:
+    ax.set_visible(False)
+  for ax, family in zip(axes.flat, families):
     sub = pooled[(pooled.family == family)].copy()
     sub["seconds"] = [max(seconds.get(c, np.nan), 1e-3) for c in sub.criterion]
     sub = sub.dropna(subset=["seconds", "rho"]).sort_values("seconds")
-    front, best = [], -np.inf
+    front, best = [], 0.0  # (a criterion that ranks no better than chance is on no front)
     for r in sub.itertuples():  # cheapest first: on the front if better than all cheaper
       if r.rho > best:
         front.append(r.criterion)
@@ -518,7 +522,8 @@ def _frontier(pooled: pd.DataFrame, seconds: dict, config, num_models: int, metr
     ax.set_xlabel(f"criterion cost, seconds on {num_models} model(s) (log)")
     ax.grid(alpha=0.3)
     ax.axhline(0, color="black", lw=0.6)
-  axes[0][0].set_ylabel(f"pooled Spearman rho vs {metric.replace('_', ' ')} (95% CI)")
+  for row in axes:
+    row[0].set_ylabel(f"pooled Spearman rho vs {metric.replace('_', ' ')} (95% CI)")
   axes[0][0].legend(fontsize=7, loc="lower right")
   fig.suptitle("Which criterion for the cost? Cost-agreement frontier per family", fontsize=11)
   return io.save_figure(path, fig)

@@ -143,7 +143,8 @@ def test_experiment_end_to_end(tmp_path, launch):
   assert out.returncode == 0, out.stderr[-3000:]
   workdir = tmp_path / "criteria_benchmark"
   for name in ("agreement.csv", "agreement.md", "heatmap.png", "costs.csv", "costs.md",
-               "scores.json", "mlp/sweep.csv", "mlp/truth.csv"):
+               "scores.json", "mlp/sweep.csv", "mlp/truth.csv", "pooled.csv", "pooled.md",
+               "frontier.png", "mlp/calibration.json"):
     assert (workdir / name).exists(), name
   table = pd.read_csv(workdir / "agreement.csv")
   pairs = set(zip(table[table.metric == "accuracy_drop"].criterion,
@@ -151,7 +152,18 @@ def test_experiment_end_to_end(tmp_path, launch):
   assert pairs == {(c, f) for c in criteria.CRITERIA
                    for f in ("quantize", "prune", "bitflip", "noise")}
   assert set(table.metric) == {"accuracy_drop", "loss_increase"}
-  assert "best criterion per family" in out.stdout
+  assert "pooled over 1 model(s)" in out.stdout
+  # calibrated grids: recorded per family, used by the sweep, mildest first
+  import json  # pylint: disable=import-outside-toplevel
+  calib = json.load(open(workdir / "mlp" / "calibration.json"))
+  sweep_table = pd.read_csv(workdir / "mlp" / "sweep.csv")
+  for family, g in calib.items():
+    assert sorted(set(sweep_table[sweep_table.family == family].magnitude)) == sorted(g["grid"])
+  scores = json.load(open(workdir / "scores.json"))
+  assert scores["headline_metric"] in ("accuracy_drop", "loss_increase")
+  pooled = pd.read_csv(workdir / "pooled.csv")
+  assert set(pooled.family) == {"quantize", "prune", "bitflip", "noise"}
+  assert (pooled.groupby(["metric", "family"]).winner.sum() <= 1).all()
   assert "| criterion | quantize | prune | bitflip | noise |" in (workdir / "agreement.md").read_text()
   costs = pd.read_csv(workdir / "costs.csv")
   assert set(costs.criterion) == set(criteria.CRITERIA) | {"sweep (ground truth)"}
