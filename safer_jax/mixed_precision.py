@@ -42,7 +42,7 @@ COST_SOURCES = ("oracle", "hawq", "fisher", "corruption", "integrated_gradients"
 
 
 def quant_errors(params, names: Sequence[str], candidates: Sequence[int], *,
-                 full_range: bool = False, group_size: int | None = None) -> dict:
+                 full_range: bool = True, group_size: int | None = None) -> dict:
   """``{layer: {bits: Q_b(W) - W}}`` (arrays, kernel shape); options of :func:`perturb.quantize`."""
   out = {}
   for name in names:
@@ -88,7 +88,7 @@ def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, An
 def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
                 candidates: Sequence[int], sources: Sequence[str] = COST_SOURCES, *,
                 batch_size: int = 128, max_batches: int = 2, seed: int = 0,
-                hutchinson_probes: int = 32, ig_steps: int = 8, full_range: bool = False,
+                hutchinson_probes: int = 32, ig_steps: int = 8, full_range: bool = True,
                 group_size: int | None = None,
                 progress: bool = False) -> tuple[dict[str, CostTable], dict[str, float]]:
   """Cost tables ``{source: {layer: {bits: cost}}}`` and each source's wall time (s).
@@ -104,9 +104,10 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     seed: PRNG seed of the Hutchinson probes.
     hutchinson_probes: at most this many probes (stops earlier at 1% rel. s.e.).
     ig_steps: Gauss-Legendre nodes of the integrated-gradients path.
-    full_range: quantize on qwix's full signed grid (what :mod:`safer_jax.deploy`
-      runs; see :func:`safer_jax.perturb.quantize_grid`) instead of the
-      restricted one, in every table (errors, oracle sweep, IG baseline).
+    full_range: quantize on qwix's full signed grid (the default: what
+      :mod:`safer_jax.deploy` runs; see :func:`safer_jax.perturb.quantize_grid`),
+      or (False) the restricted one, in every table (errors, oracle sweep, IG
+      baseline).
     group_size: group-wise scales on 2-D (Dense) kernels (see
       :func:`safer_jax.perturb.quantize_grid`), in the errors and the oracle
       sweep (the integrated-gradients baseline stays per channel).
@@ -144,9 +145,10 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     def oracle():
       calib_split = data_lib.Split(np.concatenate([b["image"] for b in batches]),
                                    np.concatenate([b["label"] for b in batches]))
-      quantizer = {k: v for k, v in (("full_range", full_range), ("group_size", group_size))
-                   if v}
-      options = {"quantize": quantizer} if quantizer else {}
+      quantizer = {"full_range": bool(full_range)}  # explicit: the sweep's default may differ
+      if group_size:
+        quantizer["group_size"] = group_size
+      options = {"quantize": quantizer}
       table = sweep.run_sweep(model, variables, calib_split, sweep.SweepConfig(
           families={"quantize": tuple(candidates)}, seeds=(0,), family_options=options),
           progress=progress)
@@ -219,7 +221,7 @@ def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Sp
 
 
 def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int], *,
-                   full_range: bool = False, group_size: int | None = None) -> dict:
+                   full_range: bool = True, group_size: int | None = None) -> dict:
   """Variables with each listed layer's kernel fake-quantized to ``bits[layer]`` bits.
 
   Per-output-channel symmetric round-to-nearest; other leaves are unchanged.

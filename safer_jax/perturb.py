@@ -214,17 +214,18 @@ class QuantGrid:
 
 
 def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-                  symmetric: bool = True, full_range: bool = False,
+                  symmetric: bool = True, full_range: bool = True,
                   group_size: int | None = None) -> QuantGrid:
   """Uniform round-to-nearest quantization of ``w`` onto a ``bits``-bit grid.
 
-  Symmetric, ``b >= 2``: ``scale = max|w| / (2^(b-1) - 1)``, codes
-  ``clip(round(w / scale), -(2^(b-1) - 1), 2^(b-1) - 1)`` (the restricted range:
-  ternary at 2 bits). With ``full_range=True``, qwix's convention (what its
-  deployed integer kernels run): every code of the signed type is used,
+  Symmetric, ``b >= 2``, ``full_range=True`` (the default): qwix's convention
+  (what its deployed integer kernels run): every code of the signed type is used,
   ``scale = max|w| / (2^(b-1) - 0.5)`` and codes
   ``clip(round(w / scale), -2^(b-1), 2^(b-1) - 1)`` (int4: scale max|w| / 7.5,
-  codes -8..7), a scale below sqrt(float32 tiny) becoming 1, as in qwix.
+  codes -8..7), a scale below sqrt(float32 tiny) becoming 1, as in qwix. With
+  ``full_range=False``, the restricted range: ``scale = max|w| / (2^(b-1) - 1)``,
+  codes ``clip(round(w / scale), -(2^(b-1) - 1), 2^(b-1) - 1)`` (ternary at 2
+  bits; the int8 codes of :func:`bitflip`).
   Symmetric, ``b = 1`` (binary, as in BinaryConnect/XNOR-Net): codes
   ``sign(w)`` in ``{-1, +1}`` (``+1`` for ``w = 0``) and ``scale = mean|w|``,
   the L2-optimal scale for sign codes.
@@ -245,7 +246,8 @@ def quantize_grid(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
       other axes); ``-1`` is the output channel of Dense/Conv kernels. ``None``:
       one scale for the whole tensor.
     symmetric: symmetric (zero point 0) or asymmetric (min/max) grid.
-    full_range: symmetric ``b >= 2`` only: qwix's full signed range (above).
+    full_range: symmetric ``b >= 2`` only: qwix's full signed range (above; the
+      default), else the restricted one.
     group_size: group-wise (sub-channel) scales, as qwix's ``tile_size``: one
       scale per output channel *and* per group of ``group_size`` consecutive
       entries along the first axis (the contraction axis of a Dense kernel
@@ -331,7 +333,7 @@ def dequantize(grid: QuantGrid) -> Array:
 
 
 def quantize(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-             symmetric: bool = True, full_range: bool = False,
+             symmetric: bool = True, full_range: bool = True,
              group_size: int | None = None) -> Array:
   """Fake-quantizes ``w`` to ``bits`` bits: ``dequantize(quantize_grid(w, bits, ...))``.
 
@@ -462,7 +464,7 @@ def prune_magnitude_padded(flat: Array, ratios: ArrayLike, n: ArrayLike) -> Arra
 
 @functools.partial(jax.jit, static_argnames=("axis", "symmetric", "full_range"))
 def quantize_many(w: ArrayLike, bits: ArrayLike, *, axis: int | None = -1,
-                  symmetric: bool = True, full_range: bool = False) -> Array:
+                  symmetric: bool = True, full_range: bool = True) -> Array:
   """``(P, *w.shape)``: :func:`quantize` of ``w`` at each of ``bits`` (P,), in one program.
 
   Row p equals ``quantize(w, bits[p])`` bit for bit for ``bits[p] >= 2`` (the

@@ -60,7 +60,7 @@ CPU_CHUNK = 8
 
 
 def quantized_options(variables: Mapping[str, Any], names: Sequence[str],
-                      candidates: Sequence[int], *, full_range: bool = False,
+                      candidates: Sequence[int], *, full_range: bool = True,
                       group_size: int | None = None) -> dict[str, dict[int, np.ndarray]]:
   """``{layer: {bits: kernel fake-quantized to bits}}`` for every candidate bit width.
 

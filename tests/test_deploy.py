@@ -33,7 +33,8 @@ def test_full_range_is_qwix_convention(bits):
   np.testing.assert_array_equal(np.asarray(grid.codes)[~near_tie], codes[~near_tie])
   assert codes.min() == -2 ** (bits - 1) and codes.max() == 2 ** (bits - 1) - 1  # full range
   np.testing.assert_array_equal(ours, np.asarray(perturb.dequantize(grid)))
-  assert not np.array_equal(np.asarray(perturb.quantize(w, bits)), ours)  # default: restricted
+  np.testing.assert_array_equal(np.asarray(perturb.quantize(w, bits)), ours)  # the default
+  assert not np.array_equal(np.asarray(perturb.quantize(w, bits, full_range=False)), ours)
 
 
 def test_rules_round_trip_and_first_match():

@@ -71,7 +71,7 @@ def _integral_fn(loss_fn, name, chunk_size):
 def integrated_gradients_attributions(
     loss_fn: _common.LossFn, params: _common.Params, batches: Any, *, layers: Any = None,
     baseline: str = "zero", bits: int = 4, steps: int = 32, rule: str = "gauss_legendre",
-    chunk_size: int | None = None, full_range: bool = False,
+    chunk_size: int | None = None, full_range: bool = True,
     progress: bool = False) -> dict[str, jax.Array]:
   """Signed per-weight integrated-gradient attributions of each selected kernel.
 
@@ -124,7 +124,7 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
                          layers: Any = None, key: jax.Array | None = None,
                          baseline: str = "zero", bits: int = 4, steps: int = 32,
                          rule: str = "gauss_legendre",
-                         chunk_size: int | None = None, full_range: bool = False,
+                         chunk_size: int | None = None, full_range: bool = True,
                          progress: bool = False) -> _common.Scores:
   """Integrated-gradient importance sum_i |A_i| of each layer's kernel.
 
