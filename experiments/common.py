@@ -345,6 +345,9 @@ def check_sweep_keys(check: Checker) -> None:
     check.rule("bitflip_representation", choice(("int8", "float32", "bfloat16")))
   check.rule("layers", text(note="comma-separated regexes; empty: every layer"))
   check_layers(check, "layers", [p for p in check.value("layers").split(",") if p])
+  check.rule("act_quantize", sequence(integer(2, 16), nonempty=False, unique=True,
+                                      note="activation bit widths; (): off"))
+  check.rule("act_calib_examples", integer(1, note="training images for activation ranges"))
 
 
 def check_magnitudes(check: Checker, key: str, family: str, grid: Sequence[Any]) -> None:

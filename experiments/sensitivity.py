@@ -7,6 +7,13 @@ magnitude x seed), ``summary.csv`` (mean/std over seeds), ``importance.csv``
 ``heatmap.png`` and ``lines.png``. Killed half-way, a rerun resumes from
 ``table.csv`` (byte-identical to an uninterrupted run; the summary says how
 many cells were reused and how many computed).
+
+Activations too: with ``act_quantize`` bit widths (default ``(8, 6, 4, 3, 2)``;
+``()``: off), the input of one layer at a time is fake-quantized per tensor
+(:func:`safer_jax.activations.act_sweep`, ranges calibrated on
+``act_calib_examples`` training images) and the rows, family
+``'act_quantize'``, join the weight families in the importance, heatmap and
+summary (``act_table.csv``; linen and zoo models only).
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import os
 import time
 
 from experiments import common
-from safer_jax import io, perturb, plots, sweep, zoo
+import pandas as pd
+
+from safer_jax import activations, benchmark, io, perturb, plots, sweep, zoo
 
 
 def get_config(tiny: bool = False):
@@ -33,6 +42,8 @@ def get_config(tiny: bool = False):
   config.eval_batch_size = 1024
   config.memory_budget_gb = 0.0  # > 0: pick max_parallel / eval_batch_size to fit (10**9 bytes)
   config.eval_examples = 0  # 0: the whole eval split
+  config.act_quantize = (8, 6, 4, 3, 2)  # bits of each layer's input, alone; (): no activations
+  config.act_calib_examples = 256  # training images the activation ranges come from
   if tiny:
     config.model = "mlp"
     config.quantize = (8, 2)
@@ -41,6 +52,8 @@ def get_config(tiny: bool = False):
     config.noise = (0.2, 1.0)
     config.seeds = (0,)
     config.eval_examples = 128
+    config.act_quantize = (8, 2)
+    config.act_calib_examples = 64
   return config
 
 
@@ -73,6 +86,17 @@ def run(config, workdir: str) -> dict:
   table = sweep.run_sweep(entry.model, entry.variables, split, scfg,
                           results_path=os.path.join(workdir, "table.csv"),
                           progress=config.progress)
+  if config.get("act_quantize"):
+    calib = benchmark.batches_from_split(entry.dataset.train.take(config.act_calib_examples),
+                                         min(config.act_calib_examples, 128))
+    acts = activations.act_sweep(entry.model, entry.variables, split, calib,
+                                 tuple(int(b) for b in config.act_quantize),
+                                 layers=list(dict.fromkeys(table["layer"])),
+                                 batch_size=scfg.eval_batch_size, progress=config.progress)
+    io.write_csv(os.path.join(workdir, "act_table.csv"), acts)
+    attrs = dict(table.attrs)
+    table = pd.concat([table, acts[list(table.columns)]], ignore_index=True)
+    table.attrs.update(attrs)
   seconds = time.perf_counter() - t0
   title = f"{entry.name} on {entry.dataset.name}: accuracy drop per layer"
   imp = sweep.importance(table)
@@ -89,6 +113,7 @@ def run(config, workdir: str) -> dict:
   meta = {"model": entry.name, "dataset": entry.dataset.name, "seed": config.seed,
           "eval_examples": len(split), "baseline": table.attrs,
           "families": {k: list(v) for k, v in scfg.grids().items()},
+          "act_quantize": list(config.get("act_quantize", ())),
           "seeds": list(scfg.seeds), "cells": len(table),
           "reused_cells": table.attrs["reused_cells"],
           "computed_cells": table.attrs["computed_cells"], "seconds": seconds,

@@ -56,6 +56,10 @@ def test_sensitivity_experiment_writes_table_and_plots(tmp_path, launch):
   table = pd.read_csv(work / "table.csv")
   assert set(table.family) == {"quantize", "prune", "bitflip", "noise"}
   assert set(table.layer) == {"dense1/fc", "dense2/fc", "head/fc"}
+  # activations: each layer's input at 8 and 2 bits, in their own file and in the importance
+  acts = pd.read_csv(work / "act_table.csv")
+  assert set(acts.family) == {"act_quantize"} and len(acts) == 3 * 2
+  assert "act_quantize" in pd.read_csv(work / "importance.csv").columns
   # a second run resumes: nothing left to compute, same table.
   again = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"])
   assert again.returncode == 0
