@@ -501,3 +501,26 @@ def test_gradient_criteria_on_a_conv_layer():
   g = jax.jit(jax.grad(loss_fn))(variables, batch)["params"]["conv"]["kernel"]
   np.testing.assert_allclose(scores["grad_norm"]["conv"], np.linalg.norm(np.ravel(g)), rtol=1e-5)
   assert all(set(s) == {"conv"} and s["conv"] > 0 for s in scores.values())
+
+
+def test_compiled_criteria_live_on_the_loss_function_not_in_the_module():
+  """cached_jit shares one compiled function per (builder, loss_fn, options) and keeps no
+  module-level reference: a dropped loss function is freed with its compiled functions."""
+  import gc  # pylint: disable=import-outside-toplevel
+  import weakref  # pylint: disable=import-outside-toplevel
+  from safer_jax.criteria import _common  # pylint: disable=import-outside-toplevel
+
+  def make():
+    scale = jnp.ones(3)
+    return lambda params, batch: jnp.sum(params["w"] * scale * batch)
+
+  loss_fn = make()
+  ref = weakref.ref(loss_fn)
+  first = _common.cached_jit(_common.layer_loss, loss_fn, "w")
+  assert _common.cached_jit(_common.layer_loss, loss_fn, "w") is first
+  assert _common.cached_jit(_common.layer_loss, loss_fn, "v") is not first
+  _common.clear_compiled()
+  assert _common.cached_jit(_common.layer_loss, loss_fn, "w") is not first
+  del loss_fn, first
+  gc.collect()
+  assert ref() is None

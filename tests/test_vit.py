@@ -71,7 +71,8 @@ def test_per_channel_perturbations_of_3d_kernels(vit_tiny):
   w = layers.get_kernel(variables, "block1/attn/query")
   grid = perturb.quantize_grid(w, 4)
   assert grid.scale.shape == (1, 1, 8)
-  np.testing.assert_allclose(grid.scale.reshape(-1), np.abs(np.asarray(w)).max((0, 1)) / 7,
+  # qwix's full signed grid (the default): scale max|w| / 7.5 per last-axis channel
+  np.testing.assert_allclose(grid.scale.reshape(-1), np.abs(np.asarray(w)).max((0, 1)) / 7.5,
                              rtol=1e-6)
   # Structured pruning with include_bias: the (heads, head_dim) bias loses channel j of every
   # head. (flax inits biases to 0, so the bias is shifted first to see what is zeroed.)

@@ -272,23 +272,33 @@ def _is_per_example_sum(builder: Callable[..., Callable]) -> bool:
   return bool(getattr(builder, "per_example_sum", False))
 
 
-@functools.lru_cache(maxsize=128)
-def _cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, static: tuple) -> Callable:
-  return _DataParallel(builder(loss_fn, *static), _is_per_example_sum(builder))
+_CACHE_ATTR = "_safer_jax_compiled"  # where a loss function keeps its compiled criteria
+_generation = [0]  # bumped by clear_compiled(): older entries are ignored
 
 
 def cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, *static: Any) -> Callable:
   """``jax.jit(builder(loss_fn, *static))``, memoised on ``(builder, loss_fn, static)``.
 
   Criteria called one after the other with the same ``loss_fn`` (e.g. by
-  ``compute_all``) then share compiled functions. An unhashable ``loss_fn`` is
-  compiled afresh each call. The cache keeps up to 128 entries alive. With
-  several devices the returned function first replicates its array arguments
-  that are not on the data mesh (see ``_DataParallel``); call it positionally.
+  ``compute_all``) then share compiled functions. The cache lives *on*
+  ``loss_fn`` (an attribute), so it goes away with the loss function: nothing
+  module-level keeps a user's closures alive. A ``loss_fn`` that takes no
+  attributes (a bound method, a builtin) or an unhashable option is compiled
+  afresh each call. With several devices the returned function first
+  replicates its array arguments that are not on the data mesh (see
+  ``_DataParallel``); call it positionally.
   """
+  key = (builder, static)
   try:
-    return _cached_jit(builder, loss_fn, static)
-  except TypeError:  # Unhashable loss_fn or static option.
+    cache = loss_fn.__dict__.get(_CACHE_ATTR)
+    if cache is None or cache[0] != _generation[0]:
+      cache = (_generation[0], {})
+      setattr(loss_fn, _CACHE_ATTR, cache)
+    fn = cache[1].get(key)
+    if fn is None:
+      fn = cache[1][key] = _DataParallel(builder(loss_fn, *static), _is_per_example_sum(builder))
+    return fn
+  except (AttributeError, TypeError):  # no __dict__ / no attributes, or an unhashable option
     return _DataParallel(builder(loss_fn, *static), _is_per_example_sum(builder))
 
 
@@ -347,5 +357,5 @@ def to_float(x: Any) -> float:
 
 
 def clear_compiled() -> None:
-  """Drops the memoised compiled functions of :func:`cached_jit` (e.g. between models)."""
-  _cached_jit.cache_clear()
+  """Forgets the memoised compiled functions of :func:`cached_jit` (e.g. between models)."""
+  _generation[0] += 1
