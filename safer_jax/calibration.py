@@ -27,6 +27,7 @@ import numpy as np
 from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
+from safer_jax import sweep
 from safer_jax import train
 from safer_jax import wrapping
 
@@ -125,7 +126,7 @@ def calibrate_grid(model: Any, variables: Mapping[str, Any] | None, split: data_
   fam = perturb.get_family(family)
   options = dict(options or {})
   names = layers_lib.select_layers(variables, layers)
-  apply = model.apply if hasattr(model, "apply") else model
+  apply = sweep.apply_fn(model)
   base = train.evaluate(apply, variables, split)
   count = [1]
   seeds = tuple(seeds) if fam.stochastic else (0,)

@@ -390,8 +390,12 @@ def test_ctrl_c_through_launch_is_one_line_and_status_130(tmp_path, zoo_cache):
           f"--workdir={tmp_path}", "--config", "progress=False", "--config", "eval_examples=0",
           "--config", f"noise={grid(0.01, 2.0)}", "--config", f"bitflip={grid(1e-4, 0.05)}",
           "--config", f"seeds={tuple(range(8))}", "--config", "act_quantize=()"]
+  # SIGINT back to its default in the child: a process started while SIGINT is ignored
+  # inherits the ignore, and Python then installs no KeyboardInterrupt handler (in the full
+  # suite under pytest-xdist this launch ran to the end, rc 0, untouched by the signal).
   proc = subprocess.Popen(args, cwd=ROOT, env=_cpu_env(zoo_cache), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   deadline = time.monotonic() + 120
   while not table.exists() and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.02)  # until the first finished layer is saved
