@@ -490,6 +490,21 @@ def validate_search(check: "Checker", magnitude: str, rule: Callable) -> None:
   check.rule("interaction_top", integer(2, note="layers paired in the interaction figure"))
 
 
+def search_record(result) -> dict:
+  """What ``search.json`` keeps of one :class:`safer_jax.search.SearchResult`.
+
+  Evaluations, seconds, where the result came from, its calibration scores and those of the
+  best start (lowest calibration loss) and of every start.
+  """
+  best_start = min(result.starts, key=lambda k: result.starts[k][1])
+  return {"evaluations": result.evaluations, "seconds": result.seconds,
+          "converged": result.converged, "from": result.start, "calib_loss": result.loss,
+          "calib_accuracy": result.accuracy, "best_start": best_start,
+          "best_start_calib_loss": result.starts[best_start][1], "z": result.z,
+          "kept_start": result.kept_start,
+          "starts": {k: {"accuracy": a, "loss": l} for k, (a, l) in result.starts.items()}}
+
+
 def write_search_files(workdir: str, search_record: dict, interactions, title: str) -> dict:
   """``search.json`` (when a search ran) and ``interactions.csv`` / ``.png``; their paths."""
   from safer_jax import io, plots  # pylint: disable=import-outside-toplevel

@@ -226,8 +226,8 @@ def run(config, workdir: str) -> dict:
            "accuracy": m["accuracy"], "loss": m["loss"],
            "accuracy_drop": base["accuracy"] - m["accuracy"]}
     if bn:
-      mb = train.evaluate(entry.model.apply, train.recalibrate_bn(entry.model, pruned, calib.images),
-                          split)
+      recalibrated = train.recalibrate_bn(entry.model, pruned, calib.images)
+      mb = train.evaluate(entry.model.apply, recalibrated, split)
       row.update(accuracy_bn=mb["accuracy"], loss_bn=mb["loss"])
     if config.finetune_steps > 0:
       masks = {n: np.asarray(layers.get_kernel(pruned, n)) != 0 for n in names}
@@ -254,17 +254,9 @@ def run(config, workdir: str) -> dict:
           progress=config.progress)
       r = found.result
       seconds[label] += r.seconds
-      best_start = min(r.starts, key=lambda k: r.starts[k][1])
-      searches.append({"source": label, "target": target, "evaluations": r.evaluations,
-                       "seconds": r.seconds, "converged": r.converged, "from": r.start,
-                       "calib_loss": r.loss, "calib_accuracy": r.accuracy,
-                       "best_start": best_start,
-                       "best_start_calib_loss": r.starts[best_start][1],
-                       "z": r.z, "kept_start": r.kept_start,
+      searches.append({"source": label, "target": target, **common.search_record(r),
                        "skipped_starts": sorted(s for (s, t) in allocations
-                                                if t == target and s not in starts),
-                       "starts": {k: {"accuracy": a, "loss": l}
-                                  for k, (a, l) in r.starts.items()}})
+                                                if t == target and s not in starts)})
       rows.append({**measure(label, target, found.allocation),
                    "search_evals": r.evaluations, "search_seconds": r.seconds})
     print(f"  sparsity {target:.2f}: " + ", ".join(

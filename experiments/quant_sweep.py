@@ -212,14 +212,7 @@ def run(config, workdir: str) -> dict:
             batch=config.search_batch, seed=config.seed, progress=config.progress)
         r = found.result
         seconds["searched"] += r.seconds
-        best_start = min(r.starts, key=lambda k: r.starts[k][1])
-        searches.append({"budget_avg_bits": avg, "evaluations": r.evaluations,
-                         "seconds": r.seconds, "converged": r.converged, "from": r.start,
-                         "calib_loss": r.loss, "calib_accuracy": r.accuracy,
-                         "best_start": best_start, "best_start_calib_loss": r.starts[best_start][1],
-                         "z": r.z, "kept_start": r.kept_start,
-                         "starts": {k: {"accuracy": a, "loss": l} for k, (a, l) in
-                                    r.starts.items()}})
+        searches.append({"budget_avg_bits": avg, **common.search_record(r)})
         rows.append({**measure(source, None, avg, found.allocation, f"search from {r.start}"),
                      "search_evals": r.evaluations, "search_seconds": r.seconds})
         continue
