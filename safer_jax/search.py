@@ -431,7 +431,7 @@ def search(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
 
   seen: dict[tuple, tuple[float, float, str]] = {}  # positions -> (accuracy, loss, start)
   per_example: dict[tuple, np.ndarray] = {}  # positions -> (N,) losses, when given
-  start_pos = {}
+  positions = {}  # start name -> positions (two names may share one)
   for name, choice in starts.items():
     choice = np.asarray(choice)
     if choice.shape != (groups,) or np.any(choice < 0) or np.any(
@@ -441,7 +441,10 @@ def search(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     pos = np.asarray([rank[g][c] for g, c in enumerate(choice)], np.int64)
     if cost(pos) > capacity:
       raise ValueError(f"start {name!r} uses {cost(pos):g}, over the budget {capacity:g}.")
-    start_pos.setdefault(tuple(pos), name)
+    positions[name] = tuple(int(p) for p in pos)
+  start_pos = {}  # distinct positions -> the first start name with them
+  for name, pos in positions.items():
+    start_pos.setdefault(pos, name)
   bar = Progress(max(evaluations, len(start_pos)), "search", enabled=progress, unit="model")
   history = []
 
@@ -457,11 +460,7 @@ def search(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     bar.update(len(rows), postfix=f"best {objective} {history[-1]:.4g}")
 
   run(list(start_pos), list(start_pos.values()))
-  start_scores = {name: seen[pos][:2] for pos, name in start_pos.items()}
-  for name in starts:  # duplicates of another start share its scores
-    if name not in start_scores:
-      pos = tuple(rank[g][c] for g, c in enumerate(np.asarray(starts[name])))
-      start_scores[name] = seen[pos][:2]
+  start_scores = {name: seen[pos][:2] for name, pos in positions.items()}
   rng = np.random.default_rng(seed)
   tops = np.asarray([r.size - 1 for r in res])
   converged = False
