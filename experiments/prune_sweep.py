@@ -274,7 +274,6 @@ def run(config, workdir: str) -> dict:
                       f"with the candidate ratios {candidates}; add a fixed source (uniform, "
                       f"erk, global_magnitude) or larger candidates.")
   results = pd.DataFrame(rows)
-  results.attrs["num_examples"] = base["num_examples"]
   summary = _summary(results, base, entry, seconds)
   for label in dict.fromkeys(s["source"] for s in searches):
     bn_search = label == "searched_bn"

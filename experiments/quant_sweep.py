@@ -237,7 +237,6 @@ def run(config, workdir: str) -> dict:
     interactions = search.interactions(model, variables, search_split, perturbed,
                                        top=min(config.interaction_top, len(names)))
   results = pd.DataFrame(rows)
-  results.attrs["num_examples"] = base["num_examples"]
   summary = _summary(results, base, entry, seconds, config, searches, interactions)
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
            "qwix_rules": io.write_json(os.path.join(workdir, "qwix_rules.json"), rules),
