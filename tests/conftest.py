@@ -65,6 +65,18 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+def pytest_collection_modifyitems(items):
+  """Every test that runs ``launch.py`` in a subprocess (the ``launch`` fixture) is ``integration``.
+
+  Tiers: ``pytest -m "not integration"`` runs the in-process unit tests (minutes);
+  ``pytest -m integration`` the subprocess / multi-process / notebook / install tests
+  (marked here or with ``@pytest.mark.integration``). The README's command runs both.
+  """
+  for item in items:
+    if "launch" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def launch(zoo_cache):
   """Runs ``python launch.py ARGS`` in a subprocess: ``launch(args, cache=None, timeout=600)``.

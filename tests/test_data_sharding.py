@@ -2,6 +2,8 @@
 
 import textwrap
 
+import pytest
+
 from local_cluster import run_script
 
 SCRIPT = textwrap.dedent("""
@@ -74,6 +76,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_data_sharded_eval_and_criteria_equal_single_device():
   stdout = run_script(SCRIPT, devices=8)
   assert "all equal" in stdout, stdout[-2000:]

@@ -3,6 +3,8 @@
 import sys
 import textwrap
 
+import pytest
+
 from local_cluster import cpu_env, free_port, run_processes
 
 
@@ -49,6 +51,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_two_processes_equal_single_process(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)

@@ -14,6 +14,8 @@ import textwrap
 
 import numpy as np
 import pandas as pd
+import pytest
+
 from local_cluster import ROOT, cpu_env, free_port, run_processes
 
 
@@ -82,6 +84,7 @@ def _launch(tmp_path, workdir: str, distributed: bool, port: int = 0, process_id
   return cmd
 
 
+@pytest.mark.integration
 def test_distributed_launch_writes_single_process_table_and_restores(tmp_path):
   env = _env(tmp_path, devices=2)
 
@@ -116,6 +119,7 @@ def test_distributed_launch_writes_single_process_table_and_restores(tmp_path):
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_sweep_spreads_copies_over_both_processes(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)

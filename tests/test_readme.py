@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNIPPETS = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_snippet_runs(index, tmp_path, zoo_cache):
   env = dict(os.environ, SAFER_JAX_CACHE=zoo_cache, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")

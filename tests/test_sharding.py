@@ -2,6 +2,8 @@
 
 import textwrap
 
+import pytest
+
 from local_cluster import run_script
 
 SCRIPT = textwrap.dedent("""
@@ -27,6 +29,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_sharded_sweep_equals_single_device():
   assert "max loss diff" in run_script(SCRIPT, devices=4)
 
@@ -53,6 +56,7 @@ SEARCH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_sharded_allocation_evaluation_equals_single_device():
   """Whole-model candidates spread over 4 devices score as on one."""
   assert "same whole-model scores" in run_script(SEARCH_SCRIPT, devices=4)
