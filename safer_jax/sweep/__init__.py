@@ -29,11 +29,8 @@ Stochastic families (bitflip, noise, random prune) get one row per seed; the
 PRNG key of a cell is :func:`cell_key` (seed, layer, family, magnitude index),
 so the table is identical across runs, chunk sizes and the naive loop.
 
-Resumable: with ``results_path``, the table is rewritten atomically after each
-layer (floats written exactly, so a resumed table is byte-identical to an
-uninterrupted one); a restarted sweep skips finished cells, and refuses to mix
-results from a different setup (fingerprint check). Ctrl-C saves the finished
-layers before stopping (:class:`safer_jax.errors.Interrupted`).
+Resumable: with ``results_path`` a restarted sweep skips finished cells, and
+Ctrl-C saves the finished layers first (see :mod:`~safer_jax.sweep.orchestrate`).
 
 Modules: :mod:`~safer_jax.sweep.plan` (settings, cells, keys),
 :mod:`~safer_jax.sweep.perturbed` (stacks of perturbed kernels),
