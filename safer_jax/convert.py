@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath  # orbax's path type
 
+from safer_jax import checkpoints
 from safer_jax import models as models_lib
 from safer_jax.models import imagenet as imagenet_models
 
@@ -271,7 +272,7 @@ def _orbax_item_dir(path: str) -> tuple[str, str | None]:
   """``(directory of the saved variables tree, zoo checkpoint root or None)``.
 
   Accepts a plain ``StandardCheckpointer`` directory, a ``CheckpointManager`` root
-  (latest step; item ``variables`` as written by :func:`safer_jax.zoo.save_checkpoint`,
+  (latest step; item ``variables`` as written by :func:`safer_jax.checkpoints.save_checkpoint`,
   or ``default``) or one step directory of it.
   """
   def item_in(step_dir):
@@ -329,7 +330,7 @@ def check_structure(saved: Mapping[tuple[str, ...], tuple[int, ...]],
 def load_orbax(path: str | os.PathLike, model, input_shape: tuple[int, ...]) -> dict:
   """Restores a variables tree saved with orbax, checked against ``model``.
 
-  Reads either format: a zoo checkpoint (:func:`safer_jax.zoo.save_checkpoint`; its
+  Reads either format: a zoo checkpoint (:func:`safer_jax.checkpoints.save_checkpoint`; its
   SHA-256 checksum is verified) or a plain ``ocp.StandardCheckpointer().save(path,
   variables)`` directory (also a ``CheckpointManager`` root or step directory).
 
@@ -344,10 +345,9 @@ def load_orbax(path: str | os.PathLike, model, input_shape: tuple[int, ...]) -> 
   Raises:
     FileNotFoundError: ``path`` is not a directory or holds no finished checkpoint.
     ValueError: leaves missing, unexpected or of the wrong shape (all named).
-    safer_jax.zoo.CorruptCheckpointError: a zoo checkpoint that fails to restore or
+    safer_jax.checkpoints.CorruptCheckpointError: a zoo checkpoint that fails to restore or
       whose checksum differs.
   """
-  from safer_jax import zoo  # pylint: disable=import-outside-toplevel  (zoo imports this module)
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No orbax checkpoint directory at {path!r}.")
@@ -356,7 +356,7 @@ def load_orbax(path: str | os.PathLike, model, input_shape: tuple[int, ...]) -> 
   expected = {p: tuple(s.shape) for p, s in _flat(abstract).items()}
   check_structure(_saved_shapes(item_dir), expected, f"Orbax checkpoint {path!r}")
   if zoo_root is not None:
-    variables, _ = zoo.restore_checkpoint(zoo_root, abstract)
+    variables, _ = checkpoints.restore_checkpoint(zoo_root, abstract)
   else:
     variables = ocp.StandardCheckpointer().restore(item_dir, abstract)
   return dict(variables)

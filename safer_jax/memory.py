@@ -3,7 +3,7 @@
 The sweep (:mod:`safer_jax.sweep`) evaluates ``P = max_parallel`` perturbed
 copies of one layer per compiled call on ``B = eval_batch_size`` examples. What
 one call needs is read from XLA itself: the exact function the engine jits
-(:func:`safer_jax.sweep.eval_program`) is lowered with abstract inputs
+(:func:`safer_jax.staged.eval_program`) is lowered with abstract inputs
 (``jax.ShapeDtypeStruct``; nothing large is allocated), compiled, and its
 ``memory_analysis()`` gives argument, output, temporary and aliased bytes. To
 that come the buffers that stay on the device while the call runs:
@@ -38,7 +38,7 @@ import numpy as np
 
 from safer_jax import errors
 from safer_jax import layers as layers_lib
-from safer_jax import sweep
+from safer_jax import staged
 
 GB = 10**9
 
@@ -176,7 +176,7 @@ def layer_order(model: Any, variables: Any, input_shape: Sequence[int]) -> list[
   order: list[str] = []
 
   def trace(v, x):
-    apply = sweep.apply_fn(model)
+    apply = staged.apply_fn(model)
     order.extend(layers_lib.execution_order(apply, v, x))
     return jnp.zeros(())
 
@@ -194,7 +194,7 @@ def program_memory(model: Any, variables: Any, input_shape: Sequence[int], layer
                    dtype: Any = jnp.float32) -> tuple[int, int, int, int]:
   """XLA's memory analysis of the engine's compiled call for ``layer``.
 
-  Lowers :func:`safer_jax.sweep.eval_program` with abstract inputs and
+  Lowers :func:`safer_jax.staged.eval_program` with abstract inputs and
   compiles it for the default backend (cached per model and sizes).
 
   Args:
@@ -213,7 +213,7 @@ def program_memory(model: Any, variables: Any, input_shape: Sequence[int], layer
     ``(arguments, outputs, temps, aliases)`` in bytes.
   """
   _check_sizes(max_parallel, eval_batch_size)
-  stage = sweep.stage_of(model, layer) if use_prefix else 0
+  stage = staged.stage_of(model, layer) if use_prefix else 0
   v = abstract(variables)
   h1 = stage_inputs(model, v, input_shape, dtype)[stage] if stage else \
       jax.ShapeDtypeStruct((1, *input_shape), dtype)
@@ -227,7 +227,7 @@ def program_memory(model: Any, variables: Any, input_shape: Sequence[int], layer
             jax.ShapeDtypeStruct((eval_batch_size, *h1.shape[1:]), h1.dtype),
             jax.ShapeDtypeStruct((eval_batch_size,), jnp.int32),
             jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32))
-    fn = sweep.eval_program(model, layer, stage, copies_per_step)
+    fn = staged.eval_program(model, layer, stage, copies_per_step)
     stats = jax.jit(fn).lower(*args).compile().memory_analysis()
     if stats is None:
       raise ValueError(f"The {jax.default_backend()!r} backend gives no memory analysis; "
@@ -250,7 +250,7 @@ def resident_bytes(model: Any, variables: Any, input_shape: Sequence[int], layer
     num_copies: perturbed copies of the layer (cells of the sweep).
     Others: as :func:`program_memory`.
   """
-  stage = sweep.stage_of(model, layer) if use_prefix else 0
+  stage = staged.stage_of(model, layer) if use_prefix else 0
   prefix = 0
   if stage:
     n = eval_batch_size if num_examples is None else num_examples
@@ -322,7 +322,7 @@ def probe_layers(model: Any, variables: Any, input_shape: Sequence[int],
   probes = [layers[0]]
   if use_prefix and getattr(model, "stage_names", None):
     ins = stage_inputs(model, variables, input_shape)
-    stage_of = sweep.stage_of
+    stage_of = staged.stage_of
     widest = max(layers, key=lambda l: _nbytes(ins[stage_of(model, l)]))
     probes.append(widest)
   v = abstract(variables)

@@ -34,14 +34,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from safer_jax import checkpoints
+from safer_jax import convert
 from safer_jax import data as data_lib
 from safer_jax import distributed
 from safer_jax import errors
 from safer_jax import layers as layers_lib
 from safer_jax import models as models_lib
 from safer_jax import train as train_lib
+# The checkpoint format's names, also as zoo.X (tests and users call zoo.restore_checkpoint).
+from safer_jax.checkpoints import (CorruptCheckpointError, checksum, restore_checkpoint,
+                                   save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -61,27 +65,10 @@ RECIPES: dict[str, train_lib.TrainConfig] = {
 }
 
 
-class CorruptCheckpointError(RuntimeError):
-  """A cached checkpoint could not be restored intact."""
-
-
 def default_cache_dir() -> str:
   """``$SAFER_JAX_CACHE`` or ``~/.cache/safer_jax/zoo``."""
   return os.environ.get("SAFER_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "safer_jax", "zoo")
-
-
-def checksum(tree: Any) -> str:
-  """SHA-256 over every leaf's path, dtype, shape and bytes (order-independent of dict order)."""
-  h = hashlib.sha256()
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    arr = np.asarray(leaf)
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(str(arr.dtype).encode())
-    h.update(str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-  return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -116,90 +103,6 @@ def _entry_dir(cache_dir: str, model: str, dataset: str, seed: int,
                        "input": list(input_shape)}, sort_keys=True)
   tag = hashlib.sha256(record.encode()).hexdigest()[:8]
   return os.path.join(os.path.abspath(cache_dir), f"{model}-{dataset}-seed{seed}-{tag}")
-
-
-def _process_local() -> bool:
-  """Whether checkpoints are handled per process (under ``jax.distributed``, > 1 process)."""
-  return jax.process_count() > 1
-
-
-def _manager_options(**kwargs) -> ocp.CheckpointManagerOptions:
-  """CheckpointManager options; under ``jax.distributed``, this process alone.
-
-  Zoo variables are host-local (trained or restored by one process, see
-  :func:`pretrained`), so a checkpoint is saved or restored by the calling
-  process by itself: orbax's primary host and only active process, with its
-  own barrier names (no cross-process barriers), and the arrays go through
-  NumPy (orbax refuses host-local ``jax.Array`` leaves when
-  ``jax.process_count() > 1``). Single process: orbax's defaults.
-  """
-  if _process_local():
-    index = jax.process_index()
-    kwargs.update(create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=index, active_processes={index},
-        barrier_sync_key_prefix=f"safer_jax_zoo_process_{index}"))
-  return ocp.CheckpointManagerOptions(**kwargs)
-
-
-def save_checkpoint(path: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-  """Saves ``variables`` and ``meta`` (+ checksum) as step 0 of a CheckpointManager at ``path``.
-
-  Under ``jax.distributed`` only process 0 can save (orbax writes host-local
-  NumPy arrays from process 0 only); it saves alone (see :func:`_manager_options`).
-
-  Raises:
-    ValueError: called in a process other than 0 under ``jax.distributed``.
-  """
-  if _process_local() and jax.process_index() != 0:
-    raise ValueError(f"save_checkpoint({path!r}) runs in process {jax.process_index()}; under "
-                     f"jax.distributed only process 0 saves zoo checkpoints.")
-  meta = dict(meta, checksum=checksum(variables))
-  if _process_local():
-    variables = jax.device_get(variables)  # NumPy leaves: orbax's host-local array handler.
-    os.makedirs(path, exist_ok=True)  # `create=True` is unsupported with `active_processes`.
-  with ocp.CheckpointManager(path, options=_manager_options(max_to_keep=1)) as mngr:
-    mngr.save(0, args=ocp.args.Composite(variables=ocp.args.StandardSave(dict(variables)),
-                                         meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
-
-
-def restore_checkpoint(path: str, abstract_variables: Any) -> tuple[dict, dict]:
-  """Restores and verifies a checkpoint written by :func:`save_checkpoint`.
-
-  Args:
-    path: checkpoint directory.
-    abstract_variables: the expected tree (arrays or ``jax.ShapeDtypeStruct``).
-
-  Returns:
-    ``(variables, meta)``.
-
-  Raises:
-    FileNotFoundError: no finished checkpoint at ``path``.
-    CorruptCheckpointError: restore failed, structure differs or checksum mismatch.
-  """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(path)
-  if _process_local():  # Host-local NumPy leaves, as saved (see `_manager_options`).
-    abstract_variables = jax.tree.map(
-        lambda x: np.zeros(x.shape, x.dtype), abstract_variables)
-  with ocp.CheckpointManager(path, options=_manager_options()) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No finished checkpoint in {path}")
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
-      raise CorruptCheckpointError(f"Checkpoint {path} failed to restore: {e!r}") from e
-  variables, meta = dict(restored["variables"]), dict(restored["meta"])
-  expected = jax.tree.structure(abstract_variables)
-  if jax.tree.structure(variables) != expected:
-    raise CorruptCheckpointError(f"Checkpoint {path} has a different structure than the model.")
-  got = checksum(variables)
-  if got != meta.get("checksum"):
-    raise CorruptCheckpointError(
-        f"Checkpoint {path} checksum mismatch (stored {meta.get('checksum')}, restored {got}).")
-  return variables, meta
 
 
 def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits", seed: int = 0,
@@ -254,7 +157,7 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
   path = _entry_dir(cache_dir or default_cache_dir(), name, ds.name, seed, config,
                     ds.input_shape)  # image_size changes the model's input: another entry
   abstract = jax.eval_shape(lambda: train_lib.init_variables(net, ds.input_shape, config.seed))
-  if _process_local():
+  if checkpoints.process_local():
     return _shared_entry(name, net, ds, abstract, lambda: _restore_or_train(
         name, net, ds, seed, config, path, abstract, retrain, progress))
   return _restore_or_train(name, net, ds, seed, config, path, abstract, retrain, progress)
@@ -467,7 +370,7 @@ def _restore_or_train(name: str, net: nn.Module, ds: data_lib.Dataset, seed: int
     if os.path.isdir(path):  # a damaged entry, or a save killed half-way (orbax tmp dirs)
       shutil.rmtree(path)
     # Under jax.distributed process 0 trains (and evaluates) alone, on its default device.
-    with distributed.use_data_sharding(not _process_local()):
+    with distributed.use_data_sharding(not checkpoints.process_local()):
       variables, history = train_lib.train(net, ds, config, progress=progress)
     meta = {"model": name, "dataset": ds.name, "seed": seed,
             "config": dataclasses.asdict(config), "metrics": history["eval"],
@@ -513,7 +416,6 @@ def from_checkpoint(model_name: str, checkpoint_path: str | os.PathLike,
       or shapes that do not fit the model, a class count other than the dataset's,
       images the model cannot take, or NaN/inf parameters (the leaf is named).
   """
-  from safer_jax import convert  # pylint: disable=import-outside-toplevel  (convert imports zoo)
   path = os.path.abspath(os.fspath(checkpoint_path))
   name = models_lib.ALIASES.get(model_name, model_name)
   if name not in models_lib.MODELS:

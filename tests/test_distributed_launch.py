@@ -43,7 +43,7 @@ WORKER = textwrap.dedent("""
     split = ds.eval.take(96)
     config = sweep.SweepConfig(families={"quantize": (4, 2), "noise": (0.5,), "bitflip": (0.01,)},
                                seeds=(0, 1, 2), max_parallel=6)
-    engine = sweep._Engine(model, variables, split, config)
+    engine = sweep.Engine(model, variables, split, config)
     assert engine.num_devices == 4 and engine.step is None, engine.num_devices
     assert {d.process_index for d in engine.sharding.device_set} == {0, 1}
     seen = []  # Every array the engine shards over 'copies'.

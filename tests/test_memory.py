@@ -83,7 +83,7 @@ def _copies(layers):
 
 def test_auto_chunking_fits_and_equals_fixed_chunking(lenet):
   model, variables, split = lenet
-  layers = sweep._ordered_layers(model, variables, split, None)  # pylint: disable=protected-access
+  layers = sweep.ordered_layers(model, variables, split, None)
   shape = split.images.shape[1:]
   kw = dict(max_parallel=5, eval_batch_size=32, num_examples=len(split), copies=_copies(layers),
             copies_per_step=64)
@@ -118,7 +118,7 @@ def test_auto_chunking_fits_and_equals_fixed_chunking(lenet):
 
 def test_auto_chunking_shrinks_the_batch_when_one_copy_does_not_fit(lenet):
   model, variables, split = lenet
-  layers = sweep._ordered_layers(model, variables, split, None)  # pylint: disable=protected-access
+  layers = sweep.ordered_layers(model, variables, split, None)
   shape = split.images.shape[1:]
   kw = dict(max_parallel=1, num_examples=len(split), copies=_copies(layers), copies_per_step=64)
   small = memory.plan_chunking(model, variables, shape, layers, 10**12, eval_batch_size=8, **kw)

@@ -329,7 +329,7 @@ SMALL = sweep.SweepConfig(families={"quantize": (8, 2), "noise": (0.5,)}, seeds=
 
 
 def _kill_after(monkeypatch, calls, exc):
-  original = sweep._Engine.evaluate_kernels  # pylint: disable=protected-access
+  original = sweep.Engine.evaluate_kernels
   count = {"n": 0}
 
   def flaky(self, layer, kernels):
@@ -338,7 +338,7 @@ def _kill_after(monkeypatch, calls, exc):
       raise exc
     return original(self, layer, kernels)
 
-  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", flaky)  # pylint: disable=protected-access
+  monkeypatch.setattr(sweep.Engine, "evaluate_kernels", flaky)
   return original
 
 
@@ -356,7 +356,7 @@ def test_resume_after_kill_is_byte_identical_and_counts_reused(tmp_path, mlp, di
     sweep.run_sweep(net, variables, split, config, progress=False, results_path=path)
   partial = len(pd.read_csv(path))
   assert 0 < partial < len(table)
-  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", original)  # pylint: disable=W0212
+  monkeypatch.setattr(sweep.Engine, "evaluate_kernels", original)
   resumed = sweep.run_sweep(net, variables, split, config, progress=False, results_path=path)
   assert open(path, "rb").read() == open(whole, "rb").read()
   assert resumed.attrs["reused_cells"] == partial

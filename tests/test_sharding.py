@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent("""
     split = ds.eval.take(96)
     config = sweep.SweepConfig(families={"quantize": (4, 2), "noise": (0.5,), "bitflip": (0.01,)},
                                seeds=(0, 1, 2), max_parallel=6)
-    engine = sweep._Engine(model, variables, split, config)
+    engine = sweep.Engine(model, variables, split, config)
     assert engine.num_devices == 4 and engine.sharding is not None
     sharded = sweep.run_sweep(model, variables, split, config, progress=False)
     single = sweep.run_sweep(model, variables, split,

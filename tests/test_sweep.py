@@ -1,5 +1,7 @@
 """Tests of the sweep engine against a plain loop, resume, determinism and bad inputs."""
 
+import collections
+import contextlib
 import dataclasses
 import os
 
@@ -136,43 +138,102 @@ def test_perturb_stack_equals_the_family_function_bit_for_bit(family, options, g
                                                          f"{kernel.shape} layout={lay}")
 
 
-def test_compilations_do_not_grow_with_layers(tiny):
-  """One quantize / bit-flip program for every kernel shape; one program per stage; warm: none."""
-  _, _, split = tiny
-  # kernel shapes no other test compiles (so the counts are this sweep's own), random weights.
-  model = models.LeNet(channels=(12, 20), hidden=24)
-  variables = model.init(jax.random.key(3), split.images[:1])
-  config = dataclasses.replace(CONFIG, families={"quantize": (4, 2), "bitflip": (1e-2,),
-                                                 "noise": (0.5,)}, seeds=(0,), strategy="stage")
-  sweep.clear_compiled()  # (not jax.clear_caches(): later tests in this process would recompile)
-  fns = (perturb.quantize_many, perturb._bitflip_many, perturb.bitflip_masks,  # pylint: disable=W0212
-         perturb.normal_draws)
-  before = [f._cache_size() for f in fns]  # pylint: disable=protected-access
-  table = sweep.run_sweep(model, variables, split, config, progress=False)
-  new = [f._cache_size() - b for f, b in zip(fns, before)]  # pylint: disable=protected-access
-  shapes = {layers.get_kernel(variables, n).shape for n in set(table["layer"])}
-  assert len(shapes) >= 4
-  buckets = {perturb.flat_bucket(int(np.prod(s))) for s in shapes}
-  # one quantize and one bit-flip program for every kernel shape; draw programs per bucket
-  # (at most: a bucket another test drew in already is not compiled again).
-  assert new[:2] == [1, 1] and new[2] <= len(buckets) and new[3] <= len(buckets)
-  stages = {sweep.stage_of(model, n) for n in set(table["layer"])}
-  programs = [k for k in sweep._STAGE_FNS if k[0] == id(model) and k[1] == "stage"]  # W0212
-  assert len(programs) == len(stages) > 1
-  compiles = []
-  listener = lambda event, seconds, **kw: compiles.append(event)
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def compile_log():
+  """``Counter`` of XLA compilations by jitted function name (``'jit(f)'``) while active.
+
+  Counts JAX's compile events (``jax.monitoring``), from every thread; a program
+  found in the persistent compilation cache counts too.
+  """
+  counts = collections.Counter()
+
+  def listener(event, seconds, **kwargs):
+    del seconds
+    if event == COMPILE_EVENT:
+      counts[kwargs.get("fun_name", "")] += 1
+
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    again = sweep.run_sweep(model, variables, split, config, progress=False)
+    yield counts
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert "/jax/core/compile/backend_compile_duration" not in compiles
+
+
+def compiled(counts, name):
+  """Compilations of jitted functions whose name contains ``name``."""
+  return sum(n for fun, n in counts.items() if name in fun)
+
+
+def test_perturbation_programs_compile_once_per_family_across_shapes():
+  """Quantize and bit-flip stacks: one program for every kernel shape; draws: one per bucket."""
+  rng = np.random.default_rng(1)
+  # 4 kernel shapes; a padded layout (512, 32) no other test compiles, so the counts are ours.
+  shapes = [(3, 3, 3, 10), (3, 3, 10, 14), (5, 5, 14, 30), (70, 30)]
+  variables = {"params": {f"l{i}": {"kernel": rng.normal(size=s).astype(np.float32)}
+                          for i, s in enumerate(shapes)}}
+  names = [f"l{i}" for i in range(len(shapes))]
+  layout = sweep.padded_layout(variables, names)
+  assert layout == (512, 32)
+  buckets = {perturb.flat_bucket(int(np.prod(s))) for s in shapes}
+  families = {"quantize": (8, 4, 2), "bitflip": (1e-2, 5e-2), "noise": (0.5,),
+              "prune": (0.5, 0.9)}
+  with compile_log() as counts:
+    for name in names:
+      kernel = jnp.asarray(layers.get_kernel(variables, name))
+      for family, grid in families.items():
+        keys = sweep.cell_keys([0] * len(grid), name, family, range(len(grid)))
+        sweep.perturb_stack(family, {}, layout)(kernel, list(grid), keys, None)
+  assert compiled(counts, "quantize_many") == 1
+  assert compiled(counts, "bitflip_many") == 1
+  # Draws and magnitude pruning: a program per flat size bucket, at most (another test may
+  # have compiled a bucket already).
+  assert 0 < compiled(counts, "bitflip_masks") + compiled(counts, "normal_draws")
+  for helper in ("bitflip_masks", "normal_draws", "prune_magnitude_padded"):
+    assert compiled(counts, helper) <= len(buckets) < len(shapes), helper
+
+
+def test_stage_strategy_compiles_one_program_per_stage(digits):
+  """'stage': one evaluation program per stage, not per layer; warm: nothing compiles."""
+  split = digits.eval.take(32)
+  model = models.get_model("resnet8")  # random weights
+  variables = model.init(jax.random.key(3), split.images[:1])
+  # 4 layers in 2 stages (the last ones: short suffixes compile fast).
+  config = sweep.SweepConfig(families={"quantize": (4,)}, max_parallel=4, strategy="stage",
+                             layers=("stage3_block1/.*", "head/fc"))
+  assert sweep.engine_strategy(sweep.SweepConfig(), sharded=False) == "stage"  # CPU default
+  programs = sweep.ProgramCache(model)
+  with compile_log() as cold:
+    table = sweep.run_sweep(model, variables, split, config, progress=False,
+                            programs=programs)
+  stages = {sweep.stage_of(model, n) for n in table["layer"]}
+  assert table["layer"].nunique() == 4 and len(stages) == 2
+  assert compiled(cold, "stage_copies") == len(stages)
+  assert compiled(cold, "layer_copies") == 0
+  assert len([k for k in programs.keys() if k[0] == "stage"]) == len(stages)
+  with compile_log() as warm:
+    again = sweep.run_sweep(model, variables, split, config, progress=False,
+                            programs=programs)
+  assert not warm, warm
   pd.testing.assert_frame_equal(again, table)
-  # 'auto': this small sweep (16 cells) runs every copy from the input in one program.
-  sweep.run_sweep(model, variables, split, dataclasses.replace(config, strategy="auto"),
-                  progress=False)
-  programs = [k for k in sweep._STAGE_FNS if k[0] == id(model) and k[1] == "stage"]  # W0212
-  assert any(k[2] == 0 and set(k[3]) == set(table["layer"]) for k in programs)
+  # 'auto' (the default): this small sweep (4 cells) runs every copy from the input, in one
+  # program for the whole network.
+  programs = sweep.ProgramCache(model)
+  with compile_log() as small:
+    sweep.run_sweep(model, variables, split, dataclasses.replace(config, strategy="auto"),
+                    progress=False, programs=programs)
+  assert compiled(small, "stage_copies") == 1
+  (key,) = [k for k in programs.keys() if k[0] == "stage"]
+  assert key[1] == 0 and set(key[2]) == set(table["layer"])
+
+
+def test_programs_of_another_model_are_refused(tiny):
+  model, variables, split = tiny
+  with pytest.raises(ValueError, match="ProgramCache of another model"):
+    sweep.run_sweep(model, variables, split, CONFIG, progress=False,
+                    programs=sweep.ProgramCache(models.get_model("mlp")))
 
 
 def test_cell_keys_equal_cell_key_one_by_one():
@@ -238,7 +299,7 @@ def test_resume_after_interruption(tiny, tmp_path, monkeypatch):
   full = sweep.run_sweep(model, variables, split, config, progress=False)
 
   calls = {"n": 0}
-  original = sweep._Engine.evaluate_kernels
+  original = sweep.Engine.evaluate_kernels
 
   def flaky(self, layer, kernels):
     calls["n"] += 1
@@ -246,13 +307,13 @@ def test_resume_after_interruption(tiny, tmp_path, monkeypatch):
       raise KeyboardInterrupt
     return original(self, layer, kernels)
 
-  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", flaky)
+  monkeypatch.setattr(sweep.Engine, "evaluate_kernels", flaky)
   with pytest.raises(KeyboardInterrupt):
     sweep.run_sweep(model, variables, split, config, progress=False, results_path=path)
   partial = pd.read_csv(path)  # a complete, readable file: whole layers only
   assert 0 < len(partial) < len(full)
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
-  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", original)
+  monkeypatch.setattr(sweep.Engine, "evaluate_kernels", original)
 
   counted = {"n": 0}
 
@@ -260,7 +321,7 @@ def test_resume_after_interruption(tiny, tmp_path, monkeypatch):
     counted["n"] += kernels.shape[0]
     return original(self, layer, kernels)
 
-  monkeypatch.setattr(sweep._Engine, "evaluate_kernels", counting)
+  monkeypatch.setattr(sweep.Engine, "evaluate_kernels", counting)
   resumed = sweep.run_sweep(model, variables, split, config, progress=False, results_path=path)
   assert counted["n"] < len(full) + 1  # finished cells were not redone
   pd.testing.assert_frame_equal(resumed, full, check_dtype=False)

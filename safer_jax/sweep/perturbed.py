@@ -1,0 +1,133 @@
+"""Perturbed copies of one kernel, stacked, compiled as little as possible.
+
+:func:`perturb_stack` applies a perturbation family to every cell of one
+(layer, family) at once; :func:`padded_layout` is the shared shape that lets
+every layer reuse one compiled program per family; :func:`loss_gradients` is
+what the ``'corrupt'`` family needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safer_jax import data as data_lib
+from safer_jax import layers as layers_lib
+from safer_jax import perturb
+from safer_jax import staged
+from safer_jax import wrapping
+from safer_jax.train import cross_entropy
+
+MAX_PADDED = 1 << 24  # elements of the shared padded layout (64 MiB in float32)
+
+
+def padded_layout(variables: Mapping[str, Any], layers: Sequence[str]) -> tuple[int, int]:
+  """``(R, C)``: powers of two holding every kernel of ``layers`` as a (rows, channels) matrix.
+
+  A kernel of shape ``(..., c)`` is the ``(n / c, c)`` matrix of its rows (all
+  axes but the last, flattened) by output channels.
+  """
+  shapes = [layers_lib.get_kernel(variables, name).shape for name in layers]
+  rows = max(int(np.prod(s[:-1])) for s in shapes)
+  cols = max(int(s[-1]) for s in shapes)
+  return 1 << max(rows - 1, 0).bit_length(), 1 << max(cols - 1, 0).bit_length()
+
+
+def _padded_kind(family: str, options: Mapping[str, Any]) -> str | None:
+  """How ``family`` runs on the padded layout: ``'matrix'``, ``'flat'``, or None (per shape)."""
+  if (family in ("quantize", "bitflip") and options.get("axis", -1) in (-1, None)
+      and options.get("group_size") is None):
+    return "matrix"  # per output channel (or per tensor): zero padding changes no scale
+  if family == "prune" and options.get("method", "magnitude") == "magnitude":
+    return "flat"
+  return None
+
+
+def perturb_stack(family: str, options: Mapping[str, Any],
+                  layout: tuple[int, int] | None = None) -> Callable:
+  """``(kernel, magnitudes [P floats], keys (P,), grad) -> kernels (P, *kernel.shape)`` (NumPy).
+
+  The family's function on every cell, the same numbers as :func:`safer_jax.sweep.naive_sweep`'s
+  one call per cell (bit for bit; ``bench_sweep`` and tests/test_sweep.py check
+  it), compiled as little as possible:
+
+  * with ``layout`` (:func:`padded_layout`), quantization and bit flips run on
+    the kernel zero padded into that matrix, so every layer shares one compiled
+    program per family (padding with zeros changes no per-channel or per-tensor
+    maximum or minimum), and magnitude pruning on the flat kernel padded to its
+    size bucket (:func:`safer_jax.perturb.flat_bucket`; padding ranks last).
+    Binary quantization (1 bit, whose scale is a mean) stays per shape.
+  * families that draw their randomness apart (:func:`safer_jax.perturb.split_draws`:
+    bit flips, noise) draw all ``P`` cells' rows in one call, compiled once per
+    flat size bucket: the PRNG is what made per-shape programs slow to compile.
+  * everything else: the family function per cell, compiled once per kernel shape.
+  """
+  fam = perturb.get_family(family)
+  opts = dict(options)
+
+  def stack(kernel, magnitudes, keys, grad):
+    shape, n = kernel.shape, int(np.prod(kernel.shape))
+    fits = layout is not None and n // shape[-1] <= layout[0] and shape[-1] <= layout[1]
+    kind = _padded_kind(family, opts) if fits else None
+    rows = None
+    if perturb.split_draws(fam, opts):
+      rows = np.asarray(fam.draw(keys, jnp.asarray(magnitudes, jnp.float32),
+                                 perturb.flat_bucket(n), **opts))
+    if kind is not None:
+      r, c = n // shape[-1], shape[-1]
+      host = np.asarray(kernel)
+      padded = np.zeros(layout, host.dtype)
+      padded[:r, :c] = host.reshape(r, c)
+      if kind == "flat":  # (a sort: a size bucket per kernel, not the largest layout)
+        flat = np.zeros(perturb.flat_bucket(n), host.dtype)
+        flat[:n] = host.reshape(-1)
+
+    out = [None] * len(magnitudes)
+    if kind == "flat":
+      pruned = np.asarray(perturb.prune_magnitude_padded(
+          flat, np.asarray(magnitudes, np.float32), n))
+      out = [row[:n].reshape(shape) for row in pruned]
+    elif kind == "matrix":
+      todo = [i for i, m in enumerate(magnitudes) if not (family == "quantize" and m == 1)]
+      if family == "quantize" and todo:
+        bits = np.asarray([magnitudes[i] for i in todo], np.float32)
+        perturb.validate_magnitude("quantize", bits)
+        done = np.asarray(perturb.quantize_many(padded, bits, **opts))
+      elif todo:
+        masks = np.zeros((len(todo), *layout), rows.dtype)
+        masks[:, :r, :c] = rows[todo, :n].reshape(len(todo), r, c)
+        done = np.asarray(perturb.bitflip_many(padded, masks, **opts))
+      for j, i in enumerate(todo):
+        out[i] = done[j, :r, :c].reshape(shape)
+    for i, m in enumerate(magnitudes):  # the rest: the family function, per shape
+      if out[i] is None:
+        out[i] = np.asarray(fam.apply(kernel, m, rows[i], grad=grad, **opts) if rows is not None
+                            else fam.fn(kernel, m, keys[i], grad=grad, **opts))
+    return np.stack(out)
+
+  return stack
+
+
+def loss_gradients(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
+                   batch_size: int = 1024) -> dict:
+  """Gradient of the mean cross-entropy on ``split`` w.r.t. ``variables['params']``."""
+  model, variables = wrapping.as_model(model, variables)
+  apply = staged.apply_fn(model)
+  n = len(split)
+
+  @jax.jit
+  def grad_sum(params, images, labels, mask):
+    def f(p):
+      logits = apply({**variables, "params": p}, images)
+      return jnp.sum(cross_entropy(logits, labels) * mask)
+    return jax.grad(f)(params)
+
+  total = None
+  for images, labels, mask in staged.eval_batches(split, batch_size):
+    g = grad_sum(variables["params"], images, labels, mask)
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+  return jax.tree.map(lambda x: x / n, total)
