@@ -68,24 +68,20 @@ def base_config(**fields) -> ml_collections.ConfigDict:
 CONFIG_FLAG = "config"
 
 
-def _parse_or_none(base: flags.ArgumentParser, what: str, argument: Any) -> Any:
-  """``argument`` through ``base``; the word ``None`` is ``None`` (an optional field's "off")."""
-  if isinstance(argument, str) and argument.strip() == "None":
-    return None
-  try:
-    return base.parse(argument)
-  except (TypeError, ValueError):
-    raise ValueError(f"expected {what}") from None
-
-
 class _ScalarParser(flags.ArgumentParser):
-  """absl's parser of one field type (int, float, bool, str) that also reads ``None``."""
+  """absl's parser of one field type (int, float, bool, str) that also reads ``None``
+  (an optional field's "off"); a bad value's error says what the field takes."""
 
   def __init__(self, base: flags.ArgumentParser, what: str):
     self.base, self.what = base, what
 
   def parse(self, argument):
-    return _parse_or_none(self.base, self.what, argument)
+    if isinstance(argument, str) and argument.strip() == "None":
+      return None
+    try:
+      return self.base.parse(argument)
+    except (TypeError, ValueError):
+      raise ValueError(f"expected {self.what}") from None
 
   def flag_type(self):
     return self.base.flag_type()
@@ -95,7 +91,7 @@ _BARE_WORD = re.compile(r"[A-Za-z_][^'\"()\[\]\s,]*")
 
 
 def parse_tuple(text: str) -> tuple:
-  """A tuple field's command-line value: a Python literal, ``None``, or bare words.
+  """A tuple field's command-line value: a Python literal or bare words.
 
   ``(8, 4)``, ``[8, 4]``, ``()`` and ``8`` are literals (one value becomes a 1-tuple);
   words joined by commas, optionally in parentheses, are strings:
