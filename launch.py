@@ -1,4 +1,4 @@
-"""Runs one experiment: ``python launch.py --experiment=NAME [--model=...] [--config key=value]``.
+"""Runs one experiment: ``python launch.py --experiment=NAME [--tiny] [--config.key=value ...]``.
 
 Output goes to ``<workdir>/<experiment>/<model>/`` (several models of one
 experiment coexist; ``criteria_benchmark`` keeps its aggregate files in
@@ -6,7 +6,12 @@ experiment coexist; ``criteria_benchmark`` keeps its aggregate files in
 every experiment and model. Experiments are listed in ``experiments/__init__.py``;
 ``--experiment=help`` (or ``list``) prints them.
 
-Every flag and ``--config`` value is checked before any work
+``--config`` is the chosen experiment's ``get_config(tiny)`` as an ml_collections
+config flag (locked): ``--config.key=value`` overrides a field, ``--config.section.key=value``
+a nested one (:func:`experiments.common.define_config_flag`; the old spelling
+``--config key=value`` still works, deprecated, through the same typed flags).
+An unknown key or a value its field's type cannot take is refused while parsing;
+every flag and ``--config`` value is then checked before any work
 (:func:`experiments.common.validate_config`, each experiment's ``validate``):
 a bad one, an unwritable workdir or cache, or a missing checkpoint is one
 ``error:`` line and exit status 2, with nothing written. Ctrl-C prints one
@@ -50,18 +55,35 @@ flags.DEFINE_string("coordinator_address", None, "--distributed: 'host:port' of 
 flags.DEFINE_integer("num_processes", None, "--distributed: total number of processes.",
                      lower_bound=1)
 flags.DEFINE_integer("process_id", None, "--distributed: this process's index.", lower_bound=0)
-flags.DEFINE_multi_string("config", [], "Config override key=value, repeatable, e.g. "
-                          "--config epochs=5 --config bits='(8,4,2)'.")
+# --config: defined by parse_flags from the chosen experiment's get_config(tiny).
 
 
 FLAG_KEYS = ("model", "dataset", "seed", "data_dir", "cache_dir")  # flags copied into the config
 
 
+def chosen_experiment(argv: list[str]) -> tuple[str, bool]:
+  """``--experiment`` and ``--tiny`` read from ``argv`` alone (before ``--config`` exists)."""
+  early = flags.FlagValues()
+  flags.DEFINE_string("experiment", FLAGS["experiment"].default, "", flag_values=early)
+  flags.DEFINE_bool("tiny", False, "", flag_values=early)
+  early(argv, known_only=True)
+  return early.experiment, early.tiny
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; a bad flag is one ``error:`` line naming it, exit status 2."""
+  """absl flag parsing with ``--config`` from the chosen experiment's ``get_config(tiny)``.
+
+  A bad flag, an unknown experiment or ``--config`` key, or a value of the wrong type is
+  one ``error:`` line naming it, exit status 2.
+  """
   try:
+    argv = common.legacy_overrides(argv)
+    name, tiny = chosen_experiment(argv)
+    if name not in ("help", "list"):
+      module = experiments.get_experiment(name)
+      common.define_config_flag(module.get_config(tiny=tiny), argv)
     return FLAGS(argv)
-  except flags.Error as e:
+  except (flags.Error, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
@@ -70,7 +92,7 @@ def list_experiments() -> str:
   """One line per experiment: its name and the first line of its module docstring."""
   names = experiments.list_experiments()
   width = max(map(len, names))
-  lines = ["Experiments (python launch.py --experiment=NAME [--tiny] [--config key=value]):"]
+  lines = ["Experiments (python launch.py --experiment=NAME [--tiny] [--config.key=value]):"]
   for name in names:
     doc = (experiments.get_experiment(name).__doc__ or "").strip().splitlines()
     lines.append(f"  {name:<{width}}  {doc[0] if doc else ''}")
@@ -155,16 +177,13 @@ def _main() -> int:
                       os.path.join(os.path.expanduser("~"), ".cache", "safer_jax", "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   module = experiments.get_experiment(FLAGS.experiment)
-  config = module.get_config(tiny=FLAGS.tiny)
+  config = FLAGS.config  # get_config(tiny) with the --config.key=value overrides
   names = {}
-  for name in FLAG_KEYS:
+  for name in FLAG_KEYS:  # a --config.<name> override wins over the flag
     value = getattr(FLAGS, name)
-    if value is not None and name in config:
+    if value is not None and name in config and name not in FLAGS["config"].override_values:
       config[name] = value
       names[name] = f"--{name}"
-  common.apply_overrides(config, FLAGS.config)
-  names.update({item.split("=", 1)[0].strip(): f"--config {item.split('=', 1)[0].strip()}"
-                for item in FLAGS.config})
   common.validate_config(module, config, names)  # every value, before any work
   if not primary:
     return _run_secondary(module, config)

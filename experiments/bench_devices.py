@@ -81,7 +81,7 @@ def run(config, workdir: str) -> dict:
   entry = common.pretrained(config)  # train / restore once here, so children only restore.
   overrides = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()
                if k not in ("devices", "timeout_s")}
-  overrides["cache_dir"] = os.path.dirname(entry.path) if not config.checkpoint else ""
+  overrides["cache_dir"] = os.path.dirname(entry.path) if not config.checkpoint else None
   rows = []
   for n in counts:
     print(f"[bench_devices] {n} device(s) ...", flush=True)

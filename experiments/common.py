@@ -7,8 +7,11 @@ key, cross-key rules apply by the keys present (a sensitivity-style sweep:
 ``families`` + ``seeds``), and an experiment module may add its own checks as
 ``validate(config, check)`` (``check`` a :class:`Checker`). A bad value raises a
 :class:`~safer_jax.errors.ConfigError` naming the flag or key, the value and what
-is allowed, e.g. ``--config eval_examples=-5 is not allowed; allowed: an integer
+is allowed, e.g. ``--config.eval_examples=-5 is not allowed; allowed: an integer
 >= 0 (0: the whole eval split)``.
+
+Overrides are ml_collections ``--config.key=value`` flags (:func:`define_config_flag`;
+:func:`apply_overrides` applies ``key=value`` items the same way in a notebook or test).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any
 
 import ml_collections
 import pandas as pd
+from absl import flags
+from ml_collections import config_dict, config_flags
+from ml_collections.config_flags import tuple_parser
 
 from safer_jax import data, zoo
 from safer_jax.errors import ConfigError
@@ -30,8 +36,9 @@ from safer_jax.errors import ConfigError
 def base_config(**fields) -> ml_collections.ConfigDict:
   """Fields every experiment has: model, dataset, seed, data_dir, cache_dir, checkpoint.
 
+  ``data_dir``, ``cache_dir``: None for the defaults (tensorflow-datasets' and the zoo's).
   ``checkpoint``: a user checkpoint to load instead of training a zoo model (a
-  torchvision ``.npz`` state dict or an orbax directory; see :func:`pretrained`).
+  torchvision ``.npz`` state dict or an orbax directory; see :func:`pretrained`), or None.
   ``train_from_scratch``: let an ImageNet-size zoo architecture train on first use
   (refused by default: they take a ``checkpoint``).
   ``max_train``, ``max_eval``, ``image_size``: tfds datasets only (None: the
@@ -42,88 +49,183 @@ def base_config(**fields) -> ml_collections.ConfigDict:
   config.model = "resnet8"
   config.dataset = "digits"
   config.seed = 0
-  config.data_dir = ""
-  config.cache_dir = ""
-  config.checkpoint = ""
+  config.data_dir = config_dict.placeholder(str)
+  config.cache_dir = config_dict.placeholder(str)
+  config.checkpoint = config_dict.placeholder(str)
   config.train_from_scratch = False
-  config.max_train = None
-  config.max_eval = None
-  config.image_size = None
+  config.max_train = config_dict.placeholder(int)
+  config.max_eval = config_dict.placeholder(int)
+  config.image_size = config_dict.placeholder(int)
   config.progress = True
   config.update(fields)
   return config
 
 
-def parse_value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+# ---------------------------------------------------------------------------
+# Overrides: ``--config.key=value`` flags (ml_collections ``config_flags``).
+# ---------------------------------------------------------------------------
+
+CONFIG_FLAG = "config"
 
 
-def _literal(key: str, text: str, current: Any) -> Any:
-  """``text`` as a Python literal; a plain string only where one is acceptable.
+class _ScalarParser(flags.ArgumentParser):
+  """absl's parser of one field type (int, float, bool, str) that also reads ``None``
+  (an optional field's "off"); a bad value's error says what the field takes."""
 
-  A string is acceptable for string fields, and (one bare word, or words joined by
-  commas, optionally in parentheses) for tuples of strings: ``families=quantize``,
-  ``families=quantize,prune`` or ``criteria=(fisher,taylor)``.
-  """
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError) as e:
-    if isinstance(current, str):
-      return text
-    words = [w.strip() for w in text.strip().strip("()[]").split(",") if w.strip()]
-    if (isinstance(current, tuple) and current and all(isinstance(c, str) for c in current)
-        and words and all(re.fullmatch(r"[^'\"()\[\]\s]+", w) for w in words)):
-      return tuple(words)  # bare words: families=quantize,prune or levels=(prune:0.5,)
-    if current is None or isinstance(current, (tuple, list, int, float)):
-      example = {tuple: "a tuple such as (1, 2)", list: "a list such as [1, 2]",
-                 bool: "True or False"}.get(
-          type(current), "a number" if isinstance(current, (int, float)) else "a Python literal")
-      reason = getattr(e, "msg", None) or "a bare word; numbers, tuples, True/False or quotes"
-      raise ConfigError(f"--config {key}={text} is not a Python literal ({reason}); expected "
-                        f"{example}, e.g. --config {key}={_show(current) or '...'}.") from None
-    return text
+  def __init__(self, base: flags.ArgumentParser, what: str):
+    self.base, self.what = base, what
+
+  def parse(self, argument):
+    if isinstance(argument, str) and argument.strip() == "None":
+      return None
+    try:
+      return self.base.parse(argument)
+    except (TypeError, ValueError):
+      raise ValueError(f"expected {self.what}") from None
+
+  def flag_type(self):
+    return self.base.flag_type()
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-  """Applies ``key=value`` overrides (values parsed as Python literals, else strings).
+_BARE_WORD = re.compile(r"[A-Za-z_][^'\"()\[\]\s,]*")
+
+
+def parse_tuple(text: str) -> tuple:
+  """A tuple field's command-line value: a Python literal or bare words.
+
+  ``(8, 4)``, ``[8, 4]``, ``()`` and ``8`` are literals (one value becomes a 1-tuple);
+  words joined by commas, optionally in parentheses, are strings:
+  ``quantize,prune``, ``(fisher,taylor)``, ``prune:0.5`` or ``dense.*``.
 
   Raises:
-    ConfigError: malformed override, unknown key (lists valid keys), a value that
-      is not a literal where one is needed (e.g. ``quantize=(8,4``) or a value of
-      the wrong type. The message names the key.
+    ValueError: not a literal and not bare words, e.g. ``(8,4`` (says what is allowed).
   """
-  for item in overrides:
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    words = [w.strip() for w in text.strip().strip("()[]").split(",") if w.strip()]
+    if words and all(_BARE_WORD.fullmatch(w) for w in words):
+      return tuple(words)
+    if isinstance(e, ValueError) or ("," not in text and " " not in text):
+      return (text,)  # one string that is no literal, e.g. a path or a regex
+    raise ValueError(f"expected a tuple such as (8, 4), 8,4, () or quantize,prune; "
+                     f"{text!r} is not a Python literal ({getattr(e, 'msg', e)})") from None
+  if isinstance(value, (tuple, list)):
+    return tuple(value)
+  return (value,)
+
+
+class _TupleParser(tuple_parser.TupleParser):
+  """ml_collections' tuple parser (repeated flags append) with :func:`parse_tuple`'s values."""
+
+  def parse(self, argument):
+    if isinstance(argument, str):
+      return parse_tuple(argument)
+    return super().parse(argument)
+
+
+_PARSERS = {
+    int: _ScalarParser(flags.IntegerParser(), "an integer (or None)"),
+    float: _ScalarParser(flags.FloatParser(), "a number (or None)"),
+    bool: _ScalarParser(flags.BooleanParser(), "True or False"),
+    str: _ScalarParser(flags.ArgumentParser(), "a string (or None)"),
+    tuple: _TupleParser(),
+}
+
+
+def override_keys(argv: Sequence[str], name: str = CONFIG_FLAG) -> list[str]:
+  """The keys of the ``--<name>.key=value`` (or ``--<name>.key value``) flags in ``argv``."""
+  found = (re.match(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)", arg) for arg in argv)
+  return list(dict.fromkeys(m.group(1) for m in found if m))
+
+
+def legacy_overrides(argv: Sequence[str], name: str = CONFIG_FLAG) -> list[str]:
+  """``argv`` with the deprecated ``--config key=value`` / ``--config=key=value`` rewritten
+  as ``--config.key=value`` (the same typed path).
+
+  Raises:
+    ConfigError: an old-style override without ``=``.
+  """
+  out, args = [], iter(argv)
+  for arg in args:
+    item = None
+    if arg in (f"--{name}", f"-{name}"):
+      item = next(args, "")
+    elif arg.startswith((f"--{name}=", f"-{name}=")):
+      item = arg.split("=", 1)[1]
+    if item is None:
+      out.append(arg)
+      continue
     if "=" not in item:
-      raise ConfigError(f"--config {item!r} must look like key=value.")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    target = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-      if part not in target or not isinstance(target[part], ml_collections.ConfigDict):
-        raise ConfigError(f"Unknown config key {key!r}; valid keys: {sorted(config.keys())}")
-      target = target[part]
-    if parts[-1] not in target:
-      raise ConfigError(f"Unknown config key {key!r}; valid keys: {sorted(target.keys())}")
-    current = target[parts[-1]]
-    value = _literal(key, text, current)
-    if isinstance(current, tuple) and not isinstance(value, (tuple, list)):
-      value = (value,)
-    if isinstance(current, tuple) and isinstance(value, list):
-      value = tuple(value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    if isinstance(current, str) and not isinstance(value, str):
-      value = text
-    try:
-      target[parts[-1]] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"--config {key}={text} has the wrong type ({type(value).__name__}); "
-                        f"expected a {type(current).__name__} like the default "
-                        f"{_show(current)}.") from e
+      raise ConfigError(f"--{name} {item!r} must look like key=value (better: "
+                        f"--{name}.key=value).")
+    key, value = item.split("=", 1)
+    out.append(f"--{name}.{key.strip()}={value}")
+  return out
+
+
+def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
+                       flag_values: flags.FlagValues = flags.FLAGS,
+                       name: str = CONFIG_FLAG) -> flags.FlagHolder:
+  """Defines ``--<name>`` over ``config`` (locked) and a typed flag per ``--<name>.key`` in argv.
+
+  ml_collections' ``config_flags.DEFINE_config_dict(..., lock_config=True)``:
+  parsing ``argv`` with ``flag_values`` then sets each ``--config.key=value``
+  (nested sections ``--config.section.key=value``) in ``config`` itself, parsed
+  by the type of the field's default (a placeholder's type for ``None``
+  defaults); the word ``None`` sets any field to ``None``; tuples take
+  literals, bare words (``families=quantize,prune``) or repeated flags.
+
+  Args:
+    config: the experiment's config; locked here (no new keys).
+    argv: the full command line (program name first), after :func:`legacy_overrides`.
+    flag_values: where to define the flags (absl's global ``FLAGS`` by default).
+    name: the flag's name.
+
+  Returns:
+    The flag's holder (its ``.value`` is ``config``).
+
+  Raises:
+    ConfigError: a key ``config`` does not have (lists the valid keys of that section).
+  """
+  for key in override_keys(argv, name):
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+      section = ".".join(parts[:i])
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"Unknown config key {key!r} (--{name}.{key}): {section!r} is a "
+                          f"{type(node).__name__}, not a section; set it with "
+                          f"--{name}.{section}=VALUE")
+      if part not in node:
+        where = f" in {section}" if section else ""
+        raise ConfigError(f"Unknown config key {key!r} (--{name}.{key}); valid keys{where}: "
+                          f"{sorted(node.keys())}")
+      node = node[part]
+  for field_type, parser in _PARSERS.items():  # process-wide: launch.py's and tests' configs
+    config_flags.register_flag_parser_for_type(field_type, parser)
+  return config_flags.DEFINE_config_dict(name, config, "The experiment's config; override a "
+                                         "field with --config.key=value.",
+                                         flag_values=flag_values, lock_config=True,
+                                         sys_argv=list(argv))
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies ``key=value`` items to ``config`` exactly as ``--config.key=value`` flags would.
+
+  For tests and notebooks; ``launch.py`` parses the same flags from its command line.
+
+  Raises:
+    ConfigError: an item without ``=``, an unknown key (lists the valid keys) or a value
+      its field's type cannot take (names ``--config.key=value`` and what is expected).
+  """
+  argv = legacy_overrides(["apply_overrides"] + [a for item in overrides
+                                                 for a in (f"--{CONFIG_FLAG}", item)])
+  flag_values = flags.FlagValues()
+  define_config_flag(config, argv, flag_values)
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -253,9 +355,9 @@ SEEDS = sequence(SEED, unique=True)
 RULES: dict[str, Rule] = {
     "seed": SEED,
     "dataset": text(nonempty=True, note="'digits' or a prepared tensorflow-datasets name"),
-    "data_dir": text(),
-    "cache_dir": text(),
-    "checkpoint": text(),
+    "data_dir": optional(text()),
+    "cache_dir": optional(text()),
+    "checkpoint": optional(text()),
     "max_train": optional(COUNT),
     "max_eval": optional(COUNT),
     "image_size": optional(COUNT),
@@ -264,7 +366,7 @@ RULES: dict[str, Rule] = {
     "eval_examples": integer(0, note="0: the whole eval split"),
     "eval_batch_size": COUNT,
     "max_parallel": COUNT,
-    "memory_budget_gb": number(0, note="0: no budget"),
+    "memory_budget_gb": optional(number(0, lo_open=True, note="10**9 bytes; None: no budget")),
     "calib_examples": COUNT,
     "calib_batch_size": COUNT,
     "calib_batches": COUNT,
@@ -279,7 +381,7 @@ class Checker:
   """Checks the values of one config and raises :class:`ConfigError` naming the flag or key.
 
   ``names`` maps keys set from a flag to that flag (``{'seed': '--seed'}``);
-  others are named ``--config key``.
+  others are named ``--config.key``.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, names: Mapping[str, str] | None = None):
@@ -301,7 +403,7 @@ class Checker:
     return True
 
   def name(self, key: str) -> str:
-    return self.names.get(key, f"--config {key}")
+    return self.names.get(key, f"--{CONFIG_FLAG}.{key}")
 
   def fail(self, key: str, allowed: str, value: Any = None, *, problem: str = "") -> None:
     """Raises the ConfigError for ``key`` (its current value unless ``value`` is given)."""
@@ -319,7 +421,7 @@ class Checker:
       self.fail(key, allowed, problem=problem)
 
 
-def model_names(extra: Sequence[str] = ()) -> list[str]:
+def model_names(extra: Sequence[str | None] = ()) -> list[str | None]:
   from safer_jax import models  # pylint: disable=import-outside-toplevel
   return [*models.list_models(), *models.ALIASES, *extra]
 
@@ -343,8 +445,8 @@ def check_sweep_keys(check: Checker) -> None:
                 f"at least one seed; or drop them from families)")
   if "bitflip_representation" in config:
     check.rule("bitflip_representation", choice(("int8", "float32", "bfloat16")))
-  check.rule("layers", text(note="comma-separated regexes; empty: every layer"))
-  check_layers(check, "layers", [p for p in check.value("layers").split(",") if p])
+  check.rule("layers", optional(sequence(text(nonempty=True), note="regexes; None: every layer")))
+  check_layers(check, "layers", list(check.value("layers") or ()))
   check.rule("act_quantize", sequence(integer(2, 16), nonempty=False, unique=True,
                                       note="activation bit widths; (): off"))
   check.rule("act_calib_examples", integer(1, note="training images for activation ranges"))
@@ -408,7 +510,7 @@ def _check_paths(check: Checker) -> None:
       check.fail("checkpoint", "a .npz file (torchvision state_dict) or an orbax checkpoint "
                  "directory")
   if config.get("data_dir") and not os.path.isdir(os.path.expanduser(config.data_dir)):
-    check.fail("data_dir", "an existing tensorflow-datasets directory (or empty)",
+    check.fail("data_dir", "an existing tensorflow-datasets directory (or None)",
                problem="no such directory")
   if config.get("cache_dir") and os.path.exists(config.cache_dir) and not os.path.isdir(
       config.cache_dir):
@@ -469,7 +571,7 @@ def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry
     try:
       return zoo.from_checkpoint(model, os.path.expanduser(config.checkpoint), dataset)
     except (ValueError, FileNotFoundError) as e:  # keys, shapes, classes, NaN weights
-      raise ConfigError(f"--config checkpoint={config.checkpoint}: {e}") from e
+      raise ConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from e
   return zoo.pretrained(model, dataset, config.seed, config=recipe,
                         cache_dir=config.cache_dir or None, data_dir=config.data_dir or None,
                         progress=config.progress,
@@ -483,11 +585,11 @@ def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry
 
 def validate_search(check: "Checker", magnitude: str, rule: Callable) -> None:
   """The search and interaction fields (``magnitude``: the interaction figure's, with ``rule``)."""
-  check.rule("search_evals", integer(0, note="whole-model evaluations per budget; 0: off"))
-  check.rule("search_examples", integer(1, note="training images the search scores on"))
-  check.rule("search_batch", integer(1, note="candidates per batched evaluation"))
+  check.rule("search.evals", integer(0, note="whole-model evaluations per budget; 0: off"))
+  check.rule("search.examples", integer(1, note="training images the search scores on"))
+  check.rule("search.batch", integer(1, note="candidates per batched evaluation"))
   check.rule(magnitude, rule)
-  check.rule("interaction_top", integer(2, note="layers paired in the interaction figure"))
+  check.rule("interaction.top", integer(2, note="layers paired in the interaction figure"))
 
 
 def search_record(result) -> dict:

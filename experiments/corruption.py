@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from jax.flatten_util import ravel_pytree
+from ml_collections import config_dict
 
 from experiments import common
 from safer_jax import benchmark, io, layers, train
@@ -53,8 +54,10 @@ def get_config(tiny: bool = False):
   config.calib_examples = 256
   config.calib_batch_size = 128
   config.bar_eps = 1e-2
-  config.layers = ""  # regex of the layers to study ("": all); the whole network is always in.
-  config.zoo_epochs = 0  # 0: the zoo recipe; else train (and cache) the model for this many epochs.
+  # A regex of the layers to study (None: all); the whole network is always in.
+  config.layers = config_dict.placeholder(str)
+  # Train (and cache) the model for this many epochs; None: the zoo recipe.
+  config.zoo_epochs = config_dict.placeholder(int)
   if tiny:
     config.model = "mlp"
     config.eps = (1e-2, 1e-1)
@@ -79,9 +82,10 @@ def validate(config, check: common.Checker) -> None:
   check.rule("step_size", common.number(0, lo_open=True))
   check.rule("num_random", common.COUNT)
   check.rule("bar_eps", common.number(0, lo_open=True))
-  check.rule("layers", common.text(note="a regex of layers; empty: every layer"))
+  check.rule("layers", common.optional(common.text(nonempty=True,
+                                                   note="a regex of layers; None: every layer")))
   common.check_layers(check, "layers", [config.layers] if config.layers else [])
-  check.rule("zoo_epochs", common.integer(0, note="0: the zoo recipe"))
+  check.rule("zoo_epochs", common.optional(common.integer(1, note="None: the zoo recipe")))
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "p", "n", "num"))

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 import pandas as pd
+from ml_collections import config_dict
 
 from experiments import common
 from safer_jax import benchmark, calibration, criteria, io, layers, models, perturb, sweep
@@ -61,7 +62,7 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   """The benchmark setting; ``tiny``: one MLP, two magnitudes, one seed, small options.
 
   Fields (besides :func:`experiments.common.base_config`):
-    models: zoo models to benchmark (used when ``model`` is empty).
+    models: zoo models to benchmark (used when ``model`` is None).
     families: perturbation families of the ground truth.
     grids: ``{family: magnitudes}``, mildest first (default: the family's
       default grid in :data:`safer_jax.perturb.FAMILIES`).
@@ -86,7 +87,8 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
       mantissa positions; empty: every bit).
   """
   config = common.base_config()
-  config.model = ""  # empty: benchmark `models`; a name (or 'all') overrides them.
+  config.model = config_dict.placeholder(str)  # None: benchmark `models`; a name (or 'all')
+                                               # overrides them.
   config.models = ("mlp",) if tiny else ZOO_MODELS
   config.families = FAMILIES
   config.grids = ml_collections.ConfigDict(
@@ -133,7 +135,7 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
 
 GRID_MODES = ("calibrated", "fixed")
 BITFLIP_REPRESENTATIONS = ("int8", "float32", "bfloat16")
-EXTRA_MODELS = ("all", "")  # 'all': every zoo model; '': config.models
+EXTRA_MODELS = ("all", None)  # 'all': every zoo model; None: config.models
 RESULTS_PER_MODEL = False  # launch.py: workdir/criteria_benchmark/, one subdir per model inside
 
 

@@ -19,7 +19,7 @@ loss, without fine-tuning. Sources:
 
 * ``searched`` — whole allocations measured, not per-layer costs added: a
   batched local search (:mod:`safer_jax.search`) from every source's ratios,
-  scored by loss on ``search_examples`` training images; with BatchNorm,
+  scored by loss on ``search.examples`` training images; with BatchNorm,
   ``searched_bn`` scores each candidate after re-estimating its BatchNorm
   statistics (what the ``_bn`` columns report).
 
@@ -39,6 +39,7 @@ import os
 import time
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pandas as pd
 
@@ -64,23 +65,21 @@ def get_config(tiny: bool = False):
   config.bn_recalibration = True
   config.finetune_steps = 0  # > 0: also report accuracy after a short fine-tune, masks fixed
   config.finetune_lr = 1e-3
-  # Interaction-aware search (source 'searched'): whole-model evaluations per target, from
-  # every source's ratios, selected by loss on search_examples training images (never the
-  # eval split); the candidate ratios plus every source's ratios are the options. 0: off.
-  config.search_evals = 256
-  config.search_examples = 1024
-  config.search_batch = 32
-  # The interaction figure: every layer pruned alone and the `interaction_top` most
-  # sensitive ones in pairs, at interaction_ratio (0: no figure).
-  config.interaction_ratio = 0.9
-  config.interaction_top = 6
+  # Interaction-aware search (source 'searched'): `evals` whole-model evaluations per target,
+  # from every source's ratios, selected by loss on `examples` training images (never the
+  # eval split), `batch` candidates per batched evaluation; the candidate ratios plus every
+  # source's ratios are the options. evals=0: off.
+  config.search = ml_collections.ConfigDict({"evals": 256, "examples": 1024, "batch": 32})
+  # The interaction figure: every layer pruned alone and the `top` most sensitive ones in
+  # pairs, at pruning ratio `ratio` (None: no figure).
+  config.interaction = ml_collections.ConfigDict({"ratio": 0.9, "top": 6})
   if tiny:
     config.model = "mlp"
     config.targets = (0.5, 0.9)
     config.calib_examples = 128
-    config.search_evals = 24
-    config.search_examples = 256
-    config.search_batch = 8
+    config.search.evals = 24
+    config.search.examples = 256
+    config.search.batch = 8
   return config
 
 
@@ -100,8 +99,8 @@ def validate(config, check: common.Checker) -> None:
   check.rule("bn_recalibration", common.boolean())
   check.rule("finetune_steps", common.integer(0, note="0: no fine-tuning"))
   check.rule("finetune_lr", common.number(0, lo_open=True))
-  common.validate_search(check, "interaction_ratio", common.number(
-      0, 1, note="pruning ratio of the interaction figure; 0: off"))
+  common.validate_search(check, "interaction.ratio", common.optional(common.number(
+      0, 1, lo_open=True, note="pruning ratio of the interaction figure; None: off")))
 
 
 def _sorted_by_magnitude(w) -> np.ndarray:
@@ -199,9 +198,9 @@ def run(config, workdir: str) -> dict:
                                                         candidates)
       except ValueError as e:  # e.g. an unreachable target for the candidate ratios
         print(f"  {source} at {target}: {e}", flush=True)
-  searching = config.search_evals > 0 and bool(allocations)
-  if searching or config.interaction_ratio:
-    search_split = entry.dataset.train.take(config.search_examples)
+  searching = config.search.evals > 0 and bool(allocations)
+  if searching or config.interaction.ratio:
+    search_split = entry.dataset.train.take(config.search.examples)
   if searching:
     # Options: the candidate ratios and every ratio a source gave the layer (sorted).
     options = search.pruned_options(variables, {n: sorted(
@@ -250,7 +249,7 @@ def run(config, workdir: str) -> dict:
     for label, ev in (evaluators.items() if starts else ()):
       found = search.search_allocation(
           ev, kept, capacity, {s: {n: float(r[n]) for n in names} for s, r in starts.items()},
-          evaluations=config.search_evals, batch=config.search_batch, seed=config.seed,
+          evaluations=config.search.evals, batch=config.search.batch, seed=config.seed,
           progress=config.progress)
       r = found.result
       seconds[label] += r.seconds
@@ -264,13 +263,13 @@ def run(config, workdir: str) -> dict:
         + (f" (bn {100 * r['accuracy_bn']:.1f}%)" if bn else "")
         for r in rows if r["target"] == target), flush=True)
   interactions = None
-  if config.interaction_ratio:
+  if config.interaction.ratio:
     interactions = search.interactions(
         entry.model, variables, search_split,
-        {n: perturb.prune(jnp.asarray(kernels[n]), float(config.interaction_ratio))
-         for n in names}, top=min(config.interaction_top, len(names)))
+        {n: perturb.prune(jnp.asarray(kernels[n]), float(config.interaction.ratio))
+         for n in names}, top=min(config.interaction.top, len(names)))
   if not rows:
-    raise ConfigError(f"--config targets={tuple(config.targets)}: no source reached any target "
+    raise ConfigError(f"--config.targets={tuple(config.targets)}: no source reached any target "
                       f"with the candidate ratios {candidates}; add a fixed source (uniform, "
                       f"erk, global_magnitude) or larger candidates.")
   results = pd.DataFrame(rows)
@@ -278,13 +277,13 @@ def run(config, workdir: str) -> dict:
   for label in dict.fromkeys(s["source"] for s in searches):
     bn_search = label == "searched_bn"
     summary += "\n" + common.search_summary(
-        results, searches, config.search_examples, "target", "sparsity", source=label,
+        results, searches, config.search.examples, "target", "sparsity", source=label,
         metric="accuracy_bn" if bn_search else "accuracy",
         scored=" after re-estimating BatchNorm on the calibration images" if bn_search
         else "") + "\n"
   if interactions is not None and len(interactions):
     summary += "\n" + common.interaction_summary(
-        interactions, f"pruning ratio {config.interaction_ratio:g}") + "\n"
+        interactions, f"pruning ratio {config.interaction.ratio:g}") + "\n"
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
            "costs": io.write_json(os.path.join(workdir, "costs.json"),
                                   {"tables": {s: {n: {str(r): c for r, c in t.items()}
@@ -295,10 +294,10 @@ def run(config, workdir: str) -> dict:
            "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
            "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_sparsity.png"))}
   paths.update(common.write_search_files(
-      workdir, {"search_examples": config.search_examples, "objective": "loss",
+      workdir, {"search_examples": config.search.examples, "objective": "loss",
                 "targets": searches}, interactions,
       f"{entry.name}: joint vs additive loss increase, layers pruned at "
-      f"{config.interaction_ratio:g} ({config.search_examples} training images)"))
+      f"{config.interaction.ratio or 0:g} ({config.search.examples} training images)"))
   print(summary)
   return {"paths": paths, "results": results}
 

@@ -12,10 +12,10 @@ signed grid, what qwix deploys), and each allocation is also deployed *through
 qwix* (``qwix.QtProvider`` with the rules of :func:`safer_jax.deploy.to_qwix_rules`)
 and evaluated: ``qwix_accuracy`` next to the simulated ``accuracy``.
 
-Source ``searched`` (``search_evals`` > 0) measures whole allocations instead
+Source ``searched`` (``search.evals`` > 0) measures whole allocations instead
 of adding per-layer costs: a batched local search (:mod:`safer_jax.search`)
 from the knapsack allocations of every other non-random source, scored by loss
-on ``search_examples`` training images, keeping an improvement over the best
+on ``search.examples`` training images, keeping an improvement over the best
 start only when it is significant on those images; the interaction figure
 compares the joint loss increase of pairs of layers with the sum of each alone.
 
@@ -33,8 +33,10 @@ import os
 import re
 
 
+import ml_collections
 import numpy as np
 import pandas as pd
+from ml_collections import config_dict
 
 from experiments import common
 from safer_jax import (activations, benchmark, budget, deploy, io, layers, mixed_precision, search,
@@ -49,7 +51,9 @@ def get_config(tiny: bool = False):
   config.random_seeds = (0, 1, 2)
   config.calib_examples = 256
   config.calib_batch_size = 128
-  config.tie_groups = ""  # e.g. "stage2_block1/conv1+stage2_block1/shortcut;..."
+  # Layers sharing one bit width: a tuple of groups of layer names, e.g.
+  # (("stage2_block1/conv1", "stage2_block1/shortcut"), ...); (): none.
+  config.tie_groups = ()
   config.full_range = True  # qwix's grid (every signed code); False: -(2^(b-1)-1)..2^(b-1)-1
   # What a budget limits: 'bits' (average bits per weight: the model's size in bytes) or
   # 'bops' (average weight bits per multiply-accumulate: bit operations, MACs x weight bits x
@@ -57,31 +61,29 @@ def get_config(tiny: bool = False):
   config.budget_unit = "bits"
   # Granularity: None = per output channel; an integer = group-wise scales of that many input
   # rows on Dense (2-D) kernels (qwix's tile_size; convolutions stay per channel).
-  config.group_size = None
+  config.group_size = config_dict.placeholder(int)
   config.act_bits = 8  # activation bits (the BOPs count; the inputs' grid with quantize_acts)
   # Weights *and* activations: every layer's input quantized to act_bits (per tensor, static
   # ranges calibrated on the calibration images), in the evaluation of every allocation.
   config.quantize_acts = False
   config.qwix = True  # also deploy every allocation through qwix and evaluate it
-  # Interaction-aware search (source 'searched'): whole-model evaluations per budget, from the
-  # knapsack solutions of every source (and uniform), selected by loss on search_examples
-  # training images (never the eval split). 0: no search.
-  config.search_evals = 256
-  config.search_examples = 1024
-  config.search_batch = 32  # candidates proposed per batched evaluation
-  # The interaction figure: every layer quantized alone and the `interaction_top` most
-  # sensitive ones in pairs, at interaction_bits (0: no figure).
-  config.interaction_bits = 3
-  config.interaction_top = 6
+  # Interaction-aware search (source 'searched'): `evals` whole-model evaluations per budget,
+  # from the knapsack solutions of every source (and uniform), selected by loss on `examples`
+  # training images (never the eval split), `batch` candidates proposed per batched
+  # evaluation. evals=0: no search.
+  config.search = ml_collections.ConfigDict({"evals": 256, "examples": 1024, "batch": 32})
+  # The interaction figure: every layer quantized alone and the `top` most sensitive ones in
+  # pairs, at `bits` (None: no figure).
+  config.interaction = ml_collections.ConfigDict({"bits": 3, "top": 6})
   if tiny:
     config.model = "mlp"
     config.budgets = (3.0, 6.0)
     config.sources = ("oracle", "quant_error", "fisher")
     config.random_seeds = (0,)
     config.calib_examples = 128
-    config.search_evals = 24
-    config.search_examples = 256
-    config.search_batch = 8
+    config.search.evals = 24
+    config.search.examples = 256
+    config.search.batch = 8
   return config
 
 
@@ -95,19 +97,21 @@ def validate(config, check: common.Checker) -> None:
   check.rule("sources", common.sequence(common.choice(mixed_precision.COST_SOURCES),
                                         nonempty=False, unique=True))
   check.rule("random_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
-  check.rule("tie_groups", common.text(note="'a+b;c+d': '+' joins layers, ';' separates groups"))
+  check.rule("tie_groups", common.sequence(
+      common.sequence(common.text(nonempty=True), note="layer names"), nonempty=False,
+      note="groups of layers sharing one bit width, e.g. (('a', 'b'), ('c', 'd'))"))
   check.rule("full_range", common.boolean())
   check.rule("budget_unit", common.choice(BUDGET_UNITS))
   check.rule("group_size", common.optional(common.integer(1, note="input rows per scale group")))
   check.rule("act_bits", common.integer(2, 16, note="activation bits"))
   check.rule("quantize_acts", common.boolean())
   check.rule("qwix", common.boolean())
-  common.validate_search(check, "interaction_bits", common.integer(
-      0, 16, note="bits of the interaction figure; 0: off"))
+  common.validate_search(check, "interaction.bits", common.optional(common.integer(
+      1, 16, note="bits of the interaction figure; None: off")))
   if config.qwix:
     check.require(all(deploy.MIN_BITS <= b <= deploy.MAX_BITS for b in config.candidates),
                   "candidates", f"bit widths {deploy.MIN_BITS}..{deploy.MAX_BITS} with qwix=True "
-                  f"(qwix's integer types), or --config qwix=False")
+                  f"(qwix's integer types), or --config.qwix=False")
   ties = _tie_groups(config.tie_groups) or []
   common.check_layers(check, "tie_groups", [re.escape(n) for g in ties for n in g])
 
@@ -115,9 +119,9 @@ def validate(config, check: common.Checker) -> None:
 BUDGET_UNITS = ("bits", "bops")
 
 
-def _tie_groups(text: str) -> list[list[str]] | None:
-  groups = [[name for name in group.split("+") if name] for group in text.split(";") if group]
-  return groups or None
+def _tie_groups(groups) -> list[list[str]] | None:
+  """``config.tie_groups`` as lists of layer names; None when there are none."""
+  return [list(group) for group in groups if group] or None
 
 
 def run(config, workdir: str) -> dict:
@@ -169,9 +173,9 @@ def run(config, workdir: str) -> dict:
   plan = [(s, None) for s in config.sources] + [("uniform", None)] + [
       ("random", seed) for seed in config.random_seeds]
   model = apply if config.quantize_acts else entry.model
-  searching = config.search_evals > 0
-  if searching or config.interaction_bits:
-    search_split = entry.dataset.train.take(config.search_examples)
+  searching = config.search.evals > 0
+  if searching or config.interaction.bits:
+    search_split = entry.dataset.train.take(config.search.examples)
   if searching:
     options = search.quantized_options(variables, names, candidates, full_range=config.full_range,
                                        group_size=config.group_size)
@@ -208,8 +212,8 @@ def run(config, workdir: str) -> dict:
     for source, seed in plan:
       if source == "searched":
         found = search.search_allocation(
-            evaluator, resource, cap, starts, tie_groups=ties, evaluations=config.search_evals,
-            batch=config.search_batch, seed=config.seed, progress=config.progress)
+            evaluator, resource, cap, starts, tie_groups=ties, evaluations=config.search.evals,
+            batch=config.search.batch, seed=config.seed, progress=config.progress)
         r = found.result
         seconds["searched"] += r.seconds
         searches.append({"budget_avg_bits": avg, **common.search_record(r)})
@@ -229,13 +233,13 @@ def run(config, workdir: str) -> dict:
         f"{r['source']} {100 * r['accuracy']:.1f}%" for r in rows[-len(plan):]
         if r["seed"] <= 0), flush=True)
   interactions = None
-  if config.interaction_bits:
+  if config.interaction.bits:
     perturbed = {n: mixed_precision.quantize_model(
-        variables, {n: config.interaction_bits}, full_range=config.full_range,
+        variables, {n: config.interaction.bits}, full_range=config.full_range,
         group_size=config.group_size)["params"] for n in names}
     perturbed = {n: layers.get_kernel(p, n) for n, p in perturbed.items()}
     interactions = search.interactions(model, variables, search_split, perturbed,
-                                       top=min(config.interaction_top, len(names)))
+                                       top=min(config.interaction.top, len(names)))
   results = pd.DataFrame(rows)
   summary = _summary(results, base, entry, seconds, config, searches, interactions)
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
@@ -248,10 +252,10 @@ def run(config, workdir: str) -> dict:
            "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
            "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_bits.png"))}
   paths.update(common.write_search_files(
-      workdir, {"search_examples": config.search_examples, "objective": "loss",
+      workdir, {"search_examples": config.search.examples, "objective": "loss",
                 "budgets": searches}, interactions,
-      f"{entry.name}: joint vs additive loss increase, layers at {config.interaction_bits} bits "
-      f"({config.search_examples} training images)"))
+      f"{entry.name}: joint vs additive loss increase, layers at {config.interaction.bits} bits "
+      f"({config.search.examples} training images)"))
   print(summary)
   return {"paths": paths, "results": results}
 
@@ -311,10 +315,10 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
           if config.quantize_acts else " Activations in float.")
   lines += ["", f"Simulated quantization: {grid}, {scales}.{acts}"]
   if searches:
-    lines += ["", common.search_summary(results, searches, config.search_examples, "budget_avg_bits",
+    lines += ["", common.search_summary(results, searches, config.search.examples, "budget_avg_bits",
                                  "bits")]
   if interactions is not None and len(interactions):
-    lines += ["", common.interaction_summary(interactions, f"{config.interaction_bits} bits")]
+    lines += ["", common.interaction_summary(interactions, f"{config.interaction.bits} bits")]
   if results["qwix_accuracy"].notna().any():
     qwix_pivot = mean.pivot(index="source", columns="budget_avg_bits",
                             values="qwix_accuracy").reindex(order)

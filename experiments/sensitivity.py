@@ -23,6 +23,7 @@ import time
 
 from experiments import common
 import pandas as pd
+from ml_collections import config_dict
 
 from safer_jax import activations, benchmark, io, perturb, plots, sweep, zoo
 
@@ -37,10 +38,11 @@ def get_config(tiny: bool = False):
   config.corrupt = (0.01, 0.02, 0.05, 0.1, 0.2)
   config.bitflip_representation = "int8"
   config.seeds = (0, 1, 2)
-  config.layers = ""  # comma-separated regexes; empty: every layer
+  config.layers = config_dict.placeholder(tuple)  # regexes of the layers; None: every layer
   config.max_parallel = 64
   config.eval_batch_size = 1024
-  config.memory_budget_gb = 0.0  # > 0: pick max_parallel / eval_batch_size to fit (10**9 bytes)
+  # pick max_parallel / eval_batch_size to fit this many 10**9 bytes; None: no budget
+  config.memory_budget_gb = config_dict.placeholder(float)
   config.eval_examples = 0  # 0: the whole eval split
   config.act_quantize = (8, 6, 4, 3, 2)  # bits of each layer's input, alone; (): no activations
   config.act_calib_examples = 256  # training images the activation ranges come from
@@ -66,7 +68,7 @@ def sweep_config(config) -> sweep.SweepConfig:
     families[name] = tuple(config[name]) if name in config else None
   return sweep.SweepConfig(
       families=families, seeds=tuple(config.seeds),
-      layers=[p for p in config.layers.split(",") if p] or None,
+      layers=list(config.layers or ()) or None,
       family_options={"bitflip": {"representation": config.bitflip_representation}},
       max_parallel=config.max_parallel, eval_batch_size=config.get("eval_batch_size", 1024),
       memory_budget_bytes=(int(config.memory_budget_gb * 1e9)

@@ -145,9 +145,9 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
   if name in models_lib.IMAGENET_MODELS and not train_from_scratch:
     raise errors.ConfigError(
         f"Model {name!r} is an ImageNet-size architecture; the zoo does not train it on first "
-        f"use. Load its weights with --config checkpoint=PATH (a torchvision state_dict .npz "
+        f"use. Load its weights with --config.checkpoint=PATH (a torchvision state_dict .npz "
         f"or an orbax checkpoint directory; safer_jax.zoo.from_checkpoint in Python), or train "
-        f"it from scratch anyway with --config train_from_scratch=True "
+        f"it from scratch anyway with --config.train_from_scratch=True "
         f"(zoo.pretrained(..., train_from_scratch=True)).")
   ds = dataset if isinstance(dataset, data_lib.Dataset) else data_lib.load_dataset(
       dataset, data_dir=data_dir)

@@ -149,7 +149,7 @@ def test_removed_cost_table_counts_the_pruned_weights():
 
 def test_prune_sweep_tiny_writes_files(tmp_path, launch):
   out = launch(["--experiment=prune_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False", "--config", "finetune_steps=5"])
+                 "--config.progress=False", "--config.finetune_steps=5"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "prune_sweep" / "mlp"
   for name in ("results.csv", "costs.json", "summary.md", "accuracy_vs_sparsity.png"):
@@ -171,7 +171,7 @@ def test_prune_sweep_tiny_writes_files(tmp_path, launch):
 
 def test_bitflip_protect_tiny_writes_files(tmp_path, launch):
   out = launch(["--experiment=bitflip_protect", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"])
+                 "--config.progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "bitflip_protect" / "mlp"
   for name in ("results.csv", "scores.json", "summary.md", "accuracy_vs_rate.png"):

@@ -179,7 +179,7 @@ def test_quantization_aware_finetuning_returns_quantized_kernels(lenet):
 
 def test_experiment_tiny_writes_files(tmp_path, launch):
   out = launch(["--experiment=attribution_preservation", "--tiny", f"--workdir={tmp_path}",
-                "--config", "progress=False"])
+                "--config.progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "attribution_preservation" / "lenet"
   for name in ("results.csv", "per_image.csv", "summary.md", "example_maps.png", "metrics.png"):

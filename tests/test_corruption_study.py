@@ -24,7 +24,7 @@ def test_random_corruptions_have_the_norm_and_sparsity(p, n):
 
 def test_corruption_experiment_writes_files(tmp_path, launch):
   out = launch(["--experiment=corruption", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"])
+                 "--config.progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "corruption" / "mlp"
   for name in ("results.csv", "summary.md", "meta.json", "delta_vs_eps.png",
@@ -41,7 +41,7 @@ def test_corruption_experiment_writes_files(tmp_path, launch):
 
 def test_acr_train_experiment_writes_files(tmp_path, launch):
   out = launch(["--experiment=acr_train", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"])
+                 "--config.progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   work = tmp_path / "acr_train" / "mlp"
   for name in ("results.csv", "summary.md", "meta.json", "robustness.png"):

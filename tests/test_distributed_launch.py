@@ -77,7 +77,7 @@ def _env(tmp_path, devices: int | None) -> dict:
 def _launch(tmp_path, workdir: str, distributed: bool, port: int = 0, process_id: int = 0):
   cmd = [sys.executable, "launch.py", "--experiment=sensitivity", "--tiny",
          f"--workdir={tmp_path / workdir}", f"--cache_dir={tmp_path / 'cache'}", "--noxla_cache",
-         "--config", "progress=False"]
+         "--config.progress=False"]
   if distributed:
     cmd += ["--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
             f"--process_id={process_id}"]

@@ -303,7 +303,7 @@ def test_torchvision_checkpoint_sensitivity_and_quant_sweep_on_mock_imagenet2012
   npz = tmp_path / "resnet18.npz"
   np.savez(npz, **resnet_state_dict(18, 1000))
   config = _mock_imagenet_config(sensitivity, tmp_path, model="resnet18", checkpoint=str(npz),
-                                 image_size=32, layers="stem/conv,head/fc",
+                                 image_size=32, layers=("stem/conv", "head/fc"),
                                  families=("quantize",), quantize=(8, 2), eval_examples=0)
   with tfds.testing.mock_data(num_examples=20, policy=USE_CODE):
     result = sensitivity.run(config, str(tmp_path / "sens"))

@@ -396,14 +396,14 @@ def test_from_checkpoint_npz_logits_match_numpy(tmp_path, resnet18_sd, images):
 
 
 def test_experiment_config_checkpoint_loads_user_weights(tmp_path, digits):
-  """``--config checkpoint=PATH`` makes experiments.common.pretrained load PATH (no training)."""
+  """``--config.checkpoint=PATH`` makes experiments.common.pretrained load PATH (no training)."""
   model = models.get_model("mlp", num_classes=digits.num_classes)
   variables = model.init(jax.random.key(3), jnp.zeros((1, *digits.input_shape)))
   path = str(tmp_path / "mlp_ckpt")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, variables)
   config = exp_common.base_config(model="mlp", dataset="digits")
-  assert config.checkpoint == ""
+  assert config.checkpoint is None
   exp_common.apply_overrides(config, [f"checkpoint={path}", f"cache_dir={tmp_path / 'cache'}"])
   entry = exp_common.pretrained(config)
   assert entry.restored and entry.path == path and entry.dataset.name == "digits"

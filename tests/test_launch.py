@@ -1,7 +1,9 @@
 """End-to-end tests of launch.py and the experiment registry."""
 
 import json
+import os
 
+import ml_collections
 import pytest
 
 import experiments
@@ -20,14 +22,46 @@ def test_registry_error():
 
 
 def test_config_overrides():
-  config = common.base_config(bits=(8, 4), lr=0.1)
-  common.apply_overrides(config, ["bits=(6,2)", "lr=1", "model=lenet", "seed=3"])
+  config = common.base_config(bits=(8, 4), lr=0.1, names=("a",),
+                              search=ml_collections.ConfigDict({"evals": 8}))
+  common.apply_overrides(config, ["bits=(6,2)", "lr=1", "model=lenet", "seed=3", "names=b,c",
+                                  "search.evals=2", "max_train=100", "checkpoint=x.npz"])
   assert config.bits == (6, 2) and config.lr == 1.0 and config.model == "lenet"
-  assert config.seed == 3
+  assert config.seed == 3 and config.names == ("b", "c") and config.search.evals == 2
+  assert config.max_train == 100 and config.checkpoint == "x.npz"  # None placeholders
+  common.apply_overrides(config, ["max_train=None", "bits=4", "names=()"])
+  assert config.max_train is None and config.bits == (4,) and config.names == ()
   with pytest.raises(ValueError, match="Unknown config key 'nope'"):
     common.apply_overrides(config, ["nope=1"])
+  with pytest.raises(ValueError, match=r"Unknown config key 'search.nope'.*\['evals'\]"):
+    common.apply_overrides(config, ["search.nope=1"])
+  with pytest.raises(ValueError, match=r"^flag --config.seed=abc: expected an integer"):
+    common.apply_overrides(config, ["seed=abc"])
+  with pytest.raises(ValueError, match=r"--config.bits=\(8,4: expected a tuple"):
+    common.apply_overrides(config, ["bits=(8,4"])
   with pytest.raises(ValueError, match="key=value"):
     common.apply_overrides(config, ["seed"])
+  assert config.is_locked  # lock_config=True: no new keys
+
+
+def test_old_config_spelling_becomes_config_dot_flags():
+  argv = ["launch.py", "--config", "seed=3", "--config=acr.eps=0.1", "--config.lr=2", "--tiny"]
+  assert common.legacy_overrides(argv) == ["launch.py", "--config.seed=3",
+                                           "--config.acr.eps=0.1", "--config.lr=2", "--tiny"]
+  assert common.override_keys(common.legacy_overrides(argv)) == ["seed", "acr.eps", "lr"]
+
+
+def test_unknown_or_mistyped_config_key_through_launch(tmp_path, launch):
+  out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
+                "--config.search.nope=1"])
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.strip() == ("error: Unknown config key 'search.nope' (--config.search.nope); "
+                                "valid keys in search: ['batch', 'evals', 'examples']")
+  out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
+                "--config", "group_size=abc"])  # the old spelling: the same typed flag
+  assert out.returncode == 2
+  assert out.stderr.strip() == "error: flag --config.group_size=abc: expected an integer (or None)"
+  assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("name", experiments.list_experiments())
@@ -68,7 +102,7 @@ def test_sensitivity_experiment_writes_table_and_plots(tmp_path, launch):
 
 def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
   out = launch(["--experiment=bench_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"])
+                 "--config.progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.load(open(tmp_path / "bench_sweep" / "mlp" / "bench.json"))
   assert result["same_numbers"] is True
@@ -86,7 +120,7 @@ def test_bench_sweep_tiny_checks_equal_numbers(tmp_path, launch):
 
 def test_bench_devices_tiny_same_table_on_1_and_2_devices(tmp_path, launch):
   out = launch(["--experiment=bench_devices", "--tiny", f"--workdir={tmp_path}",
-                "--config", "progress=False"])
+                "--config.progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.load(open(tmp_path / "bench_devices" / "mlp" / "devices.json"))
   assert result["same_table"] is True
@@ -95,7 +129,7 @@ def test_bench_devices_tiny_same_table_on_1_and_2_devices(tmp_path, launch):
 
 def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
   out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "progress=False"])
+                 "--config.progress=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   import pandas as pd
   work = tmp_path / "quant_sweep" / "mlp"
@@ -143,14 +177,14 @@ def test_quant_sweep_bops_budget(tmp_path, zoo_cache):
 
 def test_quant_sweep_rejects_bad_bits(tmp_path, launch):
   out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config", "candidates=(0,4)"])
+                 "--config.candidates=(0,4)"])
   assert out.returncode == 2 and "candidates=(0, 4)" in out.stderr and "1..16" in out.stderr
   assert not (tmp_path / "quant_sweep" / "mlp" / "results.csv").exists()
 
 
 def test_bad_input_is_one_error_line_not_a_traceback(tmp_path, launch):
   out = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}",
-                "--config", "progress=False", "--config", "memory_budget_gb=0.00001"])
+                "--config.progress=False", "--config.memory_budget_gb=0.00001"])
   assert out.returncode == 2
   assert "error: memory budget 10000 bytes" in out.stderr and "is too small" in out.stderr
   assert "Traceback" not in out.stderr

@@ -26,7 +26,7 @@ from safer_jax import errors, io, layers, mixed_precision, models, sweep, train,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------
-# Every bad --config value of every experiment: refused by the validation step.
+# Every bad --config.key value of every experiment: refused by the validation step.
 # ---------------------------------------------------------------------------
 
 # Keys of experiments.common.RULES (any experiment that has them) -> a bad value.
@@ -48,7 +48,7 @@ SPECIFIC_BAD = {
     "prune_sweep": ["targets=(1.5,)", "targets=(0.5,1.5)", "targets=()", "candidates=(1.2,)",
                     "sources=(nope,)", "finetune_steps=-1", "finetune_lr=0"],
     "quant_sweep": ["candidates=(0,4)", "candidates=(4,17)", "budgets=(1.0,)", "sources=(nope,)",
-                    "random_seeds=(-1,)", "tie_groups=nope+head/fc"],
+                    "random_seeds=(-1,)", "tie_groups=(('nope','head/fc'),)"],
     "bitflip_protect": ["rates=(2.0,)", "budget_fractions=(1.5,)", "rules=(nope,)",
                         "num_seeds=0", "seed_chunk=0", "random_seeds=()",
                         "representation=int4", "oracle_metric=nope"],
@@ -86,7 +86,7 @@ def test_bad_config_value_is_refused_by_validation(name, item):
     common.apply_overrides(config, [item])
     common.validate_config(module, config)
   message = str(info.value)
-  assert f"--config {key}=" in message, message  # names the key, then the value
+  assert f"--config.{key}=" in message, message  # names the key, then the value
   assert "\n" not in message
   assert ("allowed" in message or "expected" in message or "must" in message), message
   del value
@@ -105,7 +105,7 @@ def test_flags_are_named_and_literal_errors_name_the_key():
   config.seed = -1
   with pytest.raises(errors.ConfigError, match=r"^--seed=-1 is not allowed; allowed: an integer"):
     common.validate_config(module, config, {"seed": "--seed"})
-  with pytest.raises(errors.ConfigError, match=r"--config quantize=\(8,4 is not a Python literal"):
+  with pytest.raises(errors.ConfigError, match=r"--config.quantize=\(8,4: expected a tuple"):
     common.apply_overrides(module.get_config(tiny=True), ["quantize=(8,4"])
   config = module.get_config(tiny=True)
   common.apply_overrides(config, ["families=quantize,prune", "seeds=[3, 4]"])
@@ -130,10 +130,10 @@ def test_bad_values_through_launch_one_error_line_nothing_written(tmp_path, zoo_
   afile = tmp_path / "afile"
   afile.write_text("x")
   work = tmp_path / "work"
-  common_args = ["--tiny", f"--workdir={work}", "--config", "progress=False"]
+  common_args = ["--tiny", f"--workdir={work}", "--config.progress=False"]
   cases = [
-      (["--experiment=sensitivity", "--config", "seeds=()"], "--config seeds=() is not allowed"),
-      (["--experiment=prune_sweep", "--config", "targets=(0.5,1.5)"], "1.5 is not a number in"),
+      (["--experiment=sensitivity", "--config.seeds=()"], "--config.seeds=() is not allowed"),
+      (["--experiment=prune_sweep", "--config.targets=(0.5,1.5)"], "1.5 is not a number in"),
       (["--experiment=train", "--seed=-1"], "--seed=-1"),
       # Found by the zoo (the cache may hold the entry): before training; the folder is removed.
       (["--experiment=train", f"--cache_dir={afile}/cache", "--model=lenet"], "not writable"),
@@ -222,9 +222,9 @@ def test_three_processes_on_an_empty_cache_train_once(tmp_path):
   cache = tmp_path / "cache"
   commands = [["--experiment=train", "--tiny", f"--workdir={tmp_path / 'a'}"],
               ["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path / 'b'}",
-               "--config", "families=quantize"],
+               "--config.families=quantize"],
               ["--experiment=train", "--tiny", f"--workdir={tmp_path / 'c'}"]]
-  results = _parallel([c + ["--config", "progress=False"] for c in commands], _cpu_env(cache))
+  results = _parallel([c + ["--config.progress=False"] for c in commands], _cpu_env(cache))
   for rc, out, err in results:
     assert rc == 0, err[-3000:]
     assert "Traceback" not in err
@@ -387,9 +387,9 @@ def test_ctrl_c_through_launch_is_one_line_and_status_130(tmp_path, zoo_cache):
   # run at once and the rest could finish before the signal).
   table = tmp_path / "sensitivity" / "lenet" / "table.csv"
   args = [sys.executable, "launch.py", "--experiment=sensitivity", "--tiny", "--model=lenet",
-          f"--workdir={tmp_path}", "--config", "progress=False", "--config", "eval_examples=0",
-          "--config", f"noise={grid(0.01, 2.0)}", "--config", f"bitflip={grid(1e-4, 0.05)}",
-          "--config", f"seeds={tuple(range(8))}", "--config", "act_quantize=()"]
+          f"--workdir={tmp_path}", "--config.progress=False", "--config.eval_examples=0",
+          f"--config.noise={grid(0.01, 2.0)}", f"--config.bitflip={grid(1e-4, 0.05)}",
+          f"--config.seeds={tuple(range(8))}", "--config.act_quantize=()"]
   # SIGINT back to its default in the child: a process started while SIGINT is ignored
   # inherits the ignore, and Python then installs no KeyboardInterrupt handler (in the full
   # suite under pytest-xdist this launch ran to the end, rc 0, untouched by the signal).

@@ -109,7 +109,7 @@ def test_imagenet_size_models_are_not_trained_unless_asked(tmp_path, monkeypatch
     zoo.pretrained(name, "digits", cache_dir=str(tmp_path), progress=False)
   msg = str(err.value)
   for part in (repr(name), "ImageNet-size architecture", "not train it on first use",
-               "--config checkpoint=PATH", ".npz", "orbax", "--config train_from_scratch=True"):
+               "--config.checkpoint=PATH", ".npz", "orbax", "--config.train_from_scratch=True"):
     assert part in msg, (part, msg)
   assert not os.listdir(tmp_path)  # nothing cached.
 
