@@ -236,6 +236,20 @@ def test_programs_of_another_model_are_refused(tiny):
                     programs=sweep.ProgramCache(models.get_model("mlp")))
 
 
+def test_cached_programs_follow_the_batch_shape(tiny):
+  """A model's program cache reused with another eval batch size compiles for the new shapes."""
+  model, variables, split = tiny
+  programs = sweep.ProgramCache(model)
+  config = dataclasses.replace(CONFIG, families={"quantize": (3,)}, seeds=(0,),
+                               strategy="stage")
+  for batch in (64, 24):  # 24: two full batches and a padded one
+    config = dataclasses.replace(config, eval_batch_size=batch)
+    table = sweep.run_sweep(model, variables, split, config, progress=False,
+                            programs=programs)
+    naive = sweep.naive_sweep(model, variables, split, config, progress=False)
+    np.testing.assert_array_equal(table["accuracy"], naive["accuracy"])
+
+
 def test_cell_keys_equal_cell_key_one_by_one():
   seeds, indices = [0, 1, 2, 12345], [0, 3, 4, 2]
   batch = jax.random.key_data(sweep.cell_keys(seeds, "stage1/conv", "noise", indices))

@@ -217,6 +217,12 @@ class Engine:
     kernels = [layers_lib.get_kernel(variables, n) for n in self.layer_names]
     self.flat_size = max(int(np.prod(k.shape)) for k in kernels)
     self.flat_dtype = np.result_type(*[k.dtype for k in kernels])  # (float64 kernels stay exact)
+    # What an ahead-of-time compiled program was specialised to: part of every program key,
+    # so a later sweep of the same model with other batches or weights' dtypes compiles anew.
+    images, labels, _ = self.batches[0]
+    self.signature = (images.shape, str(images.dtype), labels.shape, str(self.flat_dtype),
+                      jax.tree.structure(variables),
+                      tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(variables)))
 
   def prefix(self, stage: int) -> list:
     """Activations entering ``stage`` for every eval batch.
@@ -278,7 +284,8 @@ class Engine:
 
     Thread-safe: concurrent callers share one compilation (see :meth:`precompile`).
     """
-    key = ("stage", stage, self.stage_layers[stage], self.chunk, self.flat_size)
+    key = ("stage", stage, self.stage_layers[stage], self.chunk, self.flat_size,
+           self.signature)
     return self.programs.get(key, lambda: self._compile_stage(stage))
 
   def _all_prefixes(self) -> bool:
@@ -300,14 +307,14 @@ class Engine:
     """The stages after 0 and ``(variables, images) -> (their inputs...)``, compiled once."""
     stages, run = self._prefixes_program()
     images = self.batches[0][0]
-    key = ("prefixes", stages, images.shape, str(images.dtype))
+    key = ("prefixes", stages, self.signature)
     return stages, self.programs.get(key, lambda: jax.jit(run).lower(self.variables,
                                                                      images).compile())
 
   def prefix_fn(self, stage: int) -> Callable:
     """``(variables, images) -> activations entering stage``, compiled (once)."""
     images = self.batches[0][0]
-    key = ("prefix", stage, images.shape, str(images.dtype))
+    key = ("prefix", stage, self.signature)
     return self.programs.get(key, lambda: jax.jit(
         staged.prefix_program(self.model, stage)).lower(self.variables, images).compile())
 
