@@ -23,6 +23,15 @@ layer (linen / nnx)                              kernel shape                   
 ``Embed`` / ``Embed`` (leaf ``embedding``)       ``(vocab, features)``          feature
 ===============================================  =============================  =======================
 
+Named kernels are touched one way (as qwix's rules and big_vision's
+``tree_map_with_regex``): :func:`map_kernels` applies ``fn(layer, kernel, value)``
+to the layers that ``(regex, value)`` rules select (``re.fullmatch``, first match
+wins; :func:`match_layers`) or that a ``{layer: value}`` mapping names;
+:func:`get_kernels` / :func:`replace_kernels` read and write several at once,
+:func:`check_finite` is the library's one NaN/inf check, :func:`leaves_by_path`
+its one flatten of nested dicts and :func:`abstract_variables` its one
+``jax.eval_shape`` of a model's variables.
+
 All functions are pure: they return new pytrees and never mutate their input.
 """
 
@@ -39,6 +48,8 @@ import numpy as np
 from safer_jax.errors import ConfigError
 
 Params = Mapping[str, Any]
+# ``[(regex, value), ...]`` matched against layer paths with ``re.fullmatch``; first match wins.
+Rules = Sequence[tuple[str, Any]]
 
 KERNEL = "kernel"
 # Leaf names that make a module a layer, in order of preference (a module holding both is
@@ -150,11 +161,11 @@ def _layers_or_raise(params: Params) -> list[str]:
   return layers
 
 
-Rules = Sequence[tuple[str, Any]]
-
-
 def match_rules(name: str, rules: Rules, default: Any = None) -> Any:
-  """Returns the value of the first ``(regex, value)`` rule that fully matches ``name``."""
+  """Returns the value of the first ``(regex, value)`` rule that fully matches ``name``.
+
+  The regexes may be strings or compiled patterns; ``default`` when none matches.
+  """
   for pattern, value in rules:
     if re.fullmatch(pattern, name):
       return value
@@ -197,13 +208,9 @@ def match_layers(params: Params, rules: Rules) -> dict[str, Any]:
       raise ConfigError(
           f"Layer pattern {pattern!r} matches no layer. Available layers: {layers}")
     compiled.append((regex, value))
-  out = {}
-  for name in layers:
-    for regex, value in compiled:
-      if regex.fullmatch(name):
-        out[name] = value
-        break
-  return out
+  unmatched = object()
+  values = {name: match_rules(name, compiled, unmatched) for name in layers}
+  return {name: value for name, value in values.items() if value is not unmatched}
 
 
 @jax.jit
