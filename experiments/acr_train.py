@@ -94,7 +94,7 @@ def _attack(model, names, eval_p, steps):
     loss_fn = benchmark.classifier_loss_fn(model, variables)
     params = variables["params"]
     batch = {"image": images, "label": labels}
-    kernels = {n: layers.get_kernel(params, n) for n in names}
+    kernels = layers.get_kernels(params, names)
     res = acr.adversarial_corruption(lambda a: loss_fn(acr.add_corruption(params, a), batch),
                                      kernels, eps=eps, p=eval_p, steps=steps, scope="layer")
     return {**variables, "params": acr.add_corruption(params, res.corruption)}

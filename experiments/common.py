@@ -478,12 +478,10 @@ def layer_names(config: ml_collections.ConfigDict, model: str | None = None) -> 
   """
   if config.get("dataset") != "digits":
     return None
-  import jax  # pylint: disable=import-outside-toplevel
-  from safer_jax import layers, models, train  # pylint: disable=import-outside-toplevel
+  from safer_jax import layers, models  # pylint: disable=import-outside-toplevel
   ds = data.load_dataset("digits")
   net = models.get_model(model or config.model, num_classes=ds.num_classes)
-  abstract = jax.eval_shape(lambda: train.init_variables(net, ds.input_shape, 0))
-  return layers.find_layers(abstract)
+  return layers.find_layers(layers.abstract_variables(net, ds.input_shape))
 
 
 def check_layers(check: Checker, key: str, patterns: Sequence[str],

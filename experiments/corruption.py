@@ -128,13 +128,11 @@ class _Target:
   def __init__(self, name, loss_fn, params, model, variables):
     self.name = name
     if name == ALL:
-      names = layers.find_layers(params)
-      flat, unravel = ravel_pytree({n: layers.get_kernel(params, n) for n in names})
+      flat, unravel = ravel_pytree(layers.get_kernels(params))
       self.layer, self.params = ALL, {ALL: {"kernel": flat}}
 
       def full(a):
-        return _common.with_kernels(params, {n: layers.get_kernel(params, n) + d
-                                             for n, d in unravel(a).items()})
+        return layers.map_kernels(params, lambda _, w, d: w + d, unravel(a))
 
       def loss_all(p_all, batch):
         delta = p_all[ALL]["kernel"] - flat
@@ -197,7 +195,7 @@ def run(config, workdir: str) -> dict:
           best = int(jnp.argmax(rl))
           a_rand = cands[best]
           d_fo = _common.to_float(
-              _common.mean_loss(t.loss_fn, _common.with_kernels(
+              _common.mean_loss(t.loss_fn, layers.replace_kernels(
                   t.params, {t.layer: t.kernel + a_fo}), batches)) - base_loss
           found = {"first_order": (a_fo, d_fo, pred),
                    "pga": (pga.corruption, pga.loss_increase, np.nan),

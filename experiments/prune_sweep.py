@@ -166,11 +166,8 @@ def ratios_for(source: str, target: float, kernels: dict, tables: dict, candidat
 
 def prune_model(variables, ratios: dict) -> dict:
   """Variables with each listed layer's kernel magnitude-pruned at ``ratios[layer]``."""
-  out = dict(variables)
-  for name, r in ratios.items():
-    w = layers.get_kernel(variables, name)
-    out = layers.replace_kernel(out, name, perturb.prune(jnp.asarray(w), float(r)))
-  return out
+  return layers.map_kernels(variables, lambda _, w, r: perturb.prune(jnp.asarray(w), float(r)),
+                            ratios)
 
 
 def run(config, workdir: str) -> dict:

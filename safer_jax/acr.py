@@ -204,9 +204,7 @@ def _project(a, radii, p, scope, n_sparse):
 
 def add_corruption(params: Any, corruption: Kernels) -> Any:
   """``params`` with ``kernel <- kernel + corruption[layer]`` for each layer (pure)."""
-  for name, a in corruption.items():
-    params = layers_lib.replace_kernel(params, name, layers_lib.get_kernel(params, name) + a)
-  return params
+  return layers_lib.map_kernels(params, lambda _, w, a: w + a, corruption)
 
 
 def _train_loss(model: nn.Module):
@@ -242,8 +240,8 @@ def acr_gradients(model: nn.Module, variables: Mapping[str, Any], images: jax.Ar
   f = _train_loss(model)
   (loss, new_state), g_clean = jax.value_and_grad(f, has_aux=True)(params, state, images, labels)
   names = layers_lib.find_layers(params)
-  kernels = {n: layers_lib.get_kernel(params, n) for n in names}
-  kgrads = {n: layers_lib.get_kernel(g_clean, n) for n in names}
+  kernels = layers_lib.get_kernels(params, names)
+  kgrads = layers_lib.get_kernels(g_clean, names)
 
   def loss_of_corruption(a):
     return f(add_corruption(params, a), state, images, labels)[0]

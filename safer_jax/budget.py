@@ -39,6 +39,8 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
+from safer_jax import layers as layers_lib
+
 Layer = Hashable
 
 METHODS = ("dp", "ilp")
@@ -621,9 +623,9 @@ def global_magnitude_ratios(kernels: Mapping[Layer, Any], s: float) -> dict[Laye
   s = _check_sparsity(s)
   if not kernels:
     raise ValueError("kernels is empty.")
-  flats = [np.abs(np.asarray(w, np.float32)).reshape(-1) for w in kernels.values()]
-  if any(not np.isfinite(f).all() for f in flats):
-    raise ValueError("kernels contain NaN or inf.")
+  arrays = {layer: np.asarray(w, np.float32) for layer, w in kernels.items()}
+  layers_lib.check_finite(arrays, "Kernel of layer")
+  flats = [np.abs(w).reshape(-1) for w in arrays.values()]
   sizes = [f.size for f in flats]
   allw = np.concatenate(flats) if flats else np.zeros(0, np.float32)
   k = prune_count(s, allw.size)

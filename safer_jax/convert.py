@@ -18,13 +18,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath  # orbax's path type
 
 from safer_jax import checkpoints
+from safer_jax import layers as layers_lib
 from safer_jax import models as models_lib
 from safer_jax.models import imagenet as imagenet_models
 
@@ -169,19 +168,11 @@ def _torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
 
 
 def abstract_variables(model, input_shape: tuple[int, ...] = _SHAPE_PROBE) -> dict:
-  """``jax.ShapeDtypeStruct`` tree of ``model.init`` on one ``input_shape`` image; no allocation."""
-  return jax.eval_shape(lambda: dict(model.init(jax.random.key(0),
-                                                jnp.zeros((1, *input_shape), jnp.float32))))
+  """``jax.ShapeDtypeStruct`` tree of ``model.init`` on one ``input_shape`` image; no allocation.
 
-
-def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out
+  :func:`safer_jax.layers.abstract_variables` with an input shape that fits every zoo model.
+  """
+  return layers_lib.abstract_variables(model, input_shape)
 
 
 def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
@@ -240,7 +231,8 @@ def load_torchvision_npz(path_or_dict: str | os.PathLike | Mapping[str, Any], mo
     num_classes = torchvision_num_classes(state, model_name) or 1000
   if num_classes < 1:
     raise ValueError(f"num_classes={num_classes} must be >= 1.")
-  abstract = _flat(abstract_variables(models_lib.get_model(model_name, num_classes=num_classes)))
+  model = models_lib.get_model(model_name, num_classes=num_classes)
+  abstract = layers_lib.leaves_by_path(abstract_variables(model))
   with_expand = {p[1] for p in abstract if len(p) > 2 and p[2] == "expand"}
   keys = {p: torchvision_key(model_name, p, has_expand=p[1] in with_expand) for p in abstract}
   missing = sorted(set(keys.values()) - set(state))
@@ -302,7 +294,7 @@ def _saved_shapes(item_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]:
   tree = getattr(metadata, "tree", metadata)
   if not isinstance(tree, Mapping):
     raise ValueError(f"Orbax checkpoint {item_dir!r} does not hold a dict of variables.")
-  return {p: tuple(m.shape) for p, m in _flat(tree).items()}
+  return {p: tuple(m.shape) for p, m in layers_lib.leaves_by_path(tree).items()}
 
 
 def check_structure(saved: Mapping[tuple[str, ...], tuple[int, ...]],
@@ -353,7 +345,7 @@ def load_orbax(path: str | os.PathLike, model, input_shape: tuple[int, ...]) -> 
     raise FileNotFoundError(f"No orbax checkpoint directory at {path!r}.")
   abstract = abstract_variables(model, tuple(input_shape))
   item_dir, zoo_root = _orbax_item_dir(path)
-  expected = {p: tuple(s.shape) for p, s in _flat(abstract).items()}
+  expected = {p: tuple(s.shape) for p, s in layers_lib.leaves_by_path(abstract).items()}
   check_structure(_saved_shapes(item_dir), expected, f"Orbax checkpoint {path!r}")
   if zoo_root is not None:
     variables, _ = checkpoints.restore_checkpoint(zoo_root, abstract)

@@ -96,14 +96,8 @@ def from_qwix_rules(rules: Iterable[Any], layers: Sequence[str]) -> dict[str, in
     if not match:
       raise ConfigError(f"weight_qtype={qtype!r} is not an integer type; allowed: int2..int8")
     parsed.append((get("module_path"), int(match.group(1))))
-  out = {}
-  for layer in layers:
-    for pattern, b in parsed:
-      if re.fullmatch(pattern, layer):
-        if b is not None:
-          out[layer] = b
-        break
-  return out
+  matched = {layer: layers_lib.match_rules(layer, parsed) for layer in layers}
+  return {layer: b for layer, b in matched.items() if b is not None}
 
 
 def rules_to_json(rules: Iterable[qwix.QtRule]) -> list[dict]:

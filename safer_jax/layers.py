@@ -23,21 +23,33 @@ layer (linen / nnx)                              kernel shape                   
 ``Embed`` / ``Embed`` (leaf ``embedding``)       ``(vocab, features)``          feature
 ===============================================  =============================  =======================
 
+Named kernels are touched one way (as qwix's rules and big_vision's
+``tree_map_with_regex``): :func:`map_kernels` applies ``fn(layer, kernel, value)``
+to the layers that ``(regex, value)`` rules select (``re.fullmatch``, first match
+wins; :func:`match_layers`) or that a ``{layer: value}`` mapping names;
+:func:`get_kernels` / :func:`replace_kernels` read and write several at once,
+:func:`check_finite` is the library's one NaN/inf check, :func:`leaves_by_path`
+its one flatten of nested dicts and :func:`abstract_variables` its one
+``jax.eval_shape`` of a model's variables.
+
 All functions are pure: they return new pytrees and never mutate their input.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from safer_jax.errors import ConfigError
 
 Params = Mapping[str, Any]
+# ``[(regex, value), ...]`` matched against layer paths with ``re.fullmatch``; first match wins.
+Rules = Sequence[tuple[str, Any]]
 
 KERNEL = "kernel"
 # Leaf names that make a module a layer, in order of preference (a module holding both is
@@ -71,12 +83,23 @@ def as_pure(tree: Any) -> Any:
   return tree
 
 
-def _flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def leaves_by_path(tree: Mapping[Any, Any],
+                   prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """The leaves of nested mappings keyed by their path, a tuple of string keys.
+
+  Every non-``Mapping`` value is a leaf (an empty mapping has none); keys are
+  turned into strings. ``{'a': {'kernel': w}, 'b': 1}`` gives
+  ``{('a', 'kernel'): w, ('b',): 1}``, in the mappings' own order.
+
+  Args:
+    tree: nested mappings (params, variables, ``capture_intermediates`` state).
+    prefix: prepended to every path.
+  """
   out = {}
   for key, value in tree.items():
     path = prefix + (str(key),)
     if isinstance(value, Mapping):
-      out.update(_flatten(value, path))
+      out.update(leaves_by_path(value, path))
     else:
       out[path] = value
   return out
@@ -101,7 +124,7 @@ def find_layers(params: Params) -> list[str]:
     Layer paths such as ``['stem/conv', 'block1/conv1', ..., 'head']`` in the
     order of the (sorted) flattened pytree.
   """
-  flat = _flatten(_unwrap(params))
+  flat = leaves_by_path(_unwrap(params))
   return list(dict.fromkeys("/".join(path[:-1]) for path in flat
                             if path[-1] in KERNEL_LEAVES and len(path) > 1))
 
@@ -122,57 +145,109 @@ def select_layers(params: Params, patterns: str | Sequence[str] | None = None) -
       :class:`~safer_jax.errors.ConfigError`, the user's pattern) a pattern is
       not a valid regex or matches no layer (the error lists the layer paths).
   """
+  if patterns is None:
+    return _layers_or_raise(params)
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  return list(match_layers(params, [(pattern, None) for pattern in patterns]))
+
+
+def _layers_or_raise(params: Params) -> list[str]:
   layers = find_layers(params)
   if not layers:
     raise ValueError(f"The parameter pytree holds no layer: no module has a leaf named one of "
                      f"{list(KERNEL_LEAVES)} (Dense/Linear, Conv, ConvTranspose, DenseGeneral, "
                      f"Einsum, Embed). Its top-level keys: {sorted(map(str, _unwrap(params)))}.")
-  if patterns is None:
-    return layers
-  if isinstance(patterns, str):
-    patterns = [patterns]
-  selected: set[str] = set()
-  for pattern in patterns:
+  return layers
+
+
+def match_rules(name: str, rules: Rules, default: Any = None) -> Any:
+  """Returns the value of the first ``(regex, value)`` rule that fully matches ``name``.
+
+  The regexes may be strings or compiled patterns; ``default`` when none matches.
+  """
+  for pattern, value in rules:
+    if re.fullmatch(pattern, name):
+      return value
+  return default
+
+
+def match_layers(params: Params, rules: Rules) -> dict[str, Any]:
+  """Each layer's value under regex ``rules``: the first rule that matches wins.
+
+  As qwix's rules (``module_path``) and big_vision's ``tree_map_with_regex``:
+  ``rules`` is a sequence of ``(regex, value)`` pairs, each regex matched with
+  ``re.fullmatch`` against the layer paths; a layer takes the value of the first
+  rule that matches it, and a layer no rule matches is left out. A later rule
+  whose layers are all taken by earlier ones is allowed (e.g. a catch-all
+  ``('.*', default)`` last).
+
+  Args:
+    params: params or variables pytree (or an ``nnx.State``).
+    rules: ``[(regex, value), ...]``, e.g. ``[('head/.*', 8), ('.*', 4)]``.
+
+  Returns:
+    ``{layer path: value}`` of the matched layers, in pytree order.
+
+  Raises:
+    ValueError: the pytree holds no layer, or a rule is not a ``(regex, value)``
+      pair; or (a :class:`~safer_jax.errors.ConfigError`) a regex is not valid
+      or matches no layer (the error names it and lists the layer paths).
+  """
+  layers = _layers_or_raise(params)
+  compiled = []
+  for rule in rules:
+    if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2:
+      raise ValueError(f"Each layer rule must be a (regex, value) pair; got {rule!r}.")
+    pattern, value = rule
     try:
       regex = re.compile(pattern)
     except re.error as e:
       raise ConfigError(f"Layer pattern {pattern!r} is not a valid regex: {e}") from e
-    hits = [name for name in layers if regex.fullmatch(name)]
-    if not hits:
+    if not any(regex.fullmatch(name) for name in layers):
       raise ConfigError(
           f"Layer pattern {pattern!r} matches no layer. Available layers: {layers}")
-    selected.update(hits)
-  return [name for name in layers if name in selected]
+    compiled.append((regex, value))
+  unmatched = object()
+  values = {name: match_rules(name, compiled, unmatched) for name in layers}
+  return {name: value for name, value in values.items() if value is not unmatched}
 
 
 @jax.jit
 def _finite_flags(leaves: list) -> list:
-  return [jax.numpy.all(jax.numpy.isfinite(x)) for x in leaves]
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
 
 
 def _on_host(x: Any) -> bool:
   if isinstance(x, jax.Array):
     return all(d.platform == "cpu" for d in x.devices())
-  return not isinstance(x, jax.core.Tracer)
+  return True
 
 
 def check_finite(tree: Any, what: str = "Parameter") -> None:
   """Raises ``ValueError`` naming the first floating-point leaf of ``tree`` with NaN or inf.
 
-  Host-resident leaves (NumPy, CPU arrays) are checked in NumPy; the others with
-  one compiled reduction (every leaf at once), then one transfer of
-  ``len(leaves)`` booleans. Integer and boolean leaves always pass; an
-  ``nnx.State`` is read through :func:`as_pure`.
+  The one finite check of the library: variables before an evaluation,
+  criteria inputs, kernels handed to a perturbation. Host-resident leaves
+  (NumPy, CPU arrays) are checked in NumPy, so nothing is compiled; the others
+  with one compiled reduction (every leaf at once), then one transfer of
+  ``len(leaves)`` booleans. Integer and boolean leaves always pass (bfloat16 and
+  other floating types are checked); traced leaves (inside ``jit``) cannot be
+  checked and pass. An ``nnx.State`` is read through :func:`as_pure`.
 
   Args:
-    tree: variables, params, or any pytree of arrays.
-    what: how to call the leaves in the message (``'Parameter'``, ``'Checkpoint leaf'``).
+    tree: variables, params, ``{layer: kernel}``, any pytree of arrays, or a
+      single array (then named by ``what`` alone).
+    what: how to call the leaves in the message (``'Parameter'``,
+      ``'Checkpoint leaf'``; for a single array its name, e.g. ``'w'``).
 
   Raises:
-    ValueError: ``"<what> ['params']['conv1']['kernel'] holds NaN or inf values (3 of 288)"``.
+    ValueError: ``"Parameter ['params']['conv1']['kernel'] holds NaN or inf values
+      (3 of 288: 2 NaN, 1 inf; first at index (0, 1, 2, 5)); it must be finite."``
   """
   flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(as_pure(tree))[0]
-          if np.issubdtype(np.result_type(leaf), np.inexact)]
+          if not isinstance(leaf, jax.core.Tracer)
+          and jnp.issubdtype(np.result_type(leaf), jnp.inexact)]
   if not flat:
     return
   # Host-resident leaves (NumPy, CPU arrays) are checked in NumPy: no program to compile
@@ -185,17 +260,14 @@ def check_finite(tree: Any, what: str = "Parameter") -> None:
   for (path, leaf), good in zip(flat, ok):
     if not bool(good):
       arr = np.asarray(leaf)
-      bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-      raise ValueError(f"{what} {jax.tree_util.keystr(path)} holds NaN or inf values "
-                       f"({bad} of {arr.size}); the weights must be finite.")
-
-
-def match_rules(name: str, rules: Sequence[tuple[str, Any]], default: Any = None) -> Any:
-  """Returns the value of the first ``(regex, value)`` rule that fully matches ``name``."""
-  for pattern, value in rules:
-    if re.fullmatch(pattern, name):
-      return value
-  return default
+      finite = np.isfinite(arr)
+      first = np.unravel_index(int(np.argmin(finite)), arr.shape) if arr.ndim else ()
+      name = f"{what} {jax.tree_util.keystr(path)}" if path else what
+      raise ValueError(
+          f"{name} holds NaN or inf values ({arr.size - np.count_nonzero(finite)} of "
+          f"{arr.size}: {np.count_nonzero(np.isnan(arr))} NaN, "
+          f"{np.count_nonzero(np.isinf(arr))} inf; first at index "
+          f"{tuple(int(i) for i in first)}); it must be finite.")
 
 
 def _node(params: Params, layer: str) -> Mapping[str, Any]:
@@ -262,6 +334,76 @@ def replace_kernel(params: Params, layer: str, kernel: jax.Array) -> dict:
   return replace_leaves(params, layer, {kernel_leaf(params, layer): kernel})
 
 
+def get_kernels(params: Params, layers: Iterable[str] | None = None) -> dict[str, jax.Array]:
+  """``{layer: kernel}`` of the given layer paths (``None``: every layer, in pytree order)."""
+  names = find_layers(params) if layers is None else layers
+  return {name: get_kernel(params, name) for name in names}
+
+
+def replace_kernels(params: Params, kernels: Mapping[str, jax.Array]) -> dict:
+  """A copy of ``params`` whose kernel of each ``kernels`` layer is ``kernels[layer]``.
+
+  :func:`replace_kernel` for several layers: only the dicts on the paths to them
+  are copied (cheap inside ``jit``/``grad``); the result is a new dict even
+  when ``kernels`` is empty. Works on variables and ``nnx.State`` as
+  :func:`replace_leaves` does.
+
+  Raises:
+    KeyError: a layer that ``params`` does not have (the error lists its layers).
+  """
+  out = dict(as_pure(params))
+  for name, kernel in kernels.items():
+    out = replace_kernel(out, name, kernel)
+  return out
+
+
+def map_kernels(params: Params, fn: Callable[[str, jax.Array, Any], jax.Array],
+                rules: Rules | Mapping[str, Any]) -> dict:
+  """``params`` with ``kernel <- fn(layer, kernel, value)`` for each layer that ``rules`` selects.
+
+  The one way to touch named kernels (quantize, prune, corrupt, mask): ``rules``
+  is either a sequence of ``(regex, value)`` pairs, matched against the layer
+  paths with ``re.fullmatch``, first match wins (:func:`match_layers`), or a
+  mapping ``{layer path: value}`` naming layers exactly (no regex). Kernels of
+  unselected layers and all other leaves are shared with the input. Pure;
+  traceable when ``fn`` is.
+
+  Args:
+    params: params, variables or an ``nnx.State`` (the result is its pure dict).
+    fn: ``fn(layer, kernel, value) -> new kernel`` of the same shape.
+    rules: ``[(regex, value), ...]`` or ``{layer: value}``, e.g. bit widths
+      ``[('head/.*', 8), ('.*', 4)]`` or masks ``{'conv1': mask}``.
+
+  Returns:
+    The new pytree (dicts).
+
+  Raises:
+    ValueError: a regex rule is invalid or matches no layer (see
+      :func:`match_layers`); KeyError: a mapping names a layer ``params``
+      does not have.
+  """
+  values = dict(rules) if isinstance(rules, Mapping) else match_layers(params, rules)
+  return replace_kernels(params, {name: fn(name, get_kernel(params, name), value)
+                                  for name, value in values.items()})
+
+
+def abstract_variables(model: Any, input_shape: Sequence[int], seed: int = 0) -> dict:
+  """The variables ``model.init`` would make, as ``jax.ShapeDtypeStruct`` s (nothing allocated).
+
+  ``jax.eval_shape`` of ``dict(model.init(jax.random.key(seed), x))`` with a
+  float32 batch ``x`` of shape ``(1, *input_shape)``: the tree of
+  :func:`safer_jax.train.init_variables`, e.g. to restore a checkpoint into or to
+  list the layers of a model without initialising it.
+
+  Args:
+    model: a Flax linen module.
+    input_shape: one example's shape, e.g. ``(224, 224, 3)``.
+    seed: the init key's seed (no effect on shapes and dtypes).
+  """
+  return jax.eval_shape(lambda: dict(model.init(jax.random.key(seed),
+                                                jnp.zeros((1, *input_shape), jnp.float32))))
+
+
 def num_params(params: Params, layer: str, include: Iterable[str] = KERNEL_LEAVES) -> int:
   """Number of scalar parameters in the given leaves of ``layer`` (default: its kernel)."""
   node = _node(params, layer)
@@ -293,7 +435,7 @@ def macs_per_layer(apply_fn: Any, variables: Params, example: jax.Array) -> dict
 
   def forward(v, x):
     _, state = apply_fn(v, x, capture_intermediates=True, mutable=["intermediates"])
-    for path, out in _flatten(state.get("intermediates", {})).items():
+    for path, out in leaves_by_path(state.get("intermediates", {})).items():
       if path[-1] == "__call__":
         out = out[0] if isinstance(out, tuple) else out
         shapes["/".join(path[:-1])] = tuple(out.shape)
@@ -335,7 +477,7 @@ def execution_order(apply_fn: Any, variables: Params, example: jax.Array) -> lis
 
   def forward(v, x):  # traced only (no compilation): the dict keys keep the call order
     _, state = apply_fn(v, x, capture_intermediates=True, mutable=["intermediates"])
-    paths.extend(_flatten(state.get("intermediates", {})))
+    paths.extend(leaves_by_path(state.get("intermediates", {})))
     return 0
 
   try:

@@ -229,9 +229,6 @@ def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int], *,
   see :mod:`safer_jax.deploy`); ``group_size``: group-wise scales on 2-D kernels. ``variables`` may be an ``nnx.State`` (the result
   is its pure dict).
   """
-  out = dict(layers_lib.as_pure(variables))
-  for name, b in bits.items():
-    w = layers_lib.get_kernel(variables, name)
-    out = layers_lib.replace_kernel(out, name, perturb.quantize(
-        w, int(b), full_range=full_range, group_size=group_size))
-  return out
+  return layers_lib.map_kernels(
+      variables, lambda _, w, b: perturb.quantize(w, int(b), full_range=full_range,
+                                                  group_size=group_size), bits)

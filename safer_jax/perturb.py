@@ -128,6 +128,8 @@ def validate_magnitude(family: str, value: ArrayLike) -> None:
 def check_finite(w: ArrayLike, name: str = "w") -> None:
   """Raises ``ValueError`` if a concrete array holds NaN or inf (traced: no check).
 
+  :func:`safer_jax.layers.check_finite` on one array.
+
   Args:
     w: array of any shape; integer arrays always pass.
     name: how to call ``w`` in the error message.
@@ -136,21 +138,7 @@ def check_finite(w: ArrayLike, name: str = "w") -> None:
     ValueError: naming ``name``, the number of NaN and inf entries and the first
       bad index.
   """
-  if _is_traced(w):
-    return
-  arr = np.asarray(w)
-  if arr.dtype.kind in "iub":
-    return
-  if arr.dtype.kind not in "fc":  # e.g. ml_dtypes.bfloat16.
-    arr = arr.astype(np.float32)
-  finite = np.isfinite(arr)
-  if not finite.all():
-    n_nan = int(np.isnan(arr).sum())
-    n_inf = int(np.isinf(arr).sum())
-    first = np.unravel_index(int(np.argmin(finite)), arr.shape) if arr.ndim else ()
-    raise ValueError(
-        f"{name} has non-finite values: {n_nan} NaN and {n_inf} inf out of {arr.size} "
-        f"(first at index {tuple(int(i) for i in first)}); perturbations need finite weights.")
+  layers_lib.check_finite(w, name)
 
 
 def _check_num_bits(num_bits: Any, low: int = 1, high: int = MAX_BITS) -> None:

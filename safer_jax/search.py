@@ -109,9 +109,8 @@ def allocation_program(model: Any, names: Sequence[str], step: int | None = None
   names = tuple(names)
 
   def one(variables, tables, choice, images, labels, mask):
-    v = variables
-    for i, name in enumerate(names):
-      v = layers_lib.replace_kernel(v, name, tables[i][choice[i]])
+    v = layers_lib.replace_kernels(
+        variables, {name: tables[i][choice[i]] for i, name in enumerate(names)})
     if transform is not None:
       v = transform(v)
     logits = apply(v, images)

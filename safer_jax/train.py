@@ -288,9 +288,7 @@ def finetune(model: nn.Module, variables: Variables, split: data_lib.Split, step
 
   @jax.jit
   def apply_masks(v):
-    for name, m in masks.items():
-      v = layers_lib.replace_kernel(v, name, layers_lib.get_kernel(v, name) * m)
-    return v
+    return layers_lib.map_kernels(v, lambda _, w, m: w * m, masks)
 
   variables = apply_masks(dict(variables))
   opt_state = tx.init(variables["params"])

@@ -101,7 +101,7 @@ def attribution_loss(model: nn.Module, student: Variables, teacher: Variables, x
 
 def kernels(variables: Variables) -> dict[str, Array]:
   """Layer path -> kernel of every layer (:func:`safer_jax.layers.find_layers`)."""
-  return {n: layers.get_kernel(variables, n) for n in layers.find_layers(variables)}
+  return layers.get_kernels(variables)
 
 
 def global_magnitude_masks(variables: Variables, sparsity: float) -> dict[str, Array]:
@@ -117,10 +117,7 @@ def global_magnitude_masks(variables: Variables, sparsity: float) -> dict[str, A
 
 def apply_masks(variables: Variables, masks: Mapping[str, Array]) -> dict:
   """A new ``variables`` with each masked layer's kernel multiplied by its mask."""
-  out = dict(variables)
-  for n, m in masks.items():
-    out = layers.replace_kernel(out, n, layers.get_kernel(out, n) * m)
-  return out
+  return layers.map_kernels(variables, lambda _, w, m: w * m, masks)
 
 
 def quantize_kernels(variables: Variables, bits: int, *, ste: bool = False) -> dict:
@@ -129,11 +126,11 @@ def quantize_kernels(variables: Variables, bits: int, *, ste: bool = False) -> d
   With ``ste`` the result is ``w + stop_gradient(q(w) - w)``: forward value
   ``q(w)``, gradient identity (straight-through estimator).
   """
-  out = dict(variables)
-  for n, w in kernels(variables).items():
-    q = perturb.quantize(w, bits)
-    out = layers.replace_kernel(out, n, w + jax.lax.stop_gradient(q - w) if ste else q)
-  return out
+  def quantize(_, w, b):
+    q = perturb.quantize(w, b)
+    return w + jax.lax.stop_gradient(q - w) if ste else q
+
+  return layers.map_kernels(variables, quantize, [(".*", bits)])
 
 
 def sparsity_schedule(target: float, per_round: float = 0.2) -> list[float]:

@@ -156,7 +156,7 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset = "digits
     config = dataclasses.replace(RECIPES.get(name, train_lib.TrainConfig()), seed=seed)
   path = _entry_dir(cache_dir or default_cache_dir(), name, ds.name, seed, config,
                     ds.input_shape)  # image_size changes the model's input: another entry
-  abstract = jax.eval_shape(lambda: train_lib.init_variables(net, ds.input_shape, config.seed))
+  abstract = layers_lib.abstract_variables(net, ds.input_shape, config.seed)
   if checkpoints.process_local():
     return _shared_entry(name, net, ds, abstract, lambda: _restore_or_train(
         name, net, ds, seed, config, path, abstract, retrain, progress))

@@ -35,37 +35,6 @@ def resolve_layers(params: Params, layers: str | Sequence[str] | None) -> list[s
   return layers_lib.select_layers(params, layers)
 
 
-@jax.jit
-def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
-  return [jnp.all(jnp.isfinite(x)) for x in leaves]
-
-
-def check_finite_kernels(params: Params, names: Sequence[str]) -> None:
-  """Raises ``ValueError`` naming the first layer whose kernel has NaN/inf."""
-  flags = jax.device_get(_all_finite([layers_lib.get_kernel(params, n) for n in names]))
-  for name, ok in zip(names, flags):
-    if not bool(ok):
-      raise ValueError(f"Layer {name!r} has a non-finite (NaN or inf) kernel.")
-
-
-def check_finite_params(params: Params) -> None:
-  """Raises ``ValueError`` naming the first leaf of ``params`` with NaN/inf.
-
-  Data-dependent criteria evaluate the whole network, so every leaf is checked.
-  """
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  floats = [(p, x) for p, x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  flags = jax.device_get(_all_finite([x for _, x in floats]))
-  for (path, _), ok in zip(floats, flags):
-    if not bool(ok):
-      parts = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-      if parts and parts[0] == "params":
-        parts = parts[1:]
-      leaf = parts[-1] if parts else "?"
-      layer = "/".join(parts[:-1])
-      raise ValueError(f"Layer {layer!r} has a non-finite (NaN or inf) {leaf!r} parameter.")
-
-
 def as_batch_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
   """Materialises ``batches`` as a list (criteria may pass over them several times).
 
@@ -122,13 +91,13 @@ def setup(loss_fn: LossFn | None, params: Params, batches: Any,
   if loss_fn is None or not callable(loss_fn):
     raise ValueError("This criterion needs a `loss_fn(params, batch) -> scalar`.")
   names = resolve_layers(params, layers)
-  check_finite_params(params)
+  layers_lib.check_finite(params)  # data-dependent criteria evaluate the whole network
   return names, as_batch_list(batches)
 
 
 def setup_data_free(params: Params, layers: Any) -> list[str]:
   names = resolve_layers(params, layers)
-  check_finite_kernels(params, names)
+  layers_lib.check_finite(layers_lib.get_kernels(params, names), "Kernel of layer")
   return names
 
 
@@ -188,16 +157,6 @@ def vector_norm(x: jax.Array, p: str) -> jax.Array:
   if p == "2":
     return jnp.sqrt(jnp.sum(jnp.square(x)))
   return jnp.max(jnp.abs(x))
-
-
-def with_kernels(params: Params, kernels: Mapping[str, jax.Array]) -> Params:
-  for name, kernel in kernels.items():
-    params = layers_lib.replace_kernel(params, name, kernel)
-  return params
-
-
-def kernels_of(params: Params, names: Sequence[str]) -> dict[str, jax.Array]:
-  return {n: layers_lib.get_kernel(params, n) for n in names}
 
 
 class _DataParallel:
@@ -305,8 +264,8 @@ def cached_jit(builder: Callable[..., Callable], loss_fn: LossFn, *static: Any) 
 def _grad_step(loss_fn: LossFn, names: tuple[str, ...]) -> Callable:
   def step(params, batch):
     def f(kernels):
-      return loss_fn(with_kernels(params, kernels), batch)
-    return jax.value_and_grad(f)(kernels_of(params, names))
+      return loss_fn(layers_lib.replace_kernels(params, kernels), batch)
+    return jax.value_and_grad(f)(layers_lib.get_kernels(params, names))
   return step
 
 

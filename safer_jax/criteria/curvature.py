@@ -88,11 +88,11 @@ def _all_layers_quad_fn(loss_fn, names, impl):
   names = tuple(names)
 
   def quad(params, key_data, batch):
-    kernels = _common.kernels_of(params, names)
+    kernels = layers_lib.get_kernels(params, names)
     keys = jax.random.wrap_key_data(key_data, impl=impl)  # raw uint32: placeable on any mesh
 
     def grad(ks):
-      return jax.grad(lambda k: loss_fn(_common.with_kernels(params, k), batch))(ks)
+      return jax.grad(lambda k: loss_fn(layers_lib.replace_kernels(params, k), batch))(ks)
 
     def one(key):
       v = {n: jax.random.rademacher(jax.random.fold_in(key, i), kernels[n].shape,
@@ -224,7 +224,7 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
   chunk_size = _common.check_positive_int("chunk_size", chunk_size)
   n_boot = _common.check_positive_int("n_boot", n_boot)
   key = jax.random.key(0) if key is None else key
-  kernels = _common.kernels_of(params, names)
+  kernels = layers_lib.get_kernels(params, names)
 
   if estimator == "all_layers":
     quad = _common.cached_jit(_all_layers_quad_fn, loss_fn, tuple(names),
@@ -333,8 +333,8 @@ def _block_hvps_fn(loss_fn, names):
   names = tuple(names)
 
   def block_hvps(params, flats, active, batch):
-    kernels = _common.kernels_of(params, names)
-    grad = lambda ks: jax.grad(lambda k: loss_fn(_common.with_kernels(params, k), batch))(ks)
+    kernels = layers_lib.get_kernels(params, names)
+    grad = lambda ks: jax.grad(lambda k: loss_fn(layers_lib.replace_kernels(params, k), batch))(ks)
     _, lin = jax.linearize(grad, kernels)
     out = {}
     for i, n in enumerate(names):

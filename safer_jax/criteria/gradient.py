@@ -160,8 +160,8 @@ def _sum_sq_grads(loss_fn, names, chunk_size):
   def sum_sq_grads(params, batch):
     def example_sq(example):
       one = jax.tree.map(lambda x: x[None], example)
-      f = lambda kernels: loss_fn(_common.with_kernels(params, kernels), one)
-      return jax.tree.map(jnp.square, jax.grad(f)(_common.kernels_of(params, names)))
+      f = lambda kernels: loss_fn(layers_lib.replace_kernels(params, kernels), one)
+      return jax.tree.map(jnp.square, jax.grad(f)(layers_lib.get_kernels(params, names)))
 
     if chunk_size is None:
       sq = jax.vmap(example_sq)(batch)
