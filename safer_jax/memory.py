@@ -119,16 +119,7 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def abstract_variables(model: Any, input_shape: Sequence[int], seed: int = 0) -> Any:
-  """The variables of a Flax ``model`` as ``ShapeDtypeStruct`` s (``jax.eval_shape``; no init).
-
-  Args:
-    model: a Flax module.
-    input_shape: one example's shape, e.g. ``(224, 224, 3)``.
-    seed: init key (irrelevant for shapes).
-  """
-  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(seed), x)
+abstract_variables = layers_lib.abstract_variables  # (the one helper; kept under this name too)
 
 
 def _nbytes(x: Any) -> int:

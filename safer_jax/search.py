@@ -177,7 +177,7 @@ class AllocationEvaluator:
     if len(split) == 0 or config.eval_batch_size < 1:
       raise ValueError(f"eval_batch_size={config.eval_batch_size} must be >= 1 and the split "
                        f"non-empty ({len(split)} examples).")
-    sweep.check_variables(variables)
+    layers_lib.check_finite(variables)
     known = layers_lib.find_layers(variables)
     self.layers = list(options)
     self.values: dict[str, list] = {}

@@ -79,11 +79,6 @@ def ordered_layers(model: Any, variables: Mapping[str, Any], split: data_lib.Spl
   return [name for name in order if name in selected]
 
 
-def check_variables(variables: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the first leaf with NaN or inf (see :func:`layers.check_finite`)."""
-  layers_lib.check_finite(variables)
-
-
 def masked_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
   """``(right answers, summed cross-entropy)`` over the unmasked examples of a batch."""
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)

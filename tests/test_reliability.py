@@ -188,7 +188,7 @@ def test_evaluate_refuses_non_finite_weights_naming_the_leaf(mlp, digits):
   with pytest.raises(ValueError, match="Checkpoint leaf .*dense2"):
     zoo.check_finite(bad)
   with pytest.raises(ValueError, match="dense2.*NaN or inf"):
-    sweep.check_variables(bad)
+    layers.check_finite(bad)
 
 
 def test_empty_data_and_zero_batch_sizes_are_refused(mlp, digits):

@@ -41,7 +41,7 @@ analysis). Running a model from a stage: :mod:`safer_jax.staged`.
 """
 
 
-from safer_jax.staged import (apply_fn, check_variables, eval_batches, eval_program,
+from safer_jax.staged import (apply_fn, eval_batches, eval_program,
                               masked_scores, ordered_layers, stage_of, stage_program)
 from safer_jax.sweep.engine import (CELLS_PER_STAGE_PROGRAM, COPIES_AXIS, STRATEGIES, Engine,
                                     ProgramCache, copies_devices, engine_step, engine_strategy,
@@ -57,7 +57,7 @@ __all__ = [
     "COLUMNS", "CELLS_PER_STAGE_PROGRAM", "COPIES_AXIS", "DEFAULT_FAMILIES", "STRATEGIES",
     "Engine", "ProgramCache", "SweepConfig",
     "apply_fn", "auto_chunking", "cell_key", "cell_keys", "cell_plan", "cells",
-    "check_variables", "clear_compiled", "copies_devices", "engine_step", "engine_strategy",
+    "clear_compiled", "copies_devices", "engine_step", "engine_strategy",
     "engine_workers", "eval_batches", "eval_program", "fingerprint", "importance",
     "is_stochastic", "loss_gradients", "masked_scores", "naive_sweep", "ordered_layers",
     "padded_layout", "perturb_stack", "programs_for", "run_sweep", "sorted_table",

@@ -144,7 +144,7 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
   if config.eval_batch_size < 1 or len(split) == 0:
     raise ValueError(f"eval_batch_size={config.eval_batch_size} must be >= 1 and the split "
                      f"non-empty ({len(split)} examples).")
-  staged.check_variables(variables)
+  layers_lib.check_finite(variables)
   if programs is None:
     programs = programs_for(model)
   layer_names = staged.ordered_layers(
@@ -331,7 +331,7 @@ def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib
   """
   model, variables = wrapping.as_model(model, variables)
   grids = config.grids()
-  staged.check_variables(variables)
+  layers_lib.check_finite(variables)
   apply = staged.apply_fn(model)
   layer_names = staged.ordered_layers(
       model, variables, split, config.layers,
