@@ -1,0 +1,120 @@
+"""The code's shape: no import cycles between our modules, no private names used across them.
+
+Both read the source (``ast``), nothing is imported. An import inside a function
+counts like one at the top: it is how a cycle hides.
+"""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("safer_jax", "experiments")
+
+
+def _modules() -> dict[str, str]:
+  """``{dotted module name: path}`` of every module of safer_jax/, experiments/, tests/ and launch."""
+  out = {"launch": os.path.join(ROOT, "launch.py")}
+  for top in (*PACKAGES, "tests"):
+    for folder, _, files in os.walk(os.path.join(ROOT, top)):
+      for f in files:
+        if f.endswith(".py"):
+          rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
+          out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = \
+              os.path.join(folder, f)
+  return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, tree: ast.AST) -> list[tuple[str, str | None, ast.AST]]:
+  """``(module, imported name or None, node)`` for every import of one of our modules."""
+  package = name if MODULES[name].endswith("__init__.py") else name.rpartition(".")[0]
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out += [(a.name, None, node) for a in node.names if a.name.split(".")[0] in PACKAGES]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+        base = ".".join(parts + ([base] if base else []))
+      if base.split(".")[0] in PACKAGES:
+        out += [(base, a.name, node) for a in node.names]
+  return out
+
+
+def _dependencies(name: str) -> set[str]:
+  """The modules of our packages that ``name`` needs imported (``from pkg import mod``: mod)."""
+  tree = ast.parse(open(MODULES[name]).read())
+  deps = set()
+  for module, item, _ in _imports(name, tree):
+    target = f"{module}.{item}" if item and f"{module}.{item}" in MODULES else module
+    if target in MODULES and target != name:
+      deps.add(target)
+  return deps
+
+
+def test_no_import_cycles():
+  graph = {m: _dependencies(m) for m in MODULES if m.split(".")[0] in PACKAGES}
+  state, stack, cycles = {}, [], []
+
+  def visit(m):
+    state[m] = "open"
+    stack.append(m)
+    for d in sorted(graph.get(m, ())):
+      if state.get(d) == "open":
+        cycles.append(stack[stack.index(d):] + [d])
+      elif d not in state:
+        visit(d)
+    stack.pop()
+    state[m] = "done"
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m)
+  # A package importing its own submodules (its __init__ re-exporting them) is not a cycle
+  # unless a submodule imports the package back.
+  assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _private(name: str) -> bool:
+  return name.startswith("_") and not name.startswith("__")
+
+
+def _owner_package(module: str) -> str:
+  """The package whose members may share ``module``'s private names (its parent)."""
+  return module.rpartition(".")[0]
+
+
+def test_no_private_names_across_modules():
+  """No ``mod._name`` / ``from mod import _name`` / private module from outside its package."""
+  bad = []
+  for name, path in MODULES.items():
+    tree = ast.parse(open(path).read())
+    aliases = {}  # local name -> our module it stands for
+    for module, item, node in _imports(name, tree):
+      for a in node.names:
+        if item is None and a.name == module:  # import pkg.mod [as m]
+          aliases[a.asname or module.split(".")[0]] = module if a.asname else module.split(".")[0]
+        elif item == a.name:  # from pkg import mod_or_name [as m]
+          target = f"{module}.{item}"
+          if target in MODULES:
+            aliases[a.asname or item] = target
+          elif _private(item):
+            bad.append(f"{name}: from {module} import {item}")
+      target = f"{module}.{item}" if item and f"{module}.{item}" in MODULES else module
+      parts = target.split(".")
+      for i, part in enumerate(parts):
+        # A private module (criteria._common) is for the modules of its own package.
+        if _private(part) and not name.startswith(".".join(parts[:i]) + "."):
+          bad.append(f"{name}: imports private module {target}")
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and _private(node.attr)
+          and isinstance(node.value, ast.Name) and node.value.id in aliases):
+        target = aliases[node.value.id]
+        if f"{target}.{node.attr}" in MODULES and not name.startswith(target + "."):
+          bad.append(f"{name}:{node.lineno}: private module {target}.{node.attr}")
+        elif f"{target}.{node.attr}" not in MODULES:
+          bad.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+  assert not bad, "private names used across modules:\n" + "\n".join(sorted(set(bad)))
