@@ -15,7 +15,7 @@ loss, without fine-tuning. Sources:
     ratio (sensitivity sweep, ``prune`` family) on calibration images;
   - ``magnitude`` — data-free Σ w² over the weights that ratio removes;
   - ``fisher`` — Σ F_ii w_i² over the removed weights, F the diagonal
-    empirical Fisher (:func:`safer_jax.mixed_precision.fisher_diagonal`).
+    empirical Fisher (:func:`safer_jax.criteria.fisher_diagonal`).
 
 * ``searched`` — whole allocations measured, not per-layer costs added: a
   batched local search (:mod:`safer_jax.search`) from every source's ratios,

@@ -33,7 +33,9 @@ from safer_jax.criteria.data_free import random
 from safer_jax.criteria.data_free import spectral_norm
 from safer_jax.criteria.data_free import weight_norm
 from safer_jax.criteria.gradient import fisher
+from safer_jax.criteria.gradient import fisher_diagonal
 from safer_jax.criteria.gradient import grad_norm
+from safer_jax.criteria.gradient import sum_sq_grads
 from safer_jax.criteria.gradient import taylor
 from safer_jax.criteria.gradient import taylor_abs
 from safer_jax.criteria.integrated import integrated_gradients
@@ -53,6 +55,7 @@ __all__ = [
     "corruption_pga",
     "dual_norm",
     "fisher",
+    "fisher_diagonal",
     "get_criterion",
     "grad_norm",
     "hawq_v2",
@@ -70,6 +73,7 @@ __all__ = [
     "quant_sq_error",
     "random",
     "spectral_norm",
+    "sum_sq_grads",
     "taylor",
     "taylor_abs",
     "top_eigenvalue",
