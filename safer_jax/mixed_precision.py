@@ -34,6 +34,7 @@ from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
 from safer_jax import sweep
+from safer_jax import train as train_lib
 from safer_jax import wrapping
 from safer_jax.progress import Progress
 
@@ -104,7 +105,6 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     ValueError: unknown source (lists the valid ones).
   """
   import time  # pylint: disable=import-outside-toplevel
-  from safer_jax.benchmark import batches_from_split, classifier_loss_fn  # pylint: disable=import-outside-toplevel
   model, variables = wrapping.as_model(model, variables)
   unknown = [s for s in sources if s not in COST_SOURCES]
   if unknown:
@@ -112,8 +112,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   candidates = [int(b) for b in candidates]
   params = variables["params"]
   names = layers_lib.find_layers(params)
-  loss_fn = classifier_loss_fn(model, variables)
-  batches = batches_from_split(calib, batch_size, max_batches)
+  loss_fn = train_lib.classifier_loss_fn(model, variables)
+  batches = data_lib.batches_from_split(calib, batch_size, max_batches)
   tables, seconds = {}, {}
   errors = quant_errors(params, names, candidates, full_range=full_range, group_size=group_size)
   sq = {n: {b: float(jnp.sum(jnp.square(e))) for b, e in errs.items()} for n, errs in errors.items()}

@@ -34,6 +34,7 @@ from safer_jax import layers as layers_lib
 from safer_jax import mixed_precision
 from safer_jax import perturb
 from safer_jax import sweep
+from safer_jax import train as train_lib
 from safer_jax.progress import Progress
 
 CostTable = dict[str, dict[float, float]]
@@ -85,7 +86,6 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     batch_size: calibration batch size of the ``fisher`` source.
     progress: show tables done, and the oracle sweep's progress, on stderr.
   """
-  from safer_jax.benchmark import batches_from_split, classifier_loss_fn  # pylint: disable=import-outside-toplevel
   if names is None:
     names = layers_lib.find_layers(variables)
   kernels = {n: np.asarray(layers_lib.get_kernel(variables, n)) for n in names}
@@ -108,8 +108,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     bar.update(1, postfix=f"magnitude {seconds['magnitude']:.1f}s")
   if "fisher" in sources:
     t0 = time.perf_counter()
-    batches = batches_from_split(calib, batch_size, max(1, len(calib) // batch_size))
-    diag = mixed_precision.fisher_diagonal(classifier_loss_fn(model, variables),
+    batches = data_lib.batches_from_split(calib, batch_size, max(1, len(calib) // batch_size))
+    diag = mixed_precision.fisher_diagonal(train_lib.classifier_loss_fn(model, variables),
                                            variables["params"], batches, names)
     tables["fisher"] = removed_cost_table(
         kernels, {n: np.asarray(diag[n], np.float64) * kernels[n].astype(np.float64) ** 2
