@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import acr, benchmark, io, layers, models, perturb, train
+from safer_jax import acr, benchmark, io, layers, models, norms, perturb, train
 
 
 def get_config(tiny: bool = False):
@@ -60,11 +60,10 @@ def get_config(tiny: bool = False):
 
 def validate(config, check: common.Checker) -> None:
   """Seeds, training, ACR options, robustness conditions (see :func:`common.validate_config`)."""
-  from safer_jax.criteria import _common  # pylint: disable=import-outside-toplevel
   check.rule("seeds", common.SEEDS)
   check.rule("epochs", common.COUNT)
   check.rule("acr.eps", common.number(0, note="relative radius"))
-  check.rule("acr.p", common.choice(_common.ALLOWED_P))
+  check.rule("acr.p", common.choice(norms.ALLOWED_P))
   check.rule("acr.steps", common.integer(0))
   check.rule("acr.step_size", common.number(0))
   check.rule("acr.mix", common.number(0, 1))
@@ -72,7 +71,7 @@ def validate(config, check: common.Checker) -> None:
   check.rule("acr.warmup_epochs", common.integer(0))
   check.rule("acr.n_sparse", common.integer(0, note="0: dense"))
   check.rule("eval_eps", common.sequence(common.number(0), nonempty=False))
-  check.rule("eval_p", common.choice(_common.ALLOWED_P))
+  check.rule("eval_p", common.choice(norms.ALLOWED_P))
   check.rule("eval_steps", common.integer(0))
   check.rule("bitflip_rates", common.sequence(common.number(0, 1), nonempty=False))
   check.rule("bitflip_trials", common.COUNT)

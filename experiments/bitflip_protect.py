@@ -1,7 +1,7 @@
 """Which layers to protect against random bit flips, under a parameter budget?
 
 A protection rule scores the layers; the protected set is built greedily
-(:func:`select_protected`): layers in descending score, each taken if it still
+(:func:`safer_jax.protection.select_protected`): layers in descending score, each taken if it still
 fits in ``budget_fraction`` of all kernel weights (a layer that does not fit
 is skipped and the next one tried). Random bit flips
 (:func:`safer_jax.perturb.bitflip`, ``representation`` default ``'int8'``)
@@ -34,15 +34,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import criteria, io, layers, perturb, sweep, train
+from safer_jax import criteria, io, layers, perturb, protection, sweep, train
 from safer_jax.benchmark import batches_from_split, classifier_loss_fn
 
 PER_PARAM = "_per_param"
@@ -98,84 +97,6 @@ def validate(config, check: common.Checker) -> None:
   check.rule("oracle_metric", common.choice(("loss_increase", "accuracy_drop")))
 
 
-def select_protected(scores: Mapping[str, float], sizes: Mapping[str, int],
-                     fraction: float) -> list[str]:
-  """Greedy: layers in descending score (ties: key order of ``sizes``), each kept if it fits.
-
-  The capacity is ``fraction * sum(sizes)`` weights; NaN scores rank last.
-  Returns the protected layers in the key order of ``sizes``.
-  """
-  if not 0 <= fraction <= 1:
-    raise ValueError(f"budget fraction {fraction} must be in [0, 1].")
-  names = list(sizes)
-  cap = fraction * sum(int(sizes[n]) for n in names)
-  key = {n: (-np.inf if np.isnan(float(scores[n])) else float(scores[n])) for n in names}
-  order = sorted(names, key=lambda n: -key[n])  # sorted() is stable: ties keep layer order
-  chosen, used = set(), 0
-  for n in order:
-    if used + int(sizes[n]) <= cap:
-      chosen.add(n)
-      used += int(sizes[n])
-  return [n for n in names if n in chosen]
-
-
-def reference_kernels(variables, names: Sequence[str], representation: str) -> list[jax.Array]:
-  """The fault-free stored kernels: ``bitflip`` at rate 0 (int8: quantized; float32: unchanged)."""
-  return [perturb.bitflip(jnp.asarray(layers.get_kernel(variables, n)), 0.0, jax.random.key(0),
-                          representation=representation) for n in names]
-
-
-def inject(variables, names: Sequence[str], protect: jax.Array, rate, key: jax.Array, *,
-           representation: str = "int8", references: Sequence[jax.Array] | None = None):
-  """Variables with bit flips in the kernels whose ``protect`` entry is False.
-
-  Layer ``i`` uses the key ``fold_in(key, i)``; a protected layer gets its
-  reference kernel (fault-free representation), selected with ``jnp.where`` so
-  its bits are exactly the reference's. Traceable in ``key``, ``rate`` and
-  ``protect`` (bool ``(len(names),)``).
-  """
-  if references is None:
-    references = reference_kernels(variables, names, representation)
-  out = dict(variables)
-  for i, (name, ref) in enumerate(zip(names, references)):
-    w = jnp.asarray(layers.get_kernel(variables, name))
-    flipped = perturb.bitflip(w, rate, jax.random.fold_in(key, i), representation=representation)
-    out = layers.replace_kernel(out, name, jnp.where(protect[i], ref, flipped))
-  return out
-
-
-def make_evaluator(model, variables, names: Sequence[str], split, representation: str,
-                   chunk: int):
-  """``evaluate(keys (S,), rate, protect (L,)) -> (accuracy (S,), loss (S,))`` on ``split``."""
-  apply = model.apply if hasattr(model, "apply") else model
-  images, labels = jnp.asarray(split.images), jnp.asarray(split.labels)
-
-  @jax.jit
-  def chunk_metrics(keys, rate, protect):
-    refs = reference_kernels(variables, names, representation)  # traced: one compilation
-
-    def one(key):
-      v = inject(variables, names, protect, rate, key, representation=representation,
-                 references=refs)
-      logits = apply(v, images)
-      return (jnp.mean(jnp.argmax(logits, -1) == labels),
-              jnp.mean(train.cross_entropy(logits, labels)))
-    return jax.vmap(one)(keys)
-
-  def evaluate(keys, rate, protect):
-    n = keys.shape[0]
-    accs, losses = [], []
-    for lo in range(0, n, chunk):
-      idx = np.arange(lo, lo + chunk).clip(max=n - 1)  # pad with the last key: one compile
-      a, l = chunk_metrics(keys[idx], jnp.float32(rate), jnp.asarray(protect, bool))
-      valid = min(chunk, n - lo)
-      accs.append(np.asarray(a)[:valid])
-      losses.append(np.asarray(l)[:valid])
-    return np.concatenate(accs), np.concatenate(losses)
-
-  return evaluate
-
-
 def rule_scores(rules: Sequence[str], entry, variables, calib, names, config) -> tuple[dict, dict]:
   """``{base score name: {layer: score}}`` for the non-random rules, and wall times (s)."""
   bases = sorted({r[:-len(PER_PARAM)] if r.endswith(PER_PARAM) else r for r in rules}
@@ -220,12 +141,12 @@ def protection_plans(rules, scores, sizes, fractions, random_seeds) -> list[dict
         for seed in random_seeds:
           u = np.random.default_rng(seed).permutation(len(names)).astype(float)
           plans.append({"rule": rule, "seed": int(seed), "budget_fraction": frac,
-                        "protected": select_protected(dict(zip(names, u)), sizes, frac)})
+                        "protected": protection.select_protected(dict(zip(names, u)), sizes, frac)})
       else:
         base = rule[:-len(PER_PARAM)] if rule.endswith(PER_PARAM) else rule
         s = {n: scores[base][n] / (sizes[n] if rule.endswith(PER_PARAM) else 1) for n in names}
         plans.append({"rule": rule, "seed": -1, "budget_fraction": frac,
-                      "protected": select_protected(s, sizes, frac)})
+                      "protected": protection.select_protected(s, sizes, frac)})
   return plans
 
 
@@ -241,7 +162,7 @@ def run(config, workdir: str) -> dict:
   scores, seconds = rule_scores(config.rules, entry, variables, calib, names, config)
   plans = protection_plans(config.rules, scores, sizes, config.budget_fractions,
                            config.random_seeds)
-  evaluate = make_evaluator(entry.model, variables, names, split, config.representation,
+  evaluate = protection.make_evaluator(entry.model, variables, names, split, config.representation,
                             config.seed_chunk)
   keys = jax.random.split(jax.random.key(config.seed), config.num_seeds)
   base = train.evaluate(entry.model.apply, variables, split)

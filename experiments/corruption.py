@@ -22,7 +22,6 @@ and ``layer_vulnerability.png``.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -33,9 +32,9 @@ from jax.flatten_util import ravel_pytree
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import benchmark, io, layers, train
-from safer_jax.criteria import _common
-from safer_jax.criteria.corruption import dual_norm, eps_absolute, pga_corruption
+from safer_jax import acr, benchmark, criteria, io, layers, norms, train
+from safer_jax.criteria.corruption import eps_absolute, pga_corruption
+from safer_jax.norms import dual_norm, random_corruptions
 from safer_jax.perturb import corruption_direction
 from safer_jax.progress import Progress
 
@@ -76,7 +75,7 @@ def get_config(tiny: bool = False):
 def validate(config, check: common.Checker) -> None:
   """Radii, norms, sparsities, ascent and layers (see :func:`common.validate_config`)."""
   check.rule("eps", common.sequence(common.number(0, lo_open=True, note="relative radius")))
-  check.rule("norms", common.sequence(common.choice(_common.ALLOWED_P), unique=True))
+  check.rule("norms", common.sequence(common.choice(norms.ALLOWED_P), unique=True))
   check.rule("n_sparse", common.sequence(common.integer(0, note="0: dense"), unique=True))
   check.rule("pga_steps", common.integer(0))
   check.rule("step_size", common.number(0, lo_open=True))
@@ -86,32 +85,6 @@ def validate(config, check: common.Checker) -> None:
                                                    note="a regex of layers; None: every layer")))
   common.check_layers(check, "layers", [config.layers] if config.layers else [])
   check.rule("zoo_epochs", common.optional(common.integer(1, note="None: the zoo recipe")))
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "p", "n", "num"))
-def random_corruptions(key: jax.Array, eps_abs: jax.Array, *, shape: tuple[int, ...], p: str,
-                       n: int | None, num: int) -> jax.Array:
-  """``num`` random corruptions with ``||a||_p = eps_abs`` and (if ``n``) n non-zeros.
-
-  Returns:
-    ``(num, *shape)`` float32: Gaussian directions rescaled to the 2-norm for
-    ``p='2'``, ``eps_abs * random signs`` for ``p='inf'``; with ``n`` the support
-    is ``n`` uniformly random positions.
-  """
-
-  def one(k):
-    k1, k2 = jax.random.split(k)
-    z = jax.random.normal(k1, (int(np.prod(shape)),), jnp.float32)
-    if n is not None and n < z.size:
-      keep = jax.random.permutation(k2, z.size) < n
-      z = jnp.where(keep, z, 0.0)
-    if p == "inf":
-      a = eps_abs * jnp.sign(z)
-    else:
-      a = eps_abs * z / jnp.linalg.norm(z)
-    return a.reshape(shape)
-
-  return jax.vmap(one)(jax.random.split(key, num))
 
 
 def _vmapped_losses(loss_fn, layer):
@@ -132,7 +105,7 @@ class _Target:
       self.layer, self.params = ALL, {ALL: {"kernel": flat}}
 
       def full(a):
-        return layers.map_kernels(params, lambda _, w, d: w + d, unravel(a))
+        return acr.add_corruption(params, unravel(a))
 
       def loss_all(p_all, batch):
         delta = p_all[ALL]["kernel"] - flat
@@ -160,43 +133,41 @@ def run(config, workdir: str) -> dict:
   loss_fn = benchmark.classifier_loss_fn(entry.model, variables)
   batches = benchmark.batches_from_split(entry.dataset.train.take(config.calib_examples),
                                          config.calib_batch_size)
-  base_loss = _common.to_float(_common.mean_loss(loss_fn, params, batches))
+  base_loss = float(criteria.mean_loss(loss_fn, params, batches))
   base = train.evaluate(entry.model.apply, variables, entry.dataset.eval)
   names = layers.select_layers(params, config.layers or None)
   targets = names + [ALL]
-  norms = [_common.normalize_p(p) for p in config.norms]
+  orders = [norms.normalize_p(p) for p in config.norms]
   sparsities = [int(n) for n in config.n_sparse]
-  print(f"corruption study on {entry.name}: {len(targets)} targets x {len(norms)} norms x "
+  print(f"corruption study on {entry.name}: {len(targets)} targets x {len(orders)} norms x "
         f"{len(sparsities)} sparsities x {len(config.eps)} eps", flush=True)
   key = jax.random.key(config.seed)
   rows = []
   bar = Progress(len(targets), "corruption", enabled=config.progress, unit="target")
   for ti, name in enumerate(targets):
     t = _Target(name, loss_fn, params, entry.model, variables)
-    _, grads = _common.mean_value_and_grads(t.loss_fn, t.params, batches, [t.layer])
+    _, grads = criteria.mean_value_and_grads(t.loss_fn, t.params, batches, [t.layer])
     g = grads[t.layer]
-    for p in norms:
-      pv = _common.p_value(p)
+    for p in orders:
       for n in sparsities:
         n_or_none = n if n > 0 else None
         for ei, eps in enumerate(config.eps):
           e = eps_absolute(t.kernel, eps, p)
           common_row = {"target": name, "p": p, "n_sparse": n, "eps": float(eps), "eps_abs": e,
                         "num_weights": int(t.kernel.size)}
-          a_fo = corruption_direction(g, e, p=pv, n=n_or_none)
-          pred = e * _common.to_float(dual_norm(g, p, n_or_none))
+          a_fo = corruption_direction(g, e, p=p, n_sparse=n_or_none)
+          pred = e * float(dual_norm(g, p, n_or_none))
           pga = pga_corruption(t.loss_fn, t.params, batches, t.layer, eps=eps, p=p,
                                steps=int(config.pga_steps), step_size=config.step_size,
                                n_sparse=n_or_none)
           k = jax.random.fold_in(jax.random.fold_in(key, ti), len(rows))
           cands = random_corruptions(k, jnp.float32(e), shape=tuple(t.kernel.shape), p=p,
-                                     n=n_or_none, num=int(config.num_random))
+                                     n_sparse=n_or_none, num=int(config.num_random))
           rl = sum(t.random_losses(t.params, cands, b) for b in batches) / len(batches)
           best = int(jnp.argmax(rl))
           a_rand = cands[best]
-          d_fo = _common.to_float(
-              _common.mean_loss(t.loss_fn, layers.replace_kernels(
-                  t.params, {t.layer: t.kernel + a_fo}), batches)) - base_loss
+          d_fo = float(criteria.mean_loss(t.loss_fn, layers.replace_kernel(
+              t.params, t.layer, t.kernel + a_fo), batches)) - base_loss
           found = {"first_order": (a_fo, d_fo, pred),
                    "pga": (pga.corruption, pga.loss_increase, np.nan),
                    "random": (a_rand, float(rl[best]) - base_loss, np.nan)}

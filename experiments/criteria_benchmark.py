@@ -37,7 +37,6 @@ from ml_collections import config_dict
 
 from experiments import common
 from safer_jax import benchmark, calibration, criteria, io, layers, models, perturb, sweep
-from safer_jax.criteria import _common as criteria_common
 
 ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2", "vit_tiny")
 FAMILIES = ("quantize", "prune", "bitflip", "noise")
@@ -48,7 +47,7 @@ def _criteria_order() -> tuple[str, ...]:
   """Every registered criterion; ``hawq_v2`` right after ``hessian_trace``.
 
   Both run the same Hutchinson probes; adjacent, the second reuses the first's
-  compiled per-layer functions (``_common.cached_jit``) before other criteria
+  compiled per-layer functions (cached on the loss function) before other criteria
   push them out of the cache.
   """
   names = [n for n in criteria.CRITERIA if n != "hawq_v2"]
@@ -561,7 +560,7 @@ def run(config, workdir: str) -> dict:
   for name in _model_names(config):
     # Compiled executables of the previous model are not needed any more; on 24 GB they
     # otherwise accumulate until LLVM cannot allocate (seen at mobilenet_v2, the last model).
-    criteria_common.clear_compiled()
+    criteria.clear_compiled()
     jax.clear_caches()
     print(f"[{name}] loading / training the zoo model", flush=True)
     entry = common.pretrained(config, model=name)

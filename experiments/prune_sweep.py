@@ -9,13 +9,13 @@ loss, without fine-tuning. Sources:
   (RigL); ``global_magnitude`` — one magnitude threshold over all layers.
 * cost-guided (exact min-cost allocation over candidate ratios,
   :func:`safer_jax.budget.allocate_ratios`), with cost tables
-  ``layer -> {ratio -> cost}``:
+  ``layer -> {ratio -> cost}`` (:func:`safer_jax.pruning.cost_tables`):
 
   - ``oracle`` — measured loss increase of pruning that layer alone at that
     ratio (sensitivity sweep, ``prune`` family) on calibration images;
   - ``magnitude`` — data-free Σ w² over the weights that ratio removes;
   - ``fisher`` — Σ F_ii w_i² over the removed weights, F the diagonal
-    empirical Fisher (:func:`safer_jax.mixed_precision.fisher_diagonal`).
+    empirical Fisher (:func:`safer_jax.criteria.fisher_diagonal`).
 
 * ``searched`` — whole allocations measured, not per-layer costs added: a
   batched local search (:mod:`safer_jax.search`) from every source's ratios,
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -44,13 +43,11 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import budget, io, layers, mixed_precision, perturb, search, sweep, train
-from safer_jax.benchmark import batches_from_split, classifier_loss_fn
+from safer_jax import budget, io, layers, perturb, pruning, search, train
 from safer_jax.errors import ConfigError
-from safer_jax.progress import Progress
 
-FIXED_SOURCES = ("uniform", "erk", "global_magnitude")
-COST_SOURCES = ("oracle", "magnitude", "fisher")
+FIXED_SOURCES = pruning.FIXED_SOURCES
+COST_SOURCES = pruning.COST_SOURCES
 
 
 def get_config(tiny: bool = False):
@@ -103,73 +100,6 @@ def validate(config, check: common.Checker) -> None:
       0, 1, lo_open=True, note="pruning ratio of the interaction figure; None: off")))
 
 
-def _sorted_by_magnitude(w) -> np.ndarray:
-  """Flat indices of ``w`` in pruning order (|w| ascending, ties: lower index first)."""
-  return np.argsort(np.abs(np.asarray(w, np.float32)).reshape(-1), kind="stable")
-
-
-def removed_cost_table(kernels: dict, weights: dict, candidates) -> dict:
-  """``{layer: {ratio: Σ weights_i over the entries magnitude pruning removes at ratio}}``."""
-  out = {}
-  for name, w in kernels.items():
-    order = _sorted_by_magnitude(w)
-    vals = np.asarray(weights[name], np.float64).reshape(-1)[order]
-    csum = np.concatenate([[0.0], np.cumsum(vals)])
-    out[name] = {float(r): float(csum[budget.prune_count(r, vals.size)]) for r in candidates}
-  return out
-
-
-def cost_tables(entry, variables, calib, names, candidates, sources, *, batch_size, progress):
-  """Cost tables ``{source: {layer: {ratio: cost}}}`` and each one's wall time (s)."""
-  kernels = {n: np.asarray(layers.get_kernel(variables, n)) for n in names}
-  tables, seconds = {}, {}
-  bar = Progress(len([s for s in sources if s in ("oracle", "magnitude", "fisher")]),
-                 "cost tables", enabled=progress, unit="table")
-  if "oracle" in sources:
-    t0 = time.perf_counter()
-    table = sweep.run_sweep(entry.model, variables, calib, sweep.SweepConfig(
-        families={"prune": tuple(candidates)}, seeds=(0,)), progress=progress)
-    tables["oracle"] = {n: {float(r.magnitude): float(r.loss_increase)
-                            for r in table[table.layer == n].itertuples()} for n in names}
-    seconds["oracle"] = time.perf_counter() - t0
-    bar.update(1, postfix=f"oracle {seconds['oracle']:.1f}s")
-  if "magnitude" in sources:
-    t0 = time.perf_counter()
-    tables["magnitude"] = removed_cost_table(kernels, {n: w.astype(np.float64) ** 2
-                                                       for n, w in kernels.items()}, candidates)
-    seconds["magnitude"] = time.perf_counter() - t0
-    bar.update(1, postfix=f"magnitude {seconds['magnitude']:.1f}s")
-  if "fisher" in sources:
-    t0 = time.perf_counter()
-    batches = batches_from_split(calib, batch_size, max(1, len(calib) // batch_size))
-    diag = mixed_precision.fisher_diagonal(classifier_loss_fn(entry.model, variables),
-                                           variables["params"], batches, names)
-    tables["fisher"] = removed_cost_table(
-        kernels, {n: np.asarray(diag[n], np.float64) * kernels[n].astype(np.float64) ** 2
-                  for n in names}, candidates)
-    seconds["fisher"] = time.perf_counter() - t0
-    bar.update(1, postfix=f"fisher {seconds['fisher']:.1f}s")
-  bar.close()
-  return tables, seconds
-
-
-def ratios_for(source: str, target: float, kernels: dict, tables: dict, candidates) -> dict:
-  sizes = {n: int(w.size) for n, w in kernels.items()}
-  if source == "uniform":
-    return budget.uniform_ratios(sizes, target)
-  if source == "erk":
-    return budget.erk_ratios({n: w.shape for n, w in kernels.items()}, target)
-  if source == "global_magnitude":
-    return budget.global_magnitude_ratios(kernels, target)
-  return budget.allocate_ratios(tables[source], sizes, candidates, target)
-
-
-def prune_model(variables, ratios: dict) -> dict:
-  """Variables with each listed layer's kernel magnitude-pruned at ``ratios[layer]``."""
-  return layers.map_kernels(variables, lambda _, w, r: perturb.prune(jnp.asarray(w), float(r)),
-                            ratios)
-
-
 def run(config, workdir: str) -> dict:
   entry = common.pretrained(config)
   variables, split = entry.variables, entry.dataset.eval
@@ -183,16 +113,17 @@ def run(config, workdir: str) -> dict:
   calib = entry.dataset.train.take(config.calib_examples)
   cost_sources = [s for s in config.sources if s in COST_SOURCES]
   print(f"cost tables from {len(calib)} calibration images: {cost_sources}", flush=True)
-  tables, seconds = cost_tables(entry, variables, calib, names, candidates, cost_sources,
-                                batch_size=config.calib_batch_size, progress=config.progress)
+  tables, seconds = pruning.cost_tables(entry.model, variables, calib, candidates, cost_sources,
+                                        names=names, batch_size=config.calib_batch_size,
+                                        progress=config.progress)
   base = train.evaluate(entry.model.apply, variables, split)
   bn = bool(config.bn_recalibration) and "batch_stats" in variables
   allocations = {}  # (source, target) -> ratios
   for target in config.targets:
     for source in config.sources:
       try:
-        allocations[source, float(target)] = ratios_for(source, float(target), kernels, tables,
-                                                        candidates)
+        allocations[source, float(target)] = pruning.ratios_for(source, float(target), kernels,
+                                                                tables, candidates)
       except ValueError as e:  # e.g. an unreachable target for the candidate ratios
         print(f"  {source} at {target}: {e}", flush=True)
   searching = config.search.evals > 0 and bool(allocations)
@@ -215,7 +146,7 @@ def run(config, workdir: str) -> dict:
 
   def measure(source: str, target: float, ratios: dict) -> dict:
     """The row of one allocation: held-out accuracy and loss (BN re-estimated, fine-tuned)."""
-    pruned = prune_model(variables, ratios)
+    pruned = pruning.prune_model(variables, ratios)
     m = train.evaluate(entry.model.apply, pruned, split)
     row = {"source": source, "target": target,
            "achieved_sparsity": budget.global_sparsity(ratios, sizes),

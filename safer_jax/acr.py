@@ -9,7 +9,7 @@ Each training step:
    kernel) or global (one ball for all kernels flattened together): the
    first-order closed form (``steps = 0``,
    :func:`safer_jax.perturb.corruption_direction`) or ``steps`` of projected
-   gradient ascent from it (:func:`safer_jax.criteria.corruption.project`),
+   gradient ascent from it (:func:`safer_jax.norms.project`),
    keeping the best iterate.
 3. ``g_adv = grad_w L(w + a*)`` with ``a*`` held fixed (train mode; the batch
    statistics computed at ``w + a*`` are discarded).
@@ -36,10 +36,10 @@ from jax.flatten_util import ravel_pytree
 
 from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
+from safer_jax import norms
 from safer_jax import wrapping
 from safer_jax import train as train_lib
-from safer_jax.criteria import _common
-from safer_jax.criteria.corruption import project
+from safer_jax.errors import check_nonneg_float
 from safer_jax.perturb import corruption_direction
 
 Kernels = Mapping[str, jax.Array]
@@ -71,9 +71,9 @@ class ACRConfig:
   n_sparse: int | None = None
 
   def __post_init__(self):
-    _common.normalize_p(self.p)
-    _common.check_nonneg_float("eps", self.eps)
-    _common.check_nonneg_float("step_size", self.step_size)
+    norms.normalize_p(self.p)
+    check_nonneg_float("eps", self.eps)
+    check_nonneg_float("step_size", self.step_size)
     if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 0:
       raise ValueError(f"steps={self.steps!r} must be a non-negative integer.")
     if not 0.0 <= float(self.mix) <= 1.0:
@@ -82,8 +82,7 @@ class ACRConfig:
       raise ValueError(f"Unknown scope {self.scope!r}; valid scopes: {list(SCOPES)}")
     if self.warmup_epochs < 0:
       raise ValueError(f"warmup_epochs={self.warmup_epochs!r} must be >= 0.")
-    if self.n_sparse is not None:
-      _common.check_positive_int("n_sparse", self.n_sparse)
+    norms.check_sparsity(self.n_sparse, "n_sparse")
 
 
 class Corruption(NamedTuple):
@@ -112,9 +111,9 @@ def _groups(tree: Kernels, scope: str):
 def corruption_radius(kernels: Kernels, eps: float, p: Any = 2,
                       scope: str = "layer") -> dict[str, jax.Array]:
   """Absolute radii ``eps * ||W||_p``: ``{layer: r}`` or ``{'all': r}`` (weight units)."""
-  p = _common.normalize_p(p)
+  p = norms.normalize_p(p)
   groups, _ = _groups(kernels, scope)
-  return {k: eps * _common.vector_norm(w, p) for k, w in groups.items()}
+  return {k: eps * norms.vector_norm(w, p) for k, w in groups.items()}
 
 
 def first_order_corruption(grads: Kernels, kernels: Kernels, *, eps: float, p: Any = 2,
@@ -134,11 +133,11 @@ def first_order_corruption(grads: Kernels, kernels: Kernels, *, eps: float, p: A
     ``{layer: a}`` with ``||a||_p = eps ||W||_p`` per ball (unless g = 0).
     Works under ``jax.jit``.
   """
-  pv = _common.p_value(_common.normalize_p(p))
+  p = norms.normalize_p(p)
   gg, _ = _groups(grads, scope)
   ww, ungroup = _groups(kernels, scope)
   radii = corruption_radius(kernels, eps, p, scope)
-  return ungroup({k: corruption_direction(gg[k], radii[k], p=pv, n=n_sparse) for k in ww})
+  return ungroup({k: corruption_direction(gg[k], radii[k], p=p, n_sparse=n_sparse) for k in ww})
 
 
 def adversarial_corruption(loss_of_corruption: Callable[[Kernels], jax.Array], kernels: Kernels,
@@ -166,8 +165,7 @@ def adversarial_corruption(loss_of_corruption: Callable[[Kernels], jax.Array], k
     A :class:`Corruption`. COST: ``steps + 1`` forward+backward passes (+1
     backward without ``grads``).
   """
-  p = _common.normalize_p(p)
-  pv = _common.p_value(p)
+  p = norms.normalize_p(p)
   kernels = dict(kernels)
   value_and_grad = jax.value_and_grad(loss_of_corruption)
   if grads is None:
@@ -191,7 +189,7 @@ def adversarial_corruption(loss_of_corruption: Callable[[Kernels], jax.Array], k
     if t < steps:
       aa, ungroup = _groups(a, scope)
       gg, _ = _groups(ga, scope)
-      a = ungroup({k: aa[k] + corruption_direction(gg[k], step_size * radii[k], p=pv)
+      a = ungroup({k: aa[k] + corruption_direction(gg[k], step_size * radii[k], p=p)
                    for k in aa})
       a = _project(a, radii, p, scope, n_sparse)
   return Corruption(best_a, best_loss, losses[0], jnp.stack(losses))
@@ -199,7 +197,7 @@ def adversarial_corruption(loss_of_corruption: Callable[[Kernels], jax.Array], k
 
 def _project(a, radii, p, scope, n_sparse):
   aa, ungroup = _groups(a, scope)
-  return ungroup({k: project(aa[k], radii[k], p, n_sparse) for k in aa})
+  return ungroup({k: norms.project(aa[k], radii[k], p, n_sparse) for k in aa})
 
 
 def add_corruption(params: Any, corruption: Kernels) -> Any:

@@ -19,26 +19,25 @@ SAfER benchmark): for each criterion and perturbation family we report
 A constant criterion or truth has no rank correlation: rho and tau are NaN,
 never an exception. Higher score = more sensitive, on both sides.
 
-The helpers :func:`classifier_loss_fn` and :func:`batches_from_split` build the
-``loss_fn(params, batch)`` and the calibration batches the criteria take.
+The helpers :func:`classifier_loss_fn` (home: :func:`safer_jax.train.classifier_loss_fn`)
+and :func:`batches_from_split` (home: :func:`safer_jax.data.batches_from_split`),
+re-exported here, build the ``loss_fn(params, batch)`` and the calibration
+batches the criteria take.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.stats
 
-from safer_jax import data as data_lib
-from safer_jax import wrapping
-from safer_jax.train import cross_entropy
+from safer_jax.data import batches_from_split  # noqa: F401  (re-exported: its old home)
+from safer_jax.train import classifier_loss_fn  # noqa: F401  (re-exported: its old home)
 
 AGREEMENT_COLUMNS = ["criterion", "family", "num_layers", "spearman", "spearman_lo", "spearman_hi",
                      "spearman_p", "kendall", "kendall_lo", "kendall_hi", "kendall_p", "topk", "k",
@@ -356,61 +355,3 @@ def paired_comparison(point: Mapping[str, float],
   table = pd.DataFrame(rows)
   table.loc[0, "winner"] = int(table["tied"].sum()) == 1
   return table
-
-
-def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[Any, Any], jax.Array]:
-  """``loss_fn(params, batch) -> mean cross-entropy`` of a classifier, for the criteria.
-
-  Every collection other than ``params`` (e.g. BatchNorm ``batch_stats``) is
-  closed over and held fixed; the model runs in inference mode.
-
-  Args:
-    model: a Flax module (``model.apply(variables, images) -> logits (B, K)``),
-      a :func:`safer_jax.wrap`-ped model, an ``nnx.Module``, or an
-      ``apply_fn`` with that signature.
-    variables: the model variables (``None`` for a wrapped or nnx model).
-
-  Returns:
-    ``loss_fn(params, batch)`` with ``batch = {'image': (B, H, W, C) float32,
-    'label': (B,) int}``; the value is in nats per example.
-  """
-  model, variables = wrapping.as_model(model, variables)
-  apply = model.apply if hasattr(model, "apply") else model
-  rest = {name: value for name, value in variables.items() if name != "params"}
-
-  def loss_fn(params, batch):
-    logits = apply({**rest, "params": params}, batch["image"])
-    return jnp.mean(cross_entropy(logits, batch["label"]))
-
-  return loss_fn
-
-
-def batches_from_split(split: data_lib.Split, batch_size: int,
-                       max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
-  """The first full batches of a split, as ``{'image', 'label'}`` dicts.
-
-  Only full batches are returned (criteria weight batches equally), except that
-  a split smaller than ``batch_size`` gives one batch holding all of it.
-
-  Args:
-    split: the data (e.g. the training split, as calibration data).
-    batch_size: examples per batch.
-    max_batches: at most this many batches (``None``: all full batches).
-
-  Returns:
-    A list of batches, in split order.
-
-  Raises:
-    ValueError: ``batch_size`` or ``max_batches`` < 1, or an empty split.
-  """
-  if batch_size < 1 or (max_batches is not None and max_batches < 1):
-    raise ValueError(f"batch_size={batch_size} and max_batches={max_batches} must be >= 1.")
-  n = len(split)
-  if n == 0:
-    raise ValueError("The split is empty.")
-  count = max(1, n // batch_size)
-  if max_batches is not None:
-    count = min(count, max_batches)
-  size = min(batch_size, n)
-  return [{"image": split.images[i * size:(i + 1) * size],
-           "label": split.labels[i * size:(i + 1) * size]} for i in range(count)]

@@ -95,6 +95,37 @@ class Dataset:
             f"input {self.input_shape}, {self.num_classes} classes")
 
 
+def batches_from_split(split: Split, batch_size: int,
+                       max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+  """The first full batches of a split, as ``{'image', 'label'}`` dicts.
+
+  Only full batches are returned (criteria weight batches equally), except that
+  a split smaller than ``batch_size`` gives one batch holding all of it.
+
+  Args:
+    split: the data (e.g. the training split, as calibration data).
+    batch_size: examples per batch.
+    max_batches: at most this many batches (``None``: all full batches).
+
+  Returns:
+    A list of batches, in split order.
+
+  Raises:
+    ValueError: ``batch_size`` or ``max_batches`` < 1, or an empty split.
+  """
+  if batch_size < 1 or (max_batches is not None and max_batches < 1):
+    raise ValueError(f"batch_size={batch_size} and max_batches={max_batches} must be >= 1.")
+  n = len(split)
+  if n == 0:
+    raise ValueError("The split is empty.")
+  count = max(1, n // batch_size)
+  if max_batches is not None:
+    count = min(count, max_batches)
+  size = min(batch_size, n)
+  return [{"image": split.images[i * size:(i + 1) * size],
+           "label": split.labels[i * size:(i + 1) * size]} for i in range(count)]
+
+
 def _stratified_split(labels: np.ndarray, eval_fraction: float, seed: int):
   rng = np.random.default_rng(seed)
   train_idx, eval_idx = [], []

@@ -34,6 +34,7 @@ from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
 from safer_jax import sweep
+from safer_jax import train as train_lib
 from safer_jax import wrapping
 from safer_jax.progress import Progress
 
@@ -54,35 +55,20 @@ def quant_errors(params, names: Sequence[str], candidates: Sequence[int], *,
 
 def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, Any]],
                     names: Sequence[str], chunk_size: int = 16) -> dict[str, jax.Array]:
-  """E_x[g_x²] per kernel entry, per-example gradients by ``vmap``; cost: one backward per example.
+  """E_x[g_x²] per kernel entry (:func:`safer_jax.criteria.fisher_diagonal`), ``chunk_size`` at a time.
 
-  Examples are processed ``chunk_size`` at a time (per-example gradients of a whole batch
-  of a depthwise-conv model take tens of GB).
+  Each batch is cut into consecutive pieces of ``chunk_size`` examples, each
+  piece one ``vmap`` of per-example gradients (per-example gradients of a whole
+  batch of a depthwise-conv model take tens of GB); cost: one backward per example.
 
   Raises:
     ValueError: no examples in ``batches`` (the mean would be NaN) or ``chunk_size`` < 1.
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
-
-  @jax.jit
-  def batch_sq(p, batch):
-    def one(image, label):
-      return jax.grad(loss_fn)(p, {"image": image[None], "label": label[None]})
-    grads = jax.vmap(one)(batch["image"], batch["label"])
-    return {n: jnp.sum(jnp.square(layers_lib.get_kernel(grads, n)), axis=0) for n in names}
-
-  total, count = None, 0
-  for batch in batches:
-    size = int(batch["label"].shape[0])
-    for lo in range(0, size, chunk_size):
-      sq = batch_sq(params, {k: v[lo:lo + chunk_size] for k, v in batch.items()})
-      total = sq if total is None else {n: total[n] + sq[n] for n in names}
-    count += size
-  if count == 0:
-    raise ValueError("fisher_diagonal got no examples (empty batches): the Fisher of 0 "
-                     "examples is undefined; pass at least one calibration example.")
-  return {n: total[n] / count for n in names}
+  pieces = [{k: v[lo:lo + chunk_size] for k, v in batch.items()} for batch in batches
+            for lo in range(0, int(batch["label"].shape[0]), chunk_size)]
+  return criteria.fisher_diagonal(loss_fn, params, pieces, names)
 
 
 def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
@@ -119,7 +105,6 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     ValueError: unknown source (lists the valid ones).
   """
   import time  # pylint: disable=import-outside-toplevel
-  from safer_jax.benchmark import batches_from_split, classifier_loss_fn  # pylint: disable=import-outside-toplevel
   model, variables = wrapping.as_model(model, variables)
   unknown = [s for s in sources if s not in COST_SOURCES]
   if unknown:
@@ -127,8 +112,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   candidates = [int(b) for b in candidates]
   params = variables["params"]
   names = layers_lib.find_layers(params)
-  loss_fn = classifier_loss_fn(model, variables)
-  batches = batches_from_split(calib, batch_size, max_batches)
+  loss_fn = train_lib.classifier_loss_fn(model, variables)
+  batches = data_lib.batches_from_split(calib, batch_size, max_batches)
   tables, seconds = {}, {}
   errors = quant_errors(params, names, candidates, full_range=full_range, group_size=group_size)
   sq = {n: {b: float(jnp.sum(jnp.square(e))) for b, e in errs.items()} for n, errs in errors.items()}

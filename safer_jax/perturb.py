@@ -48,6 +48,7 @@ import numpy as np
 from flax import struct
 
 from safer_jax import layers as layers_lib
+from safer_jax import norms
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -163,12 +164,6 @@ def _as_float_array(w: ArrayLike) -> Array:
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise TypeError(f"Expected a floating-point weight array, got dtype {w.dtype}")
   return w
-
-
-def _stable_rank(x: Array) -> Array:
-  """Rank of each entry of the 1-D ``x`` in ascending order; ties: lower index first."""
-  order = jnp.argsort(x, stable=True)
-  return jnp.zeros(x.shape, jnp.int32).at[order].set(jnp.arange(x.size, dtype=jnp.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -373,7 +368,7 @@ def _pruned_channels(w: Array, ratio: ArrayLike, axis: int | None) -> Array:
     raise ValueError("Structured pruning needs a channel axis (got axis=None or a scalar).")
   red = _reduce_axes(w.ndim, axis)
   l1 = jnp.sum(jnp.abs(w.astype(jnp.float32)), axis=red)
-  return _stable_rank(l1) < _prune_count(ratio, l1.size)
+  return norms.stable_rank(l1) < _prune_count(ratio, l1.size)
 
 
 def prune(w: ArrayLike, ratio: ArrayLike, *, method: str = "magnitude",
@@ -420,7 +415,7 @@ def _prune(w: Array, ratio: ArrayLike, key: Array | None, *, method: str,
            axis: int | None) -> Array:
   if method == "magnitude":
     flat = jnp.abs(w.astype(jnp.float32)).reshape(-1)
-    keep = (_stable_rank(flat) >= _prune_count(ratio, flat.size)).reshape(w.shape)
+    keep = (norms.stable_rank(flat) >= _prune_count(ratio, flat.size)).reshape(w.shape)
   elif method == "random":
     rank = jax.random.permutation(key, w.size)
     keep = (rank >= _prune_count(ratio, w.size)).reshape(w.shape)
@@ -444,7 +439,7 @@ def prune_magnitude_padded(flat: Array, ratios: ArrayLike, n: ArrayLike) -> Arra
   ``floor(ratio * n)`` in float32) and is zero after them.
   """
   valid = jnp.arange(flat.shape[0]) < n
-  rank = _stable_rank(jnp.where(valid, jnp.abs(flat.astype(jnp.float32)), jnp.inf))
+  rank = norms.stable_rank(jnp.where(valid, jnp.abs(flat.astype(jnp.float32)), jnp.inf))
   counts = jnp.floor(jnp.asarray(ratios, jnp.float32) * jnp.asarray(n, jnp.float32))
   keep = valid & (rank[None, :] >= counts.astype(jnp.int32)[:, None])
   return jnp.where(keep, flat[None, :], jnp.zeros((), flat.dtype))
@@ -803,123 +798,80 @@ def bitflip_masks(keys: Array, rates: Array, size: int, *, num_bits: int,
 # ---------------------------------------------------------------------------
 
 
-def _norm_order(p: Any) -> float:
-  if isinstance(p, str):
-    p = p.strip().lower()
-    p = {"1": 1, "2": 2, "inf": math.inf, "infinity": math.inf}.get(p, p)
-  if p in (1, 2) or p == math.inf:
-    return float(p)
-  raise ValueError(f"p={p!r} is not supported; allowed: 1, 2, inf")
-
-
-def _pnorm(x: Array, p: float) -> Array:
-  a = jnp.abs(x.astype(jnp.float32))
-  if p == 1:
-    return jnp.sum(a)
-  if p == math.inf:
-    return jnp.max(a, initial=0.0)
-  amax = jnp.max(a, initial=0.0)  # Rescaled so tiny or huge values do not under/overflow.
-  safe = jnp.where(amax > 0, amax, 1.0)
-  return amax * jnp.sqrt(jnp.sum((a / safe) ** 2))
-
-
-def _check_n(n: Any) -> None:
-  if n is None or _is_traced(n):
-    return
-  if isinstance(n, bool) or int(n) != n or n < 1:
-    raise ValueError(f"n={n} is out of range; allowed: integers >= 1 (or None)")
-
-
-@functools.partial(jax.jit, static_argnames=("p",))
-def _direction(grad: Array, eps_abs: ArrayLike, p: float, n: Any) -> Array:
-  g = grad.astype(jnp.float32).reshape(-1)
-  if n is not None:
-    keep = _stable_rank(-jnp.abs(g)) < n  # The n largest |g|; ties: lower index.
-    g = jnp.where(keep, g, 0.0)
-  eps = jnp.asarray(eps_abs, jnp.float32)
-  if p == 2:
-    amax = jnp.max(jnp.abs(g), initial=0.0)
-    gs = g / jnp.where(amax > 0, amax, 1.0)
-    norm = jnp.sqrt(jnp.sum(gs * gs))
-    a = eps * gs / jnp.where(norm > 0, norm, 1.0)
-  elif p == math.inf:
-    a = eps * jnp.sign(g)
-  else:  # p == 1: all the budget on the largest |g| (first one on ties).
-    j = jnp.argmax(jnp.abs(g))
-    a = jnp.zeros_like(g).at[j].set(eps * jnp.sign(g[j]))
-  return a.reshape(grad.shape).astype(grad.dtype)
-
-
 def corruption_direction(grad: ArrayLike, eps_abs: ArrayLike, *, p: Any = 2,
-                         n: int | None = None) -> Array:
+                         n_sparse: int | None = None, n: int | None = None) -> Array:
   """First-order worst-case corruption: ``argmax <grad, a>`` s.t. ``||a||_p <= eps_abs``.
 
   Closed forms (Zhang et al., 2021): ``p = 2``: ``eps * g / ||g||_2``;
   ``p = inf``: ``eps * sign(g)``; ``p = 1``: ``eps * sign(g_j)`` on the single
   entry ``j`` with the largest ``|g_j|`` (first on ties), zero elsewhere. With
-  ``n``, only the ``n`` largest ``|g|`` entries (ties: lower flat index) are
-  kept and the formula is applied to them, so ``a`` has at most ``n`` non-zeros.
-  A zero gradient gives a zero direction (never NaN). Norms are over the whole
-  array, flattened.
+  ``n_sparse``, only the ``n_sparse`` largest ``|g|`` entries (ties: lower flat
+  index) are kept and the formula is applied to them, so ``a`` has at most
+  ``n_sparse`` non-zeros. A zero gradient gives a zero direction (never NaN).
+  Norms are over the whole array, flattened. The checked form of
+  :func:`safer_jax.norms.steepest_ascent`.
 
   Args:
     grad: float array, the loss gradient w.r.t. the weights (any shape).
     eps_abs: absolute budget ``||a||_p``, >= 0, in weight units (may be traced).
-    p: 1, 2 or ``inf`` (``math.inf``, ``np.inf`` or ``'inf'``).
-    n: optional sparsity, an integer >= 1 (``None``: dense).
+    p: 1, 2 or ``inf`` (``math.inf``, ``np.inf`` or ``'inf'``; see
+      :func:`safer_jax.norms.normalize_p`).
+    n_sparse: optional sparsity, an integer >= 1 (``None``: dense).
+    n: the old name of ``n_sparse``.
 
   Returns:
     The direction ``a``, same shape and dtype as ``grad``; ``||a||_p = eps_abs``
     unless ``grad`` is zero.
 
   Raises:
-    ValueError: bad ``p``, ``n`` or concrete ``eps_abs``, or NaN/inf in ``grad``.
+    ValueError: bad ``p``, ``n_sparse`` or concrete ``eps_abs``, or NaN/inf in ``grad``.
   """
-  p = _norm_order(p)
-  _check_n(n)
+  p = norms.normalize_p(p)
+  n_sparse = norms.check_sparsity(*norms.sparsity_argument(n_sparse, n))
   _check_range(dataclasses.replace(_RANGES["corrupt"], name="eps_abs"), eps_abs)
   check_finite(grad, "grad")
-  return _direction(_as_float_array(grad), eps_abs, p, n)
+  return norms.steepest_ascent(_as_float_array(grad), eps_abs, p, n_sparse)
 
 
 def corrupt(w: ArrayLike, eps: ArrayLike, grad: ArrayLike, *, p: Any = 2,
-            n: int | None = None) -> Array:
+            n_sparse: int | None = None, n: int | None = None) -> Array:
   """Worst-case (gradient) corruption of ``w`` at a budget relative to ``||w||_p``.
 
-  Returns ``w + corruption_direction(grad, eps * ||w||_p, p=p, n=n)``: ``eps``
-  is relative to the layer's own p-norm (over the whole tensor), so
-  ``||w' - w||_p = eps * ||w||_p``.
+  Returns ``w + corruption_direction(grad, eps * ||w||_p, p=p, n_sparse=n_sparse)``:
+  ``eps`` is relative to the layer's own p-norm (over the whole tensor,
+  :func:`safer_jax.norms.safe_norm`), so ``||w' - w||_p = eps * ||w||_p``.
 
   Args:
     w: float array, any shape.
     eps: relative budget >= 0 (may be traced).
     grad: loss gradient w.r.t. ``w``, same shape.
     p: 1, 2 or inf.
-    n: optional sparsity (at most ``n`` entries change).
+    n_sparse: optional sparsity (at most ``n_sparse`` entries change).
+    n: the old name of ``n_sparse``.
 
   Returns:
     The corrupted array, same shape and dtype as ``w``.
 
   Raises:
-    ValueError: bad ``eps``/``p``/``n``, NaN/inf in ``w`` or ``grad``, or a
+    ValueError: bad ``eps``/``p``/``n_sparse``, NaN/inf in ``w`` or ``grad``, or a
       shape mismatch.
   """
   validate_magnitude("corrupt", eps)
-  p = _norm_order(p)
-  _check_n(n)
+  p = norms.normalize_p(p)
+  n_sparse = norms.check_sparsity(*norms.sparsity_argument(n_sparse, n))
   check_finite(w, "w")
   check_finite(grad, "grad")
   w = _as_float_array(w)
   grad = _as_float_array(grad)
   if grad.shape != w.shape:
     raise ValueError(f"grad has shape {grad.shape} but w has shape {w.shape}")
-  return _corrupt(w, eps, grad, n, p=p)
+  return _corrupt(w, eps, grad, n_sparse, p=p)
 
 
 @functools.partial(jax.jit, static_argnames=("p",))
-def _corrupt(w: Array, eps: ArrayLike, grad: Array, n: Any, *, p: float) -> Array:
-  eps_abs = jnp.asarray(eps, jnp.float32) * _pnorm(w, p)
-  a = _direction(grad.astype(jnp.float32), eps_abs, p, n)
+def _corrupt(w: Array, eps: ArrayLike, grad: Array, n_sparse: Any, *, p: str) -> Array:
+  eps_abs = jnp.asarray(eps, jnp.float32) * norms.safe_norm(w, p)
+  a = norms.steepest_ascent(grad.astype(jnp.float32), eps_abs, p, n_sparse)
   return (w.astype(jnp.float32) + a).astype(w.dtype)
 
 

@@ -52,6 +52,33 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[Any, Any], jax.Array]:
+  """``loss_fn(params, batch) -> mean cross-entropy`` of a classifier, for the criteria.
+
+  Every collection other than ``params`` (e.g. BatchNorm ``batch_stats``) is
+  closed over and held fixed; the model runs in inference mode.
+
+  Args:
+    model: a Flax module (``model.apply(variables, images) -> logits (B, K)``),
+      a :func:`safer_jax.wrap`-ped model, an ``nnx.Module``, or an
+      ``apply_fn`` with that signature.
+    variables: the model variables (``None`` for a wrapped or nnx model).
+
+  Returns:
+    ``loss_fn(params, batch)`` with ``batch = {'image': (B, H, W, C) float32,
+    'label': (B,) int}``; the value is in nats per example.
+  """
+  model, variables = wrapping.as_model(model, variables)
+  apply = model.apply if hasattr(model, "apply") else model
+  rest = {name: value for name, value in variables.items() if name != "params"}
+
+  def loss_fn(params, batch):
+    logits = apply({**rest, "params": params}, batch["image"])
+    return jnp.mean(cross_entropy(logits, batch["label"]))
+
+  return loss_fn
+
+
 def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) -> dict:
   """Initialises ``model`` on a dummy batch of shape ``(1, *input_shape)``."""
   return dict(model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32)))

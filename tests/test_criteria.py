@@ -524,3 +524,45 @@ def test_compiled_criteria_live_on_the_loss_function_not_in_the_module():
   del loss_fn, first
   gc.collect()
   assert ref() is None
+
+
+def _least_squares():
+  rng = np.random.default_rng(7)
+  params = {"fc": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+  batches = [{"image": jnp.asarray(rng.normal(size=(b, 3)), jnp.float32),
+              "label": jnp.asarray(rng.normal(size=(b, 2)), jnp.float32)} for b in (5, 7)]
+
+  def loss_fn(p, batch):
+    r = batch["image"] @ p["fc"]["kernel"] - batch["label"]
+    return jnp.mean(0.5 * jnp.sum(r * r, axis=-1))
+
+  return params, batches, loss_fn
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_fisher_diagonal_matches_closed_form_per_example_gradients(chunk_size):
+  params, batches, loss_fn = _least_squares()
+  w = np.asarray(params["fc"]["kernel"], np.float64)
+  sq = []
+  for b in batches:  # the gradient on one example (x, y) is outer(x, x W - y)
+    for x, y in zip(np.asarray(b["image"], np.float64), np.asarray(b["label"], np.float64)):
+      sq.append(np.outer(x, x @ w - y) ** 2)
+  expected = np.mean(sq, axis=0)
+  diag = criteria.fisher_diagonal(loss_fn, params, batches, ["fc"], chunk_size=chunk_size)
+  np.testing.assert_allclose(np.asarray(diag["fc"]), expected, rtol=1e-5)
+  total, count = criteria.sum_sq_grads(loss_fn, params, batches, ["fc"], chunk_size=chunk_size)
+  assert count == 12
+  np.testing.assert_allclose(np.asarray(total["fc"]), 12 * expected, rtol=1e-5)
+  score = criteria.fisher(loss_fn, params, batches, chunk_size=chunk_size)["fc"]
+  np.testing.assert_allclose(score, np.sum(expected * w ** 2), rtol=1e-5)
+
+
+def test_mixed_precision_fisher_diagonal_is_the_criteria_one_on_pieces():
+  from safer_jax import mixed_precision  # pylint: disable=import-outside-toplevel
+  params, batches, loss_fn = _least_squares()
+  pieces = [{k: v[lo:lo + 4] for k, v in b.items()} for b in batches for lo in (0, 4)]
+  got = mixed_precision.fisher_diagonal(loss_fn, params, batches, ["fc"], chunk_size=4)
+  ref = criteria.fisher_diagonal(loss_fn, params, pieces, ["fc"])
+  np.testing.assert_array_equal(np.asarray(got["fc"]), np.asarray(ref["fc"]))
+  with pytest.raises(ValueError, match="no examples"):
+    criteria.fisher_diagonal(loss_fn, params, [], ["fc"])

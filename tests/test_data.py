@@ -55,3 +55,17 @@ def test_tfds_resize_under_mock_data():
   with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = data.load_dataset("cifar10", image_size=8)
   assert ds.input_shape == (8, 8, 3)
+
+
+def test_batches_from_split_full_batches_in_order_and_old_home():
+  from safer_jax import benchmark, train  # pylint: disable=import-outside-toplevel
+  split = data.Split(np.arange(50, dtype=np.float32).reshape(10, 5), np.arange(10))
+  batches = data.batches_from_split(split, 3)
+  assert len(batches) == 3  # only full batches
+  for i, b in enumerate(batches):
+    np.testing.assert_array_equal(b["image"], split.images[3 * i:3 * i + 3])
+    np.testing.assert_array_equal(b["label"], split.labels[3 * i:3 * i + 3])
+  assert len(data.batches_from_split(split, 3, 2)) == 2
+  assert [len(b["label"]) for b in data.batches_from_split(split, 32)] == [10]
+  assert benchmark.batches_from_split is data.batches_from_split
+  assert benchmark.classifier_loss_fn is train.classifier_loss_fn

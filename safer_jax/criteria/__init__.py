@@ -12,6 +12,9 @@ criterion acts on the layers' kernels; second-order ones on the Hessian block
 of one kernel at a time. Data-free criteria accept ``loss_fn=batches=None``.
 """
 
+from safer_jax.criteria._common import clear_compiled
+from safer_jax.criteria._common import mean_loss
+from safer_jax.criteria._common import mean_value_and_grads
 from safer_jax.criteria.corruption import PGAResult
 from safer_jax.criteria.corruption import corruption_first_order
 from safer_jax.criteria.corruption import corruption_pga
@@ -25,11 +28,14 @@ from safer_jax.criteria.curvature import hutchinson_trace
 from safer_jax.criteria.curvature import top_eigenvalue
 from safer_jax.criteria.data_free import param_count
 from safer_jax.criteria.data_free import quant_error
+from safer_jax.criteria.data_free import quant_sq_error
 from safer_jax.criteria.data_free import random
 from safer_jax.criteria.data_free import spectral_norm
 from safer_jax.criteria.data_free import weight_norm
 from safer_jax.criteria.gradient import fisher
+from safer_jax.criteria.gradient import fisher_diagonal
 from safer_jax.criteria.gradient import grad_norm
+from safer_jax.criteria.gradient import sum_sq_grads
 from safer_jax.criteria.gradient import taylor
 from safer_jax.criteria.gradient import taylor_abs
 from safer_jax.criteria.integrated import integrated_gradients
@@ -43,11 +49,13 @@ __all__ = [
     "CRITERIA",
     "PGAResult",
     "TraceEstimate",
+    "clear_compiled",
     "compute_all",
     "corruption_first_order",
     "corruption_pga",
     "dual_norm",
     "fisher",
+    "fisher_diagonal",
     "get_criterion",
     "grad_norm",
     "hawq_v2",
@@ -55,13 +63,17 @@ __all__ = [
     "hutchinson_trace",
     "integrated_gradients",
     "integrated_gradients_attributions",
+    "mean_loss",
+    "mean_value_and_grads",
     "param_count",
     "pga_corruption",
     "project",
     "quadrature",
     "quant_error",
+    "quant_sq_error",
     "random",
     "spectral_norm",
+    "sum_sq_grads",
     "taylor",
     "taylor_abs",
     "top_eigenvalue",

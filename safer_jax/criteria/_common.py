@@ -10,25 +10,21 @@ and returns ``{layer_path: float}`` (higher = more sensitive / important).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from safer_jax import distributed
 from safer_jax import layers as layers_lib
 from safer_jax import wrapping
+from safer_jax.errors import check_bits, check_nonneg_float, check_positive_int  # noqa: F401
 
 Params = Mapping[str, Any]
 Batch = Any
 LossFn = Callable[[Params, Batch], jax.Array]
 Scores = dict[str, float]
-
-ALLOWED_P = ("1", "2", "inf")
-
 
 def resolve_layers(params: Params, layers: str | Sequence[str] | None) -> list[str]:
   """Layer paths selected by the regex ``layers`` (``None``: all layers)."""
@@ -101,62 +97,6 @@ def setup_data_free(params: Params, layers: Any) -> list[str]:
   return names
 
 
-def normalize_p(p: Any) -> str:
-  """Maps ``p`` to one of ``'1'``, ``'2'``, ``'inf'``; raises ``ValueError`` otherwise."""
-  if isinstance(p, str):
-    key = p.strip().lower()
-    if key in ("inf", "infinity", "linf", "max"):
-      return "inf"
-    if key in ("1", "l1"):
-      return "1"
-    if key in ("2", "l2"):
-      return "2"
-  elif isinstance(p, (int, float, np.integer, np.floating)) and not isinstance(p, bool):
-    if math.isinf(p) and p > 0:
-      return "inf"
-    if p == 1:
-      return "1"
-    if p == 2:
-      return "2"
-  raise ValueError(f"Unsupported norm p={p!r}; allowed: 1, 2, inf (float('inf') or 'inf').")
-
-
-def p_value(p: str) -> float:
-  return math.inf if p == "inf" else float(p)
-
-
-def check_bits(bits: Any) -> int:
-  """Validates a quantization bit width: an integer in [1, 16] (1 = binary, sign codes)."""
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 16:
-    raise ValueError(f"Unsupported bit width bits={bits!r}; allowed: an integer from 1 to 16.")
-  return int(bits)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-  return int(value)
-
-
-def check_nonneg_float(name: str, value: Any) -> float:
-  try:
-    out = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.") from None
-  if not math.isfinite(out) or out < 0:
-    raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
-  return out
-
-
-@functools.partial(jax.jit, static_argnames="p")
-def vector_norm(x: jax.Array, p: str) -> jax.Array:
-  """The p-norm of ``x`` flattened; ``p`` in {'1', '2', 'inf'}."""
-  x = jnp.ravel(x)
-  if p == "1":
-    return jnp.sum(jnp.abs(x))
-  if p == "2":
-    return jnp.sqrt(jnp.sum(jnp.square(x)))
-  return jnp.max(jnp.abs(x))
 
 
 class _DataParallel:

@@ -22,41 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from safer_jax import layers as layers_lib
+from safer_jax import norms
 from safer_jax.criteria import _common
-from safer_jax.perturb import corruption_direction
+from safer_jax.norms import dual_norm, project  # noqa: F401  (public here too)
 
 
 def _check_n(n: Any) -> int | None:
-  if n is None:
-    return None
-  return _common.check_positive_int("n_sparse", n)
+  return norms.check_sparsity(n, "n_sparse")
 
 
 def eps_absolute(kernel: jax.Array, eps: float, p: Any, relative: bool = True) -> float:
   """The absolute radius ``eps * ||W||_p`` (or ``eps`` if not ``relative``)."""
-  p = _common.normalize_p(p)
+  p = norms.normalize_p(p)
   eps = _common.check_nonneg_float("eps", eps)
   if not relative:
     return eps
-  return eps * _common.to_float(_common.vector_norm(kernel, p))
-
-
-@functools.partial(jax.jit, static_argnames=("p", "n"))
-def dual_norm(g: jax.Array, p: Any, n: int | None = None) -> jax.Array:
-  """``max_{||a||_p <= 1, ||a||_0 <= n} <g, a>``: the q-norm of the n largest |g|.
-
-  ``1/p + 1/q = 1``: p=1 -> max |g|, p=2 -> ||g||_2, p=inf -> sum |g|. With
-  ``n`` only the n largest entries of |g| count (no effect for p=1).
-  """
-  p = _common.normalize_p(p)
-  a = jnp.abs(jnp.ravel(g))
-  if n is not None and n < a.size:
-    a = jax.lax.top_k(a, n)[0]
-  if p == "1":
-    return jnp.max(a)
-  if p == "2":
-    return jnp.sqrt(jnp.sum(jnp.square(a)))
-  return jnp.sum(a)
+  return eps * _common.to_float(norms.vector_norm(kernel, p))
 
 
 @_common.accepts_nnx_state
@@ -67,7 +48,7 @@ def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batc
   """First-order estimate of the worst-case corruption loss increase, eps_abs * ||g||_q.
 
   The maximiser of <g, a> over ``||a||_p <= eps_abs`` (and at most ``n_sparse``
-  non-zeros) is ``safer_jax.perturb.corruption_direction``; its value is
+  non-zeros) is ``safer_jax.norms.steepest_ascent``; its value is
   ``eps_abs * ||g||_q`` with ``1/p + 1/q = 1`` (p=2: ||g||_2, p=inf: sum |g|,
   p=1: max |g|). With ``n_sparse`` the q-norm is taken over the ``n_sparse``
   largest |g| (p=inf: their sum; p=2: their 2-norm; p=1: unchanged).
@@ -92,7 +73,7 @@ def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batc
       pattern matching no layer, no data.
   """
   del key
-  p = _common.normalize_p(p)
+  p = norms.normalize_p(p)
   n_sparse = _check_n(n_sparse)
   _common.check_nonneg_float("eps", eps)
   names, batches = _common.setup(loss_fn, params, batches, layers)
@@ -102,40 +83,6 @@ def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batc
     e = eps_absolute(layers_lib.get_kernel(params, name), eps, p, relative)
     out[name] = e * _common.to_float(dual_norm(grads[name], p, n_sparse))
   return out
-
-
-@functools.partial(jax.jit, static_argnames=("p", "n"))
-def project(a: jax.Array, eps_abs: float, p: Any, n: int | None = None) -> jax.Array:
-  """Euclidean projection of ``a`` onto ``{||a||_p <= eps_abs, ||a||_0 <= n}``.
-
-  p=2: rescale onto the sphere if outside; p=inf: clip to [-eps_abs, eps_abs];
-  p=1: the sort-based simplex projection (Duchi et al. 2008). With ``n``, the
-  n largest |a| are kept first (hard thresholding), which makes the projection
-  exact for the L2 and L-inf balls (and for L1, Kyrillidis et al. 2013).
-  Exact up to float rounding (the result's norm may exceed ``eps_abs`` by a few
-  ulps). Jitted; ``p`` and ``n`` are static.
-  """
-  p = _common.normalize_p(p)
-  if n is not None and n < a.size:
-    flat = jnp.ravel(a)
-    idx = jax.lax.top_k(jnp.abs(flat), n)[1]
-    flat = jnp.zeros_like(flat).at[idx].set(flat[idx])
-    a = jnp.reshape(flat, a.shape)
-  if p == "inf":
-    return jnp.clip(a, -eps_abs, eps_abs)
-  if p == "2":
-    norm = jnp.linalg.norm(jnp.ravel(a))
-    return a * jnp.minimum(1.0, eps_abs / jnp.maximum(norm, 1e-30))
-  flat = jnp.ravel(a)
-  u = jnp.abs(flat)
-  srt = jnp.sort(u)[::-1]
-  css = jnp.cumsum(srt)
-  ks = jnp.arange(1, u.size + 1, dtype=u.dtype)
-  rho = jnp.max(jnp.where(srt - (css - eps_abs) / ks > 0, jnp.arange(u.size), 0))
-  theta = jnp.maximum((css[rho] - eps_abs) / (rho + 1), 0.0)
-  proj = jnp.sign(flat) * jnp.maximum(u - theta, 0.0)
-  proj = jnp.where(jnp.sum(u) <= eps_abs, flat, proj)
-  return jnp.reshape(proj, a.shape)
 
 
 class PGAResult(NamedTuple):
@@ -161,8 +108,8 @@ def pga_corruption(loss_fn: _common.LossFn, params: _common.Params, batches: Any
                    n_sparse: int | None = None, relative: bool = True) -> PGAResult:
   """Worst-case corruption of one layer by projected gradient ascent (PGA).
 
-  Starts from the first-order maximiser ``a_0 = corruption_direction(g, eps_abs)``
-  and iterates ``a <- Proj(a + corruption_direction(grad_a L(W + a), step_size *
+  Starts from the first-order maximiser ``a_0 = steepest_ascent(g, eps_abs)``
+  and iterates ``a <- Proj(a + steepest_ascent(grad_a L(W + a), step_size *
   eps_abs))`` (the steepest-ascent step for the p-norm: normalised gradient for
   p=2, sign for p=inf), projecting exactly onto the ball (see ``project``). The
   best iterate is kept, so the result is never worse than the start and never
@@ -187,7 +134,7 @@ def pga_corruption(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   Raises:
     ValueError: bad options, non-finite parameters, unknown layer, no data.
   """
-  p = _common.normalize_p(p)
+  p = norms.normalize_p(p)
   n_sparse = _check_n(n_sparse)
   if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
     raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
@@ -203,12 +150,12 @@ def _layer_value_and_grad(loss_fn, name):
 
 @functools.partial(jax.jit, static_argnames=("p", "n"))
 def _pga_start(g, eps_abs, p, n):
-  return project(corruption_direction(g, eps_abs, p=_common.p_value(p), n=n), eps_abs, p, n)
+  return project(norms.steepest_ascent(g, eps_abs, p, n), eps_abs, p, n)
 
 
 @functools.partial(jax.jit, static_argnames=("p", "n"))
 def _pga_step(a, grad_a, eps_abs, step_abs, p, n):
-  step = corruption_direction(grad_a, step_abs, p=_common.p_value(p))
+  step = norms.steepest_ascent(grad_a, step_abs, p)
   return project(a + step, eps_abs, p, n)
 
 
@@ -269,7 +216,7 @@ def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any
       no data.
   """
   del key
-  p = _common.normalize_p(p)
+  p = norms.normalize_p(p)
   n_sparse = _check_n(n_sparse)
   if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
     raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")

@@ -22,7 +22,7 @@ import scipy.linalg
 
 from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
-from safer_jax.criteria.data_free import _quant_sq_error
+from safer_jax.criteria.data_free import quant_sq_error
 from safer_jax.progress import Progress
 
 
@@ -520,5 +520,5 @@ def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   out = {}
   for name, e in est.items():
     w = layers_lib.get_kernel(params, name)
-    out[name] = e.mean / w.size * _common.to_float(_quant_sq_error(w, bits))
+    out[name] = e.mean / w.size * _common.to_float(quant_sq_error(w, bits))
   return out

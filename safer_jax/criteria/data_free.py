@@ -13,11 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from safer_jax import layers as layers_lib
+from safer_jax import norms
 from safer_jax.criteria import _common
 from safer_jax.perturb import quantize
-
-_ORDS = ("l1", "l2", "linf")
-
 
 def param_count(loss_fn: Any, params: _common.Params, batches: Any = None, *,
                 layers: Any = None, key: jax.Array | None = None) -> _common.Scores:
@@ -54,7 +52,8 @@ def weight_norm(loss_fn: Any, params: _common.Params, batches: Any = None, *,
     batches: ignored (may be ``None``).
     layers: ``None`` or regex pattern(s).
     key: ignored.
-    ord: ``'l1'`` (sum |w|), ``'l2'`` (sqrt of sum w^2) or ``'linf'`` (max |w|).
+    ord: ``'l1'`` (sum |w|), ``'l2'`` (sqrt of sum w^2) or ``'linf'`` (max |w|);
+      any spelling of :func:`safer_jax.norms.normalize_p` (``1``, ``2``, ``inf``) works.
     per_param: normalise by the kernel size n: ``'l1'`` -> mean |w|,
       ``'l2'`` -> root mean square ||W||_2 / sqrt(n), ``'linf'`` unchanged.
 
@@ -65,17 +64,19 @@ def weight_norm(loss_fn: Any, params: _common.Params, batches: Any = None, *,
     ValueError: unknown ``ord``, a pattern matching no layer, non-finite kernel.
   """
   del loss_fn, batches, key
-  if ord not in _ORDS:
-    raise ValueError(f"Unsupported ord={ord!r}; allowed: {list(_ORDS)}.")
+  try:
+    p = norms.normalize_p(ord)
+  except ValueError:
+    raise ValueError(f"Unsupported ord={ord!r}; allowed: 'l1', 'l2', 'linf' "
+                     f"(or any p of safer_jax.norms.normalize_p).") from None
   names = _common.setup_data_free(params, layers)
   out = {}
   for n in names:
     w = layers_lib.get_kernel(params, n)
-    p = {"l1": "1", "l2": "2", "linf": "inf"}[ord]
-    value = _common.vector_norm(w, p)
-    if per_param and ord == "l1":
+    value = norms.vector_norm(w, p)
+    if per_param and p == "1":
       value = value / w.size
-    elif per_param and ord == "l2":
+    elif per_param and p == "2":
       value = value / jnp.sqrt(float(w.size))
     out[n] = _common.to_float(value)
   return out
@@ -107,11 +108,20 @@ def quant_error(loss_fn: Any, params: _common.Params, batches: Any = None, *,
   del loss_fn, batches, key
   bits = _common.check_bits(bits)
   names = _common.setup_data_free(params, layers)
-  return {n: _common.to_float(_quant_sq_error(layers_lib.get_kernel(params, n), bits))
+  return {n: _common.to_float(quant_sq_error(layers_lib.get_kernel(params, n), bits))
           for n in names}
 
 
-def _quant_sq_error(w: jax.Array, bits: int) -> jax.Array:
+def quant_sq_error(w: jax.Array, bits: int) -> jax.Array:
+  """``||Q_b(w) - w||_2^2``: the squared error of :func:`safer_jax.perturb.quantize` at ``bits``.
+
+  Args:
+    w: float kernel, any shape (per output channel = last axis).
+    bits: bit width, an integer in [1, 16] (not checked here).
+
+  Returns:
+    A float32 scalar (units: weight^2).
+  """
   return jnp.sum(jnp.square(quantize(w, bits) - w))
 
 

@@ -7,6 +7,7 @@ selected layers at once: COST one forward + one backward pass per batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -134,18 +135,75 @@ def fisher(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   if chunk_size is not None:
     chunk_size = _common.check_positive_int("chunk_size", chunk_size)
 
-  sum_sq_grads = _common.cached_jit(_sum_sq_grads, loss_fn, tuple(names), chunk_size)
+  total, count = sum_sq_grads(loss_fn, params, batches, names, chunk_size=chunk_size)
+  return {n: _common.to_float(_fisher_score(total[n], count, layers_lib.get_kernel(params, n)))
+          for n in names}
 
+
+def sum_sq_grads(loss_fn: _common.LossFn, params: _common.Params, batches: Sequence[Any],
+                 names: Sequence[str], *,
+                 chunk_size: int | None = None) -> tuple[dict[str, jax.Array], int]:
+  """Per-example squared kernel gradients summed over every example: ``Σ_x g_x²``.
+
+  ``g_x`` is the gradient of ``loss_fn`` on the single example ``x`` (a batch
+  of size 1) w.r.t. each named kernel, vectorised over a batch with
+  ``jax.vmap`` (or ``jax.lax.map`` over ``chunk_size`` examples at a time).
+  Batches are summed in order. No argument checks (see :func:`fisher`).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
+    params: Flax params pytree.
+    batches: sequence of batches; every leaf of a batch has the same leading size.
+    names: layer paths.
+    chunk_size: examples vectorised at once (``None``: a whole batch).
+
+  Returns:
+    ``({layer: Σ_x g_x²} (kernel shape, float32), number of examples)``.
+    COST: 1 forward + 1 backward pass per example.
+
+  Raises:
+    ValueError: a batch whose leaves disagree on the batch size.
+  """
+  step = _common.cached_jit(_sum_sq_grads, loss_fn, tuple(names), chunk_size)
   total, count = None, 0
   for batch in batches:
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
       raise ValueError(f"Batch leaves disagree on the batch size: {sorted(sizes)}.")
     count += sizes.pop()
-    s = sum_sq_grads(params, batch)
+    s = step(params, batch)
     total = s if total is None else jax.tree.map(jnp.add, total, s)
-  return {n: _common.to_float(_fisher_score(total[n], count, layers_lib.get_kernel(params, n)))
-          for n in names}
+  return total, count
+
+
+def fisher_diagonal(loss_fn: _common.LossFn, params: _common.Params, batches: Sequence[Any],
+                    names: Sequence[str], *,
+                    chunk_size: int | None = None) -> dict[str, jax.Array]:
+  """The diagonal empirical Fisher ``E_x[g_x²]`` of each named kernel.
+
+  :func:`sum_sq_grads` divided by the number of examples (examples weighted
+  equally, whatever their batch). The :func:`fisher` criterion is
+  ``Σ_i E_x[g_{x,i}²] w_i²`` of the same sums.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch; it
+      must not couple the examples of a batch (e.g. BatchNorm in train mode).
+    params: Flax params pytree.
+    batches: sequence of batches.
+    names: layer paths.
+    chunk_size: examples vectorised at once (``None``: a whole batch).
+
+  Returns:
+    ``{layer: E_x[g_x²]}``, kernel-shaped float32 arrays (units: (loss / weight)²).
+
+  Raises:
+    ValueError: no examples in ``batches`` (the mean would be NaN).
+  """
+  total, count = sum_sq_grads(loss_fn, params, batches, names, chunk_size=chunk_size)
+  if count == 0:
+    raise ValueError("fisher_diagonal got no examples (empty batches): the Fisher of 0 "
+                     "examples is undefined; pass at least one calibration example.")
+  return {n: total[n] / count for n in names}
 
 
 @jax.jit
