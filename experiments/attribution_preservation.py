@@ -129,7 +129,7 @@ def run(config, workdir: str) -> dict:
            "examples": _plot_examples(images[:config.num_examples],
                                       reference[:config.num_examples], examples,
                                       os.path.join(workdir, "example_maps.png")),
-           "metrics": _plot_metrics(results, base, os.path.join(workdir, "metrics.png"))}
+           "metrics": plot_metrics(results, base, os.path.join(workdir, "metrics.png"))}
   print(summary)
   return {"paths": paths, "results": results}
 
@@ -187,7 +187,7 @@ def _plot_examples(images, reference, examples, path: str) -> str:
   return io.save_figure(path, fig)
 
 
-def _plot_metrics(results: pd.DataFrame, base: dict, path: str) -> str:
+def plot_metrics(results: pd.DataFrame, base: dict, path: str) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

@@ -123,7 +123,7 @@ def run(config, workdir: str) -> dict:
   paths["meta"] = io.write_json(os.path.join(workdir, "meta.json"), meta)
   paths["summary_md"] = io.write_text(os.path.join(workdir, "summary.md"),
                                       _markdown(entry, split, table, imp, seconds))
-  print(f"{len(table)} cells ({_cells(table)}) in {seconds:.1f}s; baseline accuracy "
+  print(f"{len(table)} cells ({cells_summary(table)}) in {seconds:.1f}s; baseline accuracy "
         f"{table.attrs['baseline_accuracy']:.4f}. Most sensitive layer per family "
         f"(area under the accuracy-drop curve):")
   for family in imp.columns:
@@ -131,7 +131,7 @@ def run(config, workdir: str) -> dict:
   return {"paths": paths, "table": table, "importance": imp}
 
 
-def _cells(table) -> str:
+def cells_summary(table) -> str:
   """How many cells were computed now and how many reused from an earlier run's table.csv."""
   reused, computed = table.attrs["reused_cells"], table.attrs["computed_cells"]
   return f"{computed} computed, {reused} reused from table.csv" if reused else "all computed"
@@ -139,7 +139,7 @@ def _cells(table) -> str:
 
 def _markdown(entry, split, table, imp, seconds: float) -> str:
   lines = [f"# sensitivity: {entry.name} on {entry.dataset.name}", "",
-           f"{len(table)} cells ({_cells(table)}) on {len(split)} eval images in {seconds:.1f} "
+           f"{len(table)} cells ({cells_summary(table)}) on {len(split)} eval images in {seconds:.1f} "
            f"s; float accuracy "
            f"{100 * table.attrs['baseline_accuracy']:.2f}%. Importance = area under the "
            f"seed-averaged accuracy-drop curve over the magnitude grid (higher = more "

@@ -508,20 +508,28 @@ def test_compiled_criteria_live_on_the_loss_function_not_in_the_module():
   module-level reference: a dropped loss function is freed with its compiled functions."""
   import gc  # pylint: disable=import-outside-toplevel
   import weakref  # pylint: disable=import-outside-toplevel
-  from safer_jax.criteria import _common  # pylint: disable=import-outside-toplevel
+  params, batches, base = _least_squares()
 
   def make():
-    scale = jnp.ones(3)
-    return lambda params, batch: jnp.sum(params["w"] * scale * batch)
+    scale = jnp.ones(())
+    return lambda p, batch: base(p, batch) * scale
 
   loss_fn = make()
   ref = weakref.ref(loss_fn)
-  first = _common.cached_jit(_common.layer_loss, loss_fn, "w")
-  assert _common.cached_jit(_common.layer_loss, loss_fn, "w") is first
-  assert _common.cached_jit(_common.layer_loss, loss_fn, "v") is not first
-  _common.clear_compiled()
-  assert _common.cached_jit(_common.layer_loss, loss_fn, "w") is not first
-  del loss_fn, first
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    first = criteria.fisher(loss_fn, params, batches)
+    cold = sum("backend_compile" in e for e in compiles)
+    assert criteria.fisher(loss_fn, params, batches) == first
+    assert sum("backend_compile" in e for e in compiles) == cold  # cached: nothing compiled
+    criteria.clear_compiled()
+    criteria.fisher(loss_fn, params, batches)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert cold >= 1
+  del loss_fn
   gc.collect()
   assert ref() is None
 

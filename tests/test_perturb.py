@@ -696,7 +696,7 @@ def test_bucketed_draws_are_the_per_shape_draws(shape):
     row = P.normal_draws(key[None], P.flat_bucket(n))[0]
     np.testing.assert_array_equal(np.asarray(row[:n]).reshape(shape), z)
     np.testing.assert_array_equal(P.noise(w, 0.3, key),
-                                  P._noise_with(w, 0.3, z))  # pylint: disable=W0212
+                                  P.get_family("noise").apply(w, 0.3, z))
     mask = P.random_bit_mask(key, shape, 8, 0.01)
     rows = P.bitflip_masks(key[None], jnp.float32(0.01)[None], P.flat_bucket(n),
                                  num_bits=8, positions=tuple(range(8)))

@@ -362,7 +362,7 @@ def test_resume_after_kill_is_byte_identical_and_counts_reused(tmp_path, mlp, di
   assert resumed.attrs["reused_cells"] == partial
   assert resumed.attrs["computed_cells"] == len(table) - partial
   from experiments import sensitivity  # pylint: disable=import-outside-toplevel
-  assert sensitivity._cells(resumed) == (  # pylint: disable=protected-access
+  assert sensitivity.cells_summary(resumed) == (
       f"{len(table) - partial} computed, {partial} reused from table.csv")
 
 
@@ -492,7 +492,7 @@ def test_metrics_error_bars_are_dodged(monkeypatch):
   rows = [{"label": label, "variant": v, "accuracy": 0.9, "spearman_mean": 0.5,
            "spearman_std": 0.1, "iou_mean": 0.5, "iou_std": 0.1, "cosine_mean": 0.5,
            "cosine_std": 0.1} for label in ("a", "b") for v in ap.VARIANTS]
-  ap._plot_metrics(pd.DataFrame(rows), {"accuracy": 0.95}, "unused.png")  # pylint: disable=W0212
+  ap.plot_metrics(pd.DataFrame(rows), {"accuracy": 0.95}, "unused.png")
   ax = figures[0].axes[1]
   xs = [tuple(np.round(line.get_xdata(), 6)) for line in ax.get_lines() if len(line.get_xdata())
         == 2 and line.get_linestyle() != "None"]
