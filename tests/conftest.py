@@ -65,6 +65,37 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+@pytest.fixture
+def tiny_experiment(tmp_path, zoo_cache):
+  """Runs an experiment's ``--tiny`` setting in this process, as ``launch.py`` would.
+
+  ``tiny_experiment(name, *overrides, files=())``: ``overrides`` are ``key=value``
+  items (``--config.key=value``), applied and validated as the launcher does;
+  every name in ``files`` must be written and non-empty. Returns the results
+  folder (``tmp_path/<experiment>/<model>``). The launcher itself (flags, error
+  lines, exit codes, Ctrl-C) is tested through subprocesses in test_launch.py.
+  """
+  import experiments  # pylint: disable=import-outside-toplevel
+  import launch as launcher  # pylint: disable=import-outside-toplevel
+  from experiments import common  # pylint: disable=import-outside-toplevel
+
+  def run(name, *overrides, files=()):
+    module = experiments.get_experiment(name)
+    config = module.get_config(tiny=True)
+    config.cache_dir = zoo_cache
+    common.apply_overrides(config, ["progress=False", *overrides])
+    common.validate_config(module, config)
+    workdir = launcher.results_dir(str(tmp_path), name, module, config)
+    os.makedirs(workdir, exist_ok=True)
+    module.run(config, workdir)
+    for file in files:
+      assert os.path.getsize(os.path.join(workdir, file)) > 0, file
+    import pathlib  # pylint: disable=import-outside-toplevel
+    return pathlib.Path(workdir)
+
+  return run
+
+
 def pytest_collection_modifyitems(items):
   """Every test that runs ``launch.py`` in a subprocess (the ``launch`` fixture) is ``integration``.
 

@@ -9,13 +9,10 @@ import pandas as pd
 # ---------------------------------------------------------------------------
 
 
-def test_prune_sweep_tiny_writes_files(tmp_path, launch):
-  out = launch(["--experiment=prune_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config.progress=False", "--config.finetune_steps=5"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "prune_sweep" / "mlp"
-  for name in ("results.csv", "costs.json", "summary.md", "accuracy_vs_sparsity.png"):
-    assert (work / name).stat().st_size > 0, name
+def test_prune_sweep_tiny_writes_files(tiny_experiment):
+  work = tiny_experiment("prune_sweep", "finetune_steps=5",
+                         files=("results.csv", "costs.json", "summary.md",
+                                "accuracy_vs_sparsity.png"))
   results = pd.read_csv(work / "results.csv")
   assert set(results.source) == {"uniform", "erk", "global_magnitude", "oracle", "magnitude",
                                  "fisher", "searched"}  # (no BatchNorm: no searched_bn)
@@ -31,13 +28,9 @@ def test_prune_sweep_tiny_writes_files(tmp_path, launch):
   assert "masks fixed" in (work / "summary.md").read_text()
 
 
-def test_bitflip_protect_tiny_writes_files(tmp_path, launch):
-  out = launch(["--experiment=bitflip_protect", "--tiny", f"--workdir={tmp_path}",
-                 "--config.progress=False"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "bitflip_protect" / "mlp"
-  for name in ("results.csv", "scores.json", "summary.md", "accuracy_vs_rate.png"):
-    assert (work / name).stat().st_size > 0, name
+def test_bitflip_protect_tiny_writes_files(tiny_experiment):
+  work = tiny_experiment("bitflip_protect",
+                         files=("results.csv", "scores.json", "summary.md", "accuracy_vs_rate.png"))
   results = pd.read_csv(work / "results.csv")
   assert set(results.rule) == {"fisher_per_param", "grad_norm", "random", "none"}
   assert (results.protected_fraction <= results.budget_fraction).all()

@@ -177,13 +177,10 @@ def test_quantization_aware_finetuning_returns_quantized_kernels(lenet):
   assert history["att"] == [0.0] * 3 and np.all(np.isfinite(history["task"]))
 
 
-def test_experiment_tiny_writes_files(tmp_path, launch):
-  out = launch(["--experiment=attribution_preservation", "--tiny", f"--workdir={tmp_path}",
-                "--config.progress=False"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "attribution_preservation" / "lenet"
-  for name in ("results.csv", "per_image.csv", "summary.md", "example_maps.png", "metrics.png"):
-    assert (work / name).stat().st_size > 0, name
+def test_experiment_tiny_writes_files(tiny_experiment):
+  work = tiny_experiment("attribution_preservation",
+                         files=("results.csv", "per_image.csv", "summary.md", "example_maps.png",
+                                "metrics.png"))
   results = pd.read_csv(work / "results.csv")
   assert list(results.variant) == ["compressed", "plain_ft", "wcam_ft"]
   assert results["spearman_mean"].between(-1, 1).all()

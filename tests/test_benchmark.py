@@ -138,21 +138,19 @@ def test_loss_fn_and_batches(digits):
   assert set(scores["grad_norm"]) == {"dense1/fc", "dense2/fc", "head/fc"}
 
 
-def test_experiment_end_to_end(tmp_path, launch):
-  out = launch(["--experiment=criteria_benchmark", "--tiny", f"--workdir={tmp_path}"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  workdir = tmp_path / "criteria_benchmark"
-  for name in ("agreement.csv", "agreement.md", "heatmap.png", "costs.csv", "costs.md",
-               "scores.json", "mlp/sweep.csv", "mlp/truth.csv", "pooled.csv", "pooled.md",
-               "frontier.png", "mlp/calibration.json"):
-    assert (workdir / name).exists(), name
+def test_experiment_end_to_end(tiny_experiment, capsys):
+  workdir = tiny_experiment("criteria_benchmark", files=(
+      "agreement.csv", "agreement.md", "heatmap.png", "costs.csv", "costs.md", "scores.json",
+      "mlp/sweep.csv", "mlp/truth.csv", "pooled.csv", "pooled.md", "frontier.png",
+      "mlp/calibration.json"))
+  printed = capsys.readouterr().out
   table = pd.read_csv(workdir / "agreement.csv")
   pairs = set(zip(table[table.metric == "accuracy_drop"].criterion,
                   table[table.metric == "accuracy_drop"].family))
   assert pairs == {(c, f) for c in criteria.CRITERIA
                    for f in ("quantize", "prune", "bitflip", "noise")}
   assert set(table.metric) == {"accuracy_drop", "loss_increase"}
-  assert "pooled over 1 model(s)" in out.stdout
+  assert "pooled over 1 model(s)" in printed
   # calibrated grids: recorded per family, used by the sweep, mildest first
   import json  # pylint: disable=import-outside-toplevel
   calib = json.load(open(workdir / "mlp" / "calibration.json"))

@@ -3,14 +3,10 @@
 import pandas as pd
 
 
-def test_corruption_experiment_writes_files(tmp_path, launch):
-  out = launch(["--experiment=corruption", "--tiny", f"--workdir={tmp_path}",
-                 "--config.progress=False"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "corruption" / "mlp"
-  for name in ("results.csv", "summary.md", "meta.json", "delta_vs_eps.png",
-               "layer_vulnerability.png"):
-    assert (work / name).stat().st_size > 0, name
+def test_corruption_experiment_writes_files(tiny_experiment):
+  work = tiny_experiment("corruption",
+                         files=("results.csv", "summary.md", "meta.json", "delta_vs_eps.png",
+                                "layer_vulnerability.png"))
   results = pd.read_csv(work / "results.csv")
   assert set(results.method) == {"first_order", "pga", "random"}
   assert set(results.target) == {"dense2/fc", "head/fc", "all"}
@@ -20,13 +16,9 @@ def test_corruption_experiment_writes_files(tmp_path, launch):
   assert "The claim" in (work / "summary.md").read_text()
 
 
-def test_acr_train_experiment_writes_files(tmp_path, launch):
-  out = launch(["--experiment=acr_train", "--tiny", f"--workdir={tmp_path}",
-                 "--config.progress=False"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "acr_train" / "mlp"
-  for name in ("results.csv", "summary.md", "meta.json", "robustness.png"):
-    assert (work / name).stat().st_size > 0, name
+def test_acr_train_experiment_writes_files(tiny_experiment):
+  work = tiny_experiment("acr_train",
+                         files=("results.csv", "summary.md", "meta.json", "robustness.png"))
   results = pd.read_csv(work / "results.csv")
   assert set(results.method) == {"plain", "acr"}
   assert set(results.condition) == {"clean", "corrupt", "bitflip", "quantize"}

@@ -54,10 +54,7 @@ def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batc
   largest |g| (p=inf: their sum; p=2: their 2-norm; p=1: unchanged).
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: ignored.
     eps: radius, relative to ``||W||_p`` (absolute if ``relative=False``).
     p: 1, 2 or inf (``float('inf')`` or ``'inf'``).
@@ -200,10 +197,7 @@ def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   ``pga_corruption`` for the algorithm.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: ignored.
     eps, p, steps, step_size, n_sparse, relative: see ``pga_corruption``.
 

@@ -435,10 +435,7 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   skipped from then on.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: ``jax.random`` key for the start vectors (``None``: ``key(0)``);
       layer ``i`` starts from ``normal(fold_in(key, i))``.
     method: ``'lanczos'`` or ``'power'``.
@@ -498,10 +495,7 @@ def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   the Hutchinson estimate (see ``hutchinson_trace``).
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: probe key (``None``: ``key(0)``).
     bits: bit width, an integer in [1, 16].
     **options: :func:`hutchinson_trace` options (``max_probes``, ``stop``, ...).

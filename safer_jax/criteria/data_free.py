@@ -47,11 +47,8 @@ def weight_norm(loss_fn: Any, params: _common.Params, batches: Any = None, *,
   """Norm of each layer's kernel (flattened).
 
   Args:
-    loss_fn: ignored (may be ``None``).
-    params: Flax params pytree.
-    batches: ignored (may be ``None``).
-    layers: ``None`` or regex pattern(s).
-    key: ignored.
+    loss_fn, params, batches, layers, key: the criterion signature (:mod:`safer_jax.criteria`);
+      data-free: ``loss_fn``, ``batches`` and ``key`` are ignored (may be None).
     ord: ``'l1'`` (sum |w|), ``'l2'`` (sqrt of sum w^2) or ``'linf'`` (max |w|);
       any spelling of :func:`safer_jax.norms.normalize_p` (``1``, ``2``, ``inf``) works.
     per_param: normalise by the kernel size n: ``'l1'`` -> mean |w|,
@@ -91,11 +88,8 @@ def quant_error(loss_fn: Any, params: _common.Params, batches: Any = None, *,
   Hessian eigenvalue.
 
   Args:
-    loss_fn: ignored (may be ``None``).
-    params: Flax params pytree.
-    batches: ignored (may be ``None``).
-    layers: ``None`` or regex pattern(s).
-    key: ignored.
+    loss_fn, params, batches, layers, key: the criterion signature (:mod:`safer_jax.criteria`);
+      data-free: ``loss_fn``, ``batches`` and ``key`` are ignored (may be None).
     bits: bit width, an integer in [1, 16].
 
   Returns:
@@ -135,11 +129,8 @@ def spectral_norm(loss_fn: Any, params: _common.Params, batches: Any = None, *,
   operator).
 
   Args:
-    loss_fn: ignored (may be ``None``).
-    params: Flax params pytree.
-    batches: ignored (may be ``None``).
-    layers: ``None`` or regex pattern(s).
-    key: ignored.
+    loss_fn, params, batches, layers, key: the criterion signature (:mod:`safer_jax.criteria`);
+      data-free: ``loss_fn``, ``batches`` and ``key`` are ignored (may be None).
 
   Returns:
     ``{layer: sigma_max}``. COST: one SVD (singular values only) per layer.

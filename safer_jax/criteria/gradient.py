@@ -50,10 +50,7 @@ def taylor(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   L(W=0) - L(W) ~ -<g, W>; the score is its absolute value.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: ignored.
 
   Returns:
@@ -79,10 +76,7 @@ def taylor_abs(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   that gradients of opposite signs do not cancel (unlike ``taylor``).
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: ignored.
 
   Returns:
@@ -115,10 +109,7 @@ def fisher(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   training mode); per-example gradients are then ill-defined.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches; every leaf has the same leading batch size.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: ignored.
     chunk_size: number of examples vectorised at once (``None``: the whole
       batch); lowers memory, which is batch x (selected kernel sizes) floats.

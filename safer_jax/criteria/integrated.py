@@ -76,10 +76,7 @@ def integrated_gradients_attributions(
   """Signed per-weight integrated-gradient attributions of each selected kernel.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     baseline: ``'zero'`` (path from W0 = 0: removing the layer) or
       ``'quantized'`` (path from W0 = Q_b(W): quantizing it).
     bits: bit width of the ``'quantized'`` baseline, an integer in [1, 16].
@@ -133,10 +130,7 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
   ``integrated_gradients_attributions`` for the attributions ``A``.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
-    params: Flax params pytree.
-    batches: sequence of batches.
-    layers: ``None`` or regex pattern(s).
+    loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
     key: ignored.
     baseline, bits, steps, rule, chunk_size, full_range, progress: see
       ``integrated_gradients_attributions``.
