@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import acr, benchmark, io, layers, models, norms, perturb, train
+from safer_jax import acr, benchmark, io, layers, models, norms, perturb, plots, train
 
 
 def get_config(tiny: bool = False):
@@ -198,23 +198,12 @@ def _summary(results, config, acr_cfg, ds) -> str:
 
 
 def _plot(results, config, path) -> str:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   table = _table(results)
   keys = list(dict.fromkeys(zip(table.condition, table.magnitude)))
-  x = np.arange(len(keys))
-  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) + 2), 4.2))
-  for k, (method, color) in enumerate([("plain", "tab:gray"), ("acr", "tab:red")]):
+  series = []
+  for method, color in [("plain", "tab:gray"), ("acr", "tab:red")]:
     sub = table[table.method == method].set_index(["condition", "magnitude"]).loc[keys]
-    ax.bar(x + (k - 0.5) * 0.38, 100 * sub["mean"], 0.38,
-           yerr=100 * sub["std"].fillna(0), capsize=2, label=method, color=color)
-  ax.set_xticks(x)
-  ax.set_xticklabels([_label(c, m, config) for c, m in keys], rotation=35, ha="right",
-                     fontsize=8)
-  ax.set_ylabel("eval accuracy (%)")
-  ax.set_title(f"{config.model}: ACR vs plain training ({len(config.seeds)} seed(s))")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  return io.save_figure(path, fig)
+    series.append((method, color, 100 * sub["mean"], 100 * sub["std"].fillna(0)))
+  return plots.grouped_bars(
+      path, [_label(c, m, config) for c, m in keys], series, ylabel="eval accuracy (%)",
+      title=f"{config.model}: ACR vs plain training ({len(config.seeds)} seed(s))", width=0.38)

@@ -605,6 +605,27 @@ def search_record(result) -> dict:
           "starts": {k: {"accuracy": a, "loss": l} for k, (a, l) in result.starts.items()}}
 
 
+def write_allocation_files(workdir: str, results: pd.DataFrame, costs: dict, summary: str,
+                           plot: Callable[[str], str], plot_name: str, search_record: dict,
+                           interactions, title: str, extra: dict | None = None) -> dict:
+  """The files of an allocation experiment (quant_sweep, prune_sweep); their paths.
+
+  ``results.csv``, ``costs.json`` (``costs`` plus the package versions),
+  ``summary.md``, the figure ``plot_name`` (``plot(path) -> path``), ``extra``
+  JSON files (``{key: (file name, object)}``), then :func:`write_search_files`.
+  """
+  from safer_jax import io  # pylint: disable=import-outside-toplevel
+  paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results)}
+  for key, (name, obj) in (extra or {}).items():
+    paths[key] = io.write_json(os.path.join(workdir, name), obj)
+  paths["costs"] = io.write_json(os.path.join(workdir, "costs.json"),
+                                 {**costs, "versions": io.versions()})
+  paths["summary"] = io.write_text(os.path.join(workdir, "summary.md"), summary)
+  paths["plot"] = plot(os.path.join(workdir, plot_name))
+  paths.update(write_search_files(workdir, search_record, interactions, title))
+  return paths
+
+
 def write_search_files(workdir: str, search_record: dict, interactions, title: str) -> dict:
   """``search.json`` (when a search ran) and ``interactions.csv`` / ``.png``; their paths."""
   from safer_jax import io, plots  # pylint: disable=import-outside-toplevel

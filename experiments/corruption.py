@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import acr, benchmark, criteria, io, layers, norms, train
+from safer_jax import acr, benchmark, criteria, io, layers, norms, plots, train
 from safer_jax.criteria.corruption import eps_absolute, pga_corruption
 from safer_jax.norms import dual_norm, random_corruptions
 from safer_jax.perturb import corruption_direction
@@ -290,23 +290,13 @@ def _plot_delta(results, entry, path) -> str:
 
 
 def _plot_bars(results, entry, config, path) -> str:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   wide = _wide(results)
   eps = _nearest(wide, config.bar_eps)
   sub = wide[(wide.target != ALL) & (wide.p == "2") & (wide.n_sparse == 0) & (wide.eps == eps)]
-  x = np.arange(len(sub))
-  fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sub) + 2), 4))
-  for k, (method, color) in enumerate([("first_order", "tab:blue"), ("pga", "tab:red"),
-                                       ("random", "tab:gray")]):
-    ax.bar(x + (k - 1) * 0.27, np.maximum(sub[method], 1e-7), 0.27, label=method, color=color)
-  ax.set_yscale("log")
-  ax.set_xticks(x)
-  ax.set_xticklabels(sub.target, rotation=45, ha="right", fontsize=8)
-  ax.set_ylabel("Delta = loss increase (nats)")
-  ax.set_title(f"{entry.name}: per-layer vulnerability (p=2, dense, eps={eps:g})")
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  return io.save_figure(path, fig)
+  series = [(method, color, np.maximum(sub[method], 1e-7), None)
+            for method, color in [("first_order", "tab:blue"), ("pga", "tab:red"),
+                                  ("random", "tab:gray")]]
+  return plots.grouped_bars(
+      path, list(sub.target), series, ylabel="Delta = loss increase (nats)",
+      title=f"{entry.name}: per-layer vulnerability (p=2, dense, eps={eps:g})", width=0.27,
+      log=True, rotation=45, figsize=(0.7, 4))

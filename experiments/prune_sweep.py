@@ -35,7 +35,6 @@ per-layer ratios), ``costs.json``, ``search.json``, ``interactions.csv`` /
 from __future__ import annotations
 
 import json
-import os
 
 import jax.numpy as jnp
 import ml_collections
@@ -212,20 +211,15 @@ def run(config, workdir: str) -> dict:
   if interactions is not None and len(interactions):
     summary += "\n" + common.interaction_summary(
         interactions, f"pruning ratio {config.interaction.ratio:g}") + "\n"
-  paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
-           "costs": io.write_json(os.path.join(workdir, "costs.json"),
-                                  {"tables": {s: {n: {str(r): c for r, c in t.items()}
-                                                  for n, t in tab.items()}
-                                              for s, tab in tables.items()},
-                                   "seconds": seconds, "sizes": sizes, "baseline": base,
-                                   "model": entry.name, "versions": io.versions()}),
-           "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
-           "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_sparsity.png"))}
-  paths.update(common.write_search_files(
-      workdir, {"search_examples": config.search.examples, "objective": "loss",
-                "targets": searches}, interactions,
-      f"{entry.name}: joint vs additive loss increase, layers pruned at "
-      f"{config.interaction.ratio or 0:g} ({config.search.examples} training images)"))
+  costs = {"tables": {s: {n: {str(r): c for r, c in t.items()} for n, t in tab.items()}
+                      for s, tab in tables.items()},
+           "seconds": seconds, "sizes": sizes, "baseline": base, "model": entry.name}
+  paths = common.write_allocation_files(
+      workdir, results, costs, summary, lambda path: _plot(results, base, entry, path),
+      "accuracy_vs_sparsity.png",
+      {"search_examples": config.search.examples, "objective": "loss", "targets": searches},
+      interactions, f"{entry.name}: joint vs additive loss increase, layers pruned at "
+      f"{config.interaction.ratio or 0:g} ({config.search.examples} training images)")
   print(summary)
   return {"paths": paths, "results": results}
 

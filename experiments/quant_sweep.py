@@ -29,7 +29,6 @@ calibration scores of the starts and of the result), ``interactions.csv`` /
 from __future__ import annotations
 
 import json
-import os
 import re
 
 
@@ -242,20 +241,15 @@ def run(config, workdir: str) -> dict:
                                        top=min(config.interaction.top, len(names)))
   results = pd.DataFrame(rows)
   summary = _summary(results, base, entry, seconds, config, searches, interactions)
-  paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results),
-           "qwix_rules": io.write_json(os.path.join(workdir, "qwix_rules.json"), rules),
-           "costs": io.write_json(os.path.join(workdir, "costs.json"),
-                                  {"tables": tables, "seconds": seconds, "sizes": sizes,
-                                   "macs_per_example": macs,
-                                   "baseline": base, "model": entry.name,
-                                   "versions": io.versions()}),
-           "summary": io.write_text(os.path.join(workdir, "summary.md"), summary),
-           "plot": _plot(results, base, entry, os.path.join(workdir, "accuracy_vs_bits.png"))}
-  paths.update(common.write_search_files(
-      workdir, {"search_examples": config.search.examples, "objective": "loss",
-                "budgets": searches}, interactions,
-      f"{entry.name}: joint vs additive loss increase, layers at {config.interaction.bits} bits "
-      f"({config.search.examples} training images)"))
+  costs = {"tables": tables, "seconds": seconds, "sizes": sizes, "macs_per_example": macs,
+           "baseline": base, "model": entry.name}
+  paths = common.write_allocation_files(
+      workdir, results, costs, summary, lambda path: _plot(results, base, entry, path),
+      "accuracy_vs_bits.png",
+      {"search_examples": config.search.examples, "objective": "loss", "budgets": searches},
+      interactions, f"{entry.name}: joint vs additive loss increase, layers at "
+      f"{config.interaction.bits} bits ({config.search.examples} training images)",
+      extra={"qwix_rules": ("qwix_rules.json", rules)})
   print(summary)
   return {"paths": paths, "results": results}
 

@@ -147,3 +147,38 @@ def interaction_figure(table: pd.DataFrame, path: str, title: str = "") -> str:
   if title:
     fig.suptitle(title, fontsize=11)
   return io.save_figure(path, fig)
+
+
+def grouped_bars(path: str, labels: list[str], series: list[tuple], *, ylabel: str, title: str,
+                 width: float, log: bool = False, rotation: int = 35,
+                 figsize: tuple[float, float] = (0.9, 4.2)) -> str:
+  """One group of bars per label, one bar per series; saved to ``path`` (returned).
+
+  Args:
+    path: the PNG to write.
+    labels: the groups' x tick labels (G).
+    series: ``(name, color, values (G,), errors (G,) or None)`` per bar of a group.
+    ylabel, title: axis label and title.
+    width: one bar's width (groups are 1 apart).
+    log: log-scaled y axis.
+    rotation: of the tick labels (degrees).
+    figsize: ``(inches per group, height)``; the width is at least 6 inches.
+  """
+  x = np.arange(len(labels))
+  fig, ax = plt.subplots(figsize=(max(6, figsize[0] * len(labels) + 2), figsize[1]))
+  for k, (name, color, values, errors) in enumerate(series):
+    offset = (k - (len(series) - 1) / 2) * width
+    if errors is None:
+      ax.bar(x + offset, values, width, label=name, color=color)
+    else:
+      ax.bar(x + offset, values, width, yerr=errors, capsize=2, label=name, color=color)
+  if log:
+    ax.set_yscale("log")
+  ax.set_xticks(x)
+  ax.set_xticklabels(labels, rotation=rotation, ha="right", fontsize=8)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  return io.save_figure(path, fig)
