@@ -204,13 +204,38 @@ def test_all_layer_trace_agrees_with_dense_hessian_and_per_layer(deep):
     assert abs(a.mean - p.mean) <= 3.5 * math.hypot(a.stderr, p.stderr)
 
 
+def test_probe_examples_trace_agrees_with_dense_hessian(mlp):
+  """Probes on random subsets of the pooled examples: unbiased for the trace of the mean loss."""
+  params, batches = mlp  # two batches of 16, pooled: 32 examples
+  est = criteria.hutchinson_trace(mlp_loss, params, batches, key=jax.random.key(3),
+                                  stop="rel_tol", rel_tol=1e-2, max_probes=4096,
+                                  chunk_size=256, probe_examples=4)
+  for layer in LAYERS:
+    exact = np.trace(_dense_hessian(params, batches, layer))
+    e = est[layer]
+    assert abs(e.mean - exact) <= 3.5 * e.stderr, (layer, e, exact)
+  # All examples in every probe: the full-batch estimator's probes (a permuted mean).
+  pooled = [jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches)]
+  opts = dict(key=jax.random.key(4), stop="rel_tol", rel_tol=0.0, max_probes=32, chunk_size=16)
+  full = criteria.hutchinson_trace(mlp_loss, params, pooled, **opts)
+  every = criteria.hutchinson_trace(mlp_loss, params, batches, probe_examples=32, **opts)
+  for layer in LAYERS:
+    np.testing.assert_allclose(every[layer].mean, full[layer].mean, rtol=1e-5)
+  with pytest.raises(ValueError, match="probe_examples=33 exceeds the 32 examples"):
+    criteria.hutchinson_trace(mlp_loss, params, batches, probe_examples=33)
+  with pytest.raises(ValueError, match="probe_examples=4 needs estimator='all_layers'"):
+    criteria.hutchinson_trace(mlp_loss, params, batches, probe_examples=4,
+                              estimator="per_layer")
+
+
 def _kendall(a, b):
   a, b = np.asarray(a), np.asarray(b)
   iu = np.triu_indices(len(a), 1)
   return float(np.mean((np.sign(a[:, None] - a[None]) * np.sign(b[:, None] - b[None]))[iu]))
 
 
-def test_ranking_stop_rule_reports_honest_stability(deep):
+@pytest.mark.parametrize("probe_examples", [None, 6])
+def test_ranking_stop_rule_reports_honest_stability(deep, probe_examples):
   """Over many keys, the reported stability matches how well the rankings agree with the truth."""
   params, batches, exact = deep
   names = list(exact)
@@ -219,7 +244,7 @@ def test_ranking_stop_rule_reports_honest_stability(deep):
   for seed in range(40):
     est = criteria.hutchinson_trace(deep_loss, params, batches, key=jax.random.key(100 + seed),
                                     target_tau=0.9, min_probes=16, max_probes=2048,
-                                    chunk_size=16)
+                                    chunk_size=16, probe_examples=probe_examples)
     stability = est[names[0]].stability
     assert all(est[n].stability == stability for n in names)
     assert stability >= 0.9 or est[names[0]].num_probes >= 2048

@@ -74,7 +74,7 @@ def _quad_fn(loss_fn, name):
   return quad
 
 
-def _all_layers_quad_fn(loss_fn, names, impl):
+def _all_layers_quad_fn(loss_fn, names, impl, examples=None):
   """``(params, key_data, batch) -> (P, L)``: ``v_l^T (H v)_l`` per probe and layer, one HVP each.
 
   ``v`` is a Rademacher vector over all ``L`` selected kernels at once and
@@ -83,7 +83,9 @@ def _all_layers_quad_fn(loss_fn, names, impl):
   :func:`_probes_per_call`). ``E[v_l^T (H v)_l] = tr(H_ll)``
   since the cross-layer terms ``v_l^T H_lm v_m`` vanish in expectation.
   The probes are drawn inside from ``key_data`` (``(P, ...)`` uint32: the raw data of
-  one key of implementation ``impl`` per probe).
+  one key of implementation ``impl`` per probe). With ``examples`` (an int), each
+  probe's HVP is on its own ``examples`` examples of ``batch``, drawn uniformly
+  without replacement from the probe's key.
   """
   names = tuple(names)
 
@@ -91,10 +93,14 @@ def _all_layers_quad_fn(loss_fn, names, impl):
     kernels = layers_lib.get_kernels(params, names)
     keys = jax.random.wrap_key_data(key_data, impl=impl)  # raw uint32: placeable on any mesh
 
-    def grad(ks):
-      return jax.grad(lambda k: loss_fn(layers_lib.replace_kernels(params, k), batch))(ks)
-
     def one(key):
+      b = batch
+      if examples is not None:
+        size = jax.tree.leaves(batch)[0].shape[0]
+        idx = jax.random.choice(jax.random.fold_in(key, len(names)), size, (examples,),
+                                replace=False)
+        b = jax.tree.map(lambda x: x[idx], batch)
+      grad = jax.grad(lambda k: loss_fn(layers_lib.replace_kernels(params, k), b))
       v = {n: jax.random.rademacher(jax.random.fold_in(key, i), kernels[n].shape,
                                     dtype=kernels[n].dtype) for i, n in enumerate(names)}
       hv = jax.jvp(grad, (kernels,), (v,))[1]
@@ -158,6 +164,7 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
                      stop: str = "ranking", target_tau: float = 0.95, rel_tol: float = 1e-2,
                      max_probes: int = 1024, min_probes: int = 32, chunk_size: int = 16,
                      estimator: str = "all_layers", n_boot: int = 200,
+                     probe_examples: int | None = None,
                      progress: bool = False) -> dict[str, TraceEstimate]:
   """Hutchinson estimates of the trace of every layer's Hessian block.
 
@@ -184,6 +191,16 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
 
   Either way at most ``max_probes`` (rounded up to a multiple of ``chunk_size``).
 
+  ``probe_examples`` (``all_layers`` only) makes each probe cheaper: its HVP is
+  on ``probe_examples`` examples drawn afresh (uniformly, without replacement)
+  from all of ``batches`` pooled, instead of on every batch. Each probe is then
+  an unbiased estimate of the trace for the loss averaged over the pooled
+  examples (each example weighted equally: the same as the default when the
+  batches have equal sizes), with the sampling of examples added to the probes'
+  noise — which ``stderr`` and the stopping rules see, so a noisier probe is
+  paid for with more probes, but each costs ``probe_examples / examples`` of a
+  full one.
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss over the batch.
     params: Flax params pytree (or ``variables``, or an ``nnx.State``).
@@ -198,6 +215,8 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     chunk_size: probes vectorised together (memory ~ chunk_size x one HVP).
     estimator: ``'all_layers'`` or ``'per_layer'``.
     n_boot: bootstrap resamples of the ranking rule.
+    probe_examples: ``None`` (every probe sees every batch) or the number of
+      examples each probe draws from the pooled batches (``all_layers`` only).
     progress: show probes drawn (of ``max_probes``), an ETA and the current
       ranking stability (stderr).
 
@@ -225,13 +244,25 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
   n_boot = _common.check_positive_int("n_boot", n_boot)
   key = jax.random.key(0) if key is None else key
   kernels = layers_lib.get_kernels(params, names)
+  if probe_examples is not None:
+    probe_examples = _common.check_positive_int("probe_examples", probe_examples)
+    if estimator != "all_layers":
+      raise ValueError(f"probe_examples={probe_examples} needs estimator='all_layers', got "
+                       f"estimator={estimator!r}; allowed: probe_examples=None with it.")
+    pool = jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches)
+    pooled = jax.tree.leaves(pool)[0].shape[0]
+    if probe_examples > pooled:
+      raise ValueError(f"probe_examples={probe_examples} exceeds the {pooled} examples of "
+                       f"`batches`; allowed: 1 to {pooled}, or None.")
 
   if estimator == "all_layers":
     quad = _common.cached_jit(_all_layers_quad_fn, loss_fn, tuple(names),
-                              jax.random.key_impl(key))
+                              jax.random.key_impl(key), probe_examples)
 
     def draw(chunk):  # (chunk_size, L)
       keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, chunk), chunk_size))
+      if probe_examples is not None:
+        return _in_calls(lambda k: quad(params, k, pool), keys)
       return sum(_in_calls(lambda k, b: quad(params, k, b), keys, b)
                  for b in batches) / len(batches)
   else:
