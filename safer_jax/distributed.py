@@ -30,6 +30,7 @@ compare against the single-device result).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
-_enabled = True
+_data_sharding = contextvars.ContextVar("safer_jax_data_sharding", default=True)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -89,19 +90,19 @@ def use_data_sharding(enabled: bool) -> Iterator[None]:
   """Context manager turning data sharding of evaluation and criteria on or off.
 
   Example: ``with use_data_sharding(False): scores = criteria.fisher(...)``
-  computes on one device. Not thread-safe (a module-level switch).
+  computes on one device. The switch is context-local (:mod:`contextvars`): it
+  holds in this thread (and asyncio task) only; other threads keep sharding on.
   """
-  global _enabled  # pylint: disable=global-statement
-  previous, _enabled = _enabled, bool(enabled)
+  token = _data_sharding.set(bool(enabled))
   try:
     yield
   finally:
-    _enabled = previous
+    _data_sharding.reset(token)
 
 
 def data_sharding_enabled() -> bool:
   """True when batches are sharded: more than one device and not switched off."""
-  return _enabled and jax.device_count() > 1
+  return _data_sharding.get() and jax.device_count() > 1
 
 
 def num_data_shards() -> int:
