@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +194,23 @@ def test_perturbation_programs_compile_once_per_family_across_shapes():
   assert 0 < compiled(counts, "bitflip_masks") + compiled(counts, "normal_draws")
   for helper in ("bitflip_masks", "normal_draws", "prune_magnitude_padded"):
     assert compiled(counts, helper) <= len(buckets) < len(shapes), helper
+
+
+def test_stage_program_traces_once_for_every_layer_of_its_stage(tiny):
+  """One traced program serves every layer of a stage: the layer is an argument, not a constant."""
+  model, variables, split = tiny
+  names = layers.find_layers(variables)
+  images, labels, mask = next(sweep.eval_batches(split, 32))
+  size = max(layers.get_kernel(variables, n).size for n in names)
+  program = jax.jit(chex.assert_max_traces(sweep.stage_program(model, 0, names), n=1))
+  for which, name in enumerate(names):
+    kernel = np.asarray(layers.get_kernel(variables, name)).reshape(-1)
+    flats = np.zeros((2, size), np.float32)
+    flats[:, :kernel.size] = kernel
+    flats[1, :kernel.size] *= 0.5
+    correct, _ = program(variables, flats, np.int32(which), images, labels, mask)
+    assert correct[0] >= correct[1] - 2  # the unperturbed copy is (about) as good
+  chex.clear_trace_counter()
 
 
 def test_stage_strategy_compiles_one_program_per_stage(digits):
