@@ -27,6 +27,7 @@ import time
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
 from experiments import common, criteria_benchmark
 from safer_jax import benchmark, criteria, io, sweep
@@ -44,10 +45,16 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   Fields (besides :func:`experiments.criteria_benchmark.get_config`):
     trace_probes: probes of the all-layer vs per-layer trace comparison.
     metric: ground-truth metric the rho is computed against.
+    probe_examples: also time ``hessian_trace`` and ``hawq_v2`` with each probe on
+      this many examples drawn from the calibration images (``probe_examples`` of
+      :func:`safer_jax.criteria.hutchinson_trace`), rows ``<name>@<probe_examples>``;
+      None: not.
   """
   config = criteria_benchmark.get_config(tiny)
   config.model = "mlp" if tiny else "mobilenet_v2"
   config.trace_probes = 16 if tiny else 64
+  config.probe_examples = config_dict.placeholder(int)
+  config.probe_examples = 8 if tiny else 16
   config.metric = "accuracy_drop"
   return config
 
@@ -134,23 +141,27 @@ def _run(config, workdir: str) -> dict:
   params = entry.variables["params"]
   key = jax.random.key(config.seed)
   options = config.criteria_options.to_dict()
+  runs = [(name, name, options.get(name)) for name in config.criteria]
+  if config.probe_examples:
+    runs += [(f"{name}@{config.probe_examples}", name,
+              {**options.get(name, {}), "probe_examples": config.probe_examples})
+             for name in ("hessian_trace", "hawq_v2") if name in config.criteria]
   results = {}
-  bar = Progress(len(config.criteria), "criteria", enabled=config.progress, unit="criterion")
-  for name in config.criteria:
-    opts = {name: options[name]} if name in options else None
+  bar = Progress(len(runs), "criteria", enabled=config.progress, unit="criterion")
+  for label, name, opts in runs:
     times = []
     for _ in range(2):  # cold, then warm
       scores, seconds = criteria.compute_all([name], loss_fn, params, batches, key=key,
                                              progress=config.progress,
-                                             options=opts)
+                                             options={name: opts} if opts else None)
       times.append(seconds[name])
     values = {layer: float(getattr(v, "mean", v)) for layer, v in scores[name].items()}
-    results[name] = {
+    results[label] = {
         "seconds": times[1], "seconds_cold": times[0], "needs_data": name not in DATA_FREE,
         "fraction_of_sweep": times[1] / sweep_warm,
         "fraction_of_sweep_cold": times[0] / sweep_cold,
         "spearman_vs_truth": _spearman(values, truth, config.n_boot, config.seed)}
-    bar.update(1, postfix=f"{name} {times[1]:.2f}s")
+    bar.update(1, postfix=f"{label} {times[1]:.2f}s")
   bar.close()
 
   # All-layer vs per-layer Hutchinson at equal probes (no early stop), warm.
