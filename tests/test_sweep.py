@@ -129,14 +129,16 @@ def test_perturb_stack_equals_the_family_function_bit_for_bit(family, options, g
   for li, kernel in enumerate(kernels):
     cells = [(m, i, li % 2) for i, m in enumerate(grid)]
     keys = sweep.cell_keys([c[2] for c in cells], f"l{li}", family, [c[1] for c in cells])
-    for lay in (layout, None):
-      got = sweep.perturb_stack(family, options, lay)(
+    # Shared draw size 4^9: the (400, 120) kernel's own bucket 4^8 is within 4x (it draws
+    # 4^9 values), the others' 4^6 is not (their own draw).
+    for lay, draw in ((layout, None), (None, None), (layout, 1 << 18)):
+      got = sweep.perturb_stack(family, options, lay, draw)(
           jnp.asarray(kernel), [float(c[0]) for c in cells], keys, None)
       for (m, i, s), row in zip(cells, got):
         want = np.asarray(fam.fn(jnp.asarray(kernel), float(m),
                                  sweep.cell_key(s, f"l{li}", family, i), **options))
         np.testing.assert_array_equal(row, want, err_msg=f"{family} {options} {m} "
-                                                         f"{kernel.shape} layout={lay}")
+                                                         f"{kernel.shape} layout={lay} {draw}")
 
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -338,8 +338,9 @@ class Engine:
     def work():
       jobs = [functools.partial(self.stage_fn, st) for st in stages]
       if any(st > 0 for st in stages):
-        jobs += ([self.prefixes_fn] if self._all_prefixes() else
-                 [functools.partial(self.prefix_fn, st) for st in stages if st > 0])
+        # Right after the first stage's program: every later stage needs its input.
+        jobs[1:1] = ([self.prefixes_fn] if self._all_prefixes() else
+                     [functools.partial(self.prefix_fn, st) for st in stages if st > 0])
       for job in jobs:
         if stop.is_set():
           return

@@ -185,6 +185,7 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
   layout = perturbed.padded_layout(variables, layer_names)
   if layout[0] * layout[1] > perturbed.MAX_PADDED:  # e.g. one huge embedding: per-shape programs
     layout = None
+  draw_size = perturbed.shared_draw_size(variables, layer_names)
   if engine.strategy == "stage":
     engine.precompile(list(dict.fromkeys(
         [engine.stage_of(first)] + [engine.stage_of(layer) for layer, _ in plan])), stop)
@@ -210,7 +211,8 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
       mags = [c[0] for c in todo]
       keys = (plan_lib.cell_keys([c[2] for c in todo], layer, family, [c[1] for c in todo])
               if plan_lib.is_stochastic(family, opts) else [None] * len(todo))
-      stacks.append(perturbed.perturb_stack(family, opts, layout)(kernel, mags, keys, grad))
+      stacks.append(perturbed.perturb_stack(family, opts, layout, draw_size)(kernel, mags, keys,
+                                                                            grad))
       meta += [(family, *c) for c in todo]
     kernels = np.concatenate(stacks)  # on the host: copies are gathered into chunks there
     count = len(kernels)

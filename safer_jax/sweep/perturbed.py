@@ -23,6 +23,22 @@ from safer_jax import wrapping
 from safer_jax.train import cross_entropy
 
 MAX_PADDED = 1 << 24  # elements of the shared padded layout (64 MiB in float32)
+MAX_SHARED_DRAW = 1 << 18  # largest flat draw size shared by layers of a sweep
+SHARED_DRAW_SPAN = 4  # kernels whose own bucket is within this factor of it share it
+
+
+def shared_draw_size(variables: Mapping[str, Any], layers: Sequence[str]) -> int | None:
+  """One flat draw size for every layer of ``layers``, or None (each its own bucket).
+
+  :func:`safer_jax.perturb.flat_bucket` of the largest kernel when that is at most
+  :data:`MAX_SHARED_DRAW` elements: random draws (bit-flip masks, noise) and
+  magnitude pruning then compile once per sweep instead of once per size bucket,
+  for at most that many values drawn per cell (a flat draw's prefix is the
+  per-shape draw, so the numbers do not change).
+  """
+  largest = max(int(np.prod(layers_lib.get_kernel(variables, n).shape)) for n in layers)
+  size = perturb.flat_bucket(largest)
+  return size if size <= MAX_SHARED_DRAW else None
 
 
 def padded_layout(variables: Mapping[str, Any], layers: Sequence[str]) -> tuple[int, int]:
@@ -48,7 +64,7 @@ def _padded_kind(family: str, options: Mapping[str, Any]) -> str | None:
 
 
 def perturb_stack(family: str, options: Mapping[str, Any],
-                  layout: tuple[int, int] | None = None) -> Callable:
+                  layout: tuple[int, int] | None = None, draw_size: int | None = None) -> Callable:
   """``(kernel, magnitudes [P floats], keys (P,), grad) -> kernels (P, *kernel.shape)`` (NumPy).
 
   The family's function on every cell, the same numbers as :func:`safer_jax.sweep.naive_sweep`'s
@@ -65,25 +81,32 @@ def perturb_stack(family: str, options: Mapping[str, Any],
     bit flips, noise) draw all ``P`` cells' rows in one call, compiled once per
     flat size bucket: the PRNG is what made per-shape programs slow to compile.
   * everything else: the family function per cell, compiled once per kernel shape.
+
+  ``draw_size`` (:func:`shared_draw_size`): the flat size of draws and of padded
+  pruning for every kernel up to that size (one compiled program per sweep); None:
+  each kernel's own size bucket.
   """
   fam = perturb.get_family(family)
   opts = dict(options)
 
   def stack(kernel, magnitudes, keys, grad):
     shape, n = kernel.shape, int(np.prod(kernel.shape))
+    flat_size = perturb.flat_bucket(n)
+    if draw_size is not None and draw_size // SHARED_DRAW_SPAN <= flat_size <= draw_size:
+      flat_size = draw_size
     fits = layout is not None and n // shape[-1] <= layout[0] and shape[-1] <= layout[1]
     kind = _padded_kind(family, opts) if fits else None
     rows = None
     if perturb.split_draws(fam, opts):
-      rows = np.asarray(fam.draw(keys, jnp.asarray(magnitudes, jnp.float32),
-                                 perturb.flat_bucket(n), **opts))
+      rows = np.asarray(fam.draw(keys, jnp.asarray(magnitudes, jnp.float32), flat_size,
+                                 **opts))
     if kind is not None:
       r, c = n // shape[-1], shape[-1]
       host = np.asarray(kernel)
       padded = np.zeros(layout, host.dtype)
       padded[:r, :c] = host.reshape(r, c)
       if kind == "flat":  # (a sort: a size bucket per kernel, not the largest layout)
-        flat = np.zeros(perturb.flat_bucket(n), host.dtype)
+        flat = np.zeros(flat_size, host.dtype)
         flat[:n] = host.reshape(-1)
 
     out = [None] * len(magnitudes)
