@@ -581,6 +581,18 @@ def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry
 # ---------------------------------------------------------------------------
 
 
+def search_config(tiny: bool = False) -> ml_collections.ConfigDict:
+  """The ``search`` section of the allocation experiments (quant_sweep, prune_sweep).
+
+  ``evals`` whole-model evaluations per budget (0: no search), selected by loss on
+  ``examples`` training images (never the eval split), ``batch`` candidates per
+  batched evaluation.
+  """
+  return ml_collections.ConfigDict({"evals": 24 if tiny else 256,
+                                    "examples": 256 if tiny else 1024,
+                                    "batch": 8 if tiny else 32})
+
+
 def validate_search(check: "Checker", magnitude: str, rule: Callable) -> None:
   """The search and interaction fields (``magnitude``: the interaction figure's, with ``rule``)."""
   check.rule("search.evals", integer(0, note="whole-model evaluations per budget; 0: off"))

@@ -65,7 +65,7 @@ def get_config(tiny: bool = False):
   # from every source's ratios, selected by loss on `examples` training images (never the
   # eval split), `batch` candidates per batched evaluation; the candidate ratios plus every
   # source's ratios are the options. evals=0: off.
-  config.search = ml_collections.ConfigDict({"evals": 256, "examples": 1024, "batch": 32})
+  config.search = common.search_config(tiny)
   # The interaction figure: every layer pruned alone and the `top` most sensitive ones in
   # pairs, at pruning ratio `ratio` (None: no figure).
   config.interaction = ml_collections.ConfigDict({"ratio": 0.9, "top": 6})
@@ -73,9 +73,6 @@ def get_config(tiny: bool = False):
     config.model = "mlp"
     config.targets = (0.5, 0.9)
     config.calib_examples = 128
-    config.search.evals = 24
-    config.search.examples = 256
-    config.search.batch = 8
   return config
 
 

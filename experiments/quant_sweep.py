@@ -70,7 +70,7 @@ def get_config(tiny: bool = False):
   # from the knapsack solutions of every source (and uniform), selected by loss on `examples`
   # training images (never the eval split), `batch` candidates proposed per batched
   # evaluation. evals=0: no search.
-  config.search = ml_collections.ConfigDict({"evals": 256, "examples": 1024, "batch": 32})
+  config.search = common.search_config(tiny)
   # The interaction figure: every layer quantized alone and the `top` most sensitive ones in
   # pairs, at `bits` (None: no figure).
   config.interaction = ml_collections.ConfigDict({"bits": 3, "top": 6})
@@ -80,9 +80,6 @@ def get_config(tiny: bool = False):
     config.sources = ("oracle", "quant_error", "fisher")
     config.random_seeds = (0,)
     config.calib_examples = 128
-    config.search.evals = 24
-    config.search.examples = 256
-    config.search.batch = 8
   return config
 
 
