@@ -223,7 +223,9 @@ class AllocationEvaluator:
     self.evaluations = 0
     self._fn = None
 
-  def _lowered(self, chunk: int):
+  def lowered(self, chunk: int) -> jax.stages.Lowered:
+    """The evaluation program for ``chunk`` candidates, lowered (``.compile()`` it, or read
+    ``.compile().memory_analysis()``): what :meth:`evaluate` runs and the memory budget sizes."""
     images, labels, mask = self.batches[0]
     choices = jax.ShapeDtypeStruct((chunk, len(self.layers)), jnp.int32,
                                    sharding=self.sharding)
@@ -236,7 +238,7 @@ class AllocationEvaluator:
     budget, margin = self.config.memory_budget_bytes, self.config.memory_margin
 
     def need(p: int) -> int:
-      stats = self._lowered(p).compile().memory_analysis()
+      stats = self.lowered(p).compile().memory_analysis()
       if stats is None:
         raise ValueError(f"The {jax.default_backend()!r} backend gives no memory analysis; "
                          f"set memory_budget_bytes=None or pass chunk=.")
@@ -292,7 +294,7 @@ class AllocationEvaluator:
     correct = np.zeros(count, np.float64)
     losses = np.zeros((count, self.n), np.float32)
     if count and self._fn is None:
-      self._fn = self._lowered(self.chunk).compile()
+      self._fn = self.lowered(self.chunk).compile()
     for lo in range(0, count, self.chunk):
       part = choices[lo:lo + self.chunk].astype(np.int32)
       m = part.shape[0]

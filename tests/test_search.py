@@ -262,7 +262,7 @@ def test_memory_budget_picks_a_fitting_chunk(mlp):
   opts = search.quantized_options(variables, names, (2, 8))
   wide = sweep.SweepConfig(copies_per_step=8)  # copies side by side: memory grows with them
   big = search.AllocationEvaluator(model, variables, split, opts, wide, chunk=8)
-  stats = big._lowered(8).compile().memory_analysis()  # pylint: disable=protected-access
+  stats = big.lowered(8).compile().memory_analysis()
   need8 = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
            - stats.alias_size_in_bytes)
   fitted = search.AllocationEvaluator(
