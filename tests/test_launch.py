@@ -204,7 +204,8 @@ def test_bench_criteria_tiny_writes_its_table(tmp_path, zoo_cache):
   out = bench_criteria.run(config, str(tmp_path))
   result = json.load(open(out["paths"]["json"]))
   assert result["model"] == "mlp" and result["sweep_seconds"] > 0
-  assert set(result["criteria"]) == {"fisher", "hessian_trace", "quant_error"}
+  # hessian_trace also with each probe on probe_examples (8) of the calibration images.
+  assert set(result["criteria"]) == {"fisher", "hessian_trace", "quant_error", "hessian_trace@8"}
   for name, r in result["criteria"].items():
     assert r["needs_data"] == (name != "quant_error")
     assert r["fraction_of_sweep"] == r["seconds"] / result["sweep_seconds"]
