@@ -10,6 +10,7 @@ derivative, i.e. ~2-3x a gradient, per batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from collections.abc import Callable
@@ -353,30 +354,18 @@ def _lanczos_init(v0, m):
   return v, jnp.zeros_like(v), jnp.zeros((), v.dtype), basis
 
 
-def _block_hvps_fn(loss_fn, names):
-  """``(params, flats {layer: (n_l,)}, active (L,) bool, batch) -> {layer: ravel(H_ll v_l)}``.
+def _flat_hvp_fn(loss_fn, name):
+  """``(params, kernel, flat (n,), batch) -> ravel(H_ll v)``: :func:`_hvp_fn` on flat vectors.
 
-  Every layer's own block product in one program: the gradient w.r.t. all
-  kernels is linearised once (``jax.linearize``: one forward + backward) and its
-  linear map is applied to each layer's vector alone; layers whose ``active``
-  flag is False are skipped (``lax.cond``) and give zeros.
+  Only the network from the layer on is differentiated (as in the per-layer
+  Hutchinson estimator): a late layer's product costs a fraction of a full HVP.
   """
-  names = tuple(names)
+  hvp = _hvp_fn(loss_fn, name)
 
-  def block_hvps(params, flats, active, batch):
-    kernels = layers_lib.get_kernels(params, names)
-    grad = lambda ks: jax.grad(lambda k: loss_fn(layers_lib.replace_kernels(params, k), batch))(ks)
-    _, lin = jax.linearize(grad, kernels)
-    out = {}
-    for i, n in enumerate(names):
-      def product(flat, n=n):
-        tangent = {m: jnp.zeros_like(kernels[m]) for m in names}
-        tangent[n] = jnp.reshape(flat, kernels[n].shape)
-        return jnp.ravel(lin(tangent)[n])
-      out[n] = jax.lax.cond(active[i], product, jnp.zeros_like, flats[n])
-    return out
+  def flat_hvp(params, kernel, flat, batch):
+    return jnp.ravel(hvp(params, kernel, jnp.reshape(flat, kernel.shape), batch))
 
-  return block_hvps
+  return flat_hvp
 
 
 class _Lanczos:
@@ -460,9 +449,10 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   layer under cross-entropy); stops when successive Rayleigh quotients differ by
   ``<= tol * |lambda|``; converges slowly when the top two eigenvalues are close.
 
-  All layers iterate together: each iteration is one compiled call per batch
-  that linearises the gradient once and applies it to every still-running
-  layer's vector (``H_ll v_l``); each layer stops on its own tolerance and is
+  All layers iterate together: each iteration multiplies every still-running
+  layer's vector by its block (``H_ll v_l``, the layer's own Hessian-vector
+  product, which differentiates only the network from that layer on), two
+  layers at a time on two threads; each layer stops on its own tolerance and is
   skipped from then on.
 
   Args:
@@ -477,8 +467,8 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
 
   Returns:
     ``{layer: lambda}`` (units: loss / weight^2). COST: per iteration one
-    linearisation (forward + backward) and one block product per running layer,
-    per batch; at most ``max_iter`` iterations.
+    layer HVP per running layer, per batch (a late layer's costs a fraction of a
+    full HVP); at most ``max_iter`` iterations; one compiled program per layer.
 
   Raises:
     ValueError: bad ``method``, non-finite parameters, a pattern matching no
@@ -490,7 +480,14 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   max_iter = _common.check_positive_int("max_iter", max_iter)
   tol = _common.check_nonneg_float("tol", tol)
   key = jax.random.key(0) if key is None else key
-  block_hvps = _common.cached_jit(_block_hvps_fn, loss_fn, tuple(names))
+  hvps = {n: _common.cached_jit(_flat_hvp_fn, loss_fn, n) for n in names}
+
+  def advance(name):  # one solver step from H_ll v_l, averaged over the batches
+    kernel = layers_lib.get_kernel(params, name)
+    solver = solvers[name]
+    solver.step(sum(hvps[name](params, kernel, solver.vector, b)
+                    for b in batches) / len(batches))
+
   solvers = {}
   for index, name in enumerate(names):
     kernel = layers_lib.get_kernel(params, name)
@@ -498,18 +495,16 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
                      else _Power(v0, max_iter, tol))
   bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
-  while not all(s.done for s in solvers.values()):
-    active = jnp.asarray([not solvers[n].done for n in names])
-    flats = {n: solvers[n].vector for n in names}
-    products = None
-    for b in batches:
-      hv = block_hvps(params, flats, active, b)
-      products = hv if products is None else jax.tree.map(jnp.add, products, hv)
-    for n in names:
-      if not solvers[n].done:
-        solvers[n].step(products[n] / len(batches))
-    running = sum(not s.done for s in solvers.values())
-    bar.update(1, postfix=f"{running} of {len(names)} layers still running")
+  # Two layers at a time (each solver is stepped by one thread): the first iteration compiles
+  # two layers' programs at once, later ones keep both cores busy with late layers' small
+  # products. One under jax.distributed, where every process must issue its collectives in
+  # one order.
+  workers = 1 if jax.process_count() > 1 else 2
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    while not all(s.done for s in solvers.values()):
+      list(pool.map(advance, [n for n in names if not solvers[n].done]))
+      running = sum(not s.done for s in solvers.values())
+      bar.update(1, postfix=f"{running} of {len(names)} layers still running")
   bar.close()
   return {n: float(solvers[n].theta) for n in names}
 
