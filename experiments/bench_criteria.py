@@ -59,6 +59,14 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   return config
 
 
+def validate(config, check: common.Checker) -> None:
+  """The criteria benchmark's checks, plus the trace comparison's and ``probe_examples``."""
+  criteria_benchmark.validate(config, check)
+  check.rule("trace_probes", common.COUNT)
+  check.rule("probe_examples", common.optional(common.integer(
+      1, config.calib_batches * config.calib_batch_size, note="calibration images per probe")))
+
+
 def _timed(fn):
   t0 = time.perf_counter()
   out = fn()

@@ -481,16 +481,16 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   tol = _common.check_nonneg_float("tol", tol)
   key = jax.random.key(0) if key is None else key
   hvps = {n: _common.cached_jit(_flat_hvp_fn, loss_fn, n) for n in names}
+  kernels = layers_lib.get_kernels(params, names)
 
   def advance(name):  # one solver step from H_ll v_l, averaged over the batches
-    kernel = layers_lib.get_kernel(params, name)
     solver = solvers[name]
-    solver.step(sum(hvps[name](params, kernel, solver.vector, b)
+    solver.step(sum(hvps[name](params, kernels[name], solver.vector, b)
                     for b in batches) / len(batches))
 
   solvers = {}
   for index, name in enumerate(names):
-    kernel = layers_lib.get_kernel(params, name)
+    kernel = kernels[name]
     v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
     solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
                      else _Power(v0, max_iter, tol))

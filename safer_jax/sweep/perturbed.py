@@ -28,13 +28,14 @@ SHARED_DRAW_SPAN = 4  # kernels whose own bucket is within this factor of it sha
 
 
 def shared_draw_size(variables: Mapping[str, Any], layers: Sequence[str]) -> int | None:
-  """One flat draw size for every layer of ``layers``, or None (each its own bucket).
+  """A flat draw size shared by the larger kernels of ``layers``, or None (each its own bucket).
 
   :func:`safer_jax.perturb.flat_bucket` of the largest kernel when that is at most
-  :data:`MAX_SHARED_DRAW` elements: random draws (bit-flip masks, noise) and
-  magnitude pruning then compile once per sweep instead of once per size bucket,
-  for at most that many values drawn per cell (a flat draw's prefix is the
-  per-shape draw, so the numbers do not change).
+  :data:`MAX_SHARED_DRAW` elements. :func:`perturb_stack` uses it for every kernel
+  whose own bucket is within :data:`SHARED_DRAW_SPAN` of it: their random draws
+  (bit-flip masks, noise) and magnitude pruning compile once instead of once per
+  bucket, while small kernels keep their own (cheaper to draw) bucket. A flat
+  draw's prefix is the per-shape draw, so the numbers do not change.
   """
   largest = max(int(np.prod(layers_lib.get_kernel(variables, n).shape)) for n in layers)
   size = perturb.flat_bucket(largest)
@@ -83,8 +84,9 @@ def perturb_stack(family: str, options: Mapping[str, Any],
   * everything else: the family function per cell, compiled once per kernel shape.
 
   ``draw_size`` (:func:`shared_draw_size`): the flat size of draws and of padded
-  pruning for every kernel up to that size (one compiled program per sweep); None:
-  each kernel's own size bucket.
+  pruning for every kernel whose own size bucket is within :data:`SHARED_DRAW_SPAN`
+  of it (one compiled program for them); smaller kernels and None: each kernel's
+  own size bucket.
   """
   fam = perturb.get_family(family)
   opts = dict(options)
