@@ -204,6 +204,22 @@ def test_all_layer_trace_agrees_with_dense_hessian_and_per_layer(deep):
     assert abs(a.mean - p.mean) <= 3.5 * math.hypot(a.stderr, p.stderr)
 
 
+@pytest.mark.parametrize("estimator", ["all_layers", "per_layer"])
+def test_probes_sharing_a_linearisation_equal_one_probe_per_call(deep, monkeypatch, estimator):
+  """The probes of one call share a linearised gradient: same products as one HVP per call."""
+  from safer_jax.criteria import curvature
+  params, batches, _ = deep
+  run = lambda: criteria.hutchinson_trace(deep_loss, params, batches, key=jax.random.key(2),
+                                          stop="rel_tol", rel_tol=0.0, max_probes=12,
+                                          min_probes=12, chunk_size=12, estimator=estimator)
+  shared = run()  # CPU: calls of 4 probes in straight-line code
+  monkeypatch.setattr(curvature, "_CPU_SHARED_PROBES", 1)
+  alone = run()
+  for name, e in shared.items():
+    np.testing.assert_allclose([e.mean, e.stderr], [alone[name].mean, alone[name].stderr],
+                               rtol=1e-5, err_msg=name)
+
+
 def test_probe_examples_trace_agrees_with_dense_hessian(mlp):
   """Probes on random subsets of the pooled examples: unbiased for the trace of the mean loss."""
   params, batches = mlp  # two batches of 16, pooled: 32 examples

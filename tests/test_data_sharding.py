@@ -59,6 +59,9 @@ SCRIPT = textwrap.dedent("""
             loss_fn, params, batches, layers="conv2.*", steps=4),
         "corruption_pga": lambda: criteria.corruption_pga(loss_fn, params, batches, steps=2,
                                                           layers="head.*"),
+        # Linearised through the data-parallel call: every product on the mesh.
+        "top_eigenvalue": lambda: criteria.top_eigenvalue(loss_fn, params, batches, key=key,
+                                                          layers="conv2.*", max_iter=8),
     }
     for name, run in runs.items():
       t0 = time.time()

@@ -5,7 +5,10 @@ For a layer with kernel ``W`` (n weights) the block is ``H = d^2 L / dW^2``
 given batches. ``H`` is never formed: the criteria use Hessian-vector products
 (HVPs) computed forward-over-reverse, ``jax.jvp(jax.grad(f), (W,), (v,))``.
 One HVP costs about one forward + one backward pass and its forward-mode
-derivative, i.e. ~2-3x a gradient, per batch.
+derivative, i.e. ~2-3x a gradient, per batch. Products at one point share its
+linearisation (``jax.linearize``: the forward and backward pass once, then only
+the linear map per vector): the probes of one call of the Hutchinson
+estimators, and every iteration of a layer in :func:`top_eigenvalue`.
 """
 
 from __future__ import annotations
@@ -49,28 +52,36 @@ STOP_RULES = ("ranking", "rel_tol")
 ESTIMATORS = ("all_layers", "per_layer")
 
 
-def _hvp_fn(loss_fn, name):
-  """``(params, kernel, v, batch) -> H v`` for one layer's block (forward-over-reverse)."""
-  f = _common.layer_loss(loss_fn, name)
-
-  def hvp(params, kernel, v, batch):
-    g = lambda k: jax.grad(f, argnums=1)(params, k, batch)
-    return jax.jvp(g, (kernel,), (v,))[1]
-
-  return hvp
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _start_vector(key, n, dtype):
   return jax.random.normal(key, (n,), dtype)
 
 
+def _shared_linearisation_quads(grad_at: Callable, point: Any, vs: Any,
+                                 products: Callable) -> jax.Array:
+  """``products(v, H v)`` for every probe ``v`` of ``vs`` (leading axis), one linearisation shared.
+
+  ``grad_at`` maps ``point`` to the gradient (a pytree like ``point``); it is
+  linearised once (``jax.linearize``: the forward and backward pass run once per
+  call) and only its linear map, the forward-mode derivative of the backward
+  pass, runs per probe. On CPU the probes run one after another in straight-line
+  code; elsewhere side by side (``vmap``). See :func:`_probes_per_call`.
+  """
+  _, hvp = jax.linearize(grad_at, point)
+  one = lambda v: products(v, hvp(v))
+  if jax.default_backend() != "cpu":
+    return jax.vmap(one)(vs)
+  count = jax.tree.leaves(vs)[0].shape[0]
+  return jnp.stack([one(jax.tree.map(lambda x, i=i: x[i], vs)) for i in range(count)])
+
+
 def _quad_fn(loss_fn, name):
-  """``(params, kernel, vs, batch) -> [v^T H v for v in vs]``, vmapped over probes."""
-  hvp = _hvp_fn(loss_fn, name)
+  """``(params, kernel, vs, batch) -> [v^T H v for v in vs]``, one linearisation per call."""
+  f = _common.layer_loss(loss_fn, name)
 
   def quad(params, kernel, vs, batch):
-    return jax.vmap(lambda v: jnp.vdot(v, hvp(params, kernel, v, batch)))(vs)
+    return _shared_linearisation_quads(lambda k: jax.grad(f, argnums=1)(params, k, batch),
+                                       kernel, vs, jnp.vdot)
 
   return quad
 
@@ -80,55 +91,74 @@ def _all_layers_quad_fn(loss_fn, names, impl, examples=None):
 
   ``v`` is a Rademacher vector over all ``L`` selected kernels at once and
   ``H v`` the full Hessian (of the loss w.r.t. those kernels) times ``v``:
-  forward-over-reverse, vmapped over the probes of one call (see
-  :func:`_probes_per_call`). ``E[v_l^T (H v)_l] = tr(H_ll)``
-  since the cross-layer terms ``v_l^T H_lm v_m`` vanish in expectation.
-  The probes are drawn inside from ``key_data`` (``(P, ...)`` uint32: the raw data of
-  one key of implementation ``impl`` per probe). With ``examples`` (an int), each
-  probe's HVP is on its own ``examples`` examples of ``batch``, drawn uniformly
-  without replacement from the probe's key.
+  forward-over-reverse. ``E[v_l^T (H v)_l] = tr(H_ll)`` since the cross-layer
+  terms ``v_l^T H_lm v_m`` vanish in expectation. The probes are drawn inside
+  from ``key_data`` (``(P, ...)`` uint32: the raw data of one key of
+  implementation ``impl`` per probe). The probes of one call share one
+  linearisation of the gradient (:func:`_shared_linearisation_quads`). With
+  ``examples`` (an int), each probe's HVP is on its own ``examples`` examples
+  of ``batch``, drawn uniformly without replacement from the probe's key (no
+  linearisation to share: one HVP per probe, vmapped).
   """
   names = tuple(names)
+
+  def rademacher(key, kernels):
+    return {n: jax.random.rademacher(jax.random.fold_in(key, i), kernels[n].shape,
+                                     dtype=kernels[n].dtype) for i, n in enumerate(names)}
+
+  per_layer = lambda v, hv: jnp.stack([jnp.vdot(v[n], hv[n]) for n in names])
 
   def quad(params, key_data, batch):
     kernels = layers_lib.get_kernels(params, names)
     keys = jax.random.wrap_key_data(key_data, impl=impl)  # raw uint32: placeable on any mesh
+    grad_on = lambda b: jax.grad(lambda k: loss_fn(layers_lib.replace_kernels(params, k), b))
+    if examples is None:
+      vs = jax.vmap(lambda key: rademacher(key, kernels))(keys)
+      return _shared_linearisation_quads(grad_on(batch), kernels, vs, per_layer)
 
     def one(key):
-      b = batch
-      if examples is not None:
-        size = jax.tree.leaves(batch)[0].shape[0]
-        idx = jax.random.choice(jax.random.fold_in(key, len(names)), size, (examples,),
-                                replace=False)
-        b = jax.tree.map(lambda x: x[idx], batch)
-      grad = jax.grad(lambda k: loss_fn(layers_lib.replace_kernels(params, k), b))
-      v = {n: jax.random.rademacher(jax.random.fold_in(key, i), kernels[n].shape,
-                                    dtype=kernels[n].dtype) for i, n in enumerate(names)}
-      hv = jax.jvp(grad, (kernels,), (v,))[1]
-      return jnp.stack([jnp.vdot(v[n], hv[n]) for n in names])
+      size = jax.tree.leaves(batch)[0].shape[0]
+      idx = jax.random.choice(jax.random.fold_in(key, len(names)), size, (examples,),
+                              replace=False)
+      v = rademacher(key, kernels)
+      return per_layer(v, jax.jvp(grad_on(jax.tree.map(lambda x: x[idx], batch)),
+                                  (kernels,), (v,))[1])
 
     return jax.vmap(one)(keys)
 
   return quad
 
 
-def _probes_per_call(chunk: int) -> int:
-  """Probes one compiled call evaluates side by side (``vmap``).
+# Probes per call on CPU when they share a linearisation (run one after another in one
+# program): zoo mobilenet_v2, 128 images, ms per probe of the all-layer HVP: 1 per call 125,
+# 2: 98, 4: 83, 8: 84 (compilation 5.9, 6.7, 10.1, 17.4 s).
+_CPU_SHARED_PROBES = 4
 
-  On CPU one: XLA:CPU runs grouped (e.g. depthwise) convolutions with a batch
-  of kernel tangents (what ``vmap`` over probes makes of them) far slower than
-  one probe after another (measured on a mobilenet_v2 with ``nn.Conv``
-  depthwise layers, 128 images: 4 vmapped probes 75 s, 4 separate calls 0.9 s;
-  a ``lax.scan`` over probes 7 s); where nothing is pathological, one call per
-  probe costs about the same as a vmapped chunk (zoo mobilenet_v2 and resnet8,
-  16 probes: within 10%). Accelerators batch the whole chunk in one call.
+
+def _probes_per_call(chunk: int, shared: bool = True) -> int:
+  """Probes one compiled call evaluates (``shared``: they share one linearisation).
+
+  Accelerators: the whole chunk, side by side (``vmap``). CPU: the largest divisor
+  of ``chunk`` up to ``_CPU_SHARED_PROBES``, one after another in straight-line code
+  (one compiled program per run); one probe per call when nothing is shared.
+  XLA:CPU runs grouped (e.g. depthwise) convolutions with a batch of kernel
+  tangents (what ``vmap`` over probes makes of them) far slower than one probe
+  after another (a mobilenet_v2 with ``nn.Conv`` depthwise layers, 128 images: 4
+  vmapped probes 75 s, 4 separate calls 0.9 s), and convolutions inside a loop
+  body (``lax.map``/``scan``) too: the zoo mobilenet_v2's 1x1 kernel gradient of
+  ``block6/project`` took 3.8 ms per probe there, against ~0.1 ms in straight-line
+  code.
   """
-  return 1 if jax.default_backend() == "cpu" else chunk
+  if jax.default_backend() != "cpu":
+    return chunk
+  if not shared:
+    return 1
+  return max(d for d in range(1, min(chunk, _CPU_SHARED_PROBES) + 1) if chunk % d == 0)
 
 
-def _in_calls(fn: Callable, xs: jax.Array, *args) -> jax.Array:
+def _in_calls(fn: Callable, xs: jax.Array, *args, shared: bool = True) -> jax.Array:
   """``fn(xs, *args)`` for a leading probe axis, in calls of :func:`_probes_per_call` probes."""
-  step = _probes_per_call(xs.shape[0])
+  step = _probes_per_call(xs.shape[0], shared)
   if step >= xs.shape[0]:
     return fn(xs, *args)
   return jnp.concatenate([fn(xs[i:i + step], *args) for i in range(0, xs.shape[0], step)])
@@ -180,8 +210,11 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     block only (lower variance per probe, ``L`` times the work and ``L``
     compilations).
 
-  Probes are drawn ``chunk_size`` at a time (vectorised with ``vmap``) and the
-  stopping rule is checked after each chunk, once ``min_probes`` are in:
+  Probes are drawn ``chunk_size`` at a time and the stopping rule is checked
+  after each chunk, once ``min_probes`` are in. The probes of one call share one
+  linearisation of the gradient (per batch), so each costs only the linear map
+  of an HVP: on accelerators a call is the whole chunk (``vmap``), on CPU up to
+  4 probes in straight-line code (see :func:`_probes_per_call`). The rules:
 
   * ``stop='ranking'`` (default): stop when the ranking of the layers is
     settled — the mean Kendall tau between bootstrap resamples of the probes
@@ -213,7 +246,8 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     rel_tol: target relative standard error (``stop='rel_tol'``).
     max_probes: upper bound on the number of probes.
     min_probes: probes drawn before the rule is first checked.
-    chunk_size: probes vectorised together (memory ~ chunk_size x one HVP).
+    chunk_size: probes between two checks of the stopping rule (accelerators:
+      one call, memory ~ chunk_size x one HVP).
     estimator: ``'all_layers'`` or ``'per_layer'``.
     n_boot: bootstrap resamples of the ranking rule.
     probe_examples: ``None`` (every probe sees every batch) or the number of
@@ -263,7 +297,7 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     def draw(chunk):  # (chunk_size, L)
       keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, chunk), chunk_size))
       if probe_examples is not None:
-        return _in_calls(lambda k: quad(params, k, pool), keys)
+        return _in_calls(lambda k: quad(params, k, pool), keys, shared=False)
       return sum(_in_calls(lambda k, b: quad(params, k, b), keys, b)
                  for b in batches) / len(batches)
   else:
@@ -354,18 +388,22 @@ def _lanczos_init(v0, m):
   return v, jnp.zeros_like(v), jnp.zeros((), v.dtype), basis
 
 
-def _flat_hvp_fn(loss_fn, name):
-  """``(params, kernel, flat (n,), batch) -> ravel(H_ll v)``: :func:`_hvp_fn` on flat vectors.
+def _flat_grad_fn(loss_fn, name):
+  """``(params, flat (n,), batch) -> ravel(dL/dW_l)`` at ``W_l = reshape(flat)``.
 
-  Only the network from the layer on is differentiated (as in the per-layer
-  Hutchinson estimator): a late layer's product costs a fraction of a full HVP.
+  :func:`top_eigenvalue` linearises it once per layer and batch: each of its
+  products ``H_ll v`` then runs only the linear map (the forward-mode derivative
+  of the backward pass), not the forward and backward pass again. Only the
+  network from the layer on is differentiated, so a late layer's product costs
+  a fraction of a full HVP.
   """
-  hvp = _hvp_fn(loss_fn, name)
+  f = _common.layer_loss(loss_fn, name)
 
-  def flat_hvp(params, kernel, flat, batch):
-    return jnp.ravel(hvp(params, kernel, jnp.reshape(flat, kernel.shape), batch))
+  def flat_grad(params, flat, batch):
+    kernel = layers_lib.get_kernel(params, name)
+    return jnp.ravel(jax.grad(f, argnums=1)(params, jnp.reshape(flat, kernel.shape), batch))
 
-  return flat_hvp
+  return flat_grad
 
 
 class _Lanczos:
@@ -449,11 +487,12 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   layer under cross-entropy); stops when successive Rayleigh quotients differ by
   ``<= tol * |lambda|``; converges slowly when the top two eigenvalues are close.
 
-  All layers iterate together: each iteration multiplies every still-running
-  layer's vector by its block (``H_ll v_l``, the layer's own Hessian-vector
-  product, which differentiates only the network from that layer on), two
-  layers at a time on two threads; each layer stops on its own tolerance and is
-  skipped from then on.
+  Each layer's products ``H_ll v`` are its own Hessian-vector products, which
+  differentiate only the network from that layer on, and share one
+  linearisation of the layer's gradient per batch (``jax.linearize``: the
+  forward and backward pass run once per layer, each iteration only their
+  forward-mode derivative). Two layers are solved at a time on two threads,
+  each to its own tolerance.
 
   Args:
     loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
@@ -462,13 +501,13 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     method: ``'lanczos'`` or ``'power'``.
     max_iter: maximum number of HVPs per layer.
     tol: relative tolerance (see above).
-    progress: show iterations (of at most ``max_iter``), an ETA and the layers
-      still running (stderr).
+    progress: show layers solved, an ETA and the last layer (stderr).
 
   Returns:
-    ``{layer: lambda}`` (units: loss / weight^2). COST: per iteration one
-    layer HVP per running layer, per batch (a late layer's costs a fraction of a
-    full HVP); at most ``max_iter`` iterations; one compiled program per layer.
+    ``{layer: lambda}`` (units: loss / weight^2). COST per layer: one gradient
+    per batch, then per iteration (at most ``max_iter``) the linear map of one
+    layer HVP per batch (a late layer's costs a fraction of a full HVP); two
+    compiled programs per layer (the linearisation and its linear map).
 
   Raises:
     ValueError: bad ``method``, non-finite parameters, a pattern matching no
@@ -480,33 +519,33 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   max_iter = _common.check_positive_int("max_iter", max_iter)
   tol = _common.check_nonneg_float("tol", tol)
   key = jax.random.key(0) if key is None else key
-  hvps = {n: _common.cached_jit(_flat_hvp_fn, loss_fn, n) for n in names}
   kernels = layers_lib.get_kernels(params, names)
 
-  def advance(name):  # one solver step from H_ll v_l, averaged over the batches
-    solver = solvers[name]
-    solver.step(sum(hvps[name](params, kernels[name], solver.vector, b)
-                    for b in batches) / len(batches))
-
-  solvers = {}
-  for index, name in enumerate(names):
+  def solve(index_name):  # one layer's solver to convergence
+    index, name = index_name
     kernel = kernels[name]
+    grad = _common.cached_jit(_flat_grad_fn, loss_fn, name)
+    flat = jnp.ravel(kernel)
+    # One linearisation per batch (its residuals live while this layer iterates): each
+    # product below runs the compiled linear map only, bit for bit the jvp(grad) product.
+    products = [jax.linearize(lambda w, b=b: grad(params, w, b), flat)[1] for b in batches]
     v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
-    solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
-                     else _Power(v0, max_iter, tol))
-  bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
-  # Two layers at a time (each solver is stepped by one thread): the first iteration compiles
-  # two layers' programs at once, later ones keep both cores busy with late layers' small
-  # products. One under jax.distributed, where every process must issue its collectives in
-  # one order.
+    solver = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
+              else _Power(v0, max_iter, tol))
+    while not solver.done:
+      solver.step(sum(p(solver.vector) for p in products) / len(batches))
+    bar.update(1, postfix=name)
+    return float(solver.theta)
+
+  bar = Progress(len(names), "top eigenvalue", enabled=progress, unit="layer")
+  # Two layers at a time, each solved to convergence by one thread (at most two layers'
+  # linearisations in memory). One under jax.distributed, where every process must issue its
+  # collectives in one order.
   workers = 1 if jax.process_count() > 1 else 2
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    while not all(s.done for s in solvers.values()):
-      list(pool.map(advance, [n for n in names if not solvers[n].done]))
-      running = sum(not s.done for s in solvers.values())
-      bar.update(1, postfix=f"{running} of {len(names)} layers still running")
+    thetas = list(pool.map(solve, enumerate(names)))
   bar.close()
-  return {n: float(solvers[n].theta) for n in names}
+  return dict(zip(names, thetas))
 
 
 @_common.accepts_nnx_state
