@@ -212,7 +212,7 @@ def test_probes_sharing_a_linearisation_equal_one_probe_per_call(deep, monkeypat
   run = lambda: criteria.hutchinson_trace(deep_loss, params, batches, key=jax.random.key(2),
                                           stop="rel_tol", rel_tol=0.0, max_probes=12,
                                           min_probes=12, chunk_size=12, estimator=estimator)
-  shared = run()  # CPU: calls of 4 probes in straight-line code
+  shared = run()  # CPU: calls of 2 probes in straight-line code
   monkeypatch.setattr(curvature, "_CPU_SHARED_PROBES", 1)
   alone = run()
   for name, e in shared.items():

@@ -5,10 +5,9 @@ For a layer with kernel ``W`` (n weights) the block is ``H = d^2 L / dW^2``
 given batches. ``H`` is never formed: the criteria use Hessian-vector products
 (HVPs) computed forward-over-reverse, ``jax.jvp(jax.grad(f), (W,), (v,))``.
 One HVP costs about one forward + one backward pass and its forward-mode
-derivative, i.e. ~2-3x a gradient, per batch. Products at one point share its
-linearisation (``jax.linearize``: the forward and backward pass once, then only
-the linear map per vector): the probes of one call of the Hutchinson
-estimators, and every iteration of a layer in :func:`top_eigenvalue`.
+derivative, i.e. ~2-3x a gradient, per batch. The probes of one call of the
+Hutchinson estimators share one linearisation (``jax.linearize``: the forward
+and backward pass once, then only the linear map per probe).
 """
 
 from __future__ import annotations
@@ -50,6 +49,17 @@ class TraceEstimate(NamedTuple):
 
 STOP_RULES = ("ranking", "rel_tol")
 ESTIMATORS = ("all_layers", "per_layer")
+
+
+def _hvp_fn(loss_fn, name):
+  """``(params, kernel, v, batch) -> H v`` for one layer's block (forward-over-reverse)."""
+  f = _common.layer_loss(loss_fn, name)
+
+  def hvp(params, kernel, v, batch):
+    g = lambda k: jax.grad(f, argnums=1)(params, k, batch)
+    return jax.jvp(g, (kernel,), (v,))[1]
+
+  return hvp
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -130,9 +140,11 @@ def _all_layers_quad_fn(loss_fn, names, impl, examples=None):
 
 
 # Probes per call on CPU when they share a linearisation (run one after another in one
-# program): zoo mobilenet_v2, 128 images, ms per probe of the all-layer HVP: 1 per call 125,
-# 2: 98, 4: 83, 8: 84 (compilation 5.9, 6.7, 10.1, 17.4 s).
-_CPU_SHARED_PROBES = 4
+# program). Zoo mobilenet_v2, all-layer HVP on 128 images, ms per probe: 1 per call 125, 2: 98,
+# 4: 83, 8: 84; hessian_trace (64 probes, 2 x 128 images) cold / warm s: 1 per call 16.7-16.9 /
+# 6.6-7.7, 2: 17.3-18.3 / 5.1-5.8, 4: 22.5-24.0 / 4.3-4.4. Two: first runs compile about as
+# long as with one probe per call.
+_CPU_SHARED_PROBES = 2
 
 
 def _probes_per_call(chunk: int, shared: bool = True) -> int:
@@ -212,9 +224,10 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
 
   Probes are drawn ``chunk_size`` at a time and the stopping rule is checked
   after each chunk, once ``min_probes`` are in. The probes of one call share one
-  linearisation of the gradient (per batch), so each costs only the linear map
-  of an HVP: on accelerators a call is the whole chunk (``vmap``), on CPU up to
-  4 probes in straight-line code (see :func:`_probes_per_call`). The rules:
+  linearisation of the gradient (per batch): the forward and backward pass are
+  paid once per call, then each probe only the linear map of an HVP. On
+  accelerators a call is the whole chunk (``vmap``), on CPU up to 2 probes in
+  straight-line code (see :func:`_probes_per_call`). The rules:
 
   * ``stop='ranking'`` (default): stop when the ranking of the layers is
     settled — the mean Kendall tau between bootstrap resamples of the probes
@@ -388,22 +401,18 @@ def _lanczos_init(v0, m):
   return v, jnp.zeros_like(v), jnp.zeros((), v.dtype), basis
 
 
-def _flat_grad_fn(loss_fn, name):
-  """``(params, flat (n,), batch) -> ravel(dL/dW_l)`` at ``W_l = reshape(flat)``.
+def _flat_hvp_fn(loss_fn, name):
+  """``(params, kernel, flat (n,), batch) -> ravel(H_ll v)``: :func:`_hvp_fn` on flat vectors.
 
-  :func:`top_eigenvalue` linearises it once per layer and batch: each of its
-  products ``H_ll v`` then runs only the linear map (the forward-mode derivative
-  of the backward pass), not the forward and backward pass again. Only the
-  network from the layer on is differentiated, so a late layer's product costs
-  a fraction of a full HVP.
+  Only the network from the layer on is differentiated (as in the per-layer
+  Hutchinson estimator): a late layer's product costs a fraction of a full HVP.
   """
-  f = _common.layer_loss(loss_fn, name)
+  hvp = _hvp_fn(loss_fn, name)
 
-  def flat_grad(params, flat, batch):
-    kernel = layers_lib.get_kernel(params, name)
-    return jnp.ravel(jax.grad(f, argnums=1)(params, jnp.reshape(flat, kernel.shape), batch))
+  def flat_hvp(params, kernel, flat, batch):
+    return jnp.ravel(hvp(params, kernel, jnp.reshape(flat, kernel.shape), batch))
 
-  return flat_grad
+  return flat_hvp
 
 
 class _Lanczos:
@@ -487,12 +496,11 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   layer under cross-entropy); stops when successive Rayleigh quotients differ by
   ``<= tol * |lambda|``; converges slowly when the top two eigenvalues are close.
 
-  Each layer's products ``H_ll v`` are its own Hessian-vector products, which
-  differentiate only the network from that layer on, and share one
-  linearisation of the layer's gradient per batch (``jax.linearize``: the
-  forward and backward pass run once per layer, each iteration only their
-  forward-mode derivative). Two layers are solved at a time on two threads,
-  each to its own tolerance.
+  All layers iterate together: each iteration multiplies every still-running
+  layer's vector by its block (``H_ll v_l``, the layer's own Hessian-vector
+  product, which differentiates only the network from that layer on), two
+  layers at a time on two threads; each layer stops on its own tolerance and is
+  skipped from then on.
 
   Args:
     loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
@@ -501,13 +509,13 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     method: ``'lanczos'`` or ``'power'``.
     max_iter: maximum number of HVPs per layer.
     tol: relative tolerance (see above).
-    progress: show layers solved, an ETA and the last layer (stderr).
+    progress: show iterations (of at most ``max_iter``), an ETA and the layers
+      still running (stderr).
 
   Returns:
-    ``{layer: lambda}`` (units: loss / weight^2). COST per layer: one gradient
-    per batch, then per iteration (at most ``max_iter``) the linear map of one
-    layer HVP per batch (a late layer's costs a fraction of a full HVP); two
-    compiled programs per layer (the linearisation and its linear map).
+    ``{layer: lambda}`` (units: loss / weight^2). COST: per iteration one
+    layer HVP per running layer, per batch (a late layer's costs a fraction of a
+    full HVP); at most ``max_iter`` iterations; one compiled program per layer.
 
   Raises:
     ValueError: bad ``method``, non-finite parameters, a pattern matching no
@@ -519,33 +527,33 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   max_iter = _common.check_positive_int("max_iter", max_iter)
   tol = _common.check_nonneg_float("tol", tol)
   key = jax.random.key(0) if key is None else key
+  hvps = {n: _common.cached_jit(_flat_hvp_fn, loss_fn, n) for n in names}
   kernels = layers_lib.get_kernels(params, names)
 
-  def solve(index_name):  # one layer's solver to convergence
-    index, name = index_name
-    kernel = kernels[name]
-    grad = _common.cached_jit(_flat_grad_fn, loss_fn, name)
-    flat = jnp.ravel(kernel)
-    # One linearisation per batch (its residuals live while this layer iterates): each
-    # product below runs the compiled linear map only, bit for bit the jvp(grad) product.
-    products = [jax.linearize(lambda w, b=b: grad(params, w, b), flat)[1] for b in batches]
-    v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
-    solver = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
-              else _Power(v0, max_iter, tol))
-    while not solver.done:
-      solver.step(sum(p(solver.vector) for p in products) / len(batches))
-    bar.update(1, postfix=name)
-    return float(solver.theta)
+  def advance(name):  # one solver step from H_ll v_l, averaged over the batches
+    solver = solvers[name]
+    solver.step(sum(hvps[name](params, kernels[name], solver.vector, b)
+                    for b in batches) / len(batches))
 
-  bar = Progress(len(names), "top eigenvalue", enabled=progress, unit="layer")
-  # Two layers at a time, each solved to convergence by one thread (at most two layers'
-  # linearisations in memory). One under jax.distributed, where every process must issue its
-  # collectives in one order.
+  solvers = {}
+  for index, name in enumerate(names):
+    kernel = kernels[name]
+    v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
+    solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
+                     else _Power(v0, max_iter, tol))
+  bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
+  # Two layers at a time (each solver is stepped by one thread): the first iteration compiles
+  # two layers' programs at once, later ones keep both cores busy with late layers' small
+  # products. One under jax.distributed, where every process must issue its collectives in
+  # one order.
   workers = 1 if jax.process_count() > 1 else 2
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    thetas = list(pool.map(solve, enumerate(names)))
+    while not all(s.done for s in solvers.values()):
+      list(pool.map(advance, [n for n in names if not solvers[n].done]))
+      running = sum(not s.done for s in solvers.values())
+      bar.update(1, postfix=f"{running} of {len(names)} layers still running")
   bar.close()
-  return dict(zip(names, thetas))
+  return {n: float(solvers[n].theta) for n in names}
 
 
 @_common.accepts_nnx_state
