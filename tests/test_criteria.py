@@ -384,6 +384,23 @@ def test_pga_stays_in_ball_and_never_loses(mlp, p, n_sparse):
   assert all(s > 0 for s in scores.values())
 
 
+def test_per_layer_criteria_run_layers_concurrently_in_order_with_progress(deep, capsys):
+  """Two layers at a time: each layer's score is its own run's, in layer order; progress shown."""
+  params, batches, _ = deep
+  names = list(params)
+  pga = criteria.corruption_pga(deep_loss, params, batches, eps=0.2, steps=3, progress=True)
+  ig = criteria.integrated_gradients(deep_loss, params, batches, steps=4, progress=True)
+  assert list(pga) == list(ig) == names
+  for name in names:
+    alone = criteria.pga_corruption(deep_loss, params, batches, name, eps=0.2, steps=3)
+    assert pga[name] == alone.loss_increase, name
+    one = criteria.integrated_gradients(deep_loss, params, batches, layers=name, steps=4)
+    assert ig[name] == one[name], name
+  err = capsys.readouterr().err
+  for label in ("corruption PGA", "integrated gradients"):
+    assert f"{label} {len(names)}/{len(names)}" in err and "100%" in err, err
+
+
 def test_project_l1_matches_bisection():
   a = jnp.asarray(np.random.default_rng(5).standard_normal((7, 9)), jnp.float32)
   eps = 2.0

@@ -9,6 +9,7 @@ and returns ``{layer_path: float}`` (higher = more sensitive / important).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from safer_jax import distributed
 from safer_jax import layers as layers_lib
 from safer_jax import wrapping
+from safer_jax.progress import Progress
 from safer_jax.errors import check_bits, check_nonneg_float, check_positive_int  # noqa: F401
 
 Params = Mapping[str, Any]
@@ -249,6 +251,35 @@ def layer_loss(loss_fn: LossFn, name: str) -> Callable[[Params, jax.Array, Batch
     return loss_fn(layers_lib.replace_kernel(params, name, kernel), batch)
 
   return f
+
+
+def layer_workers() -> int:
+  """Layers a per-layer criterion runs at once: 2, or 1 under ``jax.distributed``.
+
+  Two threads overlap one layer's compilation with another's compilation or
+  computation (XLA keeps about 1.5 of 2 CPU cores busy with one layer's small
+  programs). Under ``jax.distributed`` every process must issue its collectives
+  in one order, so one.
+  """
+  return 1 if jax.process_count() > 1 else 2
+
+
+def map_layers(fn: Callable[[str], Any], names: Sequence[str], *, label: str,
+               progress: bool = False) -> list[Any]:
+  """``[fn(name) for name in names]``, :func:`layer_workers` layers at a time.
+
+  Layers must be independent (results do not depend on the order). The
+  progress bar (``progress``: layers done, ETA, last layer; stderr) is updated
+  from the calling thread, in ``names`` order.
+  """
+  bar = Progress(len(names), label, enabled=progress, unit="layer")
+  out = []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=layer_workers()) as pool:
+    for name, result in zip(names, pool.map(fn, names)):
+      out.append(result)
+      bar.update(1, postfix=name)
+  bar.close()
+  return out
 
 
 def to_float(x: Any) -> float:

@@ -21,7 +21,6 @@ import numpy as np
 from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
 from safer_jax.perturb import quantize
-from safer_jax.progress import Progress
 
 _BASELINES = ("zero", "quantized")
 _RULES = ("gauss_legendre", "riemann")
@@ -90,7 +89,8 @@ def integrated_gradients_attributions(
   Returns:
     ``{layer: A}`` with ``A`` the kernel's shape; ``sum(A) ~ L(W) - L(W0)``
     (units: loss). COST per layer: ``steps`` forward + backward passes per
-    batch (vectorised over alpha).
+    batch (vectorised over alpha); two layers at a time (one under
+    ``jax.distributed``).
 
   Raises:
     ValueError: bad ``baseline``/``rule``/``bits``/``steps``, non-finite
@@ -103,17 +103,16 @@ def integrated_gradients_attributions(
   if chunk_size is not None:
     chunk_size = _common.check_positive_int("chunk_size", chunk_size)
   names, batches = _common.setup(loss_fn, params, batches, layers)
-  out = {}
-  bar = Progress(len(names), "integrated gradients", enabled=progress, unit="layer")
-  for name in names:
+
+  def attribute(name):
     kernel = layers_lib.get_kernel(params, name)
     w0 = _baseline(kernel, baseline, bits, full_range)
     integral = _common.cached_jit(_integral_fn, loss_fn, name, chunk_size)
     total = sum(integral(params, kernel, w0, alphas, weights, b) for b in batches) / len(batches)
-    out[name] = jax.block_until_ready(total * (kernel - w0))
-    bar.update(1, postfix=name)
-  bar.close()
-  return out
+    return jax.block_until_ready(total * (kernel - w0))
+
+  return dict(zip(names, _common.map_layers(attribute, names, label="integrated gradients",
+                                            progress=progress)))
 
 
 @_common.accepts_nnx_state
