@@ -88,7 +88,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     sources: names from :data:`COST_SOURCES`.
     batch_size: calibration batch size; ``max_batches`` batches are used.
     seed: PRNG seed of the Hutchinson probes.
-    hutchinson_probes: at most this many probes (stops earlier at 1% rel. s.e.).
+    hutchinson_probes: at most this many probes (stops earlier once the layers' ranking is
+      settled: :func:`safer_jax.criteria.hutchinson_trace`'s default rule).
     ig_steps: Gauss-Legendre nodes of the integrated-gradients path.
     full_range: quantize on qwix's full signed grid (the default: what
       :mod:`safer_jax.deploy` runs; see :func:`safer_jax.perturb.quantize_grid`),
