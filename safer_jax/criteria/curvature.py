@@ -542,12 +542,10 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
                      else _Power(v0, max_iter, tol))
   bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
-  # Two layers at a time (each solver is stepped by one thread): the first iteration compiles
-  # two layers' programs at once, later ones keep both cores busy with late layers' small
-  # products. One under jax.distributed, where every process must issue its collectives in
-  # one order.
-  workers = 1 if jax.process_count() > 1 else 2
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+  # Layers stepped on `_common.layer_workers()` threads (each solver by one thread): the first
+  # iteration compiles two layers' programs at once, later ones keep both cores busy with late
+  # layers' small products.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=_common.layer_workers()) as pool:
     while not all(s.done for s in solvers.values()):
       list(pool.map(advance, [n for n in names if not solvers[n].done]))
       running = sum(not s.done for s in solvers.values())
