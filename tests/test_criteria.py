@@ -205,11 +205,11 @@ def test_all_layer_trace_agrees_with_dense_hessian_and_per_layer(deep):
 
 
 @pytest.mark.parametrize("estimator", ["all_layers", "per_layer"])
-def test_probes_sharing_a_linearisation_equal_one_probe_per_call(deep, monkeypatch, estimator):
+def test_probes_sharing_a_linearisation_equal_one_probe_per_call(mlp, monkeypatch, estimator):
   """The probes of one call share a linearised gradient: same products as one HVP per call."""
   from safer_jax.criteria import curvature
-  params, batches, _ = deep
-  run = lambda: criteria.hutchinson_trace(deep_loss, params, batches, key=jax.random.key(2),
+  params, batches = mlp
+  run = lambda: criteria.hutchinson_trace(mlp_loss, params, batches, key=jax.random.key(2),
                                           stop="rel_tol", rel_tol=0.0, max_probes=12,
                                           min_probes=12, chunk_size=12, estimator=estimator)
   shared = run()  # CPU: calls of 2 probes in straight-line code
@@ -384,21 +384,20 @@ def test_pga_stays_in_ball_and_never_loses(mlp, p, n_sparse):
   assert all(s > 0 for s in scores.values())
 
 
-def test_per_layer_criteria_run_layers_concurrently_in_order_with_progress(deep, capsys):
+def test_per_layer_criteria_run_layers_concurrently_in_order_with_progress(mlp, capsys):
   """Two layers at a time: each layer's score is its own run's, in layer order; progress shown."""
-  params, batches, _ = deep
-  names = list(params)
-  pga = criteria.corruption_pga(deep_loss, params, batches, eps=0.2, steps=3, progress=True)
-  ig = criteria.integrated_gradients(deep_loss, params, batches, steps=4, progress=True)
-  assert list(pga) == list(ig) == names
-  for name in names:
-    alone = criteria.pga_corruption(deep_loss, params, batches, name, eps=0.2, steps=3)
+  params, batches = mlp
+  pga = criteria.corruption_pga(mlp_loss, params, batches, eps=0.2, steps=3, progress=True)
+  ig = criteria.integrated_gradients(mlp_loss, params, batches, steps=4, progress=True)
+  assert list(pga) == list(ig) == list(LAYERS)
+  for name in LAYERS:
+    alone = criteria.pga_corruption(mlp_loss, params, batches, name, eps=0.2, steps=3)
     assert pga[name] == alone.loss_increase, name
-    one = criteria.integrated_gradients(deep_loss, params, batches, layers=name, steps=4)
+    one = criteria.integrated_gradients(mlp_loss, params, batches, layers=name, steps=4)
     assert ig[name] == one[name], name
   err = capsys.readouterr().err
   for label in ("corruption PGA", "integrated gradients"):
-    assert f"{label} {len(names)}/{len(names)}" in err and "100%" in err, err
+    assert f"{label} {len(LAYERS)}/{len(LAYERS)}" in err and "100%" in err, err
 
 
 def test_project_l1_matches_bisection():
