@@ -91,8 +91,8 @@ def _spearman(scores, truth_frame, n_boot, seed) -> dict:
 def _per_probe_seconds(loss_fn, params, batches, key, probes: int) -> dict:
   """Warm seconds per Hutchinson probe on three conv layers, against a plain ``jvp(grad)``.
 
-  Layers: the first conv layer, the middle one and the one with the largest
-  kernel. ``reference``: a plain ``jax.jit`` of ``vdot(v, jvp(grad f, (W,), (v,)))``
+  Layers: the first and the middle conv layer in path order, and the one with
+  the largest kernel. ``reference``: a plain ``jax.jit`` of ``vdot(v, jvp(grad f, (W,), (v,)))``
   for that layer's kernel, one probe per call; ``per_layer``: this library's
   per-layer estimator on that layer (the probes of a call share one linearisation).
   The two alternate, twice after a warm-up, and the mean is reported.
