@@ -296,6 +296,27 @@ def test_hawq_v2_is_trace_over_n_times_quant_error(mlp):
     np.testing.assert_allclose(scores[layer], est[layer].mean / n * qerr[layer], rtol=1e-6)
 
 
+def test_top_eigenvalue_compiles_only_in_its_first_iteration(mlp):
+  """Parameters committed to a device (as restored checkpoints are): the start vectors go there
+  too, so later iterations reuse the first one's programs instead of compiling them again."""
+  params, batches = mlp
+  params = jax.device_put(params, jax.devices()[0])
+
+  def compilations(max_iter):
+    jax.clear_caches()
+    criteria.clear_compiled()
+    events = []
+    listener = lambda event, *_, **__: events.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      criteria.top_eigenvalue(mlp_loss, params, batches, max_iter=max_iter, tol=0.0)
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+    return sum("backend_compile" in e for e in events)
+
+  assert compilations(6) == compilations(1) > 0
+
+
 def test_top_eigenvalue_lanczos_and_power(mlp):
   params, batches = mlp
   lanczos = criteria.top_eigenvalue(mlp_loss, params, batches, tol=1e-4)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -532,13 +533,20 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
 
   def advance(name):  # one solver step from H_ll v_l, averaged over the batches
     solver = solvers[name]
-    solver.step(sum(hvps[name](params, kernels[name], solver.vector, b)
-                    for b in batches) / len(batches))
+    products = [hvps[name](params, kernels[name], solver.vector, b) for b in batches]
+    solver.step(functools.reduce(operator.add, products) / len(batches))
 
+  # The start vectors go where the parameters are: the products (and so every later vector)
+  # come out committed to the parameters' device, and a first vector that is not would make
+  # jit compile each layer's product, and each Lanczos step, a second time (40 compilations
+  # of the products instead of 20 for mobilenet_v2).
+  committed = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array) and x.committed]
   solvers = {}
   for index, name in enumerate(names):
     kernel = kernels[name]
     v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
+    if committed:
+      v0 = jax.device_put(v0, committed[0].sharding)
     solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
                      else _Power(v0, max_iter, tol))
   bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
