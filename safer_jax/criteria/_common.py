@@ -211,6 +211,17 @@ def _grad_step(loss_fn: LossFn, names: tuple[str, ...]) -> Callable:
   return step
 
 
+def batch_mean(values: Sequence[Any]) -> Any:
+  """The mean of per-batch results (arrays or pytrees of them), each batch weighted equally.
+
+  Summed from the first value, not from a Python ``0``: ``0 + x`` would compile one more
+  ``add`` program per shape (a per-layer criterion: one per layer) on a first run.
+  """
+  values = list(values)
+  total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), values)
+  return jax.tree.map(lambda x: x / len(values), total)
+
+
 def mean_value_and_grads(loss_fn: LossFn, params: Params, batches: Sequence[Batch],
                          names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Loss and gradient w.r.t. the selected kernels, averaged over ``batches``.
@@ -241,7 +252,7 @@ def mean_loss(loss_fn: LossFn, params: Params, batches: Sequence[Batch]) -> jax.
   """Loss averaged over ``batches`` (one forward pass per batch; sharded on several devices)."""
   batches = shard_batches(batches)
   f = cached_jit(_identity, loss_fn)
-  return sum(f(params, b) for b in batches) / len(batches)
+  return batch_mean(f(params, b) for b in batches)
 
 
 def layer_loss(loss_fn: LossFn, name: str) -> Callable[[Params, jax.Array, Batch], jax.Array]:

@@ -164,8 +164,7 @@ def _pga_layer(loss_fn, params, batches, name, eps, p, steps, step_size, n_spars
   vg = _common.cached_jit(_layer_value_and_grad, loss_fn, name)
 
   def value_and_grad(a):
-    vals, grads = zip(*(vg(params, kernel + a, b) for b in batches))
-    return sum(vals) / len(batches), sum(grads) / len(batches)
+    return _common.batch_mean(vg(params, kernel + a, b) for b in batches)
 
   base, g = value_and_grad(jnp.zeros_like(kernel))
   base = _common.to_float(base)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
-import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -312,8 +311,8 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
       keys = jax.random.key_data(jax.random.split(jax.random.fold_in(key, chunk), chunk_size))
       if probe_examples is not None:
         return _in_calls(lambda k: quad(params, k, pool), keys, shared=False)
-      return sum(_in_calls(lambda k, b: quad(params, k, b), keys, b)
-                 for b in batches) / len(batches)
+      return _common.batch_mean(_in_calls(lambda k, b: quad(params, k, b), keys, b)
+                                for b in batches)
   else:
     quads = {n: _common.cached_jit(_quad_fn, loss_fn, n) for n in names}
 
@@ -323,8 +322,9 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
         k = kernels[name]
         vs = jax.random.rademacher(jax.random.fold_in(jax.random.fold_in(key, index), chunk),
                                    (chunk_size,) + k.shape, dtype=k.dtype)
-        cols.append(sum(_in_calls(lambda v, b, name=name, k=k: quads[name](params, k, v, b),
-                                  vs, b) for b in batches) / len(batches))
+        cols.append(_common.batch_mean(
+            _in_calls(lambda v, b, name=name, k=k: quads[name](params, k, v, b), vs, b)
+            for b in batches))
       return jnp.stack(cols, axis=1)
 
   samples: list[np.ndarray] = []
@@ -533,8 +533,8 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
 
   def advance(name):  # one solver step from H_ll v_l, averaged over the batches
     solver = solvers[name]
-    products = [hvps[name](params, kernels[name], solver.vector, b) for b in batches]
-    solver.step(functools.reduce(operator.add, products) / len(batches))
+    solver.step(_common.batch_mean(hvps[name](params, kernels[name], solver.vector, b)
+                                   for b in batches))
 
   # The start vectors go where the parameters are: the products (and so every later vector)
   # come out committed to the parameters' device, and a first vector that is not would make

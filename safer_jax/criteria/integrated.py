@@ -108,7 +108,7 @@ def integrated_gradients_attributions(
     kernel = layers_lib.get_kernel(params, name)
     w0 = _baseline(kernel, baseline, bits, full_range)
     integral = _common.cached_jit(_integral_fn, loss_fn, name, chunk_size)
-    total = sum(integral(params, kernel, w0, alphas, weights, b) for b in batches) / len(batches)
+    total = _common.batch_mean(integral(params, kernel, w0, alphas, weights, b) for b in batches)
     return jax.block_until_ready(total * (kernel - w0))
 
   return dict(zip(names, _common.map_layers(attribute, names, label="integrated gradients",
