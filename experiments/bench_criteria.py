@@ -75,6 +75,7 @@ def _timed(fn):
 
 
 def _met(flag) -> str:
+  """A target's verdict in the Markdown table: met, NOT met, or n/a (None: not measurable)."""
   return "n/a" if flag is None else "met" if flag else "NOT met"
 
 
@@ -245,9 +246,9 @@ def _run(config, workdir: str) -> dict:
          "",
          f"Targets: every data-dependent criterion <= {100 * TARGET_FRACTION:.0f}% of the sweep "
          f"(max {100 * result['max_data_dependent_fraction']:.1f}%: "
-         f"{'met' if result['targets_met']['fraction_of_sweep'] else 'NOT met'}); all-layer "
+         f"{_met(result['targets_met']['fraction_of_sweep'])}); all-layer "
          f"trace >= {TARGET_TRACE_SPEEDUP:.0f}x ({speedup:.1f}x: "
-         f"{'met' if result['targets_met']['trace_all_layers_speedup'] else 'NOT met'}); per "
+         f"{_met(result['targets_met']['trace_all_layers_speedup'])}); per "
          f"probe at least as fast as the plain `jvp(grad)` on every conv layer above ("
          f"{_met(result['targets_met']['per_probe_vs_reference'])})."]
   paths = {"json": io.write_json(os.path.join(workdir, "bench_criteria.json"), result),
