@@ -21,6 +21,7 @@ Sources of cost tables (``COST_SOURCES``), each computed on calibration batches:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -156,10 +157,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     timed("fisher", fisher)
   if "corruption" in sources:
     def corruption():
-      grad = jax.jit(jax.grad(loss_fn))  # (eagerly, every primitive compiles apart: ~10 s)
-      grads = jax.tree.map(lambda *g: sum(g) / len(g), *[grad(params, b) for b in batches])
-      return {n: {b: float(jnp.linalg.norm(layers_lib.get_kernel(grads, n).ravel()))
-                  * float(np.sqrt(sq[n][b])) for b in candidates} for n in names}
+      norms = criteria.grad_norm(loss_fn, params, batches, layers=[re.escape(n) for n in names])
+      return {n: {b: norms[n] * float(np.sqrt(sq[n][b])) for b in candidates} for n in names}
     timed("corruption", corruption)
   if "integrated_gradients" in sources:
     def integrated():
