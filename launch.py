@@ -22,8 +22,10 @@ with 130. Other exceptions are bugs and keep their traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import threading
 
 from absl import app, flags, logging
 
@@ -137,9 +139,33 @@ def remove_if_empty(folders: list[str]) -> None:
       return
 
 
+def redeliver_swallowed_interrupts() -> None:
+  """Makes a Ctrl-C that Python dropped as "unraisable" interrupt the main thread again.
+
+  A ``KeyboardInterrupt`` raised while a garbage-collection callback runs (jax
+  registers one) is printed as "Exception ignored in ..." and dropped, and the
+  run would go on to the end. This hook sends SIGINT to the main thread again
+  10 ms later, when that callback has returned. Only while SIGINT raises
+  ``KeyboardInterrupt`` (Python's default handler); other unraisable exceptions
+  go to the previous hook.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, KeyboardInterrupt)
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      threading.Timer(0.01, signal.pthread_kill,
+                      (threading.main_thread().ident, signal.SIGINT)).start()
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  redeliver_swallowed_interrupts()
   if FLAGS.experiment in ("help", "list"):
     print(list_experiments())
     return 0

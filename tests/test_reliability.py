@@ -379,6 +379,33 @@ def test_ctrl_c_saves_finished_layers_and_says_so(tmp_path, mlp, digits, monkeyp
   assert str(info.value) == f"interrupted: {saved} cells saved in {path}; rerun to resume"
 
 
+def test_ctrl_c_dropped_inside_a_gc_callback_still_interrupts(monkeypatch):
+  # Python drops an exception raised in a garbage-collection callback (jax registers one) as
+  # "unraisable": a Ctrl-C landing there let launch.py run to the end with status 0.
+  import gc  # pylint: disable=import-outside-toplevel
+  import launch  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+  launch.redeliver_swallowed_interrupts()
+  fired = []
+
+  def callback(phase, info):
+    del info
+    if phase == "start" and not fired:
+      fired.append(phase)
+      raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore it
+  gc.callbacks.append(callback)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      gc.collect()
+      threading.Event().wait(5)  # the redelivered SIGINT ends this wait within ~10 ms
+  finally:
+    gc.callbacks.remove(callback)
+    signal.signal(signal.SIGINT, previous)
+  assert fired
+
+
 @pytest.mark.integration
 def test_ctrl_c_through_launch_is_one_line_and_status_130(tmp_path, zoo_cache):
   grid = lambda lo, hi: str(tuple(np.round(np.linspace(lo, hi, 24), 5).tolist()))  # noqa: E731
