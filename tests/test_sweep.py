@@ -122,6 +122,8 @@ def test_perturb_stack_equals_the_family_function_bit_for_bit(family, options, g
   """Padded layouts and batched draws change how programs compile, not one bit of a kernel."""
   rng = np.random.default_rng(0)
   kernels = [rng.normal(size=s).astype(np.float32) for s in KERNEL_SHAPES]
+  named = {"params": {f"l{i}": {"kernel": k} for i, k in enumerate(kernels)}}
+  assert sweep.perturbed.shared_draw_size(named, ["l0", "l1", "l2"]) == 49152
   kernels[1][0, 0, :4, :] = 0.0  # ties at zero (pruning ranks them by index)
   kernels[2][::3] = np.round(kernels[2][::3], 1)  # more ties
   layout = (512, 128)  # every kernel's rows x channels fits (the first two: with room to spare)
@@ -130,8 +132,9 @@ def test_perturb_stack_equals_the_family_function_bit_for_bit(family, options, g
     cells = [(m, i, li % 2) for i, m in enumerate(grid)]
     keys = sweep.cell_keys([c[2] for c in cells], f"l{li}", family, [c[1] for c in cells])
     # Shared draw size 4^9: the (400, 120) kernel's own bucket 4^8 is within 4x (it draws
-    # 4^9 values), the others' 4^6 is not (their own draw).
-    for lay, draw in ((layout, None), (None, None), (layout, 1 << 18)):
+    # 4^9 values), the others' 4^6 is not (their own draw). 49,152: what shared_draw_size
+    # gives these kernels (48,000 weights rounded up to a multiple of 4096), not a bucket.
+    for lay, draw in ((layout, None), (None, None), (layout, 1 << 18), (layout, 49152)):
       got = sweep.perturb_stack(family, options, lay, draw)(
           jnp.asarray(kernel), [float(c[0]) for c in cells], keys, None)
       for (m, i, s), row in zip(cells, got):

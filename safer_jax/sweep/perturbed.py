@@ -25,21 +25,33 @@ from safer_jax.train import cross_entropy
 MAX_PADDED = 1 << 24  # elements of the shared padded layout (64 MiB in float32)
 MAX_SHARED_DRAW = 1 << 18  # largest flat draw size shared by layers of a sweep
 SHARED_DRAW_SPAN = 4  # kernels whose own bucket is within this factor of it share it
+_DRAW_MULTIPLE = 1 << 12  # the shared draw size is a multiple of this
 
 
 def shared_draw_size(variables: Mapping[str, Any], layers: Sequence[str]) -> int | None:
   """A flat draw size shared by the larger kernels of ``layers``, or None (each its own bucket).
 
-  :func:`safer_jax.perturb.flat_bucket` of the largest kernel when that is at most
-  :data:`MAX_SHARED_DRAW` elements. :func:`perturb_stack` uses it for every kernel
-  whose own bucket is within :data:`SHARED_DRAW_SPAN` of it: their random draws
-  (bit-flip masks, noise) and magnitude pruning compile once instead of once per
-  bucket, while small kernels keep their own (cheaper to draw) bucket. A flat
-  draw's prefix is the per-shape draw, so the numbers do not change.
+  The largest kernel's size rounded up to a multiple of 4096 when that is at most
+  :data:`MAX_SHARED_DRAW` elements (not its power-of-4 bucket: resnet8's largest
+  kernel, 36,864 weights, draws 36,864 values per copy, not 65,536).
+  :func:`perturb_stack` uses it for every kernel that fits in it and whose own
+  bucket (:func:`safer_jax.perturb.flat_bucket`) is at least 1 / :data:`SHARED_DRAW_SPAN`
+  of it: their random draws (bit-flip masks, noise) and magnitude pruning
+  compile once instead of once per bucket, while small kernels keep their own
+  (cheaper to draw) bucket. A flat draw's prefix is the per-shape draw, so the
+  numbers do not change.
   """
   largest = max(int(np.prod(layers_lib.get_kernel(variables, n).shape)) for n in layers)
-  size = perturb.flat_bucket(largest)
+  size = -(-largest // _DRAW_MULTIPLE) * _DRAW_MULTIPLE
   return size if size <= MAX_SHARED_DRAW else None
+
+
+def _draw_size(n: int, shared: int | None) -> int:
+  """The flat draw size of an ``n``-weight kernel: ``shared`` where it applies, else its bucket."""
+  own = perturb.flat_bucket(n)
+  if shared is not None and n <= shared <= own * SHARED_DRAW_SPAN:
+    return shared
+  return own
 
 
 def padded_layout(variables: Mapping[str, Any], layers: Sequence[str]) -> tuple[int, int]:
@@ -84,18 +96,16 @@ def perturb_stack(family: str, options: Mapping[str, Any],
   * everything else: the family function per cell, compiled once per kernel shape.
 
   ``draw_size`` (:func:`shared_draw_size`): the flat size of draws and of padded
-  pruning for every kernel whose own size bucket is within :data:`SHARED_DRAW_SPAN`
-  of it (one compiled program for them); smaller kernels and None: each kernel's
-  own size bucket.
+  pruning for every kernel that fits in it and whose own size bucket is within
+  :data:`SHARED_DRAW_SPAN` of it (one compiled program for them); smaller kernels
+  and None: each kernel's own size bucket.
   """
   fam = perturb.get_family(family)
   opts = dict(options)
 
   def stack(kernel, magnitudes, keys, grad):
     shape, n = kernel.shape, int(np.prod(kernel.shape))
-    flat_size = perturb.flat_bucket(n)
-    if draw_size is not None and draw_size // SHARED_DRAW_SPAN <= flat_size <= draw_size:
-      flat_size = draw_size
+    flat_size = _draw_size(n, draw_size)
     fits = layout is not None and n // shape[-1] <= layout[0] and shape[-1] <= layout[1]
     kind = _padded_kind(family, opts) if fits else None
     rows = None
