@@ -92,7 +92,7 @@ def flop_ratio(entry, split, scfg, table) -> dict:
   full_flops = float(full["flops"])
   fractions = {}
   for layer in dict.fromkeys(table["layer"]):
-    stage = sweep.stage_of(entry.model, layer) if scfg.use_prefix else 0
+    stage = engine.stage_of(layer)  # (invariant work is not per copy: XLA hoists it)
     fn = engine.eval_fn(layer, stage)
     h = engine.prefix(stage)[0]
     kernel = jnp.asarray(layers_lib.get_kernel(entry.variables, layer))

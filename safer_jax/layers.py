@@ -472,19 +472,42 @@ def execution_order(apply_fn: Any, variables: Params, example: jax.Array) -> lis
     variables: the model variables.
     example: one input batch, e.g. ``images[:1]``.
   """
+  return trace_layers(apply_fn, variables, example)[0]
+
+
+def trace_layers(apply_fn: Any, variables: Params,
+                 example: jax.Array) -> tuple[list[str], dict[str, int]]:
+  """:func:`execution_order` and each layer's multiply-adds per example, from one trace.
+
+  A layer's multiply-adds are ``output size per example x kernel size / output
+  channels`` (dense and convolution kernels, grouped and depthwise included: their
+  kernel holds ``in / groups`` input channels; taps on SAME padding are counted,
+  so at the borders it is an upper bound). A layer whose output was not captured
+  has no count. Traced with ``jax.eval_shape``: nothing is computed or compiled.
+
+  Returns:
+    ``(order, {layer: multiply-adds per example})``; on a failure (not a Flax
+    ``apply``) :func:`find_layers` order and no counts.
+  """
   known = find_layers(variables)
-  paths: list[tuple[str, ...]] = []
+  paths: dict[tuple[str, ...], Any] = {}
 
   def forward(v, x):  # traced only (no compilation): the dict keys keep the call order
     _, state = apply_fn(v, x, capture_intermediates=True, mutable=["intermediates"])
-    paths.extend(leaves_by_path(state.get("intermediates", {})))
+    paths.update(leaves_by_path(state.get("intermediates", {})))
     return 0
 
   try:
     jax.eval_shape(forward, variables, example)
   except Exception:  # pylint: disable=broad-except
-    return known
-  flat = paths
-  order = list(dict.fromkeys("/".join(p[:-1]) for p in flat if p[-1] == "__call__"))
-  ordered = [name for name in order if name in known]
-  return ordered + [name for name in known if name not in ordered]
+    return known, {}
+  outputs = {"/".join(p[:-1]): out for p, out in paths.items() if p[-1] == "__call__"}
+  ordered = [name for name in outputs if name in known]
+  batch = max(int(np.shape(example)[0]), 1) if np.ndim(example) else 1
+  macs = {}
+  for name in ordered:
+    out = jax.tree.leaves(outputs[name])
+    kernel = np.shape(get_kernel(variables, name))
+    if out and kernel:
+      macs[name] = int(np.prod(np.shape(out[0]))) // batch * int(np.prod(kernel)) // kernel[-1]
+  return ordered + [name for name in known if name not in ordered], macs

@@ -58,6 +58,54 @@ def execution_order(model: Any, variables: Mapping[str, Any], images: np.ndarray
   return layers_lib.execution_order(apply_fn(model), variables, images[:1])
 
 
+def execution_trace(model: Any, variables: Mapping[str, Any],
+                    images: np.ndarray) -> tuple[list[str], dict[str, int]]:
+  """:func:`execution_order` and each layer's multiply-adds per example (one trace).
+
+  See :func:`safer_jax.layers.trace_layers`.
+  """
+  return layers_lib.trace_layers(apply_fn(model), variables, images[:1])
+
+
+def stage_groups(model: Any, macs: Mapping[str, int], stages: Sequence[int],
+                 slack: float = 0.05) -> dict[int, int]:
+  """Which stage each of ``stages`` is evaluated from: its own, or an earlier one almost as cheap.
+
+  The network from stage ``g`` on costs ``suffix(g)`` multiply-adds per example
+  (the sum of ``macs`` over the layers of stages ``>= g``). Going through
+  ``stages`` in order, a stage joins the group of the stage before it when
+  ``suffix(start of that group) <= (1 + slack) * suffix(stage)``: one compiled
+  program then serves both, and each of its copies costs at most ``slack`` more
+  (resnet8's stem is 2% of a forward: its layers and the first block's share one
+  program). A model without stages, or no counts: every stage its own.
+
+  Args:
+    model: a staged zoo model (else every stage is 0).
+    macs: ``{layer: multiply-adds per example}`` of every layer
+      (:func:`execution_trace`).
+    stages: the stages to group.
+    slack: the extra cost per copy a shared program may add, as a fraction.
+
+  Returns:
+    ``{stage: the stage its group starts at}`` for every one of ``stages``.
+  """
+  stages = sorted(set(stages))
+  if not macs or not getattr(model, "stage_names", None):
+    return {st: st for st in stages}
+  per_stage: dict[int, int] = {}
+  for name, count in macs.items():
+    st = stage_of(model, name)
+    per_stage[st] = per_stage.get(st, 0) + count
+  suffix = lambda st: sum(c for s, c in per_stage.items() if s >= st)  # noqa: E731
+  groups: dict[int, int] = {}
+  start = None
+  for st in stages:
+    if start is None or suffix(start) > (1 + slack) * suffix(st):
+      start = st
+    groups[st] = start
+  return groups
+
+
 def ordered_layers(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
                    patterns: Sequence[str] | None, *,
                    order: Sequence[str] | None = None) -> list[str]:

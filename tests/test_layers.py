@@ -167,3 +167,29 @@ def test_abstract_variables_matches_init_without_allocating():
   assert jax.tree.structure(abstract) == jax.tree.structure(real)
   assert all(isinstance(a, jax.ShapeDtypeStruct) and a.shape == r.shape and a.dtype == r.dtype
              for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)))
+
+
+def test_trace_layers_counts_multiply_adds_of_dense_grouped_and_strided_kernels():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3, 3), name="conv")(x))  # 8x8x4 out, 3x3x2 in
+      x = nn.Conv(4, (3, 3), feature_group_count=4, name="depthwise")(x)  # 3x3x1 in
+      x = nn.Conv(8, (3, 3), strides=2, name="strided")(x)  # 4x4x8 out, 3x3x4 in
+      return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))  # 128 in
+
+  x = jnp.ones((3, 8, 8, 2))
+  net = Net()
+  variables = net.init(jax.random.key(0), x)
+  order, macs = layers.trace_layers(net.apply, variables, x)
+  assert order == ["conv", "depthwise", "strided", "head"]
+  assert macs == {"conv": 64 * 4 * 18, "depthwise": 64 * 4 * 9, "strided": 16 * 8 * 36,
+                  "head": 10 * 128}
+  # XLA counts 2 flops per multiply-add, without the taps that fall on SAME padding (22,826
+  # here, 89% of 2 x 12,800), plus the biases and the relu.
+  flops = jax.jit(net.apply).lower(variables, x[:1]).compile().cost_analysis()["flops"]
+  assert 0.8 * 2 * sum(macs.values()) <= flops <= 2 * sum(macs.values())
+  assert layers.execution_order(net.apply, variables, x) == order
+  assert layers.trace_layers(lambda v, y: y, variables, x) == (layers.find_layers(variables), {})

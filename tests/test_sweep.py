@@ -254,6 +254,43 @@ def test_stage_strategy_compiles_one_program_per_stage(digits):
   assert key[1] == 0 and set(key[2]) == set(table["layer"])
 
 
+def test_stage_groups_share_a_program_when_the_earlier_stage_is_almost_free():
+  class Staged:  # stage_of needs only the names of the top-level blocks
+    stage_names = ("a", "b", "c", "d")
+
+  # Suffix costs (multiply-adds per example from each stage on): a 153, b 151, c 51, d 1.
+  macs = {"a/conv": 2, "b/conv": 60, "b/proj": 40, "c/conv": 50, "d/fc": 1}
+  assert sweep.stage_groups(Staged(), macs, [0, 1, 2, 3]) == {0: 0, 1: 0, 2: 2, 3: 3}
+  assert sweep.stage_groups(Staged(), macs, [1, 2, 3]) == {1: 1, 2: 2, 3: 3}
+  assert sweep.stage_groups(Staged(), macs, [0, 1], slack=0.0) == {0: 0, 1: 1}
+  # Suffixes a 53.5, b 51.5, c 51, d 1: b and c within 5% of a's (53.5 <= 1.05 x 51), d not.
+  chain = {"a/conv": 2, "b/conv": 0.5, "c/conv": 50, "d/fc": 1}
+  assert sweep.stage_groups(Staged(), chain, [0, 1, 2, 3]) == {0: 0, 1: 0, 2: 0, 3: 3}
+  assert sweep.stage_groups(object(), macs, [0]) == {0: 0}  # no stages: its own
+  assert sweep.stage_groups(Staged(), {}, [0, 1]) == {0: 0, 1: 1}  # no counts: its own
+
+
+def test_layers_of_a_cheap_stage_run_in_the_next_ones_program(digits):
+  """resnet8's stem is 2% of a forward: its layer and the first block's share one program."""
+  split = digits.eval.take(32)
+  model = models.get_model("resnet8")  # random weights
+  variables = model.init(jax.random.key(3), split.images[:1])
+  config = sweep.SweepConfig(families={"quantize": (4, 2)}, max_parallel=4, strategy="stage",
+                             layers=("stem/conv", "stage1_block1/conv2"))
+  _, macs = sweep.execution_trace(model, variables, split.images)
+  assert macs["stem/conv"] == 8 * 8 * 16 * 9  # output pixels x channels x 3x3x1 inputs
+  programs = sweep.ProgramCache(model)
+  with compile_log() as cold:
+    table = sweep.run_sweep(model, variables, split, config, progress=False,
+                            programs=programs)
+  assert compiled(cold, "stage_copies") == 1
+  (key,) = [k for k in programs.keys() if k[0] == "stage"]
+  assert key[1] == 0 and key[2] == ("stem/conv", "stage1_block1/conv2")
+  naive = sweep.naive_sweep(model, variables, split, config, progress=False)
+  np.testing.assert_array_equal(table["accuracy"], naive["accuracy"])
+  np.testing.assert_allclose(table["loss"], naive["loss"], rtol=1e-5)
+
+
 def test_programs_of_another_model_are_refused(tiny):
   model, variables, split = tiny
   with pytest.raises(ValueError, match="ProgramCache of another model"):

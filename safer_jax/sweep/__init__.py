@@ -41,8 +41,9 @@ analysis). Running a model from a stage: :mod:`safer_jax.staged`.
 """
 
 
-from safer_jax.staged import (apply_fn, eval_batches, eval_program,
-                              masked_scores, ordered_layers, stage_of, stage_program)
+from safer_jax.staged import (apply_fn, eval_batches, eval_program, execution_trace,
+                              masked_scores, ordered_layers, stage_groups, stage_of,
+                              stage_program)
 from safer_jax.sweep.engine import (CELLS_PER_STAGE_PROGRAM, COPIES_AXIS, STRATEGIES, Engine,
                                     ProgramCache, copies_devices, engine_step, engine_strategy,
                                     engine_workers)
@@ -58,8 +59,9 @@ __all__ = [
     "Engine", "ProgramCache", "SweepConfig",
     "apply_fn", "auto_chunking", "cell_key", "cell_keys", "cell_plan", "cells",
     "clear_compiled", "copies_devices", "engine_step", "engine_strategy",
-    "engine_workers", "eval_batches", "eval_program", "fingerprint", "importance",
+    "engine_workers", "eval_batches", "eval_program", "execution_trace", "fingerprint",
+    "importance",
     "is_stochastic", "loss_gradients", "masked_scores", "naive_sweep", "ordered_layers",
     "padded_layout", "perturb_stack", "programs_for", "run_sweep", "sorted_table",
-    "stage_of", "stage_program", "summary_stats",
+    "stage_groups", "stage_of", "stage_program", "summary_stats",
 ]

@@ -94,7 +94,7 @@ class ProgramCache:
     self.model = model
     self._lock = threading.Lock()
     self._programs: dict[tuple, concurrent.futures.Future] = {}
-    self._orders: dict[tuple, list[str]] = {}
+    self._traces: dict[tuple, tuple[list[str], dict[str, int]]] = {}
 
   def get(self, key: tuple, build: Callable[[], Callable]) -> Callable:
     """``build()``'s result for ``key``, built on the first request only.
@@ -124,14 +124,19 @@ class ProgramCache:
 
   def execution_order(self, variables: Mapping[str, Any], images: np.ndarray) -> list[str]:
     """:func:`safer_jax.staged.execution_order`, traced once per layer set and image shape."""
+    return self.execution_trace(variables, images)[0]
+
+  def execution_trace(self, variables: Mapping[str, Any],
+                      images: np.ndarray) -> tuple[list[str], dict[str, int]]:
+    """:func:`safer_jax.staged.execution_trace`, traced once per layer set and image shape."""
     key = (tuple(layers_lib.find_layers(variables)), images.shape[1:])
     with self._lock:
-      order = self._orders.get(key)
-    if order is None:
-      order = staged.execution_order(self.model, variables, images)
+      trace = self._traces.get(key)
+    if trace is None:
+      trace = staged.execution_trace(self.model, variables, images)
       with self._lock:
-        self._orders[key] = order
-    return order
+        self._traces[key] = trace
+    return trace
 
 
 class Engine:
@@ -206,13 +211,19 @@ class Engine:
     self.chunk = 1  # copies per compiled call; run_sweep sets it before evaluating
     self.use_prefix = config.use_prefix
     stages = {staged.stage_of(model, name) for name in self.layer_names}
+    # 'stage': a stage almost as cheap to run from the one before joins its program
+    # (staged.stage_groups); 'layer': every stage its own.
+    self._groups = {st: st for st in stages}
+    if self.strategy == "stage" and self.use_prefix and len(stages) > 1:
+      _, macs = self.programs.execution_trace(variables, self.batches[0][0])
+      self._groups = staged.stage_groups(model, macs, stages)
     if (self.strategy == "stage" and config.strategy == "auto" and cells is not None
-        and cells < CELLS_PER_STAGE_PROGRAM * (len(stages) - 1)):
+        and cells < CELLS_PER_STAGE_PROGRAM * (len(set(self._groups.values())) - 1)):
       self.use_prefix = False  # too little work to pay for one program per stage
-    # 'stage': the swept layers of each stage (without prefix reuse: one stage, 0).
+    # 'stage': the swept layers of each program's stage (without prefix reuse: one, 0).
     self.stage_layers: dict[int, tuple[str, ...]] = {}
     for name in self.layer_names:
-      stage = staged.stage_of(model, name) if self.use_prefix else 0
+      stage = self.stage_of(name)
       self.stage_layers[stage] = self.stage_layers.get(stage, ()) + (name,)
     kernels = [layers_lib.get_kernel(variables, n) for n in self.layer_names]
     self.flat_size = max(int(np.prod(k.shape)) for k in kernels)
@@ -276,8 +287,12 @@ class Engine:
         staged.eval_program(self.model, layer, stage, self.step)))
 
   def stage_of(self, layer: str) -> int:
-    """The stage ``layer`` is evaluated from (0 without prefix reuse)."""
-    return staged.stage_of(self.model, layer) if self.use_prefix else 0
+    """The stage ``layer`` is evaluated from (0 without prefix reuse).
+
+    Its own stage, or with the ``'stage'`` strategy the start of its group
+    (:func:`safer_jax.staged.stage_groups`).
+    """
+    return self._groups[staged.stage_of(self.model, layer)] if self.use_prefix else 0
 
   def stage_fn(self, stage: int) -> Callable:
     """:func:`safer_jax.staged.stage_program` of ``stage``, compiled once for :attr:`chunk` copies.
