@@ -503,7 +503,8 @@ def trace_layers(apply_fn: Any, variables: Params,
     return known, {}
   outputs = {"/".join(p[:-1]): out for p, out in paths.items() if p[-1] == "__call__"}
   ordered = [name for name in outputs if name in known]
-  batch = max(int(np.shape(example)[0]), 1) if np.ndim(example) else 1
+  first = jax.tree.leaves(example)[:1]  # (the example may be a pytree of inputs)
+  batch = max(int(np.shape(first[0])[0]), 1) if first and np.ndim(first[0]) else 1
   macs = {}
   for name in ordered:
     out = jax.tree.leaves(outputs[name])
