@@ -179,6 +179,9 @@ def eval_program(model: Any, layer: str, stage: int, step: int | None = None) ->
   return layer_copies
 
 
+SWITCHED_KERNEL_SIZE = 1 << 16  # weights: kernels up to this size are chosen by a switch
+
+
 def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
   """The function the ``'stage'`` strategy jits for ``stage``, not yet jitted.
 
@@ -190,28 +193,39 @@ def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
   (``lax.map``), so every kernel stays unbatched and each copy computes as a
   plain forward. Outputs as in :func:`eval_program`.
 
-  The copy's kernels come out of a ``lax.switch`` on ``which`` (branch ``i``
-  returns the stage's kernels with layer ``i``'s taken from the row), not from
-  one ``jnp.where`` per layer: XLA fuses such a select (and the row's slicing)
-  into every consumer, and a depthwise convolution written as shifted
-  multiply-adds (the zoo's mobilenet_v2) then recomputes it for every output
-  element — 14 ms per copy instead of 7.7 ms on mobilenet_v2 with all 20 layers
-  selectable (2 CPU cores). A switch's outputs are buffers, computed once per copy.
+  Kernels of at most :data:`SWITCHED_KERNEL_SIZE` weights come out of one
+  ``lax.switch`` on ``which`` (branch ``i`` returns them with layer ``i``'s taken
+  from the row), not from a ``jnp.where`` each: XLA fuses such a select (and the
+  row's slicing) into every consumer, and a depthwise convolution written as
+  shifted multiply-adds (the zoo's mobilenet_v2) then recomputes it for every
+  output element — 14 ms per copy instead of 7.7 ms on mobilenet_v2 with all 20
+  layers selectable (2 CPU cores). A switch's outputs are buffers, copied once
+  per copy, which larger kernels (consumed whole by library convolutions and
+  matrix products) would pay for: they keep a ``jnp.where`` (resnet18's last
+  stage, 4.7M weights: 7.6 ms per copy, 8.1 ms through a switch).
   """
   suffix = suffix_fn(model, stage)
   names = tuple(layers)
 
+  def from_row(row, kernel):  # the copy's kernel: the first kernel.size weights of its row
+    return row[:kernel.size].reshape(kernel.shape).astype(kernel.dtype)
+
   def one(variables, flat, which, h, labels, mask):
     kernels = [layers_lib.get_kernel(variables, name) for name in names]
-
-    def taking(i):  # branch i: layer i's kernel from the row, every other one as it is
-      def branch(row):
-        new = row[:kernels[i].size].reshape(kernels[i].shape).astype(kernels[i].dtype)
-        return tuple(new if j == i else k for j, k in enumerate(kernels))
-      return branch
-
-    chosen = (taking(0)(flat) if len(names) == 1
-              else jax.lax.switch(which, [taking(i) for i in range(len(names))], flat))
+    small = [i for i, k in enumerate(kernels)
+             if len(names) > 1 and k.size <= SWITCHED_KERNEL_SIZE]
+    chosen = [kernel if i in small else from_row(flat, kernel) if len(names) == 1
+              else jnp.where(which == i, from_row(flat, kernel), kernel)
+              for i, kernel in enumerate(kernels)]
+    if small:
+      def taking(i):  # the branch where layer i (None: a larger one) is the perturbed layer
+        return lambda row: tuple(from_row(row, kernels[j]) if j == i else kernels[j]
+                                 for j in small)
+      branch = jnp.asarray([small.index(i) if i in small else len(small)
+                            for i in range(len(names))], jnp.int32)[which]
+      picked = jax.lax.switch(branch, [taking(i) for i in small] + [taking(None)], flat)
+      for i, kernel in zip(small, picked):
+        chosen[i] = kernel
     v = variables
     for name, kernel in zip(names, chosen):
       v = layers_lib.replace_kernel(v, name, kernel)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import train_small
 
-from safer_jax import layers, models, perturb, sweep
+from safer_jax import layers, models, perturb, staged, sweep
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,21 @@ def test_strategies_equal_naive_sweep(tiny, strategy, use_prefix):
                              naive["accuracy"][0] + naive["accuracy_drop"][0], atol=1e-6)
   with pytest.raises(ValueError, match="strategy='fast'"):
     sweep.run_sweep(model, variables, split, dataclasses.replace(config, strategy="fast"))
+
+
+def test_stage_program_with_switched_and_selected_kernels_equals_naive_sweep(tiny, monkeypatch):
+  """Kernels up to SWITCHED_KERNEL_SIZE come from one switch, larger ones from a where each."""
+  model, variables, split = tiny
+  sizes = sorted(layers.get_kernel(variables, n).size for n in layers.find_layers(variables))
+  monkeypatch.setattr(staged, "SWITCHED_KERNEL_SIZE", sizes[len(sizes) // 2])
+  assert sizes[0] <= staged.SWITCHED_KERNEL_SIZE < sizes[-1]  # both kinds in the program
+  config = dataclasses.replace(CONFIG, families={"quantize": (3,), "prune": (0.9,)}, seeds=(0,),
+                               strategy="stage", use_prefix=False)
+  table = sweep.run_sweep(model, variables, split, config, progress=False,
+                          programs=sweep.ProgramCache(model))  # (compiled with the patch)
+  naive = sweep.naive_sweep(model, variables, split, config, progress=False)
+  np.testing.assert_array_equal(table["accuracy"], naive["accuracy"])
+  np.testing.assert_allclose(table["loss"], naive["loss"], rtol=1e-4, atol=1e-5)
 
 
 KERNEL_SHAPES = [(3, 3, 1, 6), (3, 3, 16, 16), (400, 120)]
