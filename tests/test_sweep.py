@@ -285,7 +285,7 @@ def test_stage_groups_share_a_program_when_the_earlier_stage_is_almost_free():
   assert sweep.stage_groups(Staged(), {}, [0, 1]) == {0: 0, 1: 1}  # no counts: its own
 
 
-def test_layers_of_a_cheap_stage_run_in_the_next_ones_program(digits):
+def test_first_block_of_resnet8_runs_in_its_stems_program(digits):
   """resnet8's stem is 2% of a forward: its layer and the first block's share one program."""
   split = digits.eval.take(32)
   model = models.get_model("resnet8")  # random weights
