@@ -212,20 +212,21 @@ def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
 
   def one(variables, flat, which, h, labels, mask):
     kernels = [layers_lib.get_kernel(variables, name) for name in names]
-    small = [i for i, k in enumerate(kernels)
-             if len(names) > 1 and k.size <= SWITCHED_KERNEL_SIZE]
-    chosen = [kernel if i in small else from_row(flat, kernel) if len(names) == 1
-              else jnp.where(which == i, from_row(flat, kernel), kernel)
-              for i, kernel in enumerate(kernels)]
-    if small:
-      def taking(i):  # the branch where layer i (None: a larger one) is the perturbed layer
-        return lambda row: tuple(from_row(row, kernels[j]) if j == i else kernels[j]
-                                 for j in small)
-      branch = jnp.asarray([small.index(i) if i in small else len(small)
-                            for i in range(len(names))], jnp.int32)[which]
-      picked = jax.lax.switch(branch, [taking(i) for i in small] + [taking(None)], flat)
-      for i, kernel in zip(small, picked):
-        chosen[i] = kernel
+    if len(names) == 1:
+      chosen = [from_row(flat, kernels[0])]
+    else:
+      small = [i for i, k in enumerate(kernels) if k.size <= SWITCHED_KERNEL_SIZE]
+      chosen = [kernel if i in small else jnp.where(which == i, from_row(flat, kernel), kernel)
+                for i, kernel in enumerate(kernels)]
+      if small:
+        def taking(i):  # the branch where layer i (None: a larger one) is the perturbed layer
+          return lambda row: tuple(from_row(row, kernels[j]) if j == i else kernels[j]
+                                   for j in small)
+        branch = jnp.asarray([small.index(i) if i in small else len(small)
+                              for i in range(len(names))], jnp.int32)[which]
+        picked = jax.lax.switch(branch, [taking(i) for i in small] + [taking(None)], flat)
+        for i, kernel in zip(small, picked):
+          chosen[i] = kernel
     v = variables
     for name, kernel in zip(names, chosen):
       v = layers_lib.replace_kernel(v, name, kernel)
