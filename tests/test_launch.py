@@ -204,8 +204,18 @@ def test_bench_criteria_tiny_writes_its_table(tmp_path, zoo_cache):
   out = bench_criteria.run(config, str(tmp_path))
   result = json.load(open(out["paths"]["json"]))
   assert result["model"] == "mlp" and result["sweep_seconds"] > 0
-  # hessian_trace also with each probe on probe_examples (8) of the calibration images.
-  assert set(result["criteria"]) == {"fisher", "hessian_trace", "quant_error", "hessian_trace@8"}
+  assert set(result["criteria"]) == {"fisher", "hessian_trace", "quant_error"}
+  # hessian_trace again at its cheap setting; the other cheap settings' criteria do not run.
+  cheap = result["cheap"]
+  assert set(cheap) == {"hessian_trace"}
+  assert cheap["hessian_trace"]["setting"]["probe_examples"] == 8
+  full = result["criteria"]["hessian_trace"]["spearman_vs_truth"]
+  assert cheap["hessian_trace"]["within_full_ci"] == {
+      f: full[f]["lo"] <= r["rho"] <= full[f]["hi"]
+      for f, r in cheap["hessian_trace"]["spearman_vs_truth"].items()}
+  assert result["max_data_dependent_fraction_cheap"] == max(
+      cheap.get(n, r)["fraction_of_sweep"] for n, r in result["criteria"].items()
+      if r["needs_data"])
   for name, r in result["criteria"].items():
     assert r["needs_data"] == (name != "quant_error")
     assert r["fraction_of_sweep"] == r["seconds"] / result["sweep_seconds"]

@@ -65,6 +65,8 @@ SPECIFIC_BAD = {
                            "metrics=(nope,)", "grids.prune=(1.5,)", "k_frac=0", "n_boot=-1",
                            "families=(blur,)"],
     "train": ["model=vgg"],
+    "bench_criteria": ["trace_probes=0", "cheap.top_eigenvalue.images=0",
+                       "cheap.integrated_gradients.images=65"],
 }
 
 
