@@ -303,18 +303,46 @@ def test_top_eigenvalue_compiles_only_in_its_first_iteration(mlp):
   params = jax.device_put(params, jax.devices()[0])
 
   def compilations(max_iter):
-    jax.clear_caches()
-    criteria.clear_compiled()
-    events = []
-    listener = lambda event, *_, **__: events.append(event)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-      criteria.top_eigenvalue(mlp_loss, params, batches, max_iter=max_iter, tol=0.0)
-    finally:
-      jax.monitoring.unregister_event_duration_listener(listener)
-    return sum("backend_compile" in e for e in events)
+    return _compilations(lambda: criteria.top_eigenvalue(mlp_loss, params, batches,
+                                                         max_iter=max_iter, tol=0.0))
 
   assert compilations(6) == compilations(1) > 0
+
+
+def _compilations(fn) -> int:
+  """XLA compilations while ``fn()`` runs, from empty caches."""
+  jax.clear_caches()
+  criteria.clear_compiled()
+  events = []
+  listener = lambda event, *_, **__: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fn()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return sum("backend_compile" in e for e in events)
+
+
+def test_per_layer_criteria_compile_few_programs_per_layer(mlp):
+  """A first run of a per-layer criterion pays for compilation; count the programs.
+
+  One batch, two layers of different shapes. PGA: per layer its value-and-gradient
+  program, start and step, plus one program for every layer's radius. Integrated
+  gradients: per layer one program, plus one for every layer's sum |A|. The top
+  eigenvalue: per layer its product, start and Lanczos step, plus the key's own.
+  (They were 12, 12 and 12 before the small eager operations around them went into
+  those programs.)
+  """
+  params, batches = mlp
+  batch = batches[:1]
+  pga = _compilations(lambda: criteria.corruption_pga(mlp_loss, params, batch, steps=2))
+  ig = _compilations(lambda: criteria.integrated_gradients(mlp_loss, params, batch, steps=4))
+  eig = _compilations(lambda: criteria.top_eigenvalue(mlp_loss, params, batch, max_iter=3,
+                                                      tol=0.0))
+  layers = len(LAYERS)
+  assert pga == 3 * layers + 1
+  assert ig == layers + 1
+  assert 3 * layers <= eig <= 3 * layers + 4
 
 
 def test_top_eigenvalue_lanczos_and_power(mlp):

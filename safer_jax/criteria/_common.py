@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from safer_jax import distributed
 from safer_jax import layers as layers_lib
@@ -214,10 +215,19 @@ def _grad_step(loss_fn: LossFn, names: tuple[str, ...]) -> Callable:
 def batch_mean(values: Sequence[Any]) -> Any:
   """The mean of per-batch results (arrays or pytrees of them), each batch weighted equally.
 
-  Summed from the first value, not from a Python ``0``: ``0 + x`` would compile one more
-  ``add`` program per shape (a per-layer criterion: one per layer) on a first run.
+  One value is returned as it is (``x / 1 == x`` exactly). Several are summed from the
+  first (not from a Python ``0``) and divided in one compiled program per structure: eager
+  ``add`` and ``divide`` compiled one program per shape each (a per-layer criterion: two
+  or more per layer) on a first run.
   """
   values = list(values)
+  if len(values) == 1:
+    return values[0]
+  return _mean_of(values)
+
+
+@jax.jit
+def _mean_of(values: list[Any]) -> Any:
   total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), values)
   return jax.tree.map(lambda x: x / len(values), total)
 
@@ -291,6 +301,16 @@ def map_layers(fn: Callable[[str], Any], names: Sequence[str], *, label: str,
       bar.update(1, postfix=name)
   bar.close()
   return out
+
+
+def zeros_like(x: jax.Array) -> jax.Array:
+  """Zeros of ``x``'s shape and dtype, placed like ``x``, without compiling anything.
+
+  (``jnp.zeros_like`` compiles one ``broadcast_in_dim`` program per shape on a first run:
+  a per-layer criterion, one per layer.)
+  """
+  zeros = np.zeros(x.shape, x.dtype)
+  return jax.device_put(zeros, x.sharding) if isinstance(x, jax.Array) else jnp.asarray(zeros)
 
 
 def to_float(x: Any) -> float:

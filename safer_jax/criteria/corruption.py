@@ -33,11 +33,22 @@ def _check_n(n: Any) -> int | None:
 
 def eps_absolute(kernel: jax.Array, eps: float, p: Any, relative: bool = True) -> float:
   """The absolute radius ``eps * ||W||_p`` (or ``eps`` if not ``relative``)."""
+  return _eps_absolute([kernel], eps, p, relative)[0]
+
+
+@functools.partial(jax.jit, static_argnames="p")
+def _norms(kernels, p):
+  return [norms.vector_norm(k, p) for k in kernels]
+
+
+def _eps_absolute(kernels: list[jax.Array], eps: float, p: Any,
+                  relative: bool = True) -> list[float]:
+  """:func:`eps_absolute` of several kernels: their norms in one compiled program."""
   p = norms.normalize_p(p)
   eps = _common.check_nonneg_float("eps", eps)
   if not relative:
-    return eps
-  return eps * _common.to_float(norms.vector_norm(kernel, p))
+    return [eps] * len(kernels)
+  return [eps * _common.to_float(n) for n in _norms(list(kernels), p)]
 
 
 @_common.accepts_nnx_state
@@ -75,11 +86,9 @@ def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batc
   _common.check_nonneg_float("eps", eps)
   names, batches = _common.setup(loss_fn, params, batches, layers)
   _, grads = _common.mean_value_and_grads(loss_fn, params, batches, names)
-  out = {}
-  for name in names:
-    e = eps_absolute(layers_lib.get_kernel(params, name), eps, p, relative)
-    out[name] = e * _common.to_float(dual_norm(grads[name], p, n_sparse))
-  return out
+  radii = _eps_absolute(list(layers_lib.get_kernels(params, names).values()), eps, p, relative)
+  return {name: e * _common.to_float(dual_norm(grads[name], p, n_sparse))
+          for name, e in zip(names, radii)}
 
 
 class PGAResult(NamedTuple):
@@ -139,12 +148,19 @@ def pga_corruption(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     raise ValueError(f"`steps` must be a non-negative integer, got {steps!r}.")
   step_size = _common.check_nonneg_float("step_size", step_size)
   names, batches = _common.setup(loss_fn, params, batches, re.escape(layer))
-  return _pga_layer(loss_fn, params, batches, names[0], eps, p, int(steps), step_size, n_sparse,
-                    relative)
+  e = eps_absolute(layers_lib.get_kernel(params, names[0]), eps, p, relative)
+  return _pga_layer(loss_fn, params, batches, names[0], e, p, int(steps), step_size, n_sparse)
 
 
-def _layer_value_and_grad(loss_fn, name):
-  return jax.value_and_grad(_common.layer_loss(loss_fn, name), argnums=1)
+def _corrupted_value_and_grad(loss_fn, name):
+  """``(params, kernel, a, batch) -> (L(W + a), dL/da)`` with ``W + a`` the layer's kernel.
+
+  The corruption is added inside the program: an eager ``kernel + a`` compiled one more
+  program per layer on a first run.
+  """
+  f = _common.layer_loss(loss_fn, name)
+  return jax.value_and_grad(lambda params, kernel, a, batch: f(params, kernel + a, batch),
+                            argnums=2)
 
 
 @functools.partial(jax.jit, static_argnames=("p", "n"))
@@ -158,15 +174,15 @@ def _pga_step(a, grad_a, eps_abs, step_abs, p, n):
   return project(a + step, eps_abs, p, n)
 
 
-def _pga_layer(loss_fn, params, batches, name, eps, p, steps, step_size, n_sparse, relative):
+def _pga_layer(loss_fn, params, batches, name, e, p, steps, step_size, n_sparse):
+  """PGA on one layer within the absolute radius ``e`` (see :func:`pga_corruption`)."""
   kernel = layers_lib.get_kernel(params, name)
-  e = eps_absolute(kernel, eps, p, relative)
-  vg = _common.cached_jit(_layer_value_and_grad, loss_fn, name)
+  vg = _common.cached_jit(_corrupted_value_and_grad, loss_fn, name)
 
   def value_and_grad(a):
-    return _common.batch_mean(vg(params, kernel + a, b) for b in batches)
+    return _common.batch_mean(vg(params, kernel, a, b) for b in batches)
 
-  base, g = value_and_grad(jnp.zeros_like(kernel))
+  base, g = value_and_grad(_common.zeros_like(kernel))
   base = _common.to_float(base)
   a = _pga_start(g, e, p, n_sparse)
   best_a, best_loss, losses = a, None, []
@@ -217,8 +233,10 @@ def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   step_size = _common.check_nonneg_float("step_size", step_size)
   _common.check_nonneg_float("eps", eps)
   names, batches = _common.setup(loss_fn, params, batches, layers)
-  increase = lambda n: _pga_layer(loss_fn, params, batches, n, eps, p, int(steps), step_size,
-                                  n_sparse, relative).loss_increase
+  radii = dict(zip(names, _eps_absolute(list(layers_lib.get_kernels(params, names).values()),
+                                        eps, p, relative)))
+  increase = lambda n: _pga_layer(loss_fn, params, batches, n, radii[n], p, int(steps),
+                                  step_size, n_sparse).loss_increase
   return dict(zip(names, _common.map_layers(increase, names, label="corruption PGA",
                                             progress=progress)))
 

@@ -395,11 +395,16 @@ def _lanczos_step(basis, j, v, v_prev, beta, w):
   return alpha, beta_next, v_next, basis
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def _lanczos_init(v0, m):
   v = v0 / jnp.linalg.norm(v0)
   basis = jnp.zeros((m + 1, v.size), v.dtype).at[0].set(v)
   return v, jnp.zeros_like(v), jnp.zeros((), v.dtype), basis
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _lanczos_start(key, n, dtype, m):
+  """:func:`_lanczos_init` of ``normal(key, (n,))``: one compiled program per layer size."""
+  return _lanczos_init(jax.random.normal(key, (n,), dtype), m)
 
 
 def _flat_hvp_fn(loss_fn, name):
@@ -427,9 +432,12 @@ class _Lanczos:
   is exact up to rounding). Memory: a ``(min(max_iter, n) + 1, n)`` basis.
   """
 
-  def __init__(self, v0: jax.Array, n: int, max_iter: int, tol: float):
+  def __init__(self, key: jax.Array, n: int, dtype: Any, max_iter: int, tol: float,
+               place: Callable[[Any], Any] = lambda x: x):
+    """Starts from ``normal(key, (n,))``; ``place`` puts the start arrays on their device."""
     self.m, self.tol = min(max_iter, n), tol
-    self.vector, self._v_prev, self._beta, self._basis = _lanczos_init(v0, self.m)
+    self.vector, self._v_prev, self._beta, self._basis = place(
+        _lanczos_start(key, n, jnp.dtype(dtype), self.m))
     self.alphas: list[float] = []
     self.betas: list[float] = []
     self.theta = 0.0
@@ -541,19 +549,22 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   # jit compile each layer's product, and each Lanczos step, a second time (40 compilations
   # of the products instead of 20 for mobilenet_v2).
   committed = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array) and x.committed]
-  solvers = {}
-  for index, name in enumerate(names):
-    kernel = kernels[name]
-    v0 = _start_vector(jax.random.fold_in(key, index), kernel.size, kernel.dtype)
-    if committed:
-      v0 = jax.device_put(v0, committed[0].sharding)
-    solvers[name] = (_Lanczos(v0, kernel.size, max_iter, tol) if method == "lanczos"
-                     else _Power(v0, max_iter, tol))
+  place = ((lambda x: jax.device_put(x, committed[0].sharding)) if committed
+           else (lambda x: x))
+
+  def start(index_name):  # a layer's solver; each layer size compiles its start once
+    index, name = index_name
+    kernel, layer_key = kernels[name], jax.random.fold_in(key, index)
+    if method == "lanczos":
+      return _Lanczos(layer_key, kernel.size, kernel.dtype, max_iter, tol, place)
+    return _Power(place(_start_vector(layer_key, kernel.size, kernel.dtype)), max_iter, tol)
+
   bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
-  # Layers stepped on `_common.layer_workers()` threads (each solver by one thread): the first
-  # iteration compiles two layers' programs at once, later ones keep both cores busy with late
-  # layers' small products.
+  # Layers started and stepped on `_common.layer_workers()` threads (each solver by one
+  # thread): the starts and the first iteration compile two layers' programs at once, later
+  # iterations keep both cores busy with late layers' small products.
   with concurrent.futures.ThreadPoolExecutor(max_workers=_common.layer_workers()) as pool:
+    solvers = dict(zip(names, pool.map(start, enumerate(names))))
     while not all(s.done for s in solvers.values()):
       list(pool.map(advance, [n for n in names if not solvers[n].done]))
       running = sum(not s.done for s in solvers.values())

@@ -44,15 +44,19 @@ def quadrature(steps: int, rule: str = "gauss_legendre") -> tuple[np.ndarray, np
 
 def _baseline(kernel: jax.Array, baseline: str, bits: int, full_range: bool) -> jax.Array:
   if baseline == "zero":
-    return jnp.zeros_like(kernel)
+    return _common.zeros_like(kernel)
   return quantize(kernel, bits, full_range=full_range)
 
 
-def _integral_fn(loss_fn, name, chunk_size):
-  """``(params, kernel, w0, alphas, weights, batch) -> sum_k weight_k grad L(path(alpha_k))``."""
+def _attribution_fn(loss_fn, name, chunk_size):
+  """``(params, kernel, w0, alphas, weights, batch) -> (W - W0) * sum_k weight_k grad L(path(alpha_k))``.
+
+  The product with ``W - W0`` is inside the program (eagerly, it compiled two more
+  programs per layer on a first run).
+  """
   grad_f = jax.grad(_common.layer_loss(loss_fn, name), argnums=1)
 
-  def integral(params, kernel, w0, alphas, weights, batch):
+  def attribution(params, kernel, w0, alphas, weights, batch):
     def at(aw):
       alpha, weight = aw
       return weight * grad_f(params, w0 + alpha * (kernel - w0), batch)
@@ -61,9 +65,15 @@ def _integral_fn(loss_fn, name, chunk_size):
       gs = jax.vmap(at)(xs)
     else:
       gs = jax.lax.map(at, xs, batch_size=chunk_size)
-    return jnp.sum(gs, axis=0)
+    return jnp.sum(gs, axis=0) * (kernel - w0)
 
-  return integral
+  return attribution
+
+
+@jax.jit
+def _sums_of_abs(tree: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """``sum |A|`` of every array of ``tree``, in one compiled program (not one per shape)."""
+  return jax.tree.map(lambda a: jnp.sum(jnp.abs(a)), tree)
 
 
 @_common.accepts_nnx_state
@@ -107,9 +117,9 @@ def integrated_gradients_attributions(
   def attribute(name):
     kernel = layers_lib.get_kernel(params, name)
     w0 = _baseline(kernel, baseline, bits, full_range)
-    integral = _common.cached_jit(_integral_fn, loss_fn, name, chunk_size)
-    total = _common.batch_mean(integral(params, kernel, w0, alphas, weights, b) for b in batches)
-    return jax.block_until_ready(total * (kernel - w0))
+    attribution = _common.cached_jit(_attribution_fn, loss_fn, name, chunk_size)
+    return jax.block_until_ready(_common.batch_mean(
+        attribution(params, kernel, w0, alphas, weights, b) for b in batches))
 
   return dict(zip(names, _common.map_layers(attribute, names, label="integrated gradients",
                                             progress=progress)))
@@ -147,4 +157,5 @@ def integrated_gradients(loss_fn: _common.LossFn, params: _common.Params, batche
                                            baseline=baseline, bits=bits, steps=steps, rule=rule,
                                            chunk_size=chunk_size, full_range=full_range,
                                            progress=progress)
-  return {n: _common.to_float(jnp.sum(jnp.abs(a))) for n, a in attr.items()}
+  sums = _sums_of_abs(attr)
+  return {n: _common.to_float(sums[n]) for n in attr}
