@@ -221,4 +221,6 @@ def test_bench_criteria_tiny_writes_its_table(tmp_path, zoo_cache):
     assert r["fraction_of_sweep"] == r["seconds"] / result["sweep_seconds"]
     assert set(r["spearman_vs_truth"]) == set(config.families)
   assert result["trace_all_layers_speedup"] > 0 and result["per_probe"]["layer"] is None
+  assert result["trace_all_layers_cheap_speedup"] == (
+      result["trace_seconds"]["per_layer"] / result["trace_seconds"]["all_layers_cheap"])
   assert "| fisher | yes |" in open(out["paths"]["md"]).read()
