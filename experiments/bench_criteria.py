@@ -29,6 +29,7 @@ all-layer trace >= 20x the per-layer one.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 
@@ -66,8 +67,8 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   hutchinson = {"probe_examples": 8 if tiny else 12, "max_probes": 8 if tiny else 20,
                 "chunk_size": 4}
   config.cheap = ml_collections.ConfigDict({
-      "hessian_trace": hutchinson,
-      "hawq_v2": hutchinson,
+      "hessian_trace": dict(hutchinson),
+      "hawq_v2": dict(hutchinson),
       "top_eigenvalue": {"images": 32, "max_iter": 3},
       "corruption_pga": {"images": 16, "steps": 2},
       "integrated_gradients": {"images": 32, "steps": 4},
@@ -76,15 +77,26 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
 
 
 def validate(config, check: common.Checker) -> None:
-  """The criteria benchmark's checks, plus the trace comparison's and ``probe_examples``."""
+  """The criteria benchmark's checks, plus the trace comparison's and the cheap settings'."""
   criteria_benchmark.validate(config, check)
   check.rule("trace_probes", common.COUNT)
   unknown = sorted(set(config.cheap) - set(criteria.CRITERIA))
   check.require(not unknown, "cheap", f"criterion names from {sorted(criteria.CRITERIA)}",
                 problem=f"unknown criteria {unknown}")
-  images = config.calib_batches * config.calib_batch_size
-  for name in config.cheap:
-    check.rule(f"cheap.{name}.images", common.integer(1, images, note="calibration images"))
+  pooled = config.calib_batches * config.calib_batch_size
+  for name, setting in config.cheap.items():
+    check.rule(f"cheap.{name}.images", common.integer(1, pooled, note="calibration images"))
+    parameters = inspect.signature(criteria.CRITERIA[name]).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+      allowed = sorted(set(parameters) - {"loss_fn", "params", "batches", "layers", "key"}
+                       | {"images"})
+      bad = sorted(set(setting) - set(allowed))
+      check.require(not bad, f"cheap.{name}", f"options of {name}: {allowed}",
+                    problem=f"unknown options {bad}")
+    images = setting.get("images", pooled)
+    if "probe_examples" in setting:
+      check.rule(f"cheap.{name}.probe_examples", common.integer(
+          1, images, note=f"at most the {images} images the criterion sees"))
 
 
 def _timed(fn):

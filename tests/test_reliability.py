@@ -66,7 +66,8 @@ SPECIFIC_BAD = {
                            "families=(blur,)"],
     "train": ["model=vgg"],
     "bench_criteria": ["trace_probes=0", "cheap.top_eigenvalue.images=0",
-                       "cheap.integrated_gradients.images=65"],
+                       "cheap.integrated_gradients.images=65",
+                       "cheap.hessian_trace.probe_examples=65"],
 }
 
 
@@ -99,6 +100,15 @@ def test_default_and_tiny_configs_are_valid(name):
   module = experiments.get_experiment(name)
   for tiny in (False, True):
     common.validate_config(module, module.get_config(tiny=tiny))
+
+
+def test_bench_criteria_refuses_a_cheap_option_its_criterion_lacks():
+  module = experiments.get_experiment("bench_criteria")
+  config = module.get_config(tiny=True)
+  config.cheap.corruption_pga = {"stepz": 2}
+  with pytest.raises(errors.ConfigError, match=r"^--config.cheap.corruption_pga=.*\(unknown "
+                     r"options \['stepz'\]\); allowed: options of corruption_pga: \[.*'steps'"):
+    common.validate_config(module, config)
 
 
 def test_flags_are_named_and_literal_errors_name_the_key():

@@ -49,10 +49,11 @@ def _baseline(kernel: jax.Array, baseline: str, bits: int, full_range: bool) -> 
 
 
 def _attribution_fn(loss_fn, name, chunk_size):
-  """``(params, kernel, w0, alphas, weights, batch) -> (W - W0) * sum_k weight_k grad L(path(alpha_k))``.
+  """``(params, kernel, w0, alphas, weights, batch) -> A``, the batch's attributions.
 
-  The product with ``W - W0`` is inside the program (eagerly, it compiled two more
-  programs per layer on a first run).
+  ``A = (W - W0) * sum_k weight_k grad L(W0 + alpha_k (W - W0))``, kernel-shaped. The
+  product with ``W - W0`` is inside the program (eagerly, it compiled two more programs
+  per layer on a first run).
   """
   grad_f = jax.grad(_common.layer_loss(loss_fn, name), argnums=1)
 
