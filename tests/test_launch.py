@@ -205,9 +205,10 @@ def test_bench_criteria_tiny_writes_its_table(tmp_path, zoo_cache):
   result = json.load(open(out["paths"]["json"]))
   assert result["model"] == "mlp" and result["sweep_seconds"] > 0
   assert set(result["criteria"]) == {"fisher", "hessian_trace", "quant_error"}
-  # hessian_trace again at its cheap setting; the other cheap settings' criteria do not run.
+  # fisher and hessian_trace again at their cheap settings; the other cheap settings' criteria
+  # do not run.
   cheap = result["cheap"]
-  assert set(cheap) == {"hessian_trace"}
+  assert set(cheap) == {"fisher", "hessian_trace"}
   assert cheap["hessian_trace"]["setting"]["probe_examples"] == 8
   full = result["criteria"]["hessian_trace"]["spearman_vs_truth"]
   assert cheap["hessian_trace"]["within_full_ci"] == {
