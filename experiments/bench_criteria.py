@@ -6,7 +6,7 @@ one process:
 
 * the ground-truth sweep (every layer x the criteria benchmark's families,
   magnitudes and seeds) — cold (first call, compilation included) and warm
-  (the fastest of ``WARM_RUNS`` calls after it);
+  (the fastest of ``warm_runs`` calls after it);
 * every criterion on the same calibration batches — cold and warm — and its
   Spearman rho (with a 95% bootstrap interval over layers) against the sweep's
   per-layer importance, per family;
@@ -45,7 +45,6 @@ from safer_jax.progress import Progress
 DATA_FREE = ("random", "param_count", "weight_norm", "quant_error", "spectral_norm")
 TARGET_FRACTION = 0.10
 TARGET_TRACE_SPEEDUP = 20.0
-WARM_RUNS = 2  # warm times (the sweep's and every criterion's): the fastest of this many runs
 
 
 def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
@@ -53,6 +52,8 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
 
   Fields (besides :func:`experiments.criteria_benchmark.get_config`):
     trace_probes: probes of the all-layer vs per-layer trace comparison.
+    warm_runs: warm times (the sweep's and every criterion's) are the fastest of
+      this many calls after the cold one.
     metric: ground-truth metric the rho is computed against.
     cheap: ``{criterion: {option: value}}``, the cheap setting of each
       expensive criterion, timed again (a criterion not in ``criteria`` is
@@ -65,6 +66,7 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   config = criteria_benchmark.get_config(tiny)
   config.model = "mlp" if tiny else "mobilenet_v2"
   config.trace_probes = 16 if tiny else 64
+  config.warm_runs = 1 if tiny else 2
   config.metric = "accuracy_drop"
   hutchinson = {"probe_examples": 8 if tiny else 12, "max_probes": 8 if tiny else 20,
                 "chunk_size": 4}
@@ -83,6 +85,7 @@ def validate(config, check: common.Checker) -> None:
   """The criteria benchmark's checks, plus the trace comparison's and the cheap settings'."""
   criteria_benchmark.validate(config, check)
   check.rule("trace_probes", common.COUNT)
+  check.rule("warm_runs", common.COUNT)
   unknown = sorted(set(config.cheap) - set(criteria.CRITERIA))
   check.require(not unknown, "cheap", f"criterion names from {sorted(criteria.CRITERIA)}",
                 problem=f"unknown criteria {unknown}")
@@ -130,13 +133,13 @@ def _first_images(batches, n: int) -> list:
   return [jax.tree.map(lambda x: x[:n], pooled)]
 
 
-def _time_criterion(name, loss_fn, params, batches, key, opts, progress):
+def _time_criterion(name, loss_fn, params, batches, key, opts, progress, warm_runs):
   """(scores as floats, cold seconds, warm seconds) of one criterion.
 
-  Cold: the first call; warm: the fastest of the :data:`WARM_RUNS` calls after it.
+  Cold: the first call; warm: the fastest of the ``warm_runs`` calls after it.
   """
   times = []
-  for _ in range(1 + WARM_RUNS):
+  for _ in range(1 + warm_runs):
     scores, seconds = criteria.compute_all([name], loss_fn, params, batches, key=key,
                                            progress=progress,
                                            options={name: opts} if opts else None)
@@ -207,7 +210,7 @@ def _run(config, workdir: str) -> dict:
                                                      progress=config.progress))
   sweep_warm = min(_timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,
                                                   progress=False))[1]
-                   for _ in range(WARM_RUNS))
+                   for _ in range(config.warm_runs))
   truth = sweep.importance(table, config.metric)
   print(f"sweep: {len(table)} cells, cold {sweep_cold:.1f} s, warm {sweep_warm:.1f} s",
         flush=True)
@@ -224,7 +227,7 @@ def _run(config, workdir: str) -> dict:
   results = {}
   for name in config.criteria:
     values, cold, warm = _time_criterion(name, loss_fn, params, batches, key,
-                                         options.get(name), config.progress)
+                                         options.get(name), config.progress, config.warm_runs)
     results[name] = {
         "seconds": warm, "seconds_cold": cold, "needs_data": name not in DATA_FREE,
         "fraction_of_sweep": warm / sweep_warm, "fraction_of_sweep_cold": cold / sweep_cold,
@@ -238,7 +241,7 @@ def _run(config, workdir: str) -> dict:
     images = opts.pop("images", None)
     data = batches if images is None else _first_images(batches, images)
     values, cold, warm = _time_criterion(name, loss_fn, params, data, key, opts,
-                                         config.progress)
+                                         config.progress, config.warm_runs)
     rho = _spearman(values, truth, config.n_boot, config.seed)
     full = results[name]["spearman_vs_truth"]
     inside = {f: full[f]["lo"] <= rho[f]["rho"] <= full[f]["hi"] for f in rho}

@@ -65,7 +65,7 @@ SPECIFIC_BAD = {
                            "metrics=(nope,)", "grids.prune=(1.5,)", "k_frac=0", "n_boot=-1",
                            "families=(blur,)"],
     "train": ["model=vgg"],
-    "bench_criteria": ["trace_probes=0", "cheap.top_eigenvalue.images=0",
+    "bench_criteria": ["trace_probes=0", "warm_runs=0", "cheap.top_eigenvalue.images=0",
                        "cheap.integrated_gradients.images=65",
                        "cheap.hessian_trace.probe_examples=65"],
 }
