@@ -309,10 +309,11 @@ def test_top_eigenvalue_compiles_only_in_its_first_iteration(mlp):
   assert compilations(6) == compilations(1) > 0
 
 
-def _compilations(fn) -> int:
-  """XLA compilations while ``fn()`` runs, from empty caches."""
-  jax.clear_caches()
-  criteria.clear_compiled()
+def _compilations(fn, clear: bool = True) -> int:
+  """XLA compilations while ``fn()`` runs (``clear``: from empty caches)."""
+  if clear:
+    jax.clear_caches()
+    criteria.clear_compiled()
   events = []
   listener = lambda event, *_, **__: events.append(event)
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -323,22 +324,29 @@ def _compilations(fn) -> int:
   return sum("backend_compile" in e for e in events)
 
 
-def test_per_layer_criteria_compile_few_programs_per_layer(mlp):
+def test_per_layer_criteria_compile_few_programs_per_layer():
   """A first run of a per-layer criterion pays for compilation; count the programs.
 
-  One batch, two layers of different shapes. PGA: per layer its value-and-gradient
+  One batch, two layers of different shapes, used by no other test (so nothing is
+  compiled yet and no cache needs clearing). PGA: per layer its value-and-gradient
   program, start and step, plus one program for every layer's radius. Integrated
   gradients: per layer one program, plus one for every layer's sum |A|. The top
-  eigenvalue: per layer its product, start and Lanczos step, plus the key's own.
-  (They were 12, 12 and 12 before the small eager operations around them went into
-  those programs.)
+  eigenvalue: per layer its product, start and Lanczos step, plus the key's own. (They
+  were 16, 15 and 14 before the small eager operations around them went into those
+  programs.)
   """
-  params, batches = mlp
-  batch = batches[:1]
-  pga = _compilations(lambda: criteria.corruption_pga(mlp_loss, params, batch, steps=2))
-  ig = _compilations(lambda: criteria.integrated_gradients(mlp_loss, params, batch, steps=4))
-  eig = _compilations(lambda: criteria.top_eigenvalue(mlp_loss, params, batch, max_iter=3,
-                                                      tol=0.0))
+  rng = np.random.default_rng(1)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  params = {"dense1": {"kernel": normal(5, 11), "bias": normal(11)},
+            "dense2": {"kernel": normal(11, 3), "bias": normal(3)}}
+  batch = [{"x": normal(13, 5), "y": jnp.asarray(rng.integers(0, 3, 13), jnp.int32)}]
+  fresh_loss = lambda: (lambda p, b: mlp_loss(p, b))  # criteria cache programs on the loss
+  pga = _compilations(lambda: criteria.corruption_pga(fresh_loss(), params, batch, steps=2),
+                      clear=False)
+  ig = _compilations(lambda: criteria.integrated_gradients(fresh_loss(), params, batch,
+                                                           steps=4), clear=False)
+  eig = _compilations(lambda: criteria.top_eigenvalue(fresh_loss(), params, batch, max_iter=3,
+                                                      tol=0.0), clear=False)
   layers = len(LAYERS)
   assert pga == 3 * layers + 1
   assert ig == layers + 1
