@@ -33,22 +33,22 @@ def _check_n(n: Any) -> int | None:
 
 def eps_absolute(kernel: jax.Array, eps: float, p: Any, relative: bool = True) -> float:
   """The absolute radius ``eps * ||W||_p`` (or ``eps`` if not ``relative``)."""
-  return _eps_absolute([kernel], eps, p, relative)[0]
+  return _radii({"": kernel}, eps, p, relative)[""]
 
 
 @functools.partial(jax.jit, static_argnames="p")
 def _norms(kernels, p):
-  return [norms.vector_norm(k, p) for k in kernels]
+  return {name: norms.vector_norm(k, p) for name, k in kernels.items()}
 
 
-def _eps_absolute(kernels: list[jax.Array], eps: float, p: Any,
-                  relative: bool = True) -> list[float]:
-  """:func:`eps_absolute` of several kernels: their norms in one compiled program."""
+def _radii(kernels: dict[str, jax.Array], eps: float, p: Any,
+           relative: bool = True) -> dict[str, float]:
+  """:func:`eps_absolute` of every kernel of ``{layer: kernel}``: the norms in one program."""
   p = norms.normalize_p(p)
   eps = _common.check_nonneg_float("eps", eps)
   if not relative:
-    return [eps] * len(kernels)
-  return [eps * _common.to_float(n) for n in _norms(list(kernels), p)]
+    return {name: eps for name in kernels}
+  return {name: eps * _common.to_float(n) for name, n in _norms(dict(kernels), p).items()}
 
 
 @_common.accepts_nnx_state
@@ -86,9 +86,9 @@ def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batc
   _common.check_nonneg_float("eps", eps)
   names, batches = _common.setup(loss_fn, params, batches, layers)
   _, grads = _common.mean_value_and_grads(loss_fn, params, batches, names)
-  radii = _eps_absolute(list(layers_lib.get_kernels(params, names).values()), eps, p, relative)
-  return {name: e * _common.to_float(dual_norm(grads[name], p, n_sparse))
-          for name, e in zip(names, radii)}
+  radii = _radii(layers_lib.get_kernels(params, names), eps, p, relative)
+  return {name: radii[name] * _common.to_float(dual_norm(grads[name], p, n_sparse))
+          for name in names}
 
 
 class PGAResult(NamedTuple):
@@ -233,8 +233,7 @@ def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   step_size = _common.check_nonneg_float("step_size", step_size)
   _common.check_nonneg_float("eps", eps)
   names, batches = _common.setup(loss_fn, params, batches, layers)
-  radii = dict(zip(names, _eps_absolute(list(layers_lib.get_kernels(params, names).values()),
-                                        eps, p, relative)))
+  radii = _radii(layers_lib.get_kernels(params, names), eps, p, relative)
   increase = lambda n: _pga_layer(loss_fn, params, batches, n, radii[n], p, int(steps),
                                   step_size, n_sparse).loss_increase
   return dict(zip(names, _common.map_layers(increase, names, label="corruption PGA",
