@@ -71,18 +71,21 @@ def test_every_experiment_has_a_tiny_config(name):
   assert "model" in config and "dataset" in config
 
 
-def test_train_experiment_writes_files(tmp_path, launch):
-  out = launch(["--experiment=train", "--tiny", f"--workdir={tmp_path}"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  metrics = json.load(open(tmp_path / "train" / "mlp" / "metrics.json"))
+# train, sensitivity and quant_sweep run in this process (conftest's tiny_experiment, as
+# launch.py runs them); launch.py's own success path is covered by bench_sweep and
+# bench_devices below (subprocesses: they clear JAX's caches, or need 2 devices) and by
+# tests/test_distributed_launch.py.
+
+
+def test_train_experiment_writes_files(tiny_experiment):
+  work = tiny_experiment("train")
+  metrics = json.load(open(work / "metrics.json"))
   assert metrics["rows"][0]["model"] == "mlp"
   assert metrics["rows"][0]["accuracy"] > 0.9
 
 
-def test_sensitivity_experiment_writes_table_and_plots(tmp_path, launch):
-  out = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  work = tmp_path / "sensitivity" / "mlp"
+def test_sensitivity_experiment_writes_table_and_plots(tiny_experiment):
+  work = tiny_experiment("sensitivity")
   for name in ("table.csv", "summary.csv", "importance.csv", "meta.json", "heatmap.png",
                "lines.png"):
     assert (work / name).stat().st_size > 0, name
@@ -95,8 +98,7 @@ def test_sensitivity_experiment_writes_table_and_plots(tmp_path, launch):
   assert set(acts.family) == {"act_quantize"} and len(acts) == 3 * 2
   assert "act_quantize" in pd.read_csv(work / "importance.csv").columns
   # a second run resumes: nothing left to compute, same table.
-  again = launch(["--experiment=sensitivity", "--tiny", f"--workdir={tmp_path}"])
-  assert again.returncode == 0
+  assert tiny_experiment("sensitivity") == work
   pd.testing.assert_frame_equal(pd.read_csv(work / "table.csv"), table)
 
 
@@ -127,12 +129,9 @@ def test_bench_devices_tiny_same_table_on_1_and_2_devices(tmp_path, launch):
   assert [r["devices"] for r in result["rows"]] == [1, 2]
 
 
-def test_quant_sweep_tiny_end_to_end(tmp_path, launch):
-  out = launch(["--experiment=quant_sweep", "--tiny", f"--workdir={tmp_path}",
-                 "--config.progress=False"])
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_quant_sweep_tiny_end_to_end(tiny_experiment):
   import pandas as pd
-  work = tmp_path / "quant_sweep" / "mlp"
+  work = tiny_experiment("quant_sweep")
   results = pd.read_csv(work / "results.csv")
   assert set(results.source) == {"oracle", "quant_error", "fisher", "uniform", "random",
                                  "searched"}
