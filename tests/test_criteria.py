@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_log import compile_log
 
 from safer_jax import criteria
 from safer_jax.perturb import corruption_direction, quantize
@@ -314,14 +315,9 @@ def _compilations(fn, clear: bool = True) -> int:
   if clear:
     jax.clear_caches()
     criteria.clear_compiled()
-  events = []
-  listener = lambda event, *_, **__: events.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with compile_log() as counts:
     fn()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  return sum("backend_compile" in e for e in events)
+  return sum(counts.values())
 
 
 def test_per_layer_criteria_compile_few_programs_per_layer():
@@ -630,18 +626,13 @@ def test_compiled_criteria_live_on_the_loss_function_not_in_the_module():
 
   loss_fn = make()
   ref = weakref.ref(loss_fn)
-  compiles = []
-  listener = lambda event, *_, **__: compiles.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with compile_log() as counts:
     first = criteria.fisher(loss_fn, params, batches)
-    cold = sum("backend_compile" in e for e in compiles)
+    cold = sum(counts.values())
     assert criteria.fisher(loss_fn, params, batches) == first
-    assert sum("backend_compile" in e for e in compiles) == cold  # cached: nothing compiled
+    assert sum(counts.values()) == cold  # cached: nothing compiled
     criteria.clear_compiled()
     criteria.fisher(loss_fn, params, batches)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert cold >= 1
   del loss_fn
   gc.collect()

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_log import compile_log
 from conftest import train_small
 
 from safer_jax import layers, mixed_precision, models, perturb, search, sweep, train
@@ -279,20 +280,14 @@ def test_memory_budget_picks_a_fitting_chunk(mlp):
 def test_one_compilation_for_any_number_of_candidates(mlp):
   """Chunks are padded to one shape: after the first call, 1, 5 or 17 candidates compile
   nothing (JAX's compile events)."""
-  import jax  # pylint: disable=import-outside-toplevel
   model, variables, split = mlp
   names = layers.find_layers(variables)
   ev = search.AllocationEvaluator(model, variables, split.take(40),
                                   search.quantized_options(variables, names, (3, 5, 7)), chunk=4)
   rng = np.random.default_rng(1)
   ev(rng.integers(0, 3, (2, len(names))))  # compiles the program once
-  compiles = []
-  listener = lambda event, seconds, **kw: compiles.append(event)  # noqa: E731
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with compile_log() as compiles:
     for count in (1, 5, 17):
       acc, loss = ev(rng.integers(0, 3, (count, len(names))))
       assert acc.shape == loss.shape == (count,)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert "/jax/core/compile/backend_compile_duration" not in compiles
+  assert not compiles, compiles

@@ -1,7 +1,5 @@
 """Tests of the sweep engine against a plain loop, resume, determinism and bad inputs."""
 
-import collections
-import contextlib
 import dataclasses
 import os
 
@@ -11,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from compile_log import compile_log
 from conftest import train_small
 
 from safer_jax import layers, models, perturb, staged, sweep
@@ -157,30 +156,6 @@ def test_perturb_stack_equals_the_family_function_bit_for_bit(family, options, g
                                  sweep.cell_key(s, f"l{li}", family, i), **options))
         np.testing.assert_array_equal(row, want, err_msg=f"{family} {options} {m} "
                                                          f"{kernel.shape} layout={lay} {draw}")
-
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@contextlib.contextmanager
-def compile_log():
-  """``Counter`` of XLA compilations by jitted function name (``'jit(f)'``) while active.
-
-  Counts JAX's compile events (``jax.monitoring``), from every thread; a program
-  found in the persistent compilation cache counts too.
-  """
-  counts = collections.Counter()
-
-  def listener(event, seconds, **kwargs):
-    del seconds
-    if event == COMPILE_EVENT:
-      counts[kwargs.get("fun_name", "")] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counts
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def compiled(counts, name):
