@@ -21,7 +21,7 @@ def test_output_shape_on_another_input_and_class_count(name):
   (8, 8, 1) and 10 classes run for real, finite outputs included: the stage test below.
   """
   model = models.get_model(name, num_classes=7)
-  variables = jax.eval_shape(lambda: train.init_variables(model, (16, 16, 3), seed=0))
+  variables = layers.abstract_variables(model, (16, 16, 3), 0)
   logits = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((3, 16, 16, 3),
                                                                         jnp.float32))
   assert logits.shape == (3, 7) and logits.dtype == jnp.float32
