@@ -228,6 +228,10 @@ def test_stage_strategy_compiles_one_program_per_stage(digits):
   assert compiled(cold, "stage_copies") == len(stages)
   assert compiled(cold, "layer_copies") == 0
   assert len([k for k in programs.keys() if k[0] == "stage"]) == len(stages)
+  # One chunk of copies per stage program (key[3]): the unperturbed baseline rides as a second
+  # copy with the first layer's one cell, padding only its own stage's layers; head/fc's takes 1.
+  assert {k[1]: k[3] for k in programs.keys() if k[0] == "stage"} == {min(stages): 2,
+                                                                      max(stages): 1}
   with compile_log() as warm:
     again = sweep.run_sweep(model, variables, split, config, progress=False,
                             programs=programs)

@@ -209,6 +209,9 @@ class Engine:
                        f"must run in one order on every process; use workers=1 (or None).")
     self.strategy = engine_strategy(config, self.sharding is not None)
     self.chunk = 1  # copies per compiled call; run_sweep sets it before evaluating
+    # 'stage': copies per call of each stage's program where it differs from `chunk` (run_sweep
+    # sets them: a stage's program takes the most copies one of its layers needs).
+    self.stage_chunks: dict[int, int] = {}
     self.use_prefix = config.use_prefix
     stages = {staged.stage_of(model, name) for name in self.layer_names}
     # 'stage': a stage almost as cheap to run from the one before joins its program
@@ -294,14 +297,24 @@ class Engine:
     """
     return self._groups[staged.stage_of(self.model, layer)] if self.use_prefix else 0
 
-  def stage_fn(self, stage: int) -> Callable:
-    """:func:`safer_jax.staged.stage_program` of ``stage``, compiled once for :attr:`chunk` copies.
+  def layer_chunk(self, layer: str) -> int:
+    """Copies per compiled call for ``layer``: its stage's (``'stage'``), else :attr:`chunk`."""
+    if self.strategy != "stage":
+      return self.chunk
+    return self.stage_chunks.get(self.stage_of(layer), self.chunk)
 
-    Thread-safe: concurrent callers share one compilation (see :meth:`precompile`).
+  def stage_fn(self, stage: int) -> Callable:
+    """:func:`safer_jax.staged.stage_program` of ``stage``, compiled once for its chunk of copies.
+
+    The chunk: ``stage_chunks[stage]``, else :attr:`chunk`. Thread-safe: concurrent
+    callers share one compilation (see :meth:`precompile`).
     """
-    key = ("stage", stage, self.stage_layers[stage], self.chunk, self.flat_size,
+    key = ("stage", stage, self.stage_layers[stage], self._stage_chunk(stage), self.flat_size,
            self.signature)
     return self.programs.get(key, lambda: self._compile_stage(stage))
+
+  def _stage_chunk(self, stage: int) -> int:
+    return self.stage_chunks.get(stage, self.chunk)
 
   def _all_prefixes(self) -> bool:
     """'stage' strategy: every stage's input from one program, if they fit in memory."""
@@ -337,7 +350,7 @@ class Engine:
     images, labels, mask = self.batches[0]
     h = images if stage == 0 else jax.eval_shape(
         staged.prefix_program(self.model, stage), self.variables, images)
-    flats = jax.ShapeDtypeStruct((self.chunk, self.flat_size), self.flat_dtype)
+    flats = jax.ShapeDtypeStruct((self._stage_chunk(stage), self.flat_size), self.flat_dtype)
     which = jax.ShapeDtypeStruct((), jnp.int32)
     program = jax.jit(staged.stage_program(self.model, stage, self.stage_layers[stage]))
     return program.lower(self.variables, flats, which, h, labels, mask).compile()
@@ -369,8 +382,9 @@ class Engine:
   def evaluate_kernels(self, layer: str, kernels: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy and mean loss of ``P`` perturbed copies (kernels stacked on axis 0).
 
-    With the ``'stage'`` strategy the copies are padded to :attr:`chunk` (one
-    compiled shape per stage); the first ``P`` results are returned.
+    With the ``'stage'`` strategy the copies are padded to the chunk of the
+    layer's stage (:meth:`layer_chunk`: one compiled shape per stage); the first
+    ``P`` results are returned.
     """
     stage = self.stage_of(layer)
     if self.strategy == "stage":
@@ -393,7 +407,7 @@ class Engine:
   def _evaluate_stage(self, layer: str, stage: int,
                       kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     count = kernels.shape[0]
-    size = max(self.chunk, count)
+    size = max(self._stage_chunk(stage), count)
     flats = np.zeros((size, self.flat_size), self.flat_dtype)
     flats[:count, :kernels[0].size] = kernels.reshape(count, -1)
     flats[count:, :kernels[0].size] = kernels[-1].reshape(-1)  # pad with the last copy
