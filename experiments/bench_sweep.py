@@ -3,9 +3,10 @@
 Both compute the same full sweep (every layer x 4 families x >= 5 magnitudes x
 seeds). The naive loop is one jitted full-model evaluation per perturbed model
 in a Python loop (:func:`safer_jax.sweep.naive_sweep`); the engine is
-:func:`safer_jax.sweep.run_sweep`. Each is timed twice in this process:
-*cold* (first call: includes every XLA compilation it needs) and *warm* (second
-call: compiled functions reused, the steady state of long sweeps and notebooks).
+:func:`safer_jax.sweep.run_sweep`. Each is timed in this process *cold* (first
+call: includes every XLA compilation it needs) and *warm* (compiled functions
+reused, the steady state of long sweeps and notebooks: the median of
+``warm_runs`` calls, the two methods' calls interleaved).
 The tables must agree (accuracy to 1e-6, loss to 1e-4 relative) or the run fails.
 
 It also reports the *FLOP ratio*: any method that evaluates every perturbed
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-from experiments import sensitivity
+from experiments import common, sensitivity
 from safer_jax import io, sweep
 from safer_jax import layers as layers_lib
 
@@ -42,12 +43,20 @@ def get_config(tiny: bool = False):
     small_family, small_grid: the small job: one family over this grid on every
       layer (default: quantization at 8, 6, 4, 3, 2 bits, 50 cells on resnet8),
       where compilation is most of a first run.
+    warm_runs: warm times are the median of this many calls per method,
+      interleaved with the other method's.
   """
   config = sensitivity.get_config(tiny)
   config.model = "mlp" if tiny else "resnet8"
   config.small_family = "quantize"
   config.small_grid = (8, 4) if tiny else (8, 6, 4, 3, 2)
+  config.warm_runs = 1 if tiny else 3
   return config
+
+
+def validate(config, check: common.Checker) -> None:
+  """bench_sweep's own fields (the sweep's are checked like sensitivity's)."""
+  check.rule("warm_runs", common.COUNT)
 
 
 def _timed(fn):
@@ -56,25 +65,47 @@ def _timed(fn):
   return out, time.perf_counter() - t0
 
 
-def cold_and_warm(fn) -> dict:
-  """``fn()`` twice after emptying JAX's caches: seconds and XLA compilations of each call.
-
-  Cold is what a new process sees (every program compiled, none shared with an
-  earlier measurement); warm reuses what cold compiled.
-  """
-  jax.clear_caches()
-  sweep.clear_compiled()
+def _counting_compiles(fn) -> tuple:
+  """``(fn()'s result, seconds, XLA compilations during the call)``."""
   compiles = []
   listener = lambda event, seconds, **kw: compiles.append(event == _COMPILE_EVENT)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    table, cold = _timed(fn)
-    n_cold = sum(compiles)
-    _, warm = _timed(fn)
+    out, seconds = _timed(fn)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  return {"table": table, "cold_s": cold, "warm_s": warm, "compiles_cold": n_cold,
-          "compiles_warm": sum(compiles) - n_cold}
+  return out, seconds, sum(compiles)
+
+
+def cold_and_warm(fns: dict, warm_runs: int) -> dict:
+  """Cold and warm seconds of each of ``fns`` (``{method: fn}``, all computing one job).
+
+  Cold: each ``fn()`` after emptying JAX's caches (every program compiled, none
+  shared with another method). Warm: the median of ``warm_runs`` calls per
+  method, interleaved (``a, b, a, b, ...``: a machine that slows down or speeds
+  up during the run weighs on both alike), after one untimed call of every
+  method whose programs a later method's cold call emptied.
+
+  Returns ``{method: {'table' (the cold call's), 'cold_s', 'warm_s', 'warm_runs_s',
+  'compiles_cold', 'compiles_warm'}}``.
+  """
+  out = {}
+  for method, fn in fns.items():
+    jax.clear_caches()
+    sweep.clear_compiled()
+    table, cold, n_cold = _counting_compiles(fn)
+    out[method] = {"table": table, "cold_s": cold, "compiles_cold": n_cold,
+                   "warm_runs_s": [], "compiles_warm": 0}
+  for method in list(fns)[:-1]:
+    fns[method]()  # compiles again what the later cold calls emptied (untimed)
+  for _ in range(warm_runs):
+    for method, fn in fns.items():
+      _, seconds, n = _counting_compiles(fn)
+      out[method]["warm_runs_s"].append(seconds)
+      out[method]["compiles_warm"] += n
+  for entry in out.values():
+    entry["warm_s"] = float(np.median(entry["warm_runs_s"]))
+  return out
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -115,12 +146,15 @@ def run(config, workdir: str) -> dict:
                                                        tuple(config.small_grid)})}
   runs = {}
   for job, job_cfg in jobs.items():
-    for method, fn in (("naive", sweep.naive_sweep), ("engine", sweep.run_sweep)):
-      runs[job, method] = cold_and_warm(
-          lambda f=fn, c=job_cfg: f(entry.model, entry.variables, split, c, **kwargs))
-      print(f"{job} {method}: cold {runs[job, method]['cold_s']:.2f} s "
-            f"({runs[job, method]['compiles_cold']} compilations), warm "
-            f"{runs[job, method]['warm_s']:.2f} s", flush=True)
+    timed = cold_and_warm(
+        {method: lambda f=fn, c=job_cfg: f(entry.model, entry.variables, split, c, **kwargs)
+         for method, fn in (("naive", sweep.naive_sweep), ("engine", sweep.run_sweep))},
+        config.warm_runs)
+    for method, times in timed.items():
+      runs[job, method] = times
+      print(f"{job} {method}: cold {times['cold_s']:.2f} s ({times['compiles_cold']} "
+            f"compilations), warm {times['warm_s']:.2f} s (median of "
+            f"{', '.join(f'{t:.2f}' for t in times['warm_runs_s'])})", flush=True)
   naive_cold, fast_cold = runs["full", "naive"]["table"], runs["full", "engine"]["table"]
   t_naive_cold, t_naive_warm = runs["full", "naive"]["cold_s"], runs["full", "naive"]["warm_s"]
   t_fast_cold, t_fast_warm = runs["full", "engine"]["cold_s"], runs["full", "engine"]["warm_s"]
@@ -151,6 +185,7 @@ def run(config, workdir: str) -> dict:
       "speedup_cold": t_naive_cold / t_fast_cold, "speedup_warm": t_naive_warm / t_fast_warm,
       "compiles_cold": {m: runs["full", m]["compiles_cold"] for m in ("naive", "engine")},
       "compiles_warm": {m: runs["full", m]["compiles_warm"] for m in ("naive", "engine")},
+      "warm_runs_s": {m: runs["full", m]["warm_runs_s"] for m in ("naive", "engine")},
       "strategy": sweep.engine_strategy(scfg, False), "small_job": small,
       "flop_ratio": flops["ratio"], "per_copy_flop_fraction": flops["per_copy_fraction"],
       "max_accuracy_diff": acc_diff, "max_loss_rel_diff": loss_diff, "same_numbers": same,

@@ -43,7 +43,7 @@ SPECIFIC_BAD = {
     "sensitivity": ["seeds=()", "quantize=(0,)", "prune=(1.5,)", "quantize=()",
                     "families=(blur,)", "families=(quantize,quantize)", "layers=nope.*",
                     "layers=(", "bitflip_representation=int4", "bitflip=(2.0,)"],
-    "bench_sweep": ["seeds=()", "noise=(-1.0,)"],
+    "bench_sweep": ["seeds=()", "noise=(-1.0,)", "warm_runs=0"],
     "bench_devices": ["seeds=()", "devices=()"],
     "prune_sweep": ["targets=(1.5,)", "targets=(0.5,1.5)", "targets=()", "candidates=(1.2,)",
                     "sources=(nope,)", "finetune_steps=-1", "finetune_lr=0"],
