@@ -55,7 +55,7 @@ def get_config(tiny: bool = False):
 
 
 def validate(config, check: common.Checker) -> None:
-  """bench_sweep's own fields (the sweep's are checked like sensitivity's)."""
+  """bench_sweep's own field (the shared ones are checked as for every experiment)."""
   check.rule("warm_runs", common.COUNT)
 
 

@@ -299,9 +299,7 @@ class Engine:
 
   def layer_chunk(self, layer: str) -> int:
     """Copies per compiled call for ``layer``: its stage's (``'stage'``), else :attr:`chunk`."""
-    if self.strategy != "stage":
-      return self.chunk
-    return self.stage_chunks.get(self.stage_of(layer), self.chunk)
+    return self._stage_chunk(self.stage_of(layer)) if self.strategy == "stage" else self.chunk
 
   def stage_fn(self, stage: int) -> Callable:
     """:func:`safer_jax.staged.stage_program` of ``stage``, compiled once for its chunk of copies.
