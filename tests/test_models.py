@@ -29,14 +29,27 @@ def test_output_shape_on_another_input_and_class_count(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_stage_prefix_suffix_equals_full_forward(name):
+  """``apply(apply(x, stop=k), start=k) == apply(x)`` at every stage boundary ``k``.
+
+  Init and all the splits run jitted, as the sweep runs them (one program each: run
+  op by op, mobilenet_v2's took 17 s of the suite's time on 2 cores, jitted 5 s).
+  """
   model = models.get_model(name)
-  variables = train.init_variables(model, (8, 8, 1), seed=0)
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
-  full = model.apply(variables, x)
+  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  stages = len(model.stage_names)
+
+  @jax.jit
+  def forwards(variables, x):
+    return model.apply(variables, x), [
+        model.apply(variables, model.apply(variables, x, stop=k), start=k)
+        for k in range(1, stages)]
+
+  full, splits = forwards(variables, x)
   assert full.shape == (4, 10) and np.all(np.isfinite(full))
-  for k in range(1, len(model.stage_names)):
-    h = model.apply(variables, x, stop=k)
-    np.testing.assert_allclose(model.apply(variables, h, start=k), full, rtol=1e-5, atol=1e-5)
+  assert len(splits) == stages - 1
+  for split in splits:
+    np.testing.assert_allclose(split, full, rtol=1e-5, atol=1e-5)
   # every layer belongs to a named stage.
   stages = set(model.stage_names)
   assert all(path.split("/")[0] in stages for path in layers.find_layers(variables))
@@ -48,7 +61,7 @@ def test_layer_paths_are_stable_names():
       "stem/conv", "stage1_block1/conv1", "stage1_block1/conv2", "stage2_block1/conv1",
       "stage2_block1/conv2", "stage2_block1/shortcut", "stage3_block1/conv1",
       "stage3_block1/conv2", "stage3_block1/shortcut", "head/fc"]
-  mb = train.init_variables(models.get_model("mobilenet_v2"), (8, 8, 1), 0)
+  mb = layers.abstract_variables(models.get_model("mobilenet_v2"), (8, 8, 1), 0)  # shapes only
   dw = layers.get_kernel(mb, "block2/depthwise")
   assert dw.shape[:3] == (3, 3, 1)  # one input channel per group: depthwise.
 
@@ -69,8 +82,11 @@ def test_short_training_lowers_loss(name, digits):
   model = models.get_model(name)
   init = train.init_variables(model, small.input_shape, seed=0)
   before = train.evaluate(model.apply, init, small.train)["loss"]
-  config = train.TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3)
-  variables, history = train.train(model, small, config, progress=False)
+  # Enough epochs to bring every model's loss below 0.8x (3 epochs left lenet at 0.81x and
+  # mobilenet_v2 at 0.80x), not more: mobilenet_v2's 6 epochs were 23 s of the suite.
+  epochs = 6 if name in ("lenet", "mobilenet_v2") else 3
+  config = train.TrainConfig(epochs=epochs, batch_size=32, learning_rate=3e-3)
+  variables, history = train.train(model, small, config, progress=False, variables=init)
   after = train.evaluate(model.apply, variables, small.train)["loss"]
   assert after < 0.8 * before, (before, after, history["train_loss"])
 
