@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from flax import struct
 
 from safer_jax import layers as layers_lib
@@ -301,6 +300,7 @@ def spearman(maps_a: ArrayLike, maps_b: ArrayLike) -> np.ndarray:
 
   NaN where either map is constant (e.g. an all-zero Grad-CAM map).
   """
+  import scipy.stats  # pylint: disable=import-outside-toplevel  (see benchmark.py)
   a, b = _flat(maps_a), _flat(maps_b)
   ra = scipy.stats.rankdata(a, axis=1)
   rb = scipy.stats.rankdata(b, axis=1)

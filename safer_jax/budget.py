@@ -36,8 +36,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse
 
 from safer_jax import layers as layers_lib
 
@@ -291,6 +289,10 @@ def _dp(costs: list[np.ndarray], weights: list[np.ndarray], cap: int) -> list[in
 
 def _ilp(costs: list[np.ndarray], weights: list[list[int]], capacity: int) -> list[int]:
   """One binary per (item, choice); one-hot rows; one capacity row (scaled to O(1))."""
+  # Imported here, the one place it is used: at the top scipy.optimize was ~0.3 s of
+  # `import safer_jax` (every notebook, every launch).
+  import scipy.optimize  # pylint: disable=import-outside-toplevel
+  import scipy.sparse  # pylint: disable=import-outside-toplevel
   sizes = [len(c) for c in costs]
   offsets = np.concatenate([[0], np.cumsum(sizes)])
   nvar = int(offsets[-1])
