@@ -79,9 +79,29 @@ def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[An
   return loss_fn
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _jitted_init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
+  return dict(model.init(key, jnp.zeros((1, *input_shape), jnp.float32)))
+
+
 def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) -> dict:
-  """Initialises ``model`` on a dummy batch of shape ``(1, *input_shape)``."""
-  return dict(model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32)))
+  """Initialises ``model`` on a dummy batch of shape ``(1, *input_shape)``.
+
+  One compiled program (per model configuration and shape), not op by op: on 2
+  CPU cores a first init took 6.0 -> 2.9 s (resnet8), 8.5 -> 3.7 s
+  (mobilenet_v2), and a later process loads it from the persistent compilation
+  cache. The values are those of ``model.init`` (bit for bit on the zoo's
+  convolutional models; ``vit_tiny``'s position embedding differs in the last
+  bit). Dicts come back in pytree (sorted key) order, as after training or a
+  restore. A module that cannot be hashed (a static argument) is initialised
+  op by op.
+  """
+  input_shape = tuple(int(d) for d in input_shape)
+  try:
+    hash(model)
+  except TypeError:
+    return dict(model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32)))
+  return _jitted_init(model, jax.random.key(seed), input_shape)
 
 
 def _as_split(split: data_lib.Split | data_lib.Dataset) -> data_lib.Split:

@@ -57,10 +57,11 @@ def test_stage_prefix_suffix_equals_full_forward(name):
 
 def test_layer_paths_are_stable_names():
   v = train.init_variables(models.get_model("resnet8"), (8, 8, 1), 0)
+  # Pytree (sorted) order, the same after init, training and a restore.
   assert layers.find_layers(v) == [
-      "stem/conv", "stage1_block1/conv1", "stage1_block1/conv2", "stage2_block1/conv1",
+      "head/fc", "stage1_block1/conv1", "stage1_block1/conv2", "stage2_block1/conv1",
       "stage2_block1/conv2", "stage2_block1/shortcut", "stage3_block1/conv1",
-      "stage3_block1/conv2", "stage3_block1/shortcut", "head/fc"]
+      "stage3_block1/conv2", "stage3_block1/shortcut", "stem/conv"]
   mb = layers.abstract_variables(models.get_model("mobilenet_v2"), (8, 8, 1), 0)  # shapes only
   dw = layers.get_kernel(mb, "block2/depthwise")
   assert dw.shape[:3] == (3, 3, 1)  # one input channel per group: depthwise.
