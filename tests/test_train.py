@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from compile_log import compile_log
 
 from safer_jax import data, models, train
 
@@ -25,6 +26,35 @@ def test_evaluate_matches_numpy_and_is_batch_size_independent(digits):
     assert m["num_examples"] == len(digits.eval)
     np.testing.assert_allclose(m["accuracy"], acc, atol=1e-9)
     np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+
+
+def test_init_variables_equals_flax_init_op_by_op():
+  """The compiled init gives ``model.init``'s values bit for bit, and once per configuration."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  for name in ("lenet", "resnet8"):
+    model = models.get_model(name, num_classes=5)  # a configuration no other test builds
+    want = model.init(jax.random.key(4), np.zeros((1, 8, 8, 1), np.float32))  # op by op
+    with compile_log() as log:
+      got = train.init_variables(model, (8, 8, 1), 4)
+      again = train.init_variables(models.get_model(name, num_classes=5), (8, 8, 1), 4)
+    inits = sum(n for f, n in log.items() if "_jitted_init" in f)
+    assert inits == 1, log  # one program, reused by an equal module
+    paths = lambda tree: [jax.tree_util.keystr(p) for p, _ in
+                          jax.tree_util.tree_leaves_with_path(tree)]
+    assert paths(got) == paths(want) == paths(again)
+    for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(again)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
+
+  class Listy(nn.Module):  # a list attribute: unhashable, initialised op by op instead
+    widths: list
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(self.widths[0])(x.reshape(len(x), -1))
+
+  variables = train.init_variables(Listy([3]), (2, 2, 1), 0)
+  assert variables["params"]["Dense_0"]["kernel"].shape == (4, 3)
 
 
 def test_same_seed_gives_identical_parameters(digits):
