@@ -109,9 +109,6 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if "launch" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.integration)
-  # The long (integration) tests first: pytest-xdist hands tests out in this order, and a
-  # 20-40 s test handed out last keeps the run waiting while the other worker idles.
-  items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
 
 @pytest.fixture
