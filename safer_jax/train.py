@@ -79,9 +79,11 @@ def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[An
   return loss_fn
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _jitted_init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
+def _init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
   return dict(model.init(key, jnp.zeros((1, *input_shape), jnp.float32)))
+
+
+_jitted_init = jax.jit(_init, static_argnums=(0, 2))
 
 
 def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) -> dict:
@@ -100,7 +102,7 @@ def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) ->
   try:
     hash(model)
   except TypeError:
-    return dict(model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32)))
+    return _init(model, jax.random.key(seed), input_shape)
   return _jitted_init(model, jax.random.key(seed), input_shape)
 
 
