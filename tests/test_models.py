@@ -37,17 +37,17 @@ def test_stage_prefix_suffix_equals_full_forward(name):
   model = models.get_model(name)
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
   variables = train.init_variables(model, (8, 8, 1), seed=0)  # one compiled program
-  stages = len(model.stage_names)
+  num_stages = len(model.stage_names)
 
   @jax.jit
   def forwards(variables, x):
     return model.apply(variables, x), [
         model.apply(variables, model.apply(variables, x, stop=k), start=k)
-        for k in range(1, stages)]
+        for k in range(1, num_stages)]
 
   full, splits = forwards(variables, x)
   assert full.shape == (4, 10) and np.all(np.isfinite(full))
-  assert len(splits) == stages - 1
+  assert len(splits) == num_stages - 1
   for split in splits:
     np.testing.assert_allclose(split, full, rtol=1e-5, atol=1e-5)
   # every layer belongs to a named stage.
