@@ -118,7 +118,7 @@ def flop_ratio(entry, split, scfg, table) -> dict:
   {layer: per-copy FLOPs / full_flops}, 'ratio': float}``.
   """
   engine = sweep.Engine(entry.model, entry.variables, split, scfg)
-  images, labels, mask = engine.batches[0]
+  images, batch, mask = engine.batches[0]
   full = jax.jit(entry.model.apply).lower(entry.variables, images).compile().cost_analysis()
   full_flops = float(full["flops"])
   fractions = {}
@@ -127,7 +127,7 @@ def flop_ratio(entry, split, scfg, table) -> dict:
     fn = engine.eval_fn(layer, stage)
     h = engine.prefix(stage)[0]
     kernel = jnp.asarray(layers_lib.get_kernel(entry.variables, layer))
-    flops = [float(fn.lower(entry.variables, jnp.stack([kernel] * p), h, labels, mask)
+    flops = [float(fn.lower(entry.variables, jnp.stack([kernel] * p), h, batch, mask)
                    .compile().cost_analysis()["flops"]) for p in (1, 2)]
     fractions[layer] = (flops[1] - flops[0]) / full_flops
   cells = table.groupby("layer", sort=False).size()

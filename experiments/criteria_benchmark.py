@@ -174,7 +174,7 @@ def validate(config, check: common.Checker) -> None:
 
 def _model_names(config) -> list[str]:
   if config.model == "all":  # every model trained on first use (not the ImageNet architectures)
-    return [m for m in models.list_models() if m not in models.IMAGENET_MODELS]
+    return [m for m in models.list_models() if m not in models.IMAGENET_MODELS + models.TEXT_MODELS]
   return [config.model] if config.model else list(config.models)
 
 

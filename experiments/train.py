@@ -24,7 +24,7 @@ def get_config(tiny: bool = False):
 
 
 def run(config, workdir: str) -> dict:
-  names = ([m for m in models.list_models() if m not in models.IMAGENET_MODELS]
+  names = ([m for m in models.list_models() if m not in models.IMAGENET_MODELS + models.TEXT_MODELS]
            if config.model == "all" else [config.model])
   rows = []
   for name in names:

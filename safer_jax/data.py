@@ -43,18 +43,87 @@ PROGRESS_MIN_EXAMPLES = 256
 """Loads of more examples than this show a progress line."""
 
 
-@dataclasses.dataclass(frozen=True)
 class Split:
-  """One split: ``images`` float32 ``(N, H, W, C)``, ``labels`` int32 ``(N,)``.
+  """One split: named arrays sharing their first (example) axis ``N``.
 
+  Image classification (every bundled and tfds image dataset):
+  ``Split(images, labels)`` with ``images`` float32 ``(N, H, W, C)`` and
+  ``labels`` int32 ``(N,)``, stored as the arrays ``'image'`` and ``'label'``.
   Pixels are in [0, 1], or normalised with the dataset's ``mean``/``std`` when
   those are set (ImageNet-like datasets).
+
+  Any other task: keyword arrays, e.g. a language model's
+  ``Split(tokens=(N, T) int32, targets=(N, T) int32, mask=(N, T) float32)`` or
+  a regression's ``Split(x=(N, D), y=(N,))``. A batch is the dict of the
+  arrays' rows (:meth:`batch`); a :class:`safer_jax.tasks.Task` says which of
+  them the model takes and how the loss reads the rest.
+
+  Raises:
+    ValueError: no arrays, a name given twice, or arrays whose first axes differ
+      (each length is named).
   """
-  images: np.ndarray
-  labels: np.ndarray
+
+  def __init__(self, images: Any = None, labels: Any = None, /, **arrays: Any):
+    named = {}
+    if images is not None:
+      named["image"] = images
+    if labels is not None:
+      named["label"] = labels
+    for key, value in arrays.items():
+      if key in named:
+        raise ValueError(f"Split: array {key!r} given twice (positionally and by name).")
+      named[key] = value
+    if not named:
+      raise ValueError("Split needs arrays: Split(images, labels) or Split(name=array, ...).")
+    lengths = {}
+    for key, value in named.items():
+      if not hasattr(value, "shape"):
+        value = np.asarray(value)
+        named[key] = value
+      if len(value.shape) == 0:
+        raise ValueError(f"Split: array {key!r} is a scalar; every array needs an example axis.")
+      lengths[key] = int(value.shape[0])
+    if len(set(lengths.values())) > 1:
+      raise ValueError(f"Split: arrays of different lengths {lengths}; every array's first axis "
+                       f"counts the same examples.")
+    object.__setattr__(self, "arrays", named)
+
+  def __setattr__(self, name, value):
+    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+  def __repr__(self) -> str:
+    shapes = ", ".join(f"{k}={tuple(v.shape)} {v.dtype}" for k, v in self.arrays.items())
+    return f"Split({shapes})"
+
+  def __eq__(self, other) -> bool:
+    return (isinstance(other, Split) and list(other.arrays) == list(self.arrays)
+            and all(np.array_equal(other.arrays[k], v) for k, v in self.arrays.items()))
+
+  __hash__ = object.__hash__
+
+  def _get(self, key: str) -> np.ndarray:
+    if key not in self.arrays:
+      raise ValueError(f"This split has no {key!r} array (it is not an image classification "
+                       f"split); its arrays: {list(self.arrays)}. Pass a task "
+                       f"(safer_jax.tasks) that names the arrays to use.")
+    return self.arrays[key]
+
+  @property
+  def images(self) -> np.ndarray:
+    """The ``'image'`` array ``(N, H, W, C)`` (image classification splits)."""
+    return self._get("image")
+
+  @property
+  def labels(self) -> np.ndarray:
+    """The ``'label'`` array ``(N,)`` (image classification splits)."""
+    return self._get("label")
 
   def __len__(self) -> int:
-    return int(self.labels.shape[0])
+    return int(next(iter(self.arrays.values())).shape[0])
+
+  def batch(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """``{name: array[lo:hi]}``: examples ``lo .. hi-1`` of every array."""
+    return {k: v[lo:hi] for k, v in self.arrays.items()}
 
   def take(self, n: int | None) -> "Split":
     """The first ``n`` examples (all if ``n`` is None; ``n`` >= 0, at most all)."""
@@ -63,10 +132,15 @@ class Split:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
       raise ValueError(f"take({n!r}): the number of examples must be an integer >= 0 "
                        f"(or None for all).")
-    return Split(self.images[:n], self.labels[:n])
+    return Split(**self.batch(0, n))
+
+  def with_arrays(self, **arrays: Any) -> "Split":
+    """A new split with ``arrays`` added (or replaced), e.g. reference outputs."""
+    return Split(**{**self.arrays, **arrays})
 
   def as_batch(self) -> dict[str, np.ndarray]:
-    return {"image": self.images, "label": self.labels}
+    """Every example as one batch: ``{name: array}``."""
+    return dict(self.arrays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +171,7 @@ class Dataset:
 
 def batches_from_split(split: Split, batch_size: int,
                        max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
-  """The first full batches of a split, as ``{'image', 'label'}`` dicts.
+  """The first full batches of a split, as dicts of its arrays (``{'image', 'label'}``, ...).
 
   Only full batches are returned (criteria weight batches equally), except that
   a split smaller than ``batch_size`` gives one batch holding all of it.
@@ -122,8 +196,7 @@ def batches_from_split(split: Split, batch_size: int,
   if max_batches is not None:
     count = min(count, max_batches)
   size = min(batch_size, n)
-  return [{"image": split.images[i * size:(i + 1) * size],
-           "label": split.labels[i * size:(i + 1) * size]} for i in range(count)]
+  return [split.batch(i * size, (i + 1) * size) for i in range(count)]
 
 
 def _stratified_split(labels: np.ndarray, eval_fraction: float, seed: int):

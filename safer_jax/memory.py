@@ -216,7 +216,7 @@ def program_memory(model: Any, variables: Any, input_shape: Sequence[int], layer
     kernel = layers_lib.get_kernel(v, layer)
     args = (v, jax.ShapeDtypeStruct((max_parallel, *kernel.shape), kernel.dtype),
             jax.ShapeDtypeStruct((eval_batch_size, *h1.shape[1:]), h1.dtype),
-            jax.ShapeDtypeStruct((eval_batch_size,), jnp.int32),
+            {"label": jax.ShapeDtypeStruct((eval_batch_size,), jnp.int32)},
             jax.ShapeDtypeStruct((eval_batch_size,), jnp.float32))
     fn = staged.eval_program(model, layer, stage, copies_per_step)
     stats = jax.jit(fn).lower(*args).compile().memory_analysis()

@@ -21,6 +21,7 @@ Sources of cost tables (``COST_SOURCES``), each computed on calibration batches:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
 from safer_jax import sweep
+from safer_jax import tasks as tasks_lib
 from safer_jax import train as train_lib
 from safer_jax import wrapping
 from safer_jax.progress import Progress
@@ -68,7 +70,7 @@ def fisher_diagonal(loss_fn: Callable, params, batches: Sequence[Mapping[str, An
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
   pieces = [{k: v[lo:lo + chunk_size] for k, v in batch.items()} for batch in batches
-            for lo in range(0, int(batch["label"].shape[0]), chunk_size)]
+            for lo in range(0, int(jax.tree.leaves(batch)[0].shape[0]), chunk_size)]
   return criteria.fisher_diagonal(loss_fn, params, pieces, names)
 
 
@@ -76,8 +78,9 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
                 candidates: Sequence[int], sources: Sequence[str] = COST_SOURCES, *,
                 batch_size: int = 128, max_batches: int = 2, seed: int = 0,
                 hutchinson_probes: int = 32, ig_steps: int = 8, full_range: bool = True,
-                group_size: int | None = None,
-                progress: bool = False) -> tuple[dict[str, CostTable], dict[str, float]]:
+                group_size: int | None = None, progress: bool = False,
+                task: Any = None,
+                layers: Sequence[str] | None = None) -> tuple[dict[str, CostTable], dict[str, float]]:
   """Cost tables ``{source: {layer: {bits: cost}}}`` and each source's wall time (s).
 
   Args:
@@ -102,6 +105,12 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     progress: show tables done with an ETA, and the inner progress of the long
       ones (the oracle sweep's cells, Hutchinson probes, integrated-gradient
       bit widths) on stderr.
+    task: the loss every table measures or differentiates
+      (:mod:`safer_jax.tasks`; None: classification's cross-entropy). A task
+      comparing with the float model (``kl_to_reference``) gets ``model``'s
+      outputs added to ``calib``.
+    layers: regex patterns of the layers to tabulate (``re.fullmatch``; None:
+      every layer), e.g. leaving out embeddings that qwix does not deploy.
 
   Raises:
     ValueError: unknown source (lists the valid ones).
@@ -113,8 +122,10 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     raise ValueError(f"Unknown cost source(s) {unknown}; valid: {list(COST_SOURCES)}")
   candidates = [int(b) for b in candidates]
   params = variables["params"]
-  names = layers_lib.find_layers(params)
-  loss_fn = train_lib.classifier_loss_fn(model, variables)
+  names = layers_lib.select_layers(params, layers)
+  task = tasks_lib.get(task)
+  calib = tasks_lib.prepare_split(task, model, variables, calib, "calibration split")
+  loss_fn = train_lib.task_loss_fn(model, variables, task)
   batches = data_lib.batches_from_split(calib, batch_size, max_batches)
   tables, seconds = {}, {}
   errors = quant_errors(params, names, candidates, full_range=full_range, group_size=group_size)
@@ -130,22 +141,23 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
 
   if "oracle" in sources:
     def oracle():
-      calib_split = data_lib.Split(np.concatenate([b["image"] for b in batches]),
-                                   np.concatenate([b["label"] for b in batches]))
+      calib_split = data_lib.Split(**{k: np.concatenate([b[k] for b in batches])
+                                      for k in batches[0]})
       quantizer = {"full_range": bool(full_range)}  # explicit: the sweep's default may differ
       if group_size:
         quantizer["group_size"] = group_size
       options = {"quantize": quantizer}
       table = sweep.run_sweep(model, variables, calib_split, sweep.SweepConfig(
-          families={"quantize": tuple(candidates)}, seeds=(0,), family_options=options),
-          progress=progress)
+          families={"quantize": tuple(candidates)}, seeds=(0,), family_options=options,
+          layers=tuple(re.escape(n) for n in names)), progress=progress, task=task)
       return {n: {int(r.magnitude): float(r.loss_increase)
                   for r in table[table.layer == n].itertuples()} for n in names}
     timed("oracle", oracle)
   if "hawq" in sources:
     def hawq():
       est = criteria.hutchinson_trace(loss_fn, params, batches, key=jax.random.key(seed),
-                                      max_probes=hutchinson_probes, progress=progress)
+                                      max_probes=hutchinson_probes, progress=progress,
+                                      layers=[re.escape(n) for n in names])
       return {n: {b: float(est[n].mean) / layers_lib.get_kernel(params, n).size * sq[n][b]
                   for b in candidates} for n in names}
     timed("hawq", hawq)
@@ -168,7 +180,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
       for b in candidates:
         per_bits[b] = criteria.integrated_gradients(loss_fn, params, batches,
                                                     baseline="quantized", bits=b, steps=ig_steps,
-                                                    full_range=full_range)
+                                                    full_range=full_range,
+                                                    layers=[re.escape(n) for n in names])
         inner.update(1, postfix=f"{b} bits")
       return {n: {b: float(per_bits[b][n]) for b in candidates} for n in names}
     timed("integrated_gradients", integrated)
@@ -180,7 +193,9 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
 
 def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Split,
              avg_bits: float, *, source: str = "fisher",
-             candidates: Sequence[int] = (2, 3, 4, 5, 6, 8), **options) -> "budget.Allocation":
+             candidates: Sequence[int] = (2, 3, 4, 5, 6, 8),
+             tie_groups: Sequence[Sequence[str]] | None = None,
+             **options) -> "budget.Allocation":
   """Per-layer bit widths for a model under an average-bits budget, in one call.
 
   The cost table of ``source`` (:func:`cost_tables` on ``calib``) solved exactly
@@ -193,7 +208,11 @@ def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Sp
     avg_bits: average bits per kernel weight, weighted by parameter count.
     source: one of :data:`COST_SOURCES`.
     candidates: allowed bit widths.
-    **options: more :func:`cost_tables` keywords (``batch_size``, ``max_batches``, ...).
+    tie_groups: groups of layers that must share one bit width (e.g. a
+      transformer block's query/key/value, :func:`tie_groups`); each group is
+      one knapsack item whose cost and size are its layers' sums.
+    **options: more :func:`cost_tables` keywords (``batch_size``,
+      ``max_batches``, ``task``, ``layers``, ...).
 
   Returns:
     A :class:`safer_jax.budget.Allocation` (``.bits``: layer -> bits).
@@ -201,19 +220,113 @@ def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Sp
   model, variables = wrapping.as_model(model, variables)
   tables, _ = cost_tables(model, variables, calib, candidates, (source,), **options)
   sizes = {n: int(np.size(layers_lib.get_kernel(variables, n))) for n in tables[source]}
-  return budget.allocate_bits(tables[source], sizes, candidates,
-                              budget.budget_from_avg_bits(sizes, avg_bits))
+  capacity = budget.budget_from_avg_bits(sizes, avg_bits)
+  if not tie_groups:
+    return budget.allocate_bits(tables[source], sizes, candidates, capacity)
+  groups = _groups(tie_groups, list(tables[source]))
+  table = {g[0]: {b: sum(tables[source][n][b] for n in g) for b in candidates} for g in groups}
+  gsizes = {g[0]: sum(sizes[n] for n in g) for g in groups}
+  alloc = budget.allocate_bits(table, gsizes, candidates, capacity)
+  bits = {n: alloc.bits[g[0]] for g in groups for n in g}
+  return dataclasses.replace(alloc, bits={n: bits[n] for n in tables[source]})
+
+
+def _groups(tie_groups: Sequence[Sequence[str]], names: Sequence[str]) -> list[list[str]]:
+  """Every layer in one group: the ``tie_groups`` (checked) and the rest alone."""
+  groups = [list(g) for g in tie_groups if g]
+  seen: set[str] = set()
+  for g in groups:
+    unknown = [n for n in g if n not in names]
+    if unknown:
+      raise ValueError(f"tie_groups name layer(s) {unknown}, not among the allocated layers "
+                       f"{list(names)}.")
+    twice = seen.intersection(g)
+    if twice:
+      raise ValueError(f"tie_groups put layer(s) {sorted(twice)} in two groups.")
+    seen.update(g)
+  return groups + [[n] for n in names if n not in seen]
+
+
+def tie_groups(layers: Sequence[str], patterns: Sequence[str] = (
+    r"(.*/)(query|key|value)", r"(.*/)(gate|up)(_proj)?")) -> list[list[str]]:
+  """Groups of layers that should share a bit width: a transformer's q/k/v (and gate/up).
+
+  Each pattern is a regex with a first group naming the parent module; the
+  layers it fully matches are grouped by that parent (``block1/attn/query``,
+  ``.../key``, ``.../value`` -> one group). Groups of one layer are dropped.
+
+  Args:
+    layers: layer paths (e.g. :func:`safer_jax.layers.find_layers`).
+    patterns: regexes (``re.fullmatch``) whose group 1 is the shared parent.
+
+  Returns:
+    ``[[layer, ...], ...]`` in ``layers`` order.
+  """
+  groups: dict[tuple[int, str], list[str]] = {}
+  for name in layers:
+    for i, pattern in enumerate(patterns):
+      m = re.fullmatch(pattern, name)
+      if m:
+        groups.setdefault((i, m.group(1)), []).append(name)
+        break
+  return [g for g in groups.values() if len(g) > 1]
 
 
 def quantize_model(variables: Mapping[str, Any], bits: Mapping[str, int], *,
-                   full_range: bool = True, group_size: int | None = None) -> dict:
+                   full_range: bool = True, group_size: int | None = None,
+                   axes: Mapping[str, int | Sequence[int]] | None = None) -> dict:
   """Variables with each listed layer's kernel fake-quantized to ``bits[layer]`` bits.
 
   Per-output-channel symmetric round-to-nearest; other leaves are unchanged.
   ``full_range``: qwix's full signed grid (the weights qwix deploys, bit for bit;
-  see :mod:`safer_jax.deploy`); ``group_size``: group-wise scales on 2-D kernels. ``variables`` may be an ``nnx.State`` (the result
-  is its pure dict).
+  see :mod:`safer_jax.deploy`); ``group_size``: group-wise scales on 2-D kernels
+  (groups of ``group_size`` entries along the contracted axis). ``variables``
+  may be an ``nnx.State`` (the result is its pure dict).
+
+  The output channel is the last kernel axis unless ``axes`` says otherwise:
+  ``axes={layer: axis}`` puts one scale per entry of ``axis`` (an int) or per
+  combination of entries of several axes (a tuple, e.g. ``(1, 2)`` for a
+  DenseGeneral kernel ``(in, heads, head_dim)``: one scale per (head, head_dim),
+  as qwix quantizes it; ``()``: one scale for the whole kernel), reducing over
+  the other axes. A 2-D kernel stored ``(out, in)`` takes ``axis=0`` (its
+  groups then run along ``in``). :func:`safer_jax.deploy.channel_axes` finds
+  each layer's axis from the model's forward; layers of ``axes`` that ``bits``
+  does not list are ignored.
+
+  Raises:
+    ValueError: ``axes`` names a layer ``variables`` does not have, or an axis
+      out of range for that layer's kernel, or repeats an axis (the message
+      names the layer, its kernel shape and the allowed axes).
   """
-  return layers_lib.map_kernels(
-      variables, lambda _, w, b: perturb.quantize(w, int(b), full_range=full_range,
-                                                  group_size=group_size), bits)
+  channels = {}
+  known = layers_lib.find_layers(variables)
+  for layer, axis in (axes or {}).items():
+    if layer not in known:
+      raise ValueError(f"axes names layer {layer!r}, which the variables do not have; their "
+                       f"layers: {known}")
+    shape = tuple(np.shape(layers_lib.get_kernel(variables, layer)))
+    given = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    bad = [a for a in given if isinstance(a, bool) or not isinstance(a, (int, np.integer))
+           or not -len(shape) <= a < len(shape)]
+    norm = sorted(int(a) % len(shape) for a in given if a not in bad)
+    if bad or len(set(norm)) != len(norm):
+      raise ValueError(f"axes[{layer!r}]={axis!r} is not a channel axis of its kernel of shape "
+                       f"{shape}; allowed: an int in {-len(shape)}..{len(shape) - 1} or a tuple "
+                       f"of distinct ones")
+    channels[layer] = tuple(norm)
+
+  def quantize(layer, w, b):
+    kw = {"full_range": full_range, "group_size": group_size}
+    if layer not in channels or channels[layer] == (w.ndim - 1,):
+      return perturb.quantize(w, int(b), **kw)
+    # channel axes last, the others flattened in front: (reduced, channels), one scale a column.
+    chan = channels[layer]
+    rest = [a for a in range(w.ndim) if a not in chan]
+    moved = jnp.transpose(w, rest + list(chan))
+    flat = moved.reshape(int(np.prod([w.shape[a] for a in rest])), -1)
+    if w.ndim != 2:  # group-wise scales are for 2-D (Dense) kernels only, as in qwix
+      kw["group_size"] = None
+    q = perturb.quantize(flat, int(b), **kw).reshape(moved.shape)
+    return jnp.transpose(q, np.argsort(rest + list(chan)))
+
+  return layers_lib.map_kernels(variables, quantize, bits)

@@ -45,6 +45,7 @@ from safer_jax import errors
 from safer_jax import layers as layers_lib
 from safer_jax import perturb
 from safer_jax import sweep
+from safer_jax import tasks as tasks_lib
 from safer_jax import train
 from safer_jax import wrapping
 from safer_jax.progress import Progress
@@ -92,30 +93,36 @@ def pruned_options(variables: Mapping[str, Any],
 
 
 def allocation_program(model: Any, names: Sequence[str], step: int | None = None,
-                       transform: Callable | None = None) -> Callable:
+                       transform: Callable | None = None,
+                       task: tasks_lib.Task | None = None) -> Callable:
   """The function :class:`AllocationEvaluator` jits, not yet jitted.
 
   ``(variables, tables (one (K_l, *kernel.shape) array per layer of names),
-  choices (P, L) int32, images (B, ...), labels (B,) int, mask (B,) float32)
-  -> (correct (P, B), loss (P, B))``: copy ``p`` is the model with the kernel of
+  choices (P, L) int32, inputs (B, ...), batch {name: (B, ...)}, mask (B,) float32)
+  -> (score (P, B), loss (P, B))``: copy ``p`` is the model with the kernel of
   ``names[l]`` replaced by ``tables[l][choices[p, l]]``; per copy and example,
-  ``correct`` is 1 for a right answer and ``loss`` the cross-entropy (nats),
-  both 0 on masked examples. ``step``: copies side by side (``vmap``) per ``lax.map``
+  ``score`` is the task's first metric and ``loss`` its loss, each times the
+  example's weight (0 on masked examples). Classification: 1 for a right
+  answer, and the cross-entropy (nats); a task without metrics: score 0. ``step``: copies side by side (``vmap``) per ``lax.map``
   step; None: all ``P`` in one ``vmap``. ``transform``: ``variables ->
   variables`` applied to each copy after its kernels are replaced (e.g.
   :func:`safer_jax.train.recalibrate_bn`), traced into the program.
   """
   apply = sweep.apply_fn(model)
   names = tuple(names)
+  task = tasks_lib.get(task)
+  metric = next(iter(task.metrics.values()), None)
 
   def one(variables, tables, choice, images, labels, mask):
     v = layers_lib.replace_kernels(
         variables, {name: tables[i][choice[i]] for i, name in enumerate(names)})
     if transform is not None:
       v = transform(v)
-    logits = apply(v, images)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return correct * mask, train.cross_entropy(logits, labels) * mask
+    outputs = tasks_lib.forward(apply, v, images)
+    w = task.example_weights(labels, mask)
+    score = (jnp.zeros_like(w) if metric is None
+             else metric(outputs, labels).astype(jnp.float32))
+    return score * w, task.loss(outputs, labels) * w
 
   def chunk_fn(variables, tables, choices, images, labels, mask):
     def f(c):
@@ -136,6 +143,10 @@ class AllocationEvaluator:
       images) -> logits``; run in inference mode.
     variables: model variables (``None`` for a wrapped or nnx model).
     split: the data candidates are scored on (a calibration split).
+    task: what candidates are scored on (:mod:`safer_jax.tasks`; default
+      classification). "accuracy" below is the task's first metric (none: 0),
+      "loss" its weighted mean loss; per-example losses are scaled by each
+      example's weight over the mean weight, so their mean is that loss.
     options: ``{layer: {value: kernel}}``: the kernels layer ``layer`` may take
       (e.g. :func:`quantized_options`); at least one per layer, each the shape
       of the layer's kernel. Layers not listed keep their kernel.
@@ -169,8 +180,10 @@ class AllocationEvaluator:
   def __init__(self, model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
                options: Mapping[str, Mapping[Any, Any]],
                config: sweep.SweepConfig | None = None, *, chunk: int | None = None,
-               transform: Callable | None = None):
+               transform: Callable | None = None, task: tasks_lib.Task | str | None = None):
     model, variables = wrapping.as_model(model, variables)
+    self.task = tasks_lib.get(task)
+    self.metric = next(iter(self.task.metrics), None)
     config = config or sweep.SweepConfig()
     if not options:
       raise ValueError("options is empty: give {layer: {value: kernel}} for at least one layer.")
@@ -199,8 +212,19 @@ class AllocationEvaluator:
       tables.append(jnp.asarray(stack, kernel.dtype))
     self.model, self.variables, self.config = model, variables, config
     self.transform = transform
-    self.batches = list(sweep.eval_batches(split, config.eval_batch_size))
+    split = tasks_lib.prepare_split(self.task, model, variables, split, "split",
+                                    config.eval_batch_size)
+    tasks_lib.check_outputs(model, variables, split, self.task)
+    self.batches = list(sweep.eval_batches(split, config.eval_batch_size, self.task))
     self.n = len(split)
+    weights = [np.asarray(self.task.example_weights(b, m), np.float64)
+               for _, b, m in self.batches]
+    self.total_weight = float(sum(w.sum() for w in weights))
+    if not self.total_weight > 0:
+      raise ValueError(f"The split's examples weigh nothing under task {self.task.name!r} "
+                       f"(e.g. every token masked); nothing to score.")
+    # per-example losses are w·loss; dividing by the mean weight makes their mean the loss
+    self._mean_weight = self.total_weight / self.n
     devices = jax.local_devices()
     self.sharding = None
     if config.shard and len(devices) > 1 and jax.process_count() == 1:
@@ -229,7 +253,8 @@ class AllocationEvaluator:
     images, labels, mask = self.batches[0]
     choices = jax.ShapeDtypeStruct((chunk, len(self.layers)), jnp.int32,
                                    sharding=self.sharding)
-    program = jax.jit(allocation_program(self.model, self.layers, self.step, self.transform))
+    program = jax.jit(allocation_program(self.model, self.layers, self.step, self.transform,
+                                         self.task))
     return program.lower(self.variables, self.tables, choices, images, labels, mask)
 
   def _fitting_chunk(self, limit: int) -> int:
@@ -309,8 +334,10 @@ class AllocationEvaluator:
         losses[lo:lo + m, at:at + real] = np.asarray(l)[:m, :real]
         at += real
     self.evaluations += count
+    if self._mean_weight != 1.0:  # (classification: every weight is 1, nothing to scale)
+      losses = (losses / np.float32(self._mean_weight)).astype(np.float32)
     loss = losses.astype(np.float64).mean(axis=1) if count else np.zeros(0)
-    out = (correct / self.n, loss)
+    out = (correct / self.total_weight, loss)
     return out + (losses,) if per_example else out
 
 

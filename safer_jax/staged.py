@@ -26,7 +26,7 @@ import numpy as np
 
 from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
-from safer_jax.train import cross_entropy
+from safer_jax import tasks as tasks_lib
 
 
 def apply_fn(model: Any) -> Callable:
@@ -44,27 +44,38 @@ def stage_of(model: Any, layer: str) -> int:
 
 
 def suffix_fn(model: Any, stage: int) -> Callable:
-  """``(variables, h) -> logits``: the network from ``stage`` on (``h`` enters ``stage``).
+  """``(variables, h) -> outputs``: the network from ``stage`` on (``h`` enters ``stage``).
 
-  A model without stages: its full forward (``stage`` must then be 0).
+  Stage 0 takes the model's inputs (an array, or a :class:`safer_jax.tasks.Call`
+  of several). A model without stages: its full forward (``stage`` must then be 0).
   """
-  if getattr(model, "stage_names", None):
+  if getattr(model, "stage_names", None) and stage > 0:
     return lambda v, h: model.apply(v, h, start=stage)
-  return apply_fn(model)
+  apply = apply_fn(model)
+  return lambda v, x: tasks_lib.forward(apply, v, x)
 
 
-def execution_order(model: Any, variables: Mapping[str, Any], images: np.ndarray) -> list[str]:
-  """Every layer path in the order the network runs them (one traced forward of ``images[:1]``)."""
-  return layers_lib.execution_order(apply_fn(model), variables, images[:1])
+def _forward_fn(model: Any) -> Callable:
+  apply = apply_fn(model)
+  return lambda v, x, **kw: tasks_lib.forward(apply, v, x, **kw)
+
+
+def execution_order(model: Any, variables: Mapping[str, Any], inputs: Any) -> list[str]:
+  """Every layer path in the order the network runs them (one traced forward of one example).
+
+  ``inputs``: model inputs of a batch (images, or a :class:`safer_jax.tasks.Call`).
+  """
+  return layers_lib.execution_order(_forward_fn(model), variables,
+                                    tasks_lib.first_example(inputs))
 
 
 def execution_trace(model: Any, variables: Mapping[str, Any],
-                    images: np.ndarray) -> tuple[list[str], dict[str, int]]:
+                    inputs: Any) -> tuple[list[str], dict[str, int]]:
   """:func:`execution_order` and each layer's multiply-adds per example (one trace).
 
   See :func:`safer_jax.layers.trace_layers`.
   """
-  return layers_lib.trace_layers(apply_fn(model), variables, images[:1])
+  return layers_lib.trace_layers(_forward_fn(model), variables, tasks_lib.first_example(inputs))
 
 
 def stage_groups(model: Any, macs: Mapping[str, int], stages: Sequence[int],
@@ -108,13 +119,14 @@ def stage_groups(model: Any, macs: Mapping[str, int], stages: Sequence[int],
 
 def ordered_layers(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
                    patterns: Sequence[str] | None, *,
-                   order: Sequence[str] | None = None) -> list[str]:
+                   order: Sequence[str] | None = None,
+                   task: tasks_lib.Task | None = None) -> list[str]:
   """The layers ``patterns`` select, in the order the network runs them.
 
   Args:
     model, variables: as :func:`safer_jax.sweep.run_sweep` takes them (after
       :func:`safer_jax.wrapping.as_model`).
-    split: data whose first image is traced to recover the order.
+    split: data whose first example is traced to recover the order.
     patterns: regex patterns (``re.fullmatch``); None = every layer.
     order: a precomputed :func:`execution_order` of this model (skips the trace).
 
@@ -123,58 +135,61 @@ def ordered_layers(model: Any, variables: Mapping[str, Any], split: data_lib.Spl
   """
   selected = set(layers_lib.select_layers(variables, patterns))
   if order is None:
-    order = execution_order(model, variables, split.images)
+    order = execution_order(model, variables, split_inputs(split, task))
   return [name for name in order if name in selected]
+
+
+def split_inputs(split: data_lib.Split, task: tasks_lib.Task | None = None, n: int = 1) -> Any:
+  """The model inputs of ``split``'s first ``n`` examples under ``task`` (default: images)."""
+  return tasks_lib.get(task).model_inputs(split.batch(0, n))
 
 
 def masked_scores(logits: jax.Array, labels: jax.Array, mask: jax.Array):
   """``(right answers, summed cross-entropy)`` over the unmasked examples of a batch."""
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return jnp.sum(correct * mask), jnp.sum(cross_entropy(logits, labels) * mask)
+  return jnp.sum(correct * mask), jnp.sum(tasks_lib.cross_entropy(logits, labels) * mask)
 
 
-def eval_batches(split: data_lib.Split,
-                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """``(images, labels, mask)`` batches of ``split``, all of ``min(batch_size, N)`` examples.
+def eval_batches(split: data_lib.Split, batch_size: int,
+                 task: tasks_lib.Task | None = None) -> Iterator[tuple[Any, dict, np.ndarray]]:
+  """``(inputs, batch, mask)`` batches of ``split``, all of ``min(batch_size, N)`` examples.
 
-  The last batch is zero padded; ``mask`` (B,) float32 is 1 on real examples.
+  ``batch``: the arrays the task's loss reads (:meth:`safer_jax.tasks.Task.loss_batch`)
+  for those rows; ``inputs``: what the model takes (``task.model_inputs(batch)``; the images by default). The last batch is
+  zero padded; ``mask`` (B,) float32 is 1 on real examples.
   """
-  n = len(split)
-  bs = min(batch_size, n)
-  for lo in range(0, n, bs):
-    images, labels = split.images[lo:lo + bs], split.labels[lo:lo + bs]
-    m = labels.shape[0]
-    mask = np.zeros((bs,), np.float32)
-    mask[:m] = 1.0
-    if m < bs:
-      images = np.concatenate([images, np.zeros((bs - m, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros((bs - m,), labels.dtype)])
-    yield images, labels, mask
+  task = tasks_lib.get(task)
+  for batch, mask in tasks_lib.padded_batches(split, batch_size):
+    yield task.model_inputs(batch), task.loss_batch(batch), mask
 
 
-def eval_program(model: Any, layer: str, stage: int, step: int | None = None) -> Callable:
+def eval_program(model: Any, layer: str, stage: int, step: int | None = None,
+                 task: tasks_lib.Task | None = None) -> Callable:
   """The function the engine jits for ``layer`` (suffix from ``stage``), not yet jitted.
 
-  ``(variables, kernels (P, *kernel.shape), h (B, ...), labels (B,) int, mask (B,) float32)
-  -> (correct (P,), loss_sum (P,))``: ``h`` is the activation entering ``stage``
-  (images for stage 0); per perturbed copy, ``correct`` counts right answers and
-  ``loss_sum`` sums the cross-entropy (nats) over unmasked examples. ``step``:
-  copies per ``lax.map`` step (None: all ``P`` in one ``vmap``). The memory
-  estimate (:mod:`safer_jax.memory`) lowers this same function.
+  ``(variables, kernels (P, *kernel.shape), h (B, ...), batch {name: (B, ...)},
+  mask (B,) float32) -> sums (P, 2 + M)``: ``h`` is the activation entering
+  ``stage`` (the model's inputs for stage 0); per perturbed copy, ``sums`` holds
+  :meth:`safer_jax.tasks.Task.sums` over the unmasked examples (Σ weight, Σ
+  weight·loss, Σ weight·metric for each of the task's M metrics; classification:
+  examples, summed cross-entropy in nats, right answers). ``step``: copies per
+  ``lax.map`` step (None: all ``P`` in one ``vmap``). The memory estimate
+  (:mod:`safer_jax.memory`) lowers this same function.
   """
   suffix = suffix_fn(model, stage)
+  task = tasks_lib.get(task)
 
-  def one(variables, kernel, h, labels, mask):
+  def one(variables, kernel, h, batch, mask):
     v = layers_lib.replace_kernel(variables, layer, kernel)
     logits = suffix(v, h)
-    return masked_scores(logits, labels, mask)
+    return task.sums(logits, batch, mask)
 
   batched = jax.vmap(one, in_axes=(None, 0, None, None, None))
 
-  def layer_copies(variables, kernels, h, labels, mask):
+  def layer_copies(variables, kernels, h, batch, mask):
     if step is None or step >= kernels.shape[0]:
-      return batched(variables, kernels, h, labels, mask)
-    return jax.lax.map(lambda k: one(variables, k, h, labels, mask), kernels, batch_size=step)
+      return batched(variables, kernels, h, batch, mask)
+    return jax.lax.map(lambda k: one(variables, k, h, batch, mask), kernels, batch_size=step)
 
   return layer_copies
 
@@ -182,11 +197,12 @@ def eval_program(model: Any, layer: str, stage: int, step: int | None = None) ->
 SWITCHED_KERNEL_SIZE = 1 << 16  # weights: kernels up to this size are chosen by a switch
 
 
-def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
+def stage_program(model: Any, stage: int, layers: Sequence[str],
+                  task: tasks_lib.Task | None = None) -> Callable:
   """The function the ``'stage'`` strategy jits for ``stage``, not yet jitted.
 
   ``(variables, flats (P, N) (the kernels' widest dtype), which () int32, h (B, ...),
-  labels (B,) int, mask (B,) float32) -> (correct (P,), loss_sum (P,))``: copy ``p`` is the model
+  batch {name: (B, ...)}, mask (B,) float32) -> sums (P, 2 + M)``: copy ``p`` is the model
   with the kernel of ``layers[which]`` replaced by ``flats[p, :size].reshape(shape)``
   (``N`` >= the largest kernel of ``layers``, zero padded), evaluated from ``h``
   (the activation entering ``stage``); copies run one after another
@@ -206,11 +222,12 @@ def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
   """
   suffix = suffix_fn(model, stage)
   names = tuple(layers)
+  task = tasks_lib.get(task)
 
   def from_row(row, kernel):  # the copy's kernel: the first kernel.size weights of its row
     return row[:kernel.size].reshape(kernel.shape).astype(kernel.dtype)
 
-  def one(variables, flat, which, h, labels, mask):
+  def one(variables, flat, which, h, batch, mask):
     kernels = [layers_lib.get_kernel(variables, name) for name in names]
     if len(names) == 1:
       chosen = [from_row(flat, kernels[0])]
@@ -231,17 +248,17 @@ def stage_program(model: Any, stage: int, layers: Sequence[str]) -> Callable:
     for name, kernel in zip(names, chosen):
       v = layers_lib.replace_kernel(v, name, kernel)
     logits = suffix(v, h)
-    return masked_scores(logits, labels, mask)
+    return task.sums(logits, batch, mask)
 
-  def stage_copies(variables, flats, which, h, labels, mask):
-    return jax.lax.map(lambda f: one(variables, f, which, h, labels, mask), flats)
+  def stage_copies(variables, flats, which, h, batch, mask):
+    return jax.lax.map(lambda f: one(variables, f, which, h, batch, mask), flats)
 
   return stage_copies
 
 
 def prefix_program(model: Any, stage: int) -> Callable:
-  """``(variables, images) -> activation entering stage``, not yet jitted (a staged model)."""
-  return lambda v, x: model.apply(v, x, stop=stage)
+  """``(variables, inputs) -> activation entering stage``, not yet jitted (a staged model)."""
+  return lambda v, x: tasks_lib.forward(model.apply, v, x, stop=stage)
 
 
 def prefixes_program(model: Any, stages: Sequence[int]) -> Callable:
@@ -254,7 +271,8 @@ def prefixes_program(model: Any, stages: Sequence[int]) -> Callable:
   def run(v, x):
     out, h, at = [], x, 0
     for st in stages:
-      h = model.apply(v, h, start=at, stop=st)
+      h = (tasks_lib.forward(model.apply, v, h, stop=st) if at == 0
+           else model.apply(v, h, start=at, stop=st))
       out.append(h)
       at = st
     return tuple(out)

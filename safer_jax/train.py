@@ -20,6 +20,7 @@ import optax
 from safer_jax import data as data_lib
 from safer_jax import distributed
 from safer_jax import layers as layers_lib
+from safer_jax import tasks as tasks_lib
 from safer_jax import wrapping
 from safer_jax.models import common as models_common
 from safer_jax.progress import Progress
@@ -49,7 +50,38 @@ class TrainConfig:
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example cross-entropy in nats; ``logits (B, K)``, ``labels (B,)`` int -> ``(B,)``."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return tasks_lib.cross_entropy(logits, labels)
+
+
+def task_loss_fn(model: Any, variables: Mapping[str, Any] | None,
+                 task: tasks_lib.Task | str | None = None) -> Callable[[Any, Any], jax.Array]:
+  """``loss_fn(params, batch) -> the task's weighted mean loss`` of one batch, for the criteria.
+
+  Every collection other than ``params`` (e.g. BatchNorm ``batch_stats``) is
+  closed over and held fixed; the model runs in inference mode. Classification
+  (the default): exactly :func:`classifier_loss_fn`.
+
+  Args:
+    model: a model or apply function (see :func:`safer_jax.wrap`).
+    variables: its variables (None for a wrapped or nnx model).
+    task: :mod:`safer_jax.tasks` task or preset name (None: classification).
+
+  Returns:
+    ``loss_fn(params, batch)`` with ``batch`` a dict of a split's arrays for
+    some examples (``{'image', 'label'}``, ``{'tokens', 'targets', 'mask'}``, ...).
+  """
+  task = tasks_lib.get(task)
+  if task is tasks_lib.classification():
+    return classifier_loss_fn(model, variables)
+  model, variables = wrapping.as_model(model, variables)
+  apply = model.apply if hasattr(model, "apply") else model
+  rest = {name: value for name, value in variables.items() if name != "params"}
+
+  def loss_fn(params, batch):
+    outputs = tasks_lib.forward(apply, {**rest, "params": params}, task.model_inputs(batch))
+    return task.batch_loss(outputs, batch)
+
+  return loss_fn
 
 
 def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[Any, Any], jax.Array]:
@@ -86,6 +118,27 @@ def _init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dic
 _jitted_init = jax.jit(_init, static_argnums=(0, 2))
 
 
+def _init_inputs(model: nn.Module, key: jax.Array, inputs: Any) -> dict:
+  return dict(tasks_lib.forward(model.init, key, inputs))
+
+
+_jitted_init_inputs = jax.jit(_init_inputs, static_argnums=0)
+
+
+def init_from_inputs(model: nn.Module, inputs: Any, seed: int) -> dict:
+  """Initialises a linen ``model`` on example ``inputs`` (an array or a :class:`safer_jax.tasks.Call`).
+
+  For models whose input is not a float image (token ids, several inputs); one
+  compiled program when the module can be hashed.
+  """
+  inputs = tasks_lib.first_example(inputs)
+  try:
+    hash(model)
+  except TypeError:
+    return _init_inputs(model, jax.random.key(seed), inputs)
+  return _jitted_init_inputs(model, jax.random.key(seed), inputs)
+
+
 def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) -> dict:
   """Initialises ``model`` on a dummy batch of shape ``(1, *input_shape)``.
 
@@ -110,18 +163,20 @@ def _as_split(split: data_lib.Split | data_lib.Dataset) -> data_lib.Split:
   return split.eval if isinstance(split, data_lib.Dataset) else split
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_batch(apply_fn: ApplyFn, variables, images, labels, mask):
-  logits = apply_fn(variables, images)
-  loss = cross_entropy(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels)
-  return jnp.sum(correct * mask), jnp.sum(loss * mask)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_sums(apply_fn: ApplyFn, task: tasks_lib.Task, variables, inputs, batch, mask):
+  return task.sums(tasks_lib.forward(apply_fn, variables, inputs), batch, mask)
 
 
 def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
              split: data_lib.Split | data_lib.Dataset, batch_size: int = 1024, *,
-             shard: bool = True, check_finite: bool = True) -> dict[str, float]:
-  """Accuracy and mean cross-entropy of ``apply_fn(variables, images)`` on a split.
+             shard: bool = True, check_finite: bool = True,
+             task: tasks_lib.Task | str | None = None) -> dict[str, float]:
+  """The task's loss and metrics of ``apply_fn(variables, inputs)`` on a split.
+
+  Classification (the default): accuracy and mean cross-entropy of
+  ``apply_fn(variables, images)``; any other :mod:`safer_jax.tasks` task: its
+  weighted mean loss, metrics and derived values (perplexity, RMSE).
 
   Pure: reads ``variables`` only. ``apply_fn`` is a static argument of a cached
   jit (pass the same function object each time, e.g. ``model.apply``) and must
@@ -137,10 +192,10 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
   same result.
 
   Args:
-    apply_fn: ``(variables, images (B, H, W, C)) -> logits (B, K)``, or a
-      model: a :func:`safer_jax.wrap`-ped one, an ``nnx.Module`` or a linen
-      module (run in inference mode; wrap an nnx module once and reuse it, so
-      the compiled evaluation is reused too).
+    apply_fn: ``(variables, images (B, H, W, C)) -> logits (B, K)`` (or what
+      ``task`` feeds it), or a model: a :func:`safer_jax.wrap`-ped one, an
+      ``nnx.Module`` or a linen module (run in inference mode; wrap an nnx
+      module once and reuse it, so the compiled evaluation is reused too).
     variables: model variables (``params`` and, if any, ``batch_stats``);
       ``None`` for a wrapped or nnx model (its own variables).
     split: a :class:`~safer_jax.data.Split` (or a Dataset: its eval split).
@@ -151,14 +206,20 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
     check_finite: refuse ``variables`` holding NaN or inf (one check per call,
       :func:`safer_jax.layers.check_finite`); ``False`` to evaluate deliberately
       damaged weights (e.g. float32 bit flips).
+    task: :mod:`safer_jax.tasks` task or preset name (None: classification).
 
   Returns:
-    ``{'accuracy': fraction in [0, 1], 'loss': nats per example, 'num_examples': N}``.
+    Classification: ``{'accuracy': fraction in [0, 1], 'loss': nats per example,
+    'num_examples': N}``; another task: ``{metric: ..., 'loss': ..., derived:
+    ..., 'num_examples': N}``.
 
   Raises:
-    ValueError: an empty split, a bad ``batch_size`` or (``check_finite``) a
-      parameter holding NaN or inf (the leaf is named).
+    ValueError: an empty split, a bad ``batch_size``, a split without the
+      task's arrays, outputs that do not fit the task (labels out of the logits'
+      range, ...), or (``check_finite``) a parameter holding NaN or inf (the
+      leaf is named).
   """
+  task = tasks_lib.get(task)
   if wrapping.is_model(apply_fn):
     model, variables = wrapping.as_model(apply_fn, variables)
     apply_fn = model.apply
@@ -171,29 +232,30 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
     raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
   if check_finite:
     layers_lib.check_finite(variables)
+  task.validate_split(split)
+  tasks_lib.check_outputs(apply_fn, variables, split, task)
   shards = distributed.num_data_shards() if shard else 1
   bs = min(int(batch_size), n)
   bs = -(-bs // shards) * shards  # Round up to a multiple of the device count.
   if shards > 1:
     mesh = distributed.data_mesh()
     variables = distributed.replicate(variables, mesh)
-  correct, loss = 0.0, 0.0
-  for lo in range(0, n, bs):
-    images = split.images[lo:lo + bs]
-    labels = split.labels[lo:lo + bs]
-    m = images.shape[0]
-    mask = np.ones((bs,), np.float32)
-    if m < bs:
-      pad = bs - m
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-      mask[m:] = 0.0
+  total = np.zeros(1 + len(task.columns), np.float64)
+  for batch, mask in tasks_lib.padded_batches(split, bs):
+    if mask.shape[0] < bs:  # a split smaller than one device round
+      batch = {k: np.concatenate([v, np.zeros((bs - v.shape[0], *v.shape[1:]), v.dtype)])
+               for k, v in batch.items()}
+      mask = np.concatenate([mask, np.zeros((bs - mask.shape[0],), np.float32)])
     if shards > 1:
-      images, labels, mask = distributed.shard_batch((images, labels, mask), mesh)
-    c, l = _eval_batch(apply_fn, variables, images, labels, mask)
-    correct += float(c)
-    loss += float(l)
-  return {"accuracy": correct / n, "loss": loss / n, "num_examples": n}
+      batch, mask = distributed.shard_batch((batch, mask), mesh)
+    sums = _eval_sums(apply_fn, task, variables, task.model_inputs(batch),
+                      task.loss_batch(batch), mask)
+    total += [float(x) for x in np.asarray(sums)]
+  means = task.means(total)
+  out = {**{m: means[m] for m in task.metrics}, "loss": means["loss"]}
+  out.update({name: fn(means) for name, fn in task.derived.items()})
+  out["num_examples"] = n
+  return out
 
 
 def recalibrate_bn(model: Any, variables: Variables, images: Any) -> Variables:
@@ -222,6 +284,31 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
   return optax.adamw(schedule, weight_decay=config.weight_decay)
 
 
+def make_task_step(model: Any, tx: optax.GradientTransformation, task: tasks_lib.Task):
+  """A jitted ``step(variables, opt_state, batch) -> (variables, opt_state, loss)`` for any task.
+
+  The loss is the task's weighted mean over the batch (:meth:`safer_jax.tasks.Task.batch_loss`).
+  """
+  forward = wrapping.training_apply(model)
+
+  @jax.jit
+  def step(variables, opt_state, batch):
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss_fn(p):
+      outputs, new_state = tasks_lib.forward(forward, {"params": p, **state},
+                                             task.model_inputs(batch))
+      return task.batch_loss(outputs, batch), new_state
+
+    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return {"params": params, **new_state}, opt_state, loss
+
+  return step
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
   """Returns a jitted ``step(variables, opt_state, images, labels) -> (variables, opt_state, loss)``."""
 
@@ -248,7 +335,7 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
           progress: bool = True, variables: Variables | None = None,
           make_steps: Callable[[nn.Module, optax.GradientTransformation],
                                Callable[[int], Callable]] | None = None,
-          label: str = "train") -> tuple[dict, dict]:
+          label: str = "train", task: tasks_lib.Task | str | None = None) -> tuple[dict, dict]:
   """Trains ``model`` on ``dataset.train`` with AdamW; deterministic given ``config.seed``.
 
   Args:
@@ -263,14 +350,22 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
       jitted step of that epoch (default: :func:`make_train_step` every epoch);
       used by adversarial corruption-resistant training.
     label: progress-line label.
+    task: what to minimise (:mod:`safer_jax.tasks`; None: classification's
+      cross-entropy); ``make_steps`` is for classification only.
 
   Returns:
     ``(variables, history)``; ``history`` holds per-epoch ``train_loss`` and
     the final ``eval`` metrics from :func:`evaluate`.
 
   Raises:
-    ValueError: an empty training split, ``batch_size`` < 1 or ``epochs`` < 0.
+    ValueError: an empty training split, ``batch_size`` < 1 or ``epochs`` < 0,
+      or a split without the task's arrays.
   """
+  task = tasks_lib.get(task)
+  generic = task is not tasks_lib.classification()
+  if generic and make_steps is not None:
+    raise ValueError(f"train(make_steps=...) steps take images and labels; task "
+                     f"{task.name!r} needs the default steps (make_steps=None).")
   n = len(dataset.train)
   if n == 0:
     raise ValueError(f"Cannot train on an empty training split (dataset {dataset.name!r}).")
@@ -279,13 +374,21 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
                      f"epochs={config.epochs} >= 0.")
   bs = min(config.batch_size, n)
   steps_per_epoch = n // bs
-  if variables is None:
-    variables = (model.variables if isinstance(model, wrapping.WrappedModel)
-                 else init_variables(model, dataset.input_shape, config.seed))
+  task.validate_split(dataset.train, "training split")
+  if variables is None and isinstance(model, wrapping.WrappedModel):
+    variables = model.variables
+  elif variables is None and generic:
+    variables = init_from_inputs(model, task.model_inputs(dataset.train.batch(0, 1)),
+                                 config.seed)
+  elif variables is None:
+    variables = init_variables(model, dataset.input_shape, config.seed)
   variables = dict(variables)
   tx = make_optimizer(config, steps_per_epoch)
   opt_state = tx.init(variables["params"])
-  if make_steps is None:
+  if generic:
+    generic_step = make_task_step(model, tx, task)
+    steps = lambda epoch: generic_step  # pylint: disable=unnecessary-lambda-assignment
+  elif make_steps is None:
     plain = make_train_step(model, tx)
     steps = lambda epoch: plain  # pylint: disable=unnecessary-lambda-assignment
   else:
@@ -299,14 +402,18 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
     losses = []
     for i in range(steps_per_epoch):
       idx = order[i * bs:(i + 1) * bs]
-      variables, opt_state, loss = step(variables, opt_state, dataset.train.images[idx],
-                                        dataset.train.labels[idx])
+      if generic:
+        batch = {k: v[idx] for k, v in dataset.train.arrays.items()}
+        variables, opt_state, loss = step(variables, opt_state, batch)
+      else:
+        variables, opt_state, loss = step(variables, opt_state, dataset.train.images[idx],
+                                          dataset.train.labels[idx])
       losses.append(loss)
     epoch_loss = float(np.mean(jax.device_get(losses)))
     history["train_loss"].append(epoch_loss)
     bar.update(1, postfix=f"loss {epoch_loss:.4f}")
   history["train_seconds"] = bar.close()
-  history["eval"] = evaluate(model, variables, dataset.eval)
+  history["eval"] = evaluate(model, variables, dataset.eval, task=task)
   return variables, history
 
 

@@ -66,14 +66,17 @@ class WrappedModel:
     module: the wrapped linen/nnx module or apply function (never mutated).
     variables: ``{'params': ..., ['batch_stats': ...]}`` (string-keyed dicts).
     apply_kwargs: keywords passed to every inference call (inferred + given).
+    output: picks the array the tasks score out of what the model returns (an
+      output object, a tuple), or None (the model returns it).
     stage_names: the model's stages (zoo models: prefix reuse in the sweep);
       ``()`` for everything else.
   """
 
   def __init__(self, kind: str, module: Any, variables: Variables,
                apply_kwargs: Mapping[str, Any], train_kwargs: Mapping[str, Any], *,
-               takes_variables: bool = True):
+               takes_variables: bool = True, output: Callable[[Any], Any] | None = None):
     self.kind = kind
+    self.output = output
     self.module = module
     self.variables = variables
     self.apply_kwargs = dict(apply_kwargs)
@@ -92,21 +95,32 @@ class WrappedModel:
 
   # -- forward passes ------------------------------------------------------------------------
 
-  def apply(self, variables: Variables, x: jax.Array, **kwargs) -> jax.Array:
-    """Logits ``(B, K)`` of images/inputs ``x`` in inference mode; pure.
+  def apply(self, variables: Variables, *inputs: Any, **kwargs) -> jax.Array:
+    """Outputs (logits ``(B, K)``, ...) of ``inputs`` in inference mode; pure.
 
-    Extra ``kwargs`` go to the underlying call (zoo models: ``start=``/``stop=``
-    stages; linen: ``capture_intermediates=``, ``mutable=``).
+    ``inputs``: the model's positional inputs (one for most models); keyword
+    ``kwargs`` go to the underlying call too (a second input such as a mask;
+    zoo models: ``start=``/``stop=`` stages; linen: ``capture_intermediates=``,
+    ``mutable=``). ``output`` (see :func:`wrap`) is applied to a full forward's
+    result.
     """
     if self.kind == "linen":
-      return self.module.apply(variables, x, **{**self.apply_kwargs, **kwargs})
-    if self.kind == "apply_fn":
-      return self.module(variables if self._takes_variables else variables["params"], x,
-                         **kwargs)
-    return self._nnx_call(variables, x, train=False, **kwargs)[0]
+      out = self.module.apply(variables, *inputs, **{**self.apply_kwargs, **kwargs})
+    elif self.kind == "apply_fn":
+      out = self.module(variables if self._takes_variables else variables["params"], *inputs,
+                        **kwargs)
+    else:
+      out = self._nnx_call(variables, inputs, train=False, **kwargs)[0]
+    return self._pick(out, kwargs)
 
-  def apply_train(self, variables: Variables, x: jax.Array,
-                  key: jax.Array | None = None) -> tuple[jax.Array, Variables]:
+  def _pick(self, out: Any, kwargs: Mapping[str, Any]) -> Any:
+    """``output(out)`` of a full forward (not of a stage range or a capture)."""
+    if self.output is None or "mutable" in kwargs or kwargs.get("stop") is not None:
+      return out
+    return self.output(out)
+
+  def apply_train(self, variables: Variables, *inputs: Any, key: jax.Array | None = None,
+                  **kwargs) -> tuple[jax.Array, Variables]:
     """Logits and the updated non-parameter collections in training mode.
 
     Linen: ``train=True`` (etc.) with every non-``params`` collection mutable
@@ -118,15 +132,16 @@ class WrappedModel:
     """
     state = {k: v for k, v in variables.items() if k != "params"}
     if self.kind == "linen":
-      kwargs = {**self.apply_kwargs, **self._train_kwargs,
+      kwargs = {**self.apply_kwargs, **self._train_kwargs, **kwargs,
                 "rngs": {"dropout": jax.random.key(0) if key is None else key}}
       if not state:
-        return self.module.apply(variables, x, **kwargs), {}
-      logits, new = self.module.apply(variables, x, mutable=list(state), **kwargs)
-      return logits, dict(new)
+        return self._pick(self.module.apply(variables, *inputs, **kwargs), {}), {}
+      logits, new = self.module.apply(variables, *inputs, mutable=list(state), **kwargs)
+      return self._pick(logits, {}), dict(new)
     if self.kind == "apply_fn":
-      return self.apply(variables, x), {}
-    return self._nnx_call(variables, x, train=True)
+      return self.apply(variables, *inputs, **kwargs), {}
+    logits, new = self._nnx_call(variables, inputs, train=True, **kwargs)
+    return self._pick(logits, {}), new
 
   def apply_with_hook(self, variables: Variables, x: jax.Array, layer: str,
                       hook: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -155,7 +170,8 @@ class WrappedModel:
       with nn.intercept_methods(interceptor):
         logits = self.apply(variables, x)
     else:
-      logits, _, seen = self._nnx_call(variables, x, train=False, hook=(layer, hook))
+      logits, _, seen = self._nnx_call(variables, (x,), train=False, hook=(layer, hook))
+      logits = self._pick(logits, {})
     if not seen:
       raise ValueError(f"Layer {layer!r} is not a module of the model; layers with a kernel: "
                        f"{layers_lib.find_layers(variables)}")
@@ -163,7 +179,7 @@ class WrappedModel:
 
   # -- nnx -----------------------------------------------------------------------------------
 
-  def _nnx_call(self, variables, x, train, hook=None, **kwargs):
+  def _nnx_call(self, variables, inputs, train, hook=None, **kwargs):
     from flax import nnx  # pylint: disable=import-outside-toplevel
     g_eval, g_train, _, convert, rest = self._nnx
     # jnp arrays: an nnx module assigns to its variables in place (BatchNorm in training mode),
@@ -182,7 +198,7 @@ class WrappedModel:
         return fn(inner(*args, **kw))
 
       _nnx_set(parent, attr, _Hooked(hooked))
-    logits = module(x, **{**self.apply_kwargs, **kwargs})
+    logits = module(*inputs, **{**self.apply_kwargs, **kwargs})
     if hook is not None:
       return logits, None, seen
     if not train:
@@ -314,8 +330,12 @@ def _is_nnx(model: Any) -> bool:
 def _as_variables(variables: Any) -> Variables:
   """Plain dicts; params alone become ``{'params': params}``."""
   from flax.core import unfreeze  # pylint: disable=import-outside-toplevel
+  from flax.core import meta  # pylint: disable=import-outside-toplevel
   if layers_lib.is_nnx_state(variables):
     variables = layers_lib.as_pure(variables)
+  # nn.with_partitioning / with_logical_partitioning boxes (LogicallyPartitioned, Partitioned):
+  # their arrays, so layers are named by plain paths and kernels replaced as arrays.
+  variables = meta.unbox(variables)
   if not isinstance(variables, Mapping):
     raise ValueError(f"variables must be a dict of parameter collections (or params), got "
                      f"{type(variables).__name__}.")
@@ -368,7 +388,8 @@ def _mode_kwargs(module: Any, given: Mapping[str, Any], *,
   return kwargs, train
 
 
-def wrap(model: Any, variables: Any = None, **apply_kwargs) -> WrappedModel:
+def wrap(model: Any, variables: Any = None, *, output: Callable[[Any], Any] | None = None,
+         **apply_kwargs) -> WrappedModel:
   """Wraps a linen module, an nnx module or an apply function for every safer_jax entry point.
 
   Args:
@@ -378,6 +399,11 @@ def wrap(model: Any, variables: Any = None, **apply_kwargs) -> WrappedModel:
       wrapped model (returned as is, with ``variables`` replaced if given).
     variables: linen / apply_fn: the variables (``model.init(...)``) or the
       params alone; nnx: ``None`` (taken from the module) or an ``nnx.State``.
+      Partitioning boxes (``nn.with_logical_partitioning``'s
+      ``LogicallyPartitioned``, ``nn.Partitioned``) are unboxed.
+    output: ``fn(model output) -> array`` the tasks score, for models that
+      return an output object or a tuple (``lambda out: out.logits``,
+      ``lambda out: out[0]``); None: the output itself.
     **apply_kwargs: keywords for every inference call (``train=False``,
       ``deterministic=True``, ...). Flags named in :data:`INFERENCE_FLAGS`
       that ``__call__`` takes are set to their inference value when not given.
@@ -391,11 +417,14 @@ def wrap(model: Any, variables: Any = None, **apply_kwargs) -> WrappedModel:
       with no layer (no ``kernel``/``embedding`` leaf) — each naming what was
       given and what is accepted.
   """
+  if output is not None and not callable(output):
+    raise ValueError(f"output must be a function of the model's output (e.g. lambda out: "
+                     f"out.logits), got {type(output).__name__}.")
   if isinstance(model, WrappedModel):
-    if variables is None and not apply_kwargs:
+    if variables is None and not apply_kwargs and output is None:
       return model
     return wrap(model.module, model.variables if variables is None else variables,
-                **{**model.apply_kwargs, **apply_kwargs})
+                output=output or model.output, **{**model.apply_kwargs, **apply_kwargs})
   if _is_nnx(model):
     wrapped = _wrap_nnx(model, variables, apply_kwargs)
   elif _is_linen(model):
@@ -417,6 +446,7 @@ def wrap(model: Any, variables: Any = None, **apply_kwargs) -> WrappedModel:
   else:
     raise ValueError(f"Cannot wrap a {type(model).__module__}.{type(model).__name__}: expected "
                      f"{ACCEPTED}.")
+  wrapped.output = output
   layers = layers_lib.find_layers(wrapped.variables)
   if not layers:
     top = sorted(map(str, wrapped.variables["params"]))

@@ -11,7 +11,7 @@ from safer_jax import layers, models, train
 
 # The ImageNet architectures have their own tests (tests/test_imagenet_models.py): init and
 # training them here on digits would take minutes on 2 CPU cores.
-ALL = [m for m in models.list_models() if m not in models.IMAGENET_MODELS]
+ALL = [m for m in models.list_models() if m not in models.IMAGENET_MODELS + models.TEXT_MODELS]
 
 
 @pytest.mark.parametrize("name", ALL)

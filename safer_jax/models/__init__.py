@@ -15,6 +15,7 @@ import flax.linen as nn
 from safer_jax.models.common import StagedModel
 from safer_jax.models.imagenet import TorchMobileNetV2, TorchResNet
 from safer_jax.models.lenet import LeNet
+from safer_jax.models.lm import lm_tiny
 from safer_jax.models.mlp import MLP
 from safer_jax.models.mobilenet import MobileNetV2
 from safer_jax.models.resnet import ResNet
@@ -31,10 +32,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": functools.partial(TorchResNet, depth=34),
     "resnet50": functools.partial(TorchResNet, depth=50),
     "mobilenet_v2_imagenet": TorchMobileNetV2,
+    "lm_tiny": lm_tiny,  # causal byte-level LM: num_classes = vocab size (safer_jax.text)
 }
 # torchvision-compatible ImageNet architectures (safer_jax.models.imagenet): weights convert from
 # torchvision state dicts (safer_jax.convert); too large to train on the embedded digits.
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2_imagenet")
+# Language models (safer_jax.models.lm): token ids (B, T) in, logits (B, T, vocab) out; trained
+# on a text corpus (safer_jax.text), not on images.
+TEXT_MODELS = ("lm_tiny",)
 ALIASES = {"resnet": "resnet8"}
 
 
@@ -61,4 +66,4 @@ def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 __all__ = ["MODELS", "get_model", "list_models", "StagedModel", "MLP", "LeNet", "ResNet",
-           "MobileNetV2", "ViT", "IMAGENET_MODELS", "TorchResNet", "TorchMobileNetV2"]
+           "MobileNetV2", "ViT", "IMAGENET_MODELS", "TEXT_MODELS", "TorchResNet", "TorchMobileNetV2"]

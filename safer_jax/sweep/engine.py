@@ -25,6 +25,7 @@ from safer_jax import data as data_lib
 from safer_jax import distributed
 from safer_jax import layers as layers_lib
 from safer_jax import staged
+from safer_jax import tasks as tasks_lib
 from safer_jax.sweep.plan import SweepConfig
 
 COPIES_AXIS = "copies"  # The mesh axis perturbed copies are spread over.
@@ -129,7 +130,8 @@ class ProgramCache:
   def execution_trace(self, variables: Mapping[str, Any],
                       images: np.ndarray) -> tuple[list[str], dict[str, int]]:
     """:func:`safer_jax.staged.execution_trace`, traced once per layer set and image shape."""
-    key = (tuple(layers_lib.find_layers(variables)), images.shape[1:])
+    key = (tuple(layers_lib.find_layers(variables)), jax.tree.structure(images),
+           tuple(np.shape(x)[1:] for x in jax.tree.leaves(images)))
     with self._lock:
       trace = self._traces.get(key)
     if trace is None:
@@ -164,6 +166,8 @@ class Engine:
     cells: how many cells the sweep evaluates (lets ``strategy='auto'`` drop
       prefix reuse for small sweeps); None: unknown.
     programs: compiled programs of ``model`` to use and extend (default: new).
+    task: what the copies are scored on (:mod:`safer_jax.tasks`; default
+      classification); ``split`` must hold the arrays it reads.
 
   Raises:
     ValueError: ``programs`` of another model, a bad strategy, or ``workers`` > 1
@@ -172,7 +176,8 @@ class Engine:
 
   def __init__(self, model: Any, variables: Mapping[str, Any], split: data_lib.Split,
                config: SweepConfig, layer_names: Sequence[str] | None = None,
-               cells: int | None = None, *, programs: ProgramCache | None = None):
+               cells: int | None = None, *, programs: ProgramCache | None = None,
+               task: tasks_lib.Task | None = None):
     if programs is not None and programs.model is not model:
       raise ValueError(f"programs: a ProgramCache of another model (a "
                        f"{type(programs.model).__name__}); allowed: one made for this "
@@ -180,7 +185,8 @@ class Engine:
     self.model, self.variables, self.config = model, variables, config
     self.programs = programs if programs is not None else ProgramCache(model)
     self.layer_names = list(layer_names or layers_lib.find_layers(variables))
-    self.batches = list(staged.eval_batches(split, config.eval_batch_size))
+    self.task = tasks_lib.get(task)
+    self.batches = list(staged.eval_batches(split, config.eval_batch_size, self.task))
     self.n = len(split)
     self._prefixes: dict[int, list] = {}  # stage -> activations, the most recent last
     self._fits_all: bool | None = None  # see _all_prefixes
@@ -194,8 +200,8 @@ class Engine:
       if jax.process_count() > 1:
         self.mesh = mesh
         self.variables = distributed.replicate(variables, mesh)  # From each host's copy.
-        self.labels_masks = [distributed.replicate((labels, mask), mesh)
-                             for _, labels, mask in self.batches]
+        self.labels_masks = [distributed.replicate((batch, mask), mesh)
+                             for _, batch, mask in self.batches]
       else:
         # Weights on every device of the mesh: restored checkpoints arrive committed to one
         # device, which jit cannot combine with kernels sharded over the mesh.
@@ -233,8 +239,8 @@ class Engine:
     self.flat_dtype = np.result_type(*[k.dtype for k in kernels])  # (float64 kernels stay exact)
     # What an ahead-of-time compiled program was specialised to: part of every program key,
     # so a later sweep of the same model with other batches or weights' dtypes compiles anew.
-    images, labels, _ = self.batches[0]
-    self.signature = (images.shape, str(images.dtype), labels.shape, str(self.flat_dtype),
+    inputs, batch, _ = self.batches[0]
+    self.signature = (_shapes(inputs), _shapes(batch), str(self.flat_dtype), self.task,
                       jax.tree.structure(variables),
                       tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(variables)))
 
@@ -247,14 +253,14 @@ class Engine:
     stage at once from one program; thread-safe.
     """
     if stage == 0:
-      return [images for images, _, _ in self.batches]
+      return [inputs for inputs, _, _ in self.batches]
     with self._lock:
       if stage in self._prefixes:
         self._prefixes[stage] = self._prefixes.pop(stage)  # most recent last
         return self._prefixes[stage]
       if self._all_prefixes():
         stages, run = self.prefixes_fn()
-        outs = [run(self.variables, images) for images, _, _ in self.batches]
+        outs = [run(self.variables, inputs) for inputs, _, _ in self.batches]
         for i, st in enumerate(stages):
           self._prefixes[st] = [out[i] for out in outs]
         return self._prefixes[stage]
@@ -266,7 +272,7 @@ class Engine:
 
   def _compute_prefix(self, stage: int) -> list:
     if stage == 0:
-      hs = [images for images, _, _ in self.batches]
+      hs = [inputs for inputs, _, _ in self.batches]
     else:
       if self.strategy == "stage":
         run = self.prefix_fn(stage)
@@ -274,20 +280,20 @@ class Engine:
         run = self.programs.get(("layer_prefix", stage), lambda: jax.jit(
             staged.prefix_program(self.model, stage)))
       if self.mesh is None:
-        hs = [run(self.variables, images) for images, _, _ in self.batches]
+        hs = [run(self.variables, inputs) for inputs, _, _ in self.batches]
       else:  # Replicated inputs: every device computes the prefix; the output is replicated.
-        hs = [run(self.variables, distributed.replicate(images, self.mesh))
-              for images, _, _ in self.batches]
+        hs = [run(self.variables, distributed.replicate(inputs, self.mesh))
+              for inputs, _, _ in self.batches]
     return hs
 
   def eval_fn(self, layer: str, stage: int) -> Callable:
-    """jit: ``(variables, kernels (P, ...), h, labels, mask) -> (correct (P,), loss_sum (P,))``.
+    """jit: ``(variables, kernels (P, ...), h, batch, mask) -> sums (P, 2 + M)``.
 
     :func:`safer_jax.staged.eval_program` of ``layer`` from ``stage`` (the
-    ``'layer'`` strategy's program), one per (layer, stage, copies per step).
+    ``'layer'`` strategy's program), one per (layer, stage, copies per step, task).
     """
-    return self.programs.get(("layer", layer, stage, self.step), lambda: jax.jit(
-        staged.eval_program(self.model, layer, stage, self.step)))
+    return self.programs.get(("layer", layer, stage, self.step, self.task), lambda: jax.jit(
+        staged.eval_program(self.model, layer, stage, self.step, self.task)))
 
   def stage_of(self, layer: str) -> int:
     """The stage ``layer`` is evaluated from (0 without prefix reuse).
@@ -345,13 +351,14 @@ class Engine:
         staged.prefix_program(self.model, stage)).lower(self.variables, images).compile())
 
   def _compile_stage(self, stage: int) -> Callable:
-    images, labels, mask = self.batches[0]
-    h = images if stage == 0 else jax.eval_shape(
-        staged.prefix_program(self.model, stage), self.variables, images)
+    inputs, batch, mask = self.batches[0]
+    h = inputs if stage == 0 else jax.eval_shape(
+        staged.prefix_program(self.model, stage), self.variables, inputs)
     flats = jax.ShapeDtypeStruct((self._stage_chunk(stage), self.flat_size), self.flat_dtype)
     which = jax.ShapeDtypeStruct((), jnp.int32)
-    program = jax.jit(staged.stage_program(self.model, stage, self.stage_layers[stage]))
-    return program.lower(self.variables, flats, which, h, labels, mask).compile()
+    program = jax.jit(staged.stage_program(self.model, stage, self.stage_layers[stage],
+                                           self.task))
+    return program.lower(self.variables, flats, which, h, batch, mask).compile()
 
   def precompile(self, stages: Sequence[int], stop: threading.Event) -> None:
     """Compiles the ``'stage'`` programs of ``stages`` on a background thread, in order.
@@ -377,12 +384,14 @@ class Engine:
 
     threading.Thread(target=work, name="safer_jax-precompile", daemon=False).start()
 
-  def evaluate_kernels(self, layer: str, kernels: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy and mean loss of ``P`` perturbed copies (kernels stacked on axis 0).
+  def evaluate_kernels(self, layer: str, kernels: jax.Array) -> dict[str, np.ndarray]:
+    """The task's scores of ``P`` perturbed copies (kernels stacked on axis 0).
 
-    With the ``'stage'`` strategy the copies are padded to the chunk of the
-    layer's stage (:meth:`layer_chunk`: one compiled shape per stage); the first
-    ``P`` results are returned.
+    Returns ``{column: (P,) float32}`` for :attr:`task`'s columns (``'loss'`` and
+    each metric; classification: ``'loss'`` in nats/example, ``'accuracy'``):
+    weighted means over the split. With the ``'stage'`` strategy the copies are
+    padded to the chunk of the layer's stage (:meth:`layer_chunk`: one compiled
+    shape per stage); the first ``P`` results are returned.
     """
     stage = self.stage_of(layer)
     if self.strategy == "stage":
@@ -395,15 +404,18 @@ class Engine:
       kernels = jax.device_put(kernels, self.sharding if kernels.shape[0] % self.num_devices == 0
                                else self.sharding.update(spec=jax.sharding.PartitionSpec()))
     # Sums on the host (float32, as on the device): no small programs to compile for them.
-    correct = np.zeros(kernels.shape[0], np.float32)
-    loss = np.zeros(kernels.shape[0], np.float32)
-    for h, (_, labels, mask) in zip(hs, self.batches):
-      c, l = fn(self.variables, kernels, h, labels, mask)
-      correct, loss = correct + np.asarray(c), loss + np.asarray(l)
-    return correct / self.n, loss / self.n
+    total = None
+    for h, (_, batch, mask) in zip(hs, self.batches):
+      sums = np.asarray(fn(self.variables, kernels, h, batch, mask))
+      total = sums if total is None else total + sums
+    return self._means(total)
 
-  def _evaluate_stage(self, layer: str, stage: int,
-                      kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def _means(self, total: np.ndarray) -> dict[str, np.ndarray]:
+    """``{column: (P,)}``: Σ weight·score / Σ weight, in float32 (``total`` (P, 2 + M))."""
+    total = np.asarray(total, np.float32)
+    return {name: total[:, i + 1] / total[:, 0] for i, name in enumerate(self.task.columns)}
+
+  def _evaluate_stage(self, layer: str, stage: int, kernels: np.ndarray) -> dict[str, np.ndarray]:
     count = kernels.shape[0]
     size = max(self._stage_chunk(stage), count)
     flats = np.zeros((size, self.flat_size), self.flat_dtype)
@@ -411,29 +423,34 @@ class Engine:
     flats[count:, :kernels[0].size] = kernels[-1].reshape(-1)  # pad with the last copy
     which = np.int32(self.stage_layers[stage].index(layer))
     fn = self.stage_fn(stage)
-    correct = np.zeros(size, np.float32)
-    loss = np.zeros(size, np.float32)
-    for h, (_, labels, mask) in zip(self.prefix(stage), self.batches):
-      c, l = fn(self.variables, flats, which, h, labels, mask)
-      correct, loss = correct + np.asarray(c), loss + np.asarray(l)
-    return correct[:count] / self.n, loss[:count] / self.n
+    total = None
+    for h, (_, batch, mask) in zip(self.prefix(stage), self.batches):
+      sums = np.asarray(fn(self.variables, flats, which, h, batch, mask))
+      total = sums if total is None else total + sums
+    return self._means(total[:count])
 
-  def _evaluate_global(self, fn: Callable, stage: int,
-                       kernels: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  def _evaluate_global(self, fn: Callable, stage: int, kernels: jax.Array) -> dict[str, np.ndarray]:
     """Multi-process :meth:`evaluate_kernels`: copies over every process's devices.
 
     ``kernels`` (P, ...) is this process's full host copy (the same in every
     process). With P a multiple of the global device count it is split over
     ``'copies'`` (each process copies only its devices' rows), otherwise (the
-    baseline's single copy) replicated; the (P,) results are gathered into
+    baseline's single copy) replicated; the (P, 2 + M) sums are gathered into
     every process.
     """
     kernels = distributed.shard_batch(kernels, self.mesh, axis=COPIES_AXIS)
-    correct = loss = None
-    for h, (labels, mask) in zip(self.prefix(stage), self.labels_masks):
-      h = distributed.place_replicated(h, self.mesh)  # Stage 0: the images (NumPy).
-      c, l = fn(self.variables, kernels, h, labels, mask)
-      # c rather than 0 + c (non-negative sums: the same numbers as `evaluate_kernels`).
-      correct, loss = (c, l) if correct is None else (correct + c, loss + l)
-    correct, loss = multihost_utils.process_allgather((correct, loss), tiled=True)
-    return np.asarray(correct) / self.n, np.asarray(loss) / self.n
+    total = None
+    for h, (batch, mask) in zip(self.prefix(stage), self.labels_masks):
+      h = distributed.place_replicated(h, self.mesh)  # Stage 0: the inputs (NumPy).
+      sums = fn(self.variables, kernels, h, batch, mask)
+      # sums rather than 0 + sums (non-negative sums: the same numbers as `evaluate_kernels`).
+      total = sums if total is None else total + sums
+    total = multihost_utils.process_allgather(total, tiled=True)
+    return self._means(np.asarray(total))
+
+
+def _shapes(tree: Any) -> tuple:
+  """``(structure, ((shape, dtype), ...))`` of a pytree of arrays: part of a program's key."""
+  return (jax.tree.structure(tree),
+          tuple((np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype))
+                for x in jax.tree.leaves(tree)))

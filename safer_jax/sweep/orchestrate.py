@@ -35,6 +35,7 @@ from safer_jax import layers as layers_lib
 from safer_jax import memory
 from safer_jax import perturb
 from safer_jax import staged
+from safer_jax import tasks as tasks_lib
 from safer_jax import train
 from safer_jax import wrapping
 from safer_jax.progress import Progress
@@ -68,21 +69,37 @@ def clear_compiled() -> None:
   _recent.clear()
 
 
+def _data_hash(split: data_lib.Split) -> str:
+  if list(split.arrays) == ["image", "label"]:  # (the hash every earlier table was saved with)
+    return hashlib.sha256(np.ascontiguousarray(split.images).tobytes()
+                          + split.labels.tobytes()).hexdigest()
+  h = hashlib.sha256()
+  for name, array in split.arrays.items():
+    h.update(name.encode() + str(array.dtype).encode() + str(array.shape).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()
+
+
 def fingerprint(variables: Mapping[str, Any], split: data_lib.Split, config: SweepConfig,
-                extra: Mapping[str, Any] | None = None) -> str:
-  """A hash of what determines the table: weights, eval data, grids, seeds, options."""
+                extra: Mapping[str, Any] | None = None,
+                task: tasks_lib.Task | None = None) -> str:
+  """A hash of what determines the table: weights, eval data, grids, seeds, options, task."""
+  extra = dict(extra or {})
+  task = tasks_lib.get(task)
+  if task is not tasks_lib.classification():
+    extra["task"] = (task.name, repr(task.inputs), task.columns)
   record = {"weights": checkpoints.checksum(variables),
-            "data": hashlib.sha256(np.ascontiguousarray(split.images).tobytes()
-                                   + split.labels.tobytes()).hexdigest(),
+            "data": _data_hash(split),
             "grids": config.grids(), "seeds": list(config.seeds),
             "options": {k: dict(v) for k, v in config.family_options.items()},
-            "extra": dict(extra or {})}
+            "extra": extra}
   return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_partial(results_path: str | None, fp: str) -> pd.DataFrame:
+def _load_partial(results_path: str | None, fp: str,
+                  columns: Sequence[str] = tables.COLUMNS) -> pd.DataFrame:
   if not results_path or not os.path.exists(results_path):
-    return pd.DataFrame(columns=tables.COLUMNS)
+    return pd.DataFrame(columns=list(columns))
   meta_path = results_path + ".fingerprint"
   stored = open(meta_path, encoding="utf-8").read().strip() if os.path.exists(meta_path) else ""
   if stored != fp:
@@ -95,7 +112,8 @@ def _load_partial(results_path: str | None, fp: str) -> pd.DataFrame:
 def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
               config: SweepConfig = SweepConfig(), *, results_path: str | None = None,
               progress: bool = True, grads: Mapping[str, Any] | None = None,
-              programs: engine_lib.ProgramCache | None = None) -> pd.DataFrame:
+              programs: engine_lib.ProgramCache | None = None,
+              task: tasks_lib.Task | str | None = None) -> pd.DataFrame:
   """Runs the sensitivity sweep; returns (and optionally saves) the tidy table.
 
   Args:
@@ -116,11 +134,17 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
       (:class:`~safer_jax.sweep.engine.ProgramCache` of ``model``, or of the
       model :func:`safer_jax.wrapping.as_model` makes of it); None:
       :func:`programs_for` ``(model)``, those of the model swept last.
+    task: what each copy is scored on (:mod:`safer_jax.tasks`: a
+      :class:`~safer_jax.tasks.Task` or a preset name; default classification).
+      A task that compares with the float model (``kl_to_reference``) gets the
+      unperturbed model's outputs added to ``split`` here.
 
   Returns:
-    DataFrame with :data:`~safer_jax.sweep.tables.COLUMNS`, sorted by layer
+    DataFrame with :func:`~safer_jax.sweep.tables.columns` of the task's metrics
+    (classification: :data:`~safer_jax.sweep.tables.COLUMNS`), sorted by layer
     order, family, magnitude index and seed. ``accuracy`` is a fraction,
-    ``loss`` in nats/example.
+    ``loss`` the task's weighted mean loss (nats per example for
+    classification, per token for a language model).
 
   Raises:
     ValueError: unknown family, magnitude out of range, layer pattern matching
@@ -129,11 +153,13 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
     safer_jax.errors.Interrupted: Ctrl-C (a ``KeyboardInterrupt``); every layer
       finished by then is saved to ``results_path`` first, for a rerun to resume.
 
-  The table's ``attrs`` hold ``baseline_accuracy``, ``baseline_loss``, and
+  The table's ``attrs`` hold ``baseline_<column>`` for each of the task's
+  columns (``baseline_accuracy``, ``baseline_loss``), ``task`` (its name), and
   ``reused_cells`` / ``computed_cells``: rows read back from ``results_path``
   vs evaluated in this call.
   """
   model, variables = wrapping.as_model(model, variables)
+  task = tasks_lib.get(task)
   grids = config.grids()
   if config.max_parallel < 1:
     raise ValueError(f"max_parallel={config.max_parallel} must be >= 1.")
@@ -145,24 +171,32 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
     raise ValueError(f"eval_batch_size={config.eval_batch_size} must be >= 1 and the split "
                      f"non-empty ({len(split)} examples).")
   layers_lib.check_finite(variables)
+  split = tasks_lib.prepare_split(task, model, variables, split, "eval split",
+                                  config.eval_batch_size)
+  tasks_lib.check_outputs(model, variables, split, task)
   if programs is None:
     programs = programs_for(model)
   layer_names = staged.ordered_layers(
       model, variables, split, config.layers,
-      order=programs.execution_order(variables, split.images))
-  fp = fingerprint(variables, split, config)
-  done = _load_partial(results_path, fp)
+      order=programs.execution_order(variables, staged.split_inputs(split, task)))
+  fp = fingerprint(variables, split, config, task=task)
+  columns = tables.columns(tuple(task.metrics))
+  done = _load_partial(results_path, fp, columns)
   finished = {(r.layer, r.family, int(r.magnitude_index), int(r.seed))
               for r in done.itertuples()}
   plan = plan_lib.cell_plan(layer_names, config, finished)
   if config.memory_budget_bytes is not None:  # pick max_parallel / eval_batch_size
+    if task is not tasks_lib.classification():
+      raise errors.ConfigError(
+          f"memory_budget_bytes plans chunks for image classification splits; with task "
+          f"{task.name!r} set max_parallel and eval_batch_size instead (memory_budget_bytes=None).")
     config = auto_chunking(model, variables, split, config, layer_names, finished, plan=plan)
   if "corrupt" in grids and grads is None:
-    grads = perturbed.loss_gradients(model, variables, split, config.eval_batch_size)
+    grads = perturbed.loss_gradients(model, variables, split, config.eval_batch_size, task)
 
   engine = engine_lib.Engine(model, variables, split, config, layer_names,
                              cells=sum(len(g[2]) for _, groups in plan for g in groups),
-                             programs=programs)
+                             programs=programs, task=task)
 
   per_layer = [sum(len(g[2]) for g in groups) for _, groups in plan]
   total = sum(per_layer)
@@ -195,19 +229,19 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
   if engine.strategy == "stage":
     engine.precompile(list(dict.fromkeys(
         [engine.stage_of(first)] + [engine.stage_of(layer) for layer, _ in plan])), stop)
-  base: list[float] = []
+  base: dict[str, float] = {}
   if not fold:
     baseline = engine.evaluate_kernels(first, first_kernel[None])
-    base += [float(baseline[0][0]), float(baseline[1][0])]
+    base.update({k: float(v[0]) for k, v in baseline.items()})
   bar = Progress(total, "sweep", enabled=progress and total > 0, unit="cell")
   rows = [done] if len(done) else []
   lock = threading.Lock()
 
-  def run_layer(layer, groups) -> tuple[pd.DataFrame, tuple[float, float] | None] | None:
+  def run_layer(layer, groups) -> tuple[pd.DataFrame, dict[str, float] | None] | None:
     """Perturbs ``layer`` for every cell of ``groups`` and evaluates the copies, chunk by chunk.
 
     Returns the layer's rows (drops not yet filled in) and, when the baseline is
-    folded into this layer, its (accuracy, loss).
+    folded into this layer, its scores.
     """
     kernel = jnp.asarray(layers_lib.get_kernel(variables, layer))
     grad = None if grads is None else layers_lib.get_kernel(grads, layer)
@@ -222,36 +256,36 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
       meta += [(family, *c) for c in todo]
     kernels = np.concatenate(stacks)  # on the host: copies are gathered into chunks there
     count = len(kernels)
-    accs, losses = [], []
+    parts: dict[str, list] = {c: [] for c in task.columns}
     size = engine.layer_chunk(layer)
     for lo in range(0, count, size):
       if stop.is_set():
         return None
       idx = np.arange(lo, lo + size).clip(max=count - 1)  # pad with the last copy
-      a, l = engine.evaluate_kernels(layer, kernels[idx])
+      scores = engine.evaluate_kernels(layer, kernels[idx])
       valid = min(size, count - lo)
-      accs.append(a[:valid])
-      losses.append(l[:valid])
+      for c in task.columns:
+        parts[c].append(scores[c][:valid])
       with lock:
         bar.update(valid - (with_base and lo == 0), postfix=layer)
-    acc, loss = np.concatenate(accs), np.concatenate(losses)
-    own = (float(acc[0]), float(loss[0])) if with_base else None
-    acc, loss = acc[int(with_base):], loss[int(with_base):]
+    values = {c: np.concatenate(v) for c, v in parts.items()}
+    own = {c: float(v[0]) for c, v in values.items()} if with_base else None
+    values = {c: v[int(with_base):] for c, v in values.items()}
     frame = pd.DataFrame({
         "layer": layer, "family": [m[0] for m in meta], "magnitude": [m[1] for m in meta],
         "magnitude_index": [m[2] for m in meta], "seed": [m[3] for m in meta],
-        "accuracy": acc, "loss": loss, "accuracy_drop": np.nan, "loss_increase": np.nan,
-        "num_params": int(kernel.size)})
+        **values, "num_params": int(kernel.size)})
     return frame, own
 
   def finish(result) -> pd.DataFrame:
     """The layer's rows with the drops filled in (the first result may bring the baseline)."""
     frame, own = result
     if own is not None:
-      base[:] = own
-    frame["accuracy_drop"] = base[0] - frame["accuracy"].to_numpy()
-    frame["loss_increase"] = frame["loss"].to_numpy() - base[1]
-    return frame
+      base.update(own)
+    for m in task.metrics:
+      frame[f"{m}_drop"] = base[m] - frame[m].to_numpy()
+    frame["loss_increase"] = frame["loss"].to_numpy() - base["loss"]
+    return frame[columns]
 
   # Layers run on `engine.workers` threads (see SweepConfig.workers); results are collected in
   # network order and saved after each layer, so a killed sweep resumes from whole layers.
@@ -271,17 +305,17 @@ def run_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.S
             if base and not f.cancelled() and f.exception() is None and f.result() is not None]
     saved = pd.concat(rows + kept, ignore_index=True) if rows or kept else done
     if results_path and (rows or kept):  # (Ctrl-C may have cut the last save short)
-      _save(results_path, tables.sorted_table(saved, layer_names, list(grids)), fp)
+      _save(results_path, tables.sorted_table(saved[columns], layer_names, list(grids)), fp)
     raise errors.Interrupted(len(saved) if results_path else 0, results_path) from None
   finally:
     stop.set()  # (also ends the precompiling thread)
     pool.shutdown(cancel_futures=True)
   bar.close()
-  table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=tables.COLUMNS)
-  table = tables.sorted_table(table, layer_names, list(grids))
-  base_acc, base_loss = base
-  table.attrs.update(baseline_accuracy=base_acc, baseline_loss=base_loss,
-                     reused_cells=len(done), computed_cells=len(table) - len(done))
+  table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
+  table = tables.sorted_table(table[columns], layer_names, list(grids))
+  table.attrs.update({f"baseline_{c}": base[c] for c in task.columns})
+  table.attrs.update(task=task.name, reused_cells=len(done),
+                     computed_cells=len(table) - len(done))
   if results_path:
     _save(results_path, table, fp)
   return table
@@ -330,7 +364,8 @@ def _save(path: str, table: pd.DataFrame, fp: str) -> None:
 
 def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
                 config: SweepConfig = SweepConfig(), *, progress: bool = True,
-                grads: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                grads: Mapping[str, Any] | None = None,
+                task: tasks_lib.Task | str | None = None) -> pd.DataFrame:
   """The reference: a Python loop, one jitted full evaluation per perturbed model.
 
   Same cells, keys and table as :func:`run_sweep`, computed the plain way: the
@@ -339,15 +374,18 @@ def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib
   Used by tests and by the ``bench_sweep`` experiment.
   """
   model, variables = wrapping.as_model(model, variables)
+  task = tasks_lib.get(task)
   grids = config.grids()
   layers_lib.check_finite(variables)
+  split = tasks_lib.prepare_split(task, model, variables, split, "eval split",
+                                  config.eval_batch_size)
   apply = staged.apply_fn(model)
   layer_names = staged.ordered_layers(
       model, variables, split, config.layers,
-      order=programs_for(model).execution_order(variables, split.images))
+      order=programs_for(model).execution_order(variables, staged.split_inputs(split, task)))
   if "corrupt" in grids and grads is None:
-    grads = perturbed.loss_gradients(model, variables, split, config.eval_batch_size)
-  base = train.evaluate(apply, variables, split, config.eval_batch_size)
+    grads = perturbed.loss_gradients(model, variables, split, config.eval_batch_size, task)
+  base = train.evaluate(apply, variables, split, config.eval_batch_size, task=task)
   todo = [(layer, family, c) for layer in layer_names for family, grid in grids.items()
           for c in plan_lib.cells(layer, family, grid, config.seeds,
                                   config.family_options.get(family, {}))]
@@ -360,13 +398,14 @@ def naive_sweep(model: Any, variables: Mapping[str, Any] | None, split: data_lib
     new = perturb.get_family(family).fn(kernel, mag, plan_lib.cell_key(seed, layer, family, mi),
                                         grad=grad, **opts)
     m = train.evaluate(apply, layers_lib.replace_kernel(variables, layer, new), split,
-                 config.eval_batch_size, check_finite=False)  # e.g. float32 bit flips: inf
+                       config.eval_batch_size, check_finite=False,  # e.g. bit flips: inf
+                       task=task)
     rows.append({"layer": layer, "family": family, "magnitude": mag, "magnitude_index": mi,
-                 "seed": seed, "accuracy": m["accuracy"], "loss": m["loss"],
-                 "accuracy_drop": base["accuracy"] - m["accuracy"],
+                 "seed": seed, **{c: m[c] for c in task.columns},
+                 **{f"{k}_drop": base[k] - m[k] for k in task.metrics},
                  "loss_increase": m["loss"] - base["loss"],
                  "num_params": int(layers_lib.get_kernel(variables, layer).size)})
     bar.update(1)
   bar.close()
-  return tables.sorted_table(pd.DataFrame(rows, columns=tables.COLUMNS), layer_names,
-                             list(grids))
+  return tables.sorted_table(pd.DataFrame(rows, columns=tables.columns(tuple(task.metrics))),
+                             layer_names, list(grids))

@@ -20,7 +20,7 @@ from safer_jax import layers as layers_lib
 from safer_jax import perturb
 from safer_jax import staged
 from safer_jax import wrapping
-from safer_jax.train import cross_entropy
+from safer_jax import tasks as tasks_lib
 
 MAX_PADDED = 1 << 24  # elements of the shared padded layout (64 MiB in float32)
 MAX_SHARED_DRAW = 1 << 18  # largest flat draw size shared by layers of a sweep
@@ -148,21 +148,26 @@ def perturb_stack(family: str, options: Mapping[str, Any],
 
 
 def loss_gradients(model: Any, variables: Mapping[str, Any], split: data_lib.Split,
-                   batch_size: int = 1024) -> dict:
-  """Gradient of the mean cross-entropy on ``split`` w.r.t. ``variables['params']``."""
+                   batch_size: int = 1024, task: tasks_lib.Task | None = None) -> dict:
+  """Gradient of the task's mean loss on ``split`` w.r.t. ``variables['params']``.
+
+  The mean is ``Σ w·loss / Σ w`` (:class:`safer_jax.tasks.Task`; classification:
+  the mean cross-entropy).
+  """
   model, variables = wrapping.as_model(model, variables)
+  task = tasks_lib.get(task)
   apply = staged.apply_fn(model)
-  n = len(split)
 
   @jax.jit
-  def grad_sum(params, images, labels, mask):
+  def grad_sum(params, inputs, batch, mask):
     def f(p):
-      logits = apply({**variables, "params": p}, images)
-      return jnp.sum(cross_entropy(logits, labels) * mask)
+      outputs = tasks_lib.forward(apply, {**variables, "params": p}, inputs)
+      return task.sums(outputs, batch, mask)[1]
     return jax.grad(f)(params)
 
-  total = None
-  for images, labels, mask in staged.eval_batches(split, batch_size):
-    g = grad_sum(variables["params"], images, labels, mask)
+  total, weight = None, 0.0
+  for inputs, batch, mask in staged.eval_batches(split, batch_size, task):
+    g = grad_sum(variables["params"], inputs, batch, mask)
+    weight += float(np.sum(np.asarray(task.example_weights(batch, mask))))
     total = g if total is None else jax.tree.map(jnp.add, total, g)
-  return jax.tree.map(lambda x: x / n, total)
+  return jax.tree.map(lambda x: x / weight, total)
