@@ -29,7 +29,7 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 from ml_collections.config_flags import tuple_parser
 
-from safer_jax import data, zoo
+from safer_jax import data, models, zoo
 from safer_jax.errors import ConfigError
 
 
@@ -541,18 +541,28 @@ def validate_config(module: Any, config: ml_collections.ConfigDict,
     own(config, check)
 
 
-def load_dataset(config) -> data.Dataset:
-  """``config.dataset`` (with data_dir, max_train, max_eval, image_size).
+def dataset_name(config, model: str | None = None) -> str:
+  """``config.dataset``, where the default embedded ``'digits'`` means the embedded text corpus
+  (``'pydoc'``) for a language model (:data:`safer_jax.models.TEXT_MODELS`)."""
+  model = models.ALIASES.get(model or config.model, model or config.model)
+  if config.dataset == "digits" and model in models.TEXT_MODELS:
+    return zoo.DEFAULT_TEXT_DATASET
+  return config.dataset
+
+
+def load_dataset(config, model: str | None = None) -> data.Dataset:
+  """``config.dataset`` (with data_dir, max_train, max_eval, image_size); see :func:`dataset_name`.
 
   Raises:
     ConfigError: an unknown or unprepared dataset, or options that do not apply to it.
   """
+  name = dataset_name(config, model)
   try:
-    return data.load_dataset(config.dataset, data_dir=config.data_dir or None,
+    return data.load_dataset(name, data_dir=config.data_dir or None,
                              max_train=config.get("max_train"), max_eval=config.get("max_eval"),
                              image_size=config.get("image_size"))
   except ValueError as e:
-    raise ConfigError(f"--dataset={config.dataset}: {e}") from e
+    raise ConfigError(f"--dataset={name}: {e}") from e
 
 
 def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry:
@@ -564,7 +574,7 @@ def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry
   training recipe.
   """
   model = model or config.model
-  dataset = load_dataset(config)
+  dataset = load_dataset(config, model)
   if config.get("checkpoint"):
     try:
       return zoo.from_checkpoint(model, os.path.expanduser(config.checkpoint), dataset)

@@ -28,8 +28,10 @@ calibration scores of the starts and of the result), ``interactions.csv`` /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from typing import Any
 
 
 import ml_collections
@@ -38,8 +40,8 @@ import pandas as pd
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import (activations, benchmark, budget, deploy, io, layers, mixed_precision, search,
-                       train)
+from safer_jax import (activations, benchmark, budget, deploy, io, layers, mixed_precision, models,
+                       search, staged, tasks, train)
 
 
 def get_config(tiny: bool = False):
@@ -53,6 +55,9 @@ def get_config(tiny: bool = False):
   # Layers sharing one bit width: a tuple of groups of layer names, e.g.
   # (("stage2_block1/conv1", "stage2_block1/shortcut"), ...); (): none.
   config.tie_groups = ()
+  # Tie each attention's query/key/value (and gate/up) kernels to one bit width
+  # (mixed_precision.tie_groups): None = for language models (TEXT_MODELS) only.
+  config.tie_qkv = config_dict.placeholder(bool)
   config.full_range = True  # qwix's grid (every signed code); False: -(2^(b-1)-1)..2^(b-1)-1
   # What a budget limits: 'bits' (average bits per weight: the model's size in bytes) or
   # 'bops' (average weight bits per multiply-accumulate: bit operations, MACs x weight bits x
@@ -93,6 +98,7 @@ def validate(config, check: common.Checker) -> None:
   check.rule("sources", common.sequence(common.choice(mixed_precision.COST_SOURCES),
                                         nonempty=False, unique=True))
   check.rule("random_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
+  check.rule("tie_qkv", common.optional(common.boolean()))
   check.rule("tie_groups", common.sequence(
       common.sequence(common.text(nonempty=True), note="layer names"), nonempty=False,
       note="groups of layers sharing one bit width, e.g. (('a', 'b'), ('c', 'd'))"))
@@ -120,16 +126,76 @@ def _tie_groups(groups) -> list[list[str]] | None:
   return [list(group) for group in groups if group] or None
 
 
+@dataclasses.dataclass(frozen=True)
+class Score:
+  """What the tables report per allocation: the eval ``column`` of :func:`safer_jax.evaluate`."""
+  column: str  # 'accuracy' (classifiers) or 'perplexity' / 'loss'
+  label: str
+  higher_is_better: bool
+  scale: float = 1.0  # accuracy in %
+
+  def fmt(self, value: float) -> str:
+    return f"{self.scale * value:.2f}"
+
+
+def score_of(task) -> Score:
+  if "accuracy" in task.metrics:
+    return Score("accuracy", "eval accuracy (%)", True, 100.0)
+  if "perplexity" in task.derived:
+    return Score("perplexity", "eval perplexity", False)
+  return Score("loss", f"eval loss ({task.name})", False)
+
+
+# A language model's defaults where the config still holds the image ones (the per-token
+# criteria cost more per example: integrated gradients took minutes on lm_tiny; budgets below 3
+# bits leave it no better than a unigram model).
+TEXT_DEFAULTS = {"sources": ("oracle", "hawq", "fisher", "corruption", "quant_error"),
+                 "budgets": (3.0, 4.0, 5.0, 6.0, 8.0), "calib_examples": 128,
+                 "search.examples": 128}
+
+
+def text_defaults(config):
+  """``config`` with :data:`TEXT_DEFAULTS` for each field still at its image default (printed)."""
+  base = get_config(False)
+  changed = {}
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key, value in TEXT_DEFAULTS.items():
+      section, _, field = key.rpartition(".")
+      node, default = (config[section], base[section]) if section else (config, base)
+      if tuple(np.atleast_1d(node[field])) == tuple(np.atleast_1d(default[field])):
+        node[field] = value
+        changed[key] = value
+  if changed:
+    print(f"language model defaults: {changed}", flush=True)
+  return config
+
+
 def run(config, workdir: str) -> dict:
+  if models.ALIASES.get(config.model, config.model) in models.TEXT_MODELS:
+    config = text_defaults(config)
   entry = common.pretrained(config)
+  task = entry.task
+  score = score_of(task)
   variables, split = entry.variables, entry.dataset.eval
-  names = layers.find_layers(variables)
+  # The layers qwix deploys (kernels of Dense/Conv/Einsum); embeddings stay in float.
+  names = [n for n in layers.find_layers(variables) if layers.kernel_leaf(variables, n) == "kernel"]
+  kept = [n for n in layers.find_layers(variables) if n not in names]
+  if kept:
+    print(f"kept in float (qwix does not quantize embedding lookups): {kept}", flush=True)
   sizes = {n: int(layers.get_kernel(variables, n).size) for n in names}
-  macs = layers.macs_per_layer(entry.model.apply, variables, split.images[:1])
+  macs = layers.macs_per_layer(entry.model.apply, variables,
+                               staged.split_inputs(split, task))
+  macs = {n: macs[n] for n in names}
   # The knapsack's item weights: kernel weights (bits budget) or MACs (BOPs budget); a budget
   # of `avg` allows sum(weights * bits) <= avg * sum(weights).
   weights = macs if config.budget_unit == "bops" else sizes
   ties = _tie_groups(config.tie_groups)
+  tie_qkv = (config.tie_qkv if config.tie_qkv is not None
+             else models.ALIASES.get(entry.name, entry.name) in models.TEXT_MODELS)
+  if tie_qkv:
+    ties = (ties or []) + mixed_precision.tie_groups(names)
+    print(f"tied bit widths: {ties}", flush=True)
   if ties:
     layers.select_layers(variables, [n for g in ties for n in g])  # unknown names -> error
   candidates = tuple(int(b) for b in config.candidates)
@@ -142,17 +208,19 @@ def run(config, workdir: str) -> dict:
       raise ValueError(f"budget {avg} average bits is below the smallest candidate "
                        f"({min_avg} bits): infeasible.")
   calib = entry.dataset.train.take(config.calib_examples)
-  print(f"cost tables from {len(calib)} calibration images: {list(config.sources)}", flush=True)
+  print(f"cost tables from {len(calib)} calibration examples: {list(config.sources)}",
+        flush=True)
   tables, seconds = mixed_precision.cost_tables(
       entry.model, variables, calib, candidates, tuple(config.sources),
       batch_size=config.calib_batch_size, seed=config.seed, full_range=config.full_range,
-      group_size=config.group_size, progress=config.progress)
+      group_size=config.group_size, progress=config.progress, task=task,
+      layers=[re.escape(n) for n in names])
   apply = entry.model.apply
   if config.quantize_acts:  # W + A: every layer's input at act_bits, calibrated ranges
     ranges = activations.input_ranges(entry.model, variables, benchmark.batches_from_split(
         calib, config.calib_batch_size), names)
     apply = activations.quantized_inputs_apply(entry.model, ranges, config.act_bits)
-  base = train.evaluate(entry.model.apply, variables, split)
+  base = train.evaluate(entry.model.apply, variables, split, task=task)
   rows, rules, deployed = [], {}, {}
 
   def qwix_rules(bits: dict) -> list:
@@ -163,7 +231,7 @@ def run(config, workdir: str) -> dict:
     key = tuple(sorted(bits.items()))
     if key not in deployed:
       apply = deploy.quantized_apply(entry.model, qwix_rules(bits))
-      deployed[key] = train.evaluate(apply, variables, split)
+      deployed[key] = train.evaluate(apply, variables, split, task=task)
     return deployed[key]
 
   plan = [(s, None) for s in config.sources] + [("uniform", None)] + [
@@ -175,7 +243,7 @@ def run(config, workdir: str) -> dict:
   if searching:
     options = search.quantized_options(variables, names, candidates, full_range=config.full_range,
                                        group_size=config.group_size)
-    evaluator = search.AllocationEvaluator(model, variables, search_split, options)
+    evaluator = search.AllocationEvaluator(model, variables, search_split, options, task=task)
     resource = {n: {b: weights[n] * b for b in candidates} for n in names}
     plan.append(("searched", None))
     seconds["searched"] = 0.0
@@ -184,10 +252,11 @@ def run(config, workdir: str) -> dict:
     """The row of one allocation: held-out accuracy and loss, qwix, size, BOPs."""
     quantized = mixed_precision.quantize_model(variables, bits, full_range=config.full_range,
                                                group_size=config.group_size)
-    m = train.evaluate(apply, quantized, split)
+    m = train.evaluate(apply, quantized, split, task=task)
     bits = {n: int(bits[n]) for n in names}
     # (W + A: qwix's QtProvider refuses a convolution whose input and weight types differ.)
-    q = through_qwix(bits) if config.qwix and not config.quantize_acts else {"accuracy": np.nan}
+    q = (through_qwix(bits) if config.qwix and not config.quantize_acts
+         else {score.column: np.nan, "loss": np.nan})
     label = source if seed is None else f"{source}_seed{seed}"
     rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(qwix_rules(bits))
     size_bits = sum(sizes[n] * b for n, b in bits.items())
@@ -197,9 +266,13 @@ def run(config, workdir: str) -> dict:
             "bops": budget.bops(bits, macs, config.act_bits),
             "avg_bits_per_mac": sum(macs[n] * b for n, b in bits.items())
                                 / max(sum(macs.values()), 1),
-            "accuracy": m["accuracy"], "loss": m["loss"],
-            "accuracy_drop": base["accuracy"] - m["accuracy"],
-            "qwix_accuracy": q["accuracy"], "bits": json.dumps(bits), "solver": solver}
+            **({"accuracy": m["accuracy"], "loss": m["loss"],
+                "accuracy_drop": base["accuracy"] - m["accuracy"],
+                "qwix_accuracy": q["accuracy"]} if score.column == "accuracy" else
+               {score.column: m[score.column], "loss": m["loss"],
+                "loss_increase": m["loss"] - base["loss"],
+                f"qwix_{score.column}": q[score.column], "qwix_loss": q["loss"]}),
+            "bits": json.dumps(bits), "solver": solver}
 
   searches = []
   for avg in config.budgets:
@@ -226,7 +299,7 @@ def run(config, workdir: str) -> dict:
         starts[source] = {n: int(alloc.bits[n]) for n in names}
       rows.append(measure(source, seed, avg, alloc.bits, alloc.method))
     print(f"  budget {avg:4.1f} bits: " + ", ".join(
-        f"{r['source']} {100 * r['accuracy']:.1f}%" for r in rows[-len(plan):]
+        f"{r['source']} {score.fmt(r[score.column])}" for r in rows[-len(plan):]
         if r["seed"] <= 0), flush=True)
   interactions = None
   if config.interaction.bits:
@@ -235,13 +308,17 @@ def run(config, workdir: str) -> dict:
         group_size=config.group_size)["params"] for n in names}
     perturbed = {n: layers.get_kernel(p, n) for n, p in perturbed.items()}
     interactions = search.interactions(model, variables, search_split, perturbed,
-                                       top=min(config.interaction.top, len(names)))
+                                       top=min(config.interaction.top, len(names)), task=task)
   results = pd.DataFrame(rows)
-  summary = _summary(results, base, entry, seconds, config, searches, interactions)
+  check = None
+  if config.qwix and not config.quantize_acts:
+    check = _verify(entry, variables, calib, task, results, config)
+  summary = _summary(results, base, entry, seconds, config, searches, interactions, score,
+                     kept, ties if tie_qkv else None, check)
   costs = {"tables": tables, "seconds": seconds, "sizes": sizes, "macs_per_example": macs,
            "baseline": base, "model": entry.name}
   paths = common.write_allocation_files(
-      workdir, results, costs, summary, lambda path: _plot(results, base, entry, path),
+      workdir, results, costs, summary, lambda path: _plot(results, base, entry, path, score),
       "accuracy_vs_bits.png",
       {"search_examples": config.search.examples, "objective": "loss", "budgets": searches},
       interactions, f"{entry.name}: joint vs additive loss increase, layers at "
@@ -251,34 +328,63 @@ def run(config, workdir: str) -> dict:
   return {"paths": paths, "results": results}
 
 
-def _mean_by_source(results: pd.DataFrame) -> pd.DataFrame:
+def _mean_by_source(results: pd.DataFrame, score: Score | None = None) -> pd.DataFrame:
+  col = "accuracy" if score is None else score.column
+  qwix = f"qwix_{col}"
   return results.groupby(["source", "budget_avg_bits"], sort=False).agg(
-      accuracy=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
-      qwix_accuracy=("qwix_accuracy", "mean"), avg_bits=("avg_bits", "mean"),
+      accuracy=(col, "mean"), accuracy_std=(col, "std"),
+      qwix_accuracy=(qwix, "mean") if qwix in results else (col, lambda v: np.nan),
+      avg_bits=("avg_bits", "mean"),
       avg_bits_per_mac=("avg_bits_per_mac", "mean")).reset_index()
 
 
+def _verify(entry, variables, calib, task, results: pd.DataFrame, config) -> Any:
+  """qwix vs simulation on a few calibration examples, layer by layer, at the lowest budget's
+  oracle-or-first allocation (:func:`safer_jax.deploy.verify`); None when it cannot run."""
+  if not config.full_range:  # (qwix deploys the full grid only)
+    return None
+  low = results[results.budget_avg_bits == results.budget_avg_bits.min()]
+  row = low.iloc[0]
+  bits = json.loads(row["bits"])
+  inputs = task.model_inputs(calib.batch(0, min(8, len(calib))))
+  args = (inputs,) if not isinstance(inputs, tasks.Call) else inputs.args
+  kwargs = {} if not isinstance(inputs, tasks.Call) else inputs.kwargs
+  return deploy.verify(entry.model, variables, bits, *args, group_size=config.group_size,
+                       **kwargs)
+
+
 def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
-             searches: list | None = None, interactions: pd.DataFrame | None = None) -> str:
+             searches: list | None = None, interactions: pd.DataFrame | None = None,
+             score: Score | None = None, kept: list | None = None, ties: list | None = None,
+             check: Any = None) -> str:
+  score = score or Score("accuracy", "eval accuracy (%)", True, 100.0)
+  classifier = score.column == "accuracy"
+  pct = "%" if classifier else ""
   full_range = config.full_range
   unit = ("average bits per weight" if config.budget_unit == "bits" else
           f"average weight bits per multiply-accumulate: BOPs at {config.act_bits}-bit "
           f"activations / ({config.act_bits} x MACs)")
-  mean = _mean_by_source(results)
+  mean = _mean_by_source(results, score)
   pivot = mean.pivot(index="source", columns="budget_avg_bits", values="accuracy")
   order = list(dict.fromkeys(results["source"]))
   pivot = pivot.reindex(order)
   budgets = list(pivot.columns)
-  lines = [f"# quant_sweep: {entry.name} on {entry.dataset.name}", "",
-           f"Float accuracy {100 * base['accuracy']:.2f}%. Eval accuracy (%) of the "
-           f"mixed-precision model at each budget ({unit}); random: mean of "
-           f"{int((results.source == 'random').sum() / max(len(budgets), 1))} seeds. Best per "
-           f"budget in bold.", "",
+  n_random = int((results.source == 'random').sum() / max(len(budgets), 1))
+  if classifier:
+    head = (f"Float accuracy {100 * base['accuracy']:.2f}%. Eval accuracy (%) of the "
+            f"mixed-precision model at each budget ({unit}); random: mean of "
+            f"{n_random} seeds. Best per budget in bold.")
+  else:
+    head = (f"Float {score.column} {score.fmt(base[score.column])} (loss {base['loss']:.4f}, "
+            f"task {entry.task.name}). {score.label[0].upper() + score.label[1:]} of the "
+            f"mixed-precision model at each budget ({unit}); random: mean of {n_random} seeds. "
+            f"Best (lowest) per budget in bold.")
+  lines = [f"# quant_sweep: {entry.name} on {entry.dataset.name}", "", head, "",
            "| source | " + " | ".join(f"{b:g} bits" for b in budgets) + " | cost time (s) |",
            "|---|" + "---|" * (len(budgets) + 1)]
-  best = pivot.max(axis=0)
+  best = pivot.max(axis=0) if score.higher_is_better else pivot.min(axis=0)
   for source, row in pivot.iterrows():
-    cells = [(f"**{100 * v:.2f}**" if np.isclose(v, best[b]) else f"{100 * v:.2f}")
+    cells = [(f"**{score.fmt(v)}**" if np.isclose(v, best[b]) else score.fmt(v))
              for b, v in row.items()]
     lines.append(f"| {source} | " + " | ".join(cells) + f" | {seconds.get(source, 0.0):.1f} |")
   criteria_rows = pivot.drop(index=[s for s in ("oracle", "uniform", "random", "searched")
@@ -287,13 +393,13 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
   for b in budgets:
     parts = []
     if "oracle" in pivot.index:
-      parts.append(f"oracle {100 * pivot.loc['oracle', b]:.2f}%")
+      parts.append(f"oracle {score.fmt(pivot.loc['oracle', b])}{pct}")
     if len(criteria_rows):
-      top = criteria_rows[b].idxmax()
-      parts.append(f"best criterion ({top}) {100 * criteria_rows.loc[top, b]:.2f}%")
-    parts.append(f"uniform {100 * pivot.loc['uniform', b]:.2f}%")
+      top = criteria_rows[b].idxmax() if score.higher_is_better else criteria_rows[b].idxmin()
+      parts.append(f"best criterion ({top}) {score.fmt(criteria_rows.loc[top, b])}{pct}")
+    parts.append(f"uniform {score.fmt(pivot.loc['uniform', b])}{pct}")
     if "searched" in pivot.index:
-      parts.append(f"searched {100 * pivot.loc['searched', b]:.2f}%")
+      parts.append(f"searched {score.fmt(pivot.loc['searched', b])}{pct}")
     lines.append(f"- At {b:g} bits average: " + ", ".join(parts) + ".")
   grid = ("qwix's full signed grid (codes -2^(b-1)..2^(b-1)-1)" if full_range else
           "the restricted grid (codes -(2^(b-1)-1)..2^(b-1)-1)")
@@ -305,31 +411,48 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
           f"int2..int8 weights); `qwix_rules.json` holds the weight rules."
           if config.quantize_acts else " Activations in float.")
   lines += ["", f"Simulated quantization: {grid}, {scales}.{acts}"]
+  if kept:
+    lines += ["", f"Kept in float (embedding lookups, which qwix does not quantize): "
+              f"{', '.join(f'`{n}`' for n in kept)}."]
+  if ties:
+    lines += ["", "Tied to one bit width (query/key/value of each attention): " + "; ".join(
+        "(" + ", ".join(f"`{n}`" for n in g) + ")" for g in ties) + "."]
   if searches:
     lines += ["", common.search_summary(results, searches, config.search.examples, "budget_avg_bits",
                                  "bits")]
   if interactions is not None and len(interactions):
     lines += ["", common.interaction_summary(interactions, f"{config.interaction.bits} bits")]
-  if results["qwix_accuracy"].notna().any():
+  qcol = f"qwix_{score.column}"
+  if qcol in results and results[qcol].notna().any():
     qwix_pivot = mean.pivot(index="source", columns="budget_avg_bits",
                             values="qwix_accuracy").reindex(order)
-    n = base["num_examples"]
-    gap = float(np.nanmax(np.abs(results["qwix_accuracy"] - results["accuracy"]))) * n
+    if classifier:
+      n = base["num_examples"]
+      gap = float(np.nanmax(np.abs(results["qwix_accuracy"] - results["accuracy"]))) * n
+      what = (f"eval accuracy (%); largest gap to the simulated model: {gap:.0f} of {n} "
+              "eval images.")
+    else:
+      gap = float(np.nanmax(np.abs(results[qcol] - results[score.column])))
+      what = f"{score.label}; largest gap to the simulated model: {gap:.4f}."
     lines += ["", "Deployed through qwix (`qwix.QtProvider`, the rules in `qwix_rules.json`), "
-              f"eval accuracy (%); largest gap to the simulated model: {gap:.0f} of {n} "
-              "eval images.", "",
+              + what, "",
               "| source | " + " | ".join(f"{b:g} bits" for b in budgets) + " |",
               "|---|" + "---|" * len(budgets)]
     for source, row in qwix_pivot.iterrows():
-      lines.append(f"| {source} | " + " | ".join(f"{100 * v:.2f}" for v in row) + " |")
+      lines.append(f"| {source} | " + " | ".join(score.fmt(v) for v in row) + " |")
+  if check is not None:
+    lines += ["", "qwix vs simulation, layer by layer (`deploy.verify`, "
+              f"{results.budget_avg_bits.min():g}-bit allocation of `{results.iloc[0]['source']}`):",
+              "", "```", str(check).rstrip(), "```"]
   return "\n".join(lines) + "\n"
 
 
-def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
+def _plot(results: pd.DataFrame, base: dict, entry, path: str, score: Score | None = None) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  mean = _mean_by_source(results)
+  score = score or Score("accuracy", "eval accuracy (%)", True, 100.0)
+  mean = _mean_by_source(results, score)
   x = "avg_bits_per_mac" if results["budget_unit"].iloc[0] == "bops" else "avg_bits"
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for source in dict.fromkeys(results["source"]):
@@ -339,17 +462,19 @@ def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
              "searched": dict(color="tab:green", lw=2.5, marker="*", ms=8)}.get(source,
                                                                               dict(lw=1.4))
     style = {"marker": "o", "ms": 3.5, **style}
-    ax.errorbar(sub[x], 100 * sub["accuracy"], yerr=100 * sub["accuracy_std"].fillna(0),
-                label=source, capsize=2, **style)
-  ax.axhline(100 * base["accuracy"], color="green", lw=0.8, ls="-.", label="float32")
+    ax.errorbar(sub[x], score.scale * sub["accuracy"],
+                yerr=score.scale * sub["accuracy_std"].fillna(0), label=source, capsize=2,
+                **style)
+  ax.axhline(score.scale * base[score.column], color="green", lw=0.8, ls="-.", label="float32")
   ax.set_xlabel("average bits per weight (parameter-weighted)" if x == "avg_bits" else
                 "average weight bits per MAC (BOPs / (activation bits x MACs))")
-  ax.set_ylabel("eval accuracy (%)")
+  ax.set_ylabel(score.label)
+  if not score.higher_is_better:  # perplexity explodes at 2 bits: show the useful range
+    low = score.scale * base[score.column]
+    ax.set_yscale("log")
+    ax.set_ylim(low * 0.98, max(low * 3, low + 1e-6))
   ax.set_title(f"{entry.name} on {entry.dataset.name}: mixed precision under a "
                f"{'size' if x == 'avg_bits' else 'BOPs'} budget")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return io.save_figure(path, fig)
-
-
-

@@ -22,6 +22,7 @@ import os
 import time
 
 from experiments import common
+import numpy as np
 import pandas as pd
 from ml_collections import config_dict
 
@@ -84,11 +85,16 @@ def load(config) -> tuple[zoo.ZooEntry, object]:
 def run(config, workdir: str) -> dict:
   entry, split = load(config)
   scfg = sweep_config(config)
+  task = entry.task
   t0 = time.perf_counter()
   table = sweep.run_sweep(entry.model, entry.variables, split, scfg,
                           results_path=os.path.join(workdir, "table.csv"),
-                          progress=config.progress)
-  if config.get("act_quantize"):
+                          progress=config.progress, task=task)
+  classifier = "accuracy" in task.metrics
+  if config.get("act_quantize") and not classifier:
+    print(f"(activation quantization is measured for image classifiers; skipped for task "
+          f"{task.name!r})", flush=True)
+  if config.get("act_quantize") and classifier:
     calib = benchmark.batches_from_split(entry.dataset.train.take(config.act_calib_examples),
                                          min(config.act_calib_examples, 128))
     acts = activations.act_sweep(entry.model, entry.variables, split, calib,
@@ -100,19 +106,23 @@ def run(config, workdir: str) -> dict:
     table = pd.concat([table, acts[list(table.columns)]], ignore_index=True)
     table.attrs.update(attrs)
   seconds = time.perf_counter() - t0
-  title = f"{entry.name} on {entry.dataset.name}: accuracy drop per layer"
-  imp = sweep.importance(table)
+  metric = sweep.tables.default_metric(table)
+  what = metric.replace("_", " ")
+  title = f"{entry.name} on {entry.dataset.name}: {what} per layer"
+  imp = sweep.importance(table, metric)
   paths = {
       "table": os.path.join(workdir, "table.csv"),
       "summary": io.write_csv(os.path.join(workdir, "summary.csv"), sweep.summary_stats(table)),
       "importance": io.write_csv(os.path.join(workdir, "importance.csv"),
                                  imp.reset_index(names="layer")),
       "heatmap": plots.sensitivity_heatmap(table, os.path.join(workdir, "heatmap.png"),
-                                           title=title),
+                                           metric=metric, title=title),
       "lines": plots.sensitivity_lines(table, os.path.join(workdir, "lines.png"),
-                                       title=f"{entry.name}: accuracy vs magnitude"),
+                                       title=f"{entry.name}: {_score(table)} vs magnitude",
+                                       metric=_score(table)),
   }
   meta = {"model": entry.name, "dataset": entry.dataset.name, "seed": config.seed,
+          "task": task.name, "ground_truth": metric,
           "eval_examples": len(split), "baseline": table.attrs,
           "families": {k: list(v) for k, v in scfg.grids().items()},
           "act_quantize": list(config.get("act_quantize", ())),
@@ -122,10 +132,9 @@ def run(config, workdir: str) -> dict:
           "checkpoint": entry.path, "versions": io.versions()}
   paths["meta"] = io.write_json(os.path.join(workdir, "meta.json"), meta)
   paths["summary_md"] = io.write_text(os.path.join(workdir, "summary.md"),
-                                      _markdown(entry, split, table, imp, seconds))
-  print(f"{len(table)} cells ({cells_summary(table)}) in {seconds:.1f}s; baseline accuracy "
-        f"{table.attrs['baseline_accuracy']:.4f}. Most sensitive layer per family "
-        f"(area under the accuracy-drop curve):")
+                                      _markdown(entry, split, table, imp, seconds, metric))
+  print(f"{len(table)} cells ({cells_summary(table)}) in {seconds:.1f}s; {_baseline(table)}. "
+        f"Most sensitive layer per family (area under the {what} curve):")
   for family in imp.columns:
     print(f"  {family:9s} {imp[family].idxmax():28s} {imp[family].max():.4f}")
   return {"paths": paths, "table": table, "importance": imp}
@@ -137,12 +146,27 @@ def cells_summary(table) -> str:
   return f"{computed} computed, {reused} reused from table.csv" if reused else "all computed"
 
 
-def _markdown(entry, split, table, imp, seconds: float) -> str:
+def _score(table) -> str:
+  """The column the line plot shows: accuracy for classifiers, else the loss."""
+  return "accuracy" if "accuracy" in table.columns else "loss"
+
+
+def _baseline(table) -> str:
+  """The float model's scores, e.g. 'float accuracy 98.61%' or 'float loss 1.68 (perplexity 5.36)'."""
+  if "baseline_accuracy" in table.attrs:
+    return f"float accuracy {100 * table.attrs['baseline_accuracy']:.2f}%"
+  loss = table.attrs["baseline_loss"]
+  ppl = f" (perplexity {np.exp(loss):.2f})" if table.attrs.get("task") == "token_cross_entropy" \
+      else ""
+  return f"float loss {loss:.4f}{ppl}"
+
+
+def _markdown(entry, split, table, imp, seconds: float, metric: str = "accuracy_drop") -> str:
+  unit = "eval images" if not entry.dataset.is_text else "eval sequences"
   lines = [f"# sensitivity: {entry.name} on {entry.dataset.name}", "",
-           f"{len(table)} cells ({cells_summary(table)}) on {len(split)} eval images in {seconds:.1f} "
-           f"s; float accuracy "
-           f"{100 * table.attrs['baseline_accuracy']:.2f}%. Importance = area under the "
-           f"seed-averaged accuracy-drop curve over the magnitude grid (higher = more "
+           f"{len(table)} cells ({cells_summary(table)}) on {len(split)} {unit} in "
+           f"{seconds:.1f} s; {_baseline(table)}. Importance = area under the "
+           f"seed-averaged {metric.replace('_', '-')} curve over the magnitude grid (higher = more "
            f"sensitive); the most sensitive layer per family in bold.", "",
            "| layer | " + " | ".join(imp.columns) + " |", "|---|" + "---|" * len(imp.columns)]
   for layer, row in imp.iterrows():

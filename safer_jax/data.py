@@ -155,6 +155,10 @@ class Dataset:
     input_shape: shape of one image ``(H, W, C)``.
     mean: per-channel mean subtracted from [0, 1] pixels, or None (pixels in [0, 1]).
     std: per-channel standard deviation the pixels were divided by, or None.
+    task: what a model of it is trained and scored on (a
+      :class:`safer_jax.tasks.Task`); None: image classification. Text corpora
+      (:mod:`safer_jax.text`): ``token_cross_entropy`` (``num_classes`` is then
+      the vocabulary size, ``input_shape`` ``(seq_len,)``).
   """
   name: str
   train: Split
@@ -163,8 +167,17 @@ class Dataset:
   input_shape: tuple[int, int, int]
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+  task: Any = None
+
+  @property
+  def is_text(self) -> bool:
+    """A token corpus (model inputs are token ids), not images."""
+    return "image" not in self.train.arrays
 
   def summary(self) -> str:
+    if self.is_text:
+      return (f"{self.name}: {len(self.train)} train / {len(self.eval)} eval sequences of "
+              f"{self.input_shape[0]} tokens, vocabulary {self.num_classes}")
     return (f"{self.name}: {len(self.train)} train / {len(self.eval)} eval, "
             f"input {self.input_shape}, {self.num_classes} classes")
 
@@ -588,8 +601,12 @@ def load_dataset(name: str = "digits", *, data_dir: str | None = None, split_see
                  **kwargs: Any) -> Dataset:
   """Returns a :class:`Dataset` by name: ``'digits'`` (embedded) or any prepared tfds name.
 
+  Text (language modelling, :mod:`safer_jax.text`): ``'pydoc'`` (embedded:
+  CPython's own documentation text, byte level) and the tfds text datasets
+  ``'tiny_shakespeare'`` and ``'lm1b'``.
+
   Args:
-    name: ``'digits'`` or a tensorflow-datasets name.
+    name: ``'digits'``, ``'pydoc'`` or a tensorflow-datasets name.
     data_dir: tfds data directory (ignored for ``'digits'``); defaults to the
       ``TFDS_DATA_DIR`` environment variable, then tfds' own default.
     split_seed: seed of the digits train/eval split.
@@ -601,6 +618,15 @@ def load_dataset(name: str = "digits", *, data_dir: str | None = None, split_see
   Raises:
     ValueError: unknown name, unprepared tfds dataset, or a tfds-only option set for digits.
   """
+  from safer_jax import text  # pylint: disable=import-outside-toplevel
+  if name in text.text_datasets():
+    given = sorted(k for k in TFDS_ONLY_OPTIONS if kwargs.get(k) is not None
+                   and k not in ("max_train", "max_eval"))
+    if given:
+      raise ValueError(f"Options {given} apply to image datasets, not to the text dataset "
+                       f"{name!r}; leave them unset (None).")
+    opts = {k: kwargs[k] for k in ("max_train", "max_eval") if kwargs.get(k) is not None}
+    return text.load(name, data_dir=data_dir if name not in text.EMBEDDED else None, **opts)
   if name == "digits":
     given = sorted(k for k in TFDS_ONLY_OPTIONS if kwargs.get(k) is not None)
     if given:

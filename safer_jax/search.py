@@ -646,7 +646,8 @@ def search_allocation(evaluator: AllocationEvaluator,
 
 def interactions(model: Any, variables: Mapping[str, Any] | None, split: data_lib.Split,
                  perturbed: Mapping[str, Any], *, top: int = 6,
-                 config: sweep.SweepConfig | None = None) -> pd.DataFrame:
+                 config: sweep.SweepConfig | None = None,
+                 task: tasks_lib.Task | str | None = None) -> pd.DataFrame:
   """Joint vs additive loss increase of pairs of the most sensitive layers.
 
   Evaluates (one :class:`AllocationEvaluator`) the unperturbed model, each layer
@@ -656,6 +657,8 @@ def interactions(model: Any, variables: Mapping[str, Any] | None, split: data_li
   Args:
     perturbed: ``{layer: perturbed kernel}`` (e.g. quantized to 3 bits).
     top: how many layers (by single-layer loss increase) to pair (>= 2).
+    task: what the loss is (:mod:`safer_jax.tasks`; None: classification);
+      the "accuracy" columns hold its first metric.
 
   Returns:
     One row per pair (``layer_a`` before ``layer_b`` in ``perturbed``'s order):
@@ -672,7 +675,7 @@ def interactions(model: Any, variables: Mapping[str, Any] | None, split: data_li
   names = list(perturbed)
   options = {n: {0: np.asarray(layers_lib.get_kernel(variables, n)),
                  1: np.asarray(perturbed[n])} for n in names}
-  ev = AllocationEvaluator(model, variables, split, options, config)
+  ev = AllocationEvaluator(model, variables, split, options, config, task=task)
   eye = np.eye(len(names), dtype=np.int32)
   acc, loss = ev(np.concatenate([np.zeros((1, len(names)), np.int32), eye]))
   single = loss[1:] - loss[0]

@@ -235,7 +235,22 @@ def _check_labels(logits: Any, labels: np.ndarray, what: str, rank: int) -> None
                      f"gives {k} logits per example; labels must be in [0, {k - 1}].")
 
 
-@functools.lru_cache(maxsize=None)
+def _frozen_args(preset):
+  """``lru_cache`` of a preset whose ``inputs`` may be a list or dict (frozen first)."""
+  cached_preset = functools.lru_cache(maxsize=None)(preset)
+
+  @functools.wraps(preset)
+  def build(*args, **kwargs):
+    if args:
+      args = (_freeze(args[0]), *args[1:])
+    if "inputs" in kwargs:
+      kwargs["inputs"] = _freeze(kwargs["inputs"])
+    return cached_preset(*args, **kwargs)
+
+  return build
+
+
+@_frozen_args
 def classification(inputs: Any = "image", label: str = "label") -> Task:
   """Classifiers: mean cross-entropy (nats) and accuracy; ``logits (B, K)``, ``labels (B,)`` int."""
 
@@ -269,7 +284,7 @@ def _masked_mean(values, batch, mask_key):
   return jnp.where(count > 0, jnp.sum(values * m, axis=1) / jnp.maximum(count, 1), 0.0)
 
 
-@functools.lru_cache(maxsize=None)
+@_frozen_args
 def token_cross_entropy(inputs: Any = "tokens", targets: str = "targets",
                         mask: str | None = "mask") -> Task:
   """Language models: token-level cross-entropy (nats/token) with a padding mask.
@@ -281,15 +296,21 @@ def token_cross_entropy(inputs: Any = "tokens", targets: str = "targets",
   ``token_accuracy`` (next token right) is a metric.
   """
 
+  def kept_targets(batch):  # padding targets (e.g. -100) read as 0: masked out anyway
+    t = batch[targets]
+    return t if mask is None else jnp.where(batch[mask] > 0, t, 0)
+
   def loss(logits, batch):
-    return _masked_mean(cross_entropy(logits, batch[targets]), batch, mask)
+    return _masked_mean(cross_entropy(logits, kept_targets(batch)), batch, mask)
 
   def token_accuracy(logits, batch):
-    right = (jnp.argmax(logits, -1) == batch[targets]).astype(jnp.float32)
+    right = (jnp.argmax(logits, -1) == kept_targets(batch)).astype(jnp.float32)
     return _masked_mean(right, batch, mask)
 
   def check(logits, batch):
-    _check_labels(logits, batch[targets], "token_cross_entropy", np.ndim(batch[targets]) + 1)
+    kept = batch[targets] if mask is None else np.asarray(batch[targets])[
+        np.asarray(batch[mask]) > 0]
+    _check_labels(logits, kept, "token_cross_entropy", np.ndim(batch[targets]) + 1)
 
   return Task("token_cross_entropy", loss, _freeze(inputs), {"token_accuracy": token_accuracy},
               weight=None if mask is None else _token_weights(mask),
@@ -297,7 +318,7 @@ def token_cross_entropy(inputs: Any = "tokens", targets: str = "targets",
               derived={"perplexity": lambda m: float(np.exp(m["loss"]))})
 
 
-@functools.lru_cache(maxsize=None)
+@_frozen_args
 def mse(inputs: Any = "x", target: str = "y") -> Task:
   """Regression: per-example mean squared error over the output's non-batch axes."""
 
@@ -316,7 +337,7 @@ def mse(inputs: Any = "x", target: str = "y") -> Task:
               derived={"rmse": lambda m: float(np.sqrt(m["loss"]))})
 
 
-@functools.lru_cache(maxsize=None)
+@_frozen_args
 def kl_to_reference(inputs: Any = "image", mask: str | None = None) -> Task:
   """Label-free: KL(p_float || p_model) in nats, over the last (class/vocab) axis.
 
@@ -475,7 +496,14 @@ def check_outputs(model: Any, variables: Any, split: Any, task: Task) -> None:
     return
   batch = split.as_batch() if hasattr(split, "as_batch") else dict(split)
   inputs = task.model_inputs(batch)
-  out = jax.eval_shape(lambda v, x: forward(apply, v, x), variables, inputs)
+  try:
+    out = jax.eval_shape(lambda v, x: forward(apply, v, x), variables, inputs)
+  except TypeError as e:
+    if "not a valid JAX type" not in str(e):
+      raise
+    raise ValueError(f"{task.name}: the model returns an object JAX cannot hold ({e}); pick "
+                     f"the array out of it with safer_jax.wrap(model, variables, "
+                     f"output=lambda out: out.logits).") from None
   task.check(out, batch)
   seen.add(key)
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from safer_jax import data as data_lib
+from safer_jax import tasks
 
 VOCAB_SIZE = 256
 """Byte-level vocabulary: token id = byte value."""
@@ -207,7 +208,8 @@ def load_text_corpus(name: str = "pydoc", *, seq_len: int = DEFAULT_SEQ_LEN,
   cut = stream.size - int(round(eval_fraction * stream.size))
   train = windows(stream[:cut], seq_len, max_train)
   evals = windows(stream[cut:], seq_len, max_eval)
-  return data_lib.Dataset(name, train, evals, VOCAB_SIZE, (seq_len,))
+  return data_lib.Dataset(name, train, evals, VOCAB_SIZE, (seq_len,),
+                          task=tasks.token_cross_entropy())
 
 
 def _tfds_error(tfds: Any, name: str, data_dir: str | None, error: Exception) -> ValueError:
@@ -299,7 +301,8 @@ def load_tfds_text(name: str, *, data_dir: str | None = None, seq_len: int = DEF
       count = len(source) if cap is None else min(cap, len(source))
       splits.append(sentence_rows(
           (encode(_record_bytes(source[i][text_key])) for i in range(count)), seq_len))
-  return data_lib.Dataset(base, splits[0], splits[1], VOCAB_SIZE, (seq_len,))
+  return data_lib.Dataset(base, splits[0], splits[1], VOCAB_SIZE, (seq_len,),
+                          task=tasks.token_cross_entropy())
 
 
 def load(name: str = "pydoc", *, data_dir: str | None = None, **kwargs: Any) -> data_lib.Dataset:

@@ -251,6 +251,9 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
     sums = _eval_sums(apply_fn, task, variables, task.model_inputs(batch),
                       task.loss_batch(batch), mask)
     total += [float(x) for x in np.asarray(sums)]
+  if not total[0] > 0:
+    raise ValueError(f"Nothing to evaluate: the split's {n} examples weigh 0 under task "
+                     f"{task.name!r} (e.g. every token masked).")
   means = task.means(total)
   out = {**{m: means[m] for m in task.metrics}, "loss": means["loss"]}
   out.update({name: fn(means) for name, fn in task.derived.items()})

@@ -381,10 +381,8 @@ def _mode_kwargs(module: Any, given: Mapping[str, Any], *,
         kwargs[p.name] = inference
       if p.name in _TRAIN_FLIPS:
         train[p.name] = not inference
-  missing = [p.name for p in rest if p.default is p.empty and p.name not in kwargs]
-  if missing:
-    raise ValueError(f"{cls}.__call__ needs {missing} besides the input; pass them to wrap(), "
-                     f"e.g. wrap(model{', variables' if infer else ''}, {missing[0]}=...).")
+  # Required arguments not given here (a mask, lengths, positions) are more model inputs: they
+  # come from each batch (a task's ``inputs``, :mod:`safer_jax.tasks`), never fixed here.
   return kwargs, train
 
 
@@ -423,8 +421,11 @@ def wrap(model: Any, variables: Any = None, *, output: Callable[[Any], Any] | No
   if isinstance(model, WrappedModel):
     if variables is None and not apply_kwargs and output is None:
       return model
-    return wrap(model.module, model.variables if variables is None else variables,
-                output=output or model.output, **{**model.apply_kwargs, **apply_kwargs})
+    if variables is None:  # (a plain function of params gets its params back, not variables)
+      variables = (model.variables if model.kind != "apply_fn" or model._takes_variables  # pylint: disable=protected-access
+                   else model.variables["params"])
+    return wrap(model.module, variables, output=output or model.output,
+                **{**model.apply_kwargs, **apply_kwargs})
   if _is_nnx(model):
     wrapped = _wrap_nnx(model, variables, apply_kwargs)
   elif _is_linen(model):

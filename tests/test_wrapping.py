@@ -231,8 +231,12 @@ def test_bad_models_are_refused_with_what_is_accepted(models):
     def __call__(self, x, mask):
       return self.fc(x) * mask
 
-  with pytest.raises(ValueError, match=r"NeedsMask.__call__ needs \['mask'\]"):
-    sj.wrap(NeedsMask())
+  # A required argument not given to wrap is a second model input, passed per batch
+  # (a task's inputs=("x", "mask")), never frozen at one batch size.
+  wrapped = sj.wrap(NeedsMask())
+  x, mask = jnp.ones((3, 2)), jnp.asarray([[1.0, 0.0]] * 3)
+  np.testing.assert_array_equal(wrapped.apply(wrapped.variables, x, mask),
+                                wrapped.apply(wrapped.variables, x, 1.0) * mask)
   assert sj.wrap(NeedsMask(), mask=1.0).apply_kwargs == {"mask": 1.0}
 
 
