@@ -673,24 +673,32 @@ def search_summary(results: pd.DataFrame, searches: list, examples: int, budget_
   evals = sum(s["evaluations"] for s in searches)
   secs = sum(s["seconds"] for s in searches)
   others = results[~results.source.str.startswith("searched") & (results.source != "random")]
-  best = others.groupby(budget_column)[metric].max()
+  lower = metric in ("perplexity", "loss")  # lower is better
+  unit_ex = "sequences" if metric == "perplexity" else "images"
+  best = (others.groupby(budget_column)[metric].min() if lower
+          else others.groupby(budget_column)[metric].max())
   found = results[results.source == source].set_index(budget_column)[metric]
-  behind = [f"{b:g} {unit} ({100 * found[b]:.2f}% vs {100 * best[b]:.2f}%)"
-            for b in found.index if found[b] < best[b] - 1e-9]
+  if lower:
+    behind = [f"{b:g} {unit} ({found[b]:.2f} vs {best[b]:.2f})"
+              for b in found.index if found[b] > best[b] + 1e-9]
+  else:
+    behind = [f"{b:g} {unit} ({100 * found[b]:.2f}% vs {100 * best[b]:.2f}%)"
+              for b in found.index if found[b] < best[b] - 1e-9]
   moved = [s for s in searches if s["calib_loss"] < s["best_start_calib_loss"]]
   kept = [s for s in searches if s.get("kept_start")]
   text = (f"{source}: a batched local search over whole models (raise one layer, lower another "
           f"until the budget holds) from every non-random source's allocation, scored by "
-          f"loss{scored} on {examples} training images (never the eval split): {evals} "
+          f"loss{scored} on {examples} training {unit_ex} (never the eval split): {evals} "
           f"whole-model evaluations in {secs:.1f} s over {len(searches)} budgets. It lowered "
-          f"the calibration loss significantly (paired z >= 2 over the calibration images) "
+          f"the calibration loss significantly (paired z >= 2 over the calibration {unit_ex}) "
           f"below its best start at {len(moved)} of {len(searches)} budgets"
           + (f"; at {len(kept)} more it found lower but not significantly lower losses and "
              f"kept the best start" if kept else "") + ". ")
-  what = "accuracy" if metric == "accuracy" else "accuracy with BatchNorm re-estimated"
+  what = (metric if metric in ("accuracy", "perplexity", "loss")
+          else "accuracy with BatchNorm re-estimated")
   if behind:
     text += (f"On held-out {what} it is below the best other source at "
-             + ", ".join(behind) + ": selection on training images does not carry over "
+             + ", ".join(behind) + f": selection on training {unit_ex} does not carry over "
              "exactly to the eval split.")
   else:
     text += (f"On held-out {what} it is at least as good as every other "

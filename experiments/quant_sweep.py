@@ -151,7 +151,7 @@ def score_of(task) -> Score:
 # bits leave it no better than a unigram model).
 TEXT_DEFAULTS = {"sources": ("oracle", "hawq", "fisher", "corruption", "quant_error"),
                  "budgets": (3.0, 4.0, 5.0, 6.0, 8.0), "calib_examples": 128,
-                 "search.examples": 128}
+                 "random_seeds": (0,), "search.examples": 128, "search.evals": 96}
 
 
 def text_defaults(config):
@@ -419,7 +419,7 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
         "(" + ", ".join(f"`{n}`" for n in g) + ")" for g in ties) + "."]
   if searches:
     lines += ["", common.search_summary(results, searches, config.search.examples, "budget_avg_bits",
-                                 "bits")]
+                                 "bits", metric=score.column)]
   if interactions is not None and len(interactions):
     lines += ["", common.interaction_summary(interactions, f"{config.interaction.bits} bits")]
   qcol = f"qwix_{score.column}"

@@ -15,7 +15,7 @@ import flax.linen as nn
 from safer_jax.models.common import StagedModel
 from safer_jax.models.imagenet import TorchMobileNetV2, TorchResNet
 from safer_jax.models.lenet import LeNet
-from safer_jax.models.lm import lm_tiny
+from safer_jax.models.lm import TransformerLM, lm_tiny
 from safer_jax.models.mlp import MLP
 from safer_jax.models.mobilenet import MobileNetV2
 from safer_jax.models.resnet import ResNet
@@ -66,4 +66,4 @@ def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 __all__ = ["MODELS", "get_model", "list_models", "StagedModel", "MLP", "LeNet", "ResNet",
-           "MobileNetV2", "ViT", "IMAGENET_MODELS", "TEXT_MODELS", "TorchResNet", "TorchMobileNetV2"]
+           "MobileNetV2", "TransformerLM", "ViT", "IMAGENET_MODELS", "TEXT_MODELS", "TorchResNet", "TorchMobileNetV2"]
