@@ -520,8 +520,9 @@ def validate_config(module: Any, config: ml_collections.ConfigDict,
   """Every check of ``config`` for the experiment ``module``, before any work.
 
   Args:
-    module: the experiment module (its optional ``validate(config, check)`` and
-      ``EXTRA_MODELS``, names besides the zoo's allowed as ``model``).
+    module: the experiment module (its optional ``validate(config, check)``,
+      ``EXTRA_MODELS``, names besides the zoo's allowed as ``model``, and
+      ``TEXT_MODELS_OK``: it runs the language models too).
     config: the config after flags and overrides.
     names: keys set from flags -> the flag (``{'seed': '--seed'}``).
 
@@ -533,6 +534,12 @@ def validate_config(module: Any, config: ml_collections.ConfigDict,
     check.rule(key, rule)
   if "model" in config:
     check.rule("model", choice(model_names(getattr(module, "EXTRA_MODELS", ()))))
+    if not getattr(module, "TEXT_MODELS_OK", False):
+      name = models.ALIASES.get(config.model, config.model)
+      check.require(name not in models.TEXT_MODELS, "model",
+                    f"an image classifier: this experiment measures accuracy on images (the "
+                    f"language models {list(models.TEXT_MODELS)} run in the experiments "
+                    f"sensitivity and quant_sweep)")
   if "families" in config and "seeds" in config:
     check_sweep_keys(check)
   _check_paths(check)

@@ -36,9 +36,10 @@ import pandas as pd
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import benchmark, calibration, criteria, io, layers, models, perturb, sweep
+from safer_jax import benchmark, calibration, criteria, io, layers, models, perturb, sweep, train
 
-ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2", "vit_tiny")
+ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2", "vit_tiny", "lm_tiny")
+TEXT_MODELS_OK = True  # lm_tiny: truth = loss increase (nats/token), criteria on its token loss
 FAMILIES = ("quantize", "prune", "bitflip", "noise")
 METRICS = ("accuracy_drop", "loss_increase")
 
@@ -174,7 +175,7 @@ def validate(config, check: common.Checker) -> None:
 
 def _model_names(config) -> list[str]:
   if config.model == "all":  # every model trained on first use (not the ImageNet architectures)
-    return [m for m in models.list_models() if m not in models.IMAGENET_MODELS + models.TEXT_MODELS]
+    return [m for m in models.list_models() if m not in models.IMAGENET_MODELS]
   return [config.model] if config.model else list(config.models)
 
 
@@ -226,7 +227,12 @@ def _ground_truth(entry, config, model_dir: str) -> dict:
   importances, calibrations and wall time."""
   split = entry.dataset.eval.take(config.eval_examples or None)
   t0 = time.perf_counter()
-  calibrations = calibrated_grids(entry, config, split)
+  if entry.dataset.is_text and config.grid_mode == "calibrated":
+    # (grid calibration targets an accuracy drop; a language model keeps the fixed grids)
+    print(f"  {entry.name}: fixed grids (calibration targets accuracy drops)", flush=True)
+    calibrations = {}
+  else:
+    calibrations = calibrated_grids(entry, config, split)
   calibration_seconds = time.perf_counter() - t0
   if calibrations:
     io.write_json(os.path.join(model_dir, "calibration.json"),
@@ -238,13 +244,14 @@ def _ground_truth(entry, config, model_dir: str) -> dict:
   start = time.perf_counter()
   grids = {f: g.grid for f, g in calibrations.items()}
   table = sweep.run_sweep(entry.model, entry.variables, split, sweep_config(config, grids),
-                          results_path=results_path, progress=config.progress)
+                          results_path=results_path, progress=config.progress, task=entry.task)
   elapsed = time.perf_counter() - start
   if len(table) > rows_before:  # cells were evaluated now: count their time.
     meta = {"seconds": float(meta["seconds"]) + elapsed, "cells": len(table),
             "eval_examples": len(split)}
     io.write_json(meta_path, meta)
-  truth = {metric: sweep.importance(table, metric) for metric in config.metrics}
+  truth = {metric: sweep.importance(table, metric) for metric in config.metrics
+           if metric in table.columns}  # (a language model has no accuracy drop)
   long = pd.concat([frame.rename_axis("layer").reset_index()
                     .melt(id_vars="layer", var_name="family", value_name="importance")
                     .assign(metric=metric) for metric, frame in truth.items()], ignore_index=True)
@@ -253,13 +260,14 @@ def _ground_truth(entry, config, model_dir: str) -> dict:
   return {"table": table, "truth": truth, "seconds": float(meta["seconds"]),
           "sweep_path": results_path, "truth_path": truth_path,
           "baseline_accuracy": table.attrs.get("baseline_accuracy"),
+          "baseline_loss": table.attrs.get("baseline_loss"),
           "calibration": {f: g.to_json() for f, g in calibrations.items()},
           "calibration_seconds": calibration_seconds,
           "grids": {f: list(sweep_config(config, grids).grids()[f]) for f in config.families}}
 
 
 def _criteria_scores(entry, config) -> tuple[dict, dict]:
-  loss_fn = benchmark.classifier_loss_fn(entry.model, entry.variables)
+  loss_fn = train.task_loss_fn(entry.model, entry.variables, entry.task)
   batches = benchmark.batches_from_split(entry.dataset.train, config.calib_batch_size,
                                          config.calib_batches)
   names = list(config.criteria)
@@ -351,14 +359,19 @@ def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict,
     lines += [f"## Truth: {metric.replace('_', ' ')}", ""]
     for model, info in models_info.items():
       sub = agreement[(agreement.model == model) & (agreement.metric == metric)]
-      lines += [f"### {model} ({info['num_layers']} layers, baseline accuracy "
-                f"{100 * info['baseline_accuracy']:.2f}%)", ""]
+      if not len(sub):  # (a language model has no accuracy drop)
+        continue
+      base = (f"baseline accuracy {100 * info['baseline_accuracy']:.2f}%"
+              if info.get("baseline_accuracy") is not None else
+              f"baseline loss {info['baseline_loss']:.4f} nats/token")
+      lines += [f"### {model} ({info['num_layers']} layers, {base})", ""]
       comp = per_model[model]
       lines += _markdown_table(sub, families, names,
                                marks=_marks(comp[comp.metric == metric])) + [""]
-    if len(models_info) > 1:
+    count = agreement[agreement.metric == metric].model.nunique()
+    if count > 1:
       mean = _mean_over_models(agreement[agreement.metric == metric])
-      lines += [f"### Mean over {len(models_info)} models (mean Spearman rho; "
+      lines += [f"### Mean over {count} models (mean Spearman rho; "
                 f"mean top-k overlap in parentheses)", ""]
       lines += _markdown_table(
           mean, families, names,
@@ -409,8 +422,11 @@ def pooled_comparisons(scores: dict, truth: dict, config) -> pd.DataFrame:
   names = list(config.criteria)
   for metric in config.metrics:
     for family in config.families:
-      by_criterion = {c: {m: scores[m][c] for m in scores} for c in names}
-      t = {m: truth[m][metric][family].to_dict() for m in truth}
+      have = [m for m in truth if metric in truth[m]]  # (no accuracy drop for a language model)
+      if not have:
+        continue
+      by_criterion = {c: {m: scores[m][c] for m in have} for c in names}
+      t = {m: truth[m][metric][family].to_dict() for m in have}
       point, samples = benchmark.pooled_bootstrap(by_criterion, t, n_boot=config.n_boot,
                                                   seed=config.seed)
       frames.append(benchmark.paired_comparison(point, samples).assign(metric=metric,
@@ -429,6 +445,10 @@ def _pooled_markdown(pooled: pd.DataFrame, config, models_info: dict, ties: dict
            f"the **winner** of a family only when the paired interval of its difference to "
            f"every other excludes zero; otherwise the *tie group* (in italics) holds the "
            f"criteria whose difference to the best includes zero.", "",
+           *([f"Language models ({', '.join(lm)}) have no accuracy: they enter the "
+              f"loss-increase truth (nats per token) only, on fixed grids.", ""]
+             if (lm := [m for m, i in models_info.items()
+                        if i.get("baseline_accuracy") is None]) else []),
            "Tie noise of the ground truth (fraction of layer pairs with equal importance, mean "
            "over models):", "", "| metric | " + " | ".join(families) + " |",
            "|---" * (len(families) + 1) + "|"]
@@ -578,8 +598,10 @@ def run(config, workdir: str) -> dict:
                    "sweep_seconds": gt["seconds"]} for c, s in seconds.items()]
     cost_rows.append({"model": entry.name, "criterion": "sweep (ground truth)",
                       "seconds": gt["seconds"], "sweep_seconds": gt["seconds"]})
-    models_info[entry.name] = {"num_layers": len(gt["truth"][config.metrics[0]]),
+    models_info[entry.name] = {"num_layers": len(next(iter(gt["truth"].values()))),
                                "baseline_accuracy": gt["baseline_accuracy"],
+                               "baseline_loss": gt["baseline_loss"],
+                               "task": entry.task.name,
                                "sweep_path": gt["sweep_path"], "truth_path": gt["truth_path"],
                                "sweep_seconds": gt["seconds"], "grids": gt["grids"],
                                "calibration": gt["calibration"],
@@ -594,7 +616,8 @@ def run(config, workdir: str) -> dict:
   costs = pd.DataFrame(cost_rows)
   costs["fraction_of_sweep"] = costs.seconds / costs.sweep_seconds.where(costs.sweep_seconds > 0)
   ties = {metric: {family: float(np.nanmean([benchmark.tie_fraction(t[metric][family])
-                                              for t in all_truth.values()]))
+                                              for t in all_truth.values() if metric in t]
+                                             or [np.nan]))
                     for family in config.families} for metric in config.metrics}
   headline_metric = min(config.metrics, key=lambda m: (np.nanmean(list(ties[m].values())),
                                                        config.metrics.index(m)))

@@ -44,6 +44,9 @@ from safer_jax import (activations, benchmark, budget, deploy, io, layers, mixed
                        search, staged, tasks, train)
 
 
+TEXT_MODELS_OK = True  # runs the language models too (task from the dataset)
+
+
 def get_config(tiny: bool = False):
   config = common.base_config()
   config.candidates = (2, 3, 4, 5, 6, 8)

@@ -29,6 +29,9 @@ from ml_collections import config_dict
 from safer_jax import activations, benchmark, io, perturb, plots, sweep, zoo
 
 
+TEXT_MODELS_OK = True  # runs the language models too (task from the dataset)
+
+
 def get_config(tiny: bool = False):
   config = common.base_config()
   config.families = ("quantize", "prune", "bitflip", "noise")

@@ -9,7 +9,7 @@
 
 from safer_jax import (acr, activations, attribution, benchmark, budget, criteria, data, layers,
                        mixed_precision, models, norms, perturb, protection, pruning, search,
-                       sweep, train, wcam, wrapping, zoo)
+                       sweep, tasks, text, train, wcam, wrapping, zoo)
 from safer_jax.data import Dataset, Split, load_dataset
 from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
 from safer_jax.models import get_model, list_models
@@ -32,7 +32,8 @@ __all__ = [
     "acr", "activations", "attribution", "benchmark", "budget", "criteria", "data", "deploy",
     "layers",
     "mixed_precision",
-    "models", "norms", "perturb", "protection", "pruning", "search", "sweep", "train", "wcam", "wrapping", "zoo",
+    "models", "norms", "perturb", "protection", "pruning", "search", "sweep", "tasks", "text",
+    "train", "wcam", "wrapping", "zoo",
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",
     "get_model", "list_models",

@@ -597,6 +597,16 @@ def load_tfds(name: str, *, data_dir: str | None = None, max_train: int | None =
                  mean=mean, std=std)
 
 
+LOADERS: dict[str, Any] = {}
+"""Datasets other modules load: ``{name: fn(name, data_dir=..., max_train=..., max_eval=...)}``
+(:mod:`safer_jax.text` registers its corpora; see :func:`register_loader`)."""
+
+
+def register_loader(name: str, loader: Any) -> None:
+  """Makes :func:`load_dataset` (and ``--dataset=name``) load ``name`` with ``loader``."""
+  LOADERS[name] = loader
+
+
 def load_dataset(name: str = "digits", *, data_dir: str | None = None, split_seed: int = 0,
                  **kwargs: Any) -> Dataset:
   """Returns a :class:`Dataset` by name: ``'digits'`` (embedded) or any prepared tfds name.
@@ -618,15 +628,14 @@ def load_dataset(name: str = "digits", *, data_dir: str | None = None, split_see
   Raises:
     ValueError: unknown name, unprepared tfds dataset, or a tfds-only option set for digits.
   """
-  from safer_jax import text  # pylint: disable=import-outside-toplevel
-  if name in text.text_datasets():
+  if name in LOADERS:  # e.g. the text corpora of safer_jax.text
     given = sorted(k for k in TFDS_ONLY_OPTIONS if kwargs.get(k) is not None
                    and k not in ("max_train", "max_eval"))
     if given:
-      raise ValueError(f"Options {given} apply to image datasets, not to the text dataset "
-                       f"{name!r}; leave them unset (None).")
+      raise ValueError(f"Options {given} apply to image datasets, not to {name!r}; leave them "
+                       f"unset (None).")
     opts = {k: kwargs[k] for k in ("max_train", "max_eval") if kwargs.get(k) is not None}
-    return text.load(name, data_dir=data_dir if name not in text.EMBEDDED else None, **opts)
+    return LOADERS[name](name, data_dir=data_dir, **opts)
   if name == "digits":
     given = sorted(k for k in TFDS_ONLY_OPTIONS if kwargs.get(k) is not None)
     if given:

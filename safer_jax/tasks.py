@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -225,9 +224,9 @@ def _check_labels(logits: Any, labels: np.ndarray, what: str, rank: int) -> None
                      f"logits; pick them out with safer_jax.wrap(model, variables, "
                      f"output=lambda out: out.logits) (or out[0]).")
   if len(shape) != rank:
-    raise ValueError(f"{what}: logits of shape {tuple(shape)} for labels of shape "
-                     f"{tuple(labels.shape)}; expected logits (..., K) with one more axis than "
-                     f"the labels ({rank} axes).")
+    raise ValueError(f"{what}: logits of shape {tuple(shape)[1:]} per example for labels "
+                     f"of shape {tuple(np.shape(labels))[1:]} per example; expected logits "
+                     f"(B, ..., K) with one more axis than the labels ({rank} axes).")
   k = shape[-1]
   labels = np.asarray(labels)
   if labels.size and (labels.min() < 0 or labels.max() >= k):
@@ -329,7 +328,8 @@ def mse(inputs: Any = "x", target: str = "y") -> Task:
 
   def check(outputs, batch):
     y = np.asarray(batch[target])
-    if not hasattr(outputs, "shape") or int(np.prod(outputs.shape)) != y.size:
+    if not hasattr(outputs, "shape") or int(np.prod(outputs.shape[1:])) != int(
+        np.prod(y.shape[1:])):
       raise ValueError(f"mse: outputs of shape {tuple(np.shape(outputs))} for targets of shape "
                        f"{y.shape}; they must hold as many values.")
 
@@ -359,9 +359,10 @@ def kl_to_reference(inputs: Any = "image", mask: str | None = None) -> Task:
     return _masked_mean(same, batch, mask)
 
   def check(logits, batch):
-    if tuple(np.shape(logits)) != tuple(np.shape(batch[REFERENCE])):
-      raise ValueError(f"kl_to_reference: outputs of shape {tuple(np.shape(logits))} but the "
-                       f"reference outputs are {tuple(np.shape(batch[REFERENCE]))}.")
+    if tuple(np.shape(logits))[1:] != tuple(np.shape(batch[REFERENCE]))[1:]:
+      raise ValueError(f"kl_to_reference: outputs of shape {tuple(np.shape(logits))[1:]} per "
+                       f"example but the reference outputs are "
+                       f"{tuple(np.shape(batch[REFERENCE]))[1:]}.")
 
   return Task("kl_to_reference", loss, _freeze(inputs), {"agreement": agreement},
               weight=None if mask is None else _token_weights(mask),
@@ -479,10 +480,13 @@ def prepare_split(task: Task, model: Any, variables: Any, split: Any, what: str 
 
 
 def check_outputs(model: Any, variables: Any, split: Any, task: Task) -> None:
-  """Runs ``task.check`` on the model's outputs for all of ``split``, traced (nothing computed).
+  """Runs ``task.check`` on the model's outputs before any work (nothing computed).
 
-  Catches nonsense before any work: labels out of the logits' range, logits of
-  the wrong rank, an output object where logits are expected.
+  The outputs' shapes come from one traced forward of one example (cached per
+  model, task, weight shapes and input shapes: a new split of the same shapes
+  costs only the host-side checks); the check reads the whole split's arrays.
+  Catches nonsense: labels out of the logits' range, logits of the wrong rank,
+  an output object where logits are expected.
 
   Raises:
     ValueError: from the task's check (naming the values and what is allowed).
@@ -490,22 +494,31 @@ def check_outputs(model: Any, variables: Any, split: Any, task: Task) -> None:
   if task.check is None:
     return
   apply = model.apply if hasattr(model, "apply") else model
-  seen = _checked.setdefault(split, set()) if hasattr(split, "as_batch") else set()
-  key = (apply, task, jax.tree.structure(variables))
-  if key in seen:  # (evaluating one split again: traced once)
-    return
   batch = split.as_batch() if hasattr(split, "as_batch") else dict(split)
-  inputs = task.model_inputs(batch)
+  one = task.model_inputs({k: v[:1] for k, v in batch.items()})
   try:
-    out = jax.eval_shape(lambda v, x: forward(apply, v, x), variables, inputs)
-  except TypeError as e:
-    if "not a valid JAX type" not in str(e):
-      raise
-    raise ValueError(f"{task.name}: the model returns an object JAX cannot hold ({e}); pick "
-                     f"the array out of it with safer_jax.wrap(model, variables, "
-                     f"output=lambda out: out.logits).") from None
+    key = (apply, task, jax.tree.structure(variables), jax.tree.structure(one),
+           tuple((np.shape(x), str(getattr(x, "dtype", ""))) for x in jax.tree.leaves(variables)),
+           tuple((np.shape(x)[1:], str(getattr(x, "dtype", ""))) for x in jax.tree.leaves(one)))
+    out = _shapes.get(key)
+  except TypeError:  # (an unhashable model: traced every time)
+    key, out = None, None
+  if out is None:
+    try:
+      out = jax.eval_shape(lambda v, x: forward(apply, v, x), variables, one)
+    except TypeError as e:
+      if "not a valid JAX type" not in str(e):
+        raise
+      raise ValueError(f"{task.name}: the model returns an object JAX cannot hold ({e}); pick "
+                       f"the array out of it with safer_jax.wrap(model, variables, "
+                       f"output=lambda out: out.logits).") from None
+    if key is not None:
+      if len(_shapes) > 256:
+        _shapes.clear()
+      _shapes[key] = out
   task.check(out, batch)
-  seen.add(key)
 
 
-_checked: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+_shapes: dict = {}  # check_outputs: (model, task, shapes) -> the outputs' ShapeDtypeStruct tree
+
+

@@ -345,3 +345,11 @@ def unigram_loss(train: data_lib.Split, evals: data_lib.Split, vocab_size: int =
   logp = np.log(counts / counts.sum())
   keep = evals.arrays["mask"] > 0
   return float(-logp[evals.arrays["targets"][keep]].mean())
+
+
+def _load_registered(name: str, *, data_dir: str | None = None, **kwargs: Any) -> data_lib.Dataset:
+  return load(name, data_dir=data_dir if name not in EMBEDDED else None, **kwargs)
+
+
+for _name in text_datasets():  # sj.load_dataset("pydoc"), --dataset=tiny_shakespeare, ...
+  data_lib.register_loader(_name, _load_registered)
