@@ -355,7 +355,7 @@ def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict,
            f"{config.calib_batches} x {config.calib_batch_size} training images; the truth uses "
            f"the eval split. Full numbers (Kendall tau, top-{config.k_frac:g} overlap, "
            f"p-values): `agreement.csv`.", ""]
-  for metric in config.metrics:
+  for metric in [m for m in config.metrics if (agreement.metric == m).any()]:
     lines += [f"## Truth: {metric.replace('_', ' ')}", ""]
     for model, info in models_info.items():
       sub = agreement[(agreement.model == model) & (agreement.metric == metric)]
@@ -469,7 +469,7 @@ def _pooled_markdown(pooled: pd.DataFrame, config, models_info: dict, ties: dict
   for m, g in grids.items():
     lines.append(f"| {m} | " + " | ".join(", ".join(f"{v:.3g}" for v in g.get(f, []))
                                          for f in families) + " |")
-  for metric in config.metrics:
+  for metric in [m for m in config.metrics if (pooled.metric == m).any()]:
     sub = pooled[pooled.metric == metric]
     lines += ["", f"## Truth: {metric.replace('_', ' ')}"
               + (" (headline)" if metric == headline else ""), "",
@@ -619,8 +619,10 @@ def run(config, workdir: str) -> dict:
                                               for t in all_truth.values() if metric in t]
                                              or [np.nan]))
                     for family in config.families} for metric in config.metrics}
-  headline_metric = min(config.metrics, key=lambda m: (np.nanmean(list(ties[m].values())),
-                                                       config.metrics.index(m)))
+  measured = [m for m in config.metrics if any(m in t for t in all_truth.values())]
+  ties = {m: ties[m] for m in measured}  # (a language model alone has no accuracy drop)
+  headline_metric = min(measured, key=lambda m: (np.nanmean(list(ties[m].values())),
+                                                 config.metrics.index(m)))
   pooled = pooled_comparisons(all_scores, all_truth, config)
   criterion_seconds = costs[~costs.criterion.str.startswith("sweep")].groupby(
       "criterion")["seconds"].sum().to_dict()
