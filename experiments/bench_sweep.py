@@ -120,7 +120,7 @@ def flop_ratio(entry, split, scfg, table) -> dict:
   Returns ``{'full_flops': FLOPs of one forward of one eval batch, 'per_copy_fraction':
   {layer: per-copy FLOPs / full_flops}, 'ratio': float}``.
   """
-  engine = sweep.Engine(entry.model, entry.variables, split, scfg)
+  engine = sweep.Engine(entry.model, entry.variables, split, scfg, task=entry.task)
   images, batch, mask = engine.batches[0]
   full = jax.jit(entry.model.apply).lower(entry.variables, images).compile().cost_analysis()
   full_flops = float(full["flops"])
