@@ -74,6 +74,9 @@ def get_config(tiny: bool = False):
   # ranges calibrated on the calibration images), in the evaluation of every allocation.
   config.quantize_acts = False
   config.qwix = True  # also deploy every allocation through qwix and evaluate it
+  # deploy.verify: qwix vs the simulation layer by layer on the lowest budget's first allocation
+  # (one qwix compilation per layer), printed in summary.md
+  config.verify = True
   # Interaction-aware search (source 'searched'): `evals` whole-model evaluations per budget,
   # from the knapsack solutions of every source (and uniform), selected by loss on `examples`
   # training images (never the eval split), `batch` candidates proposed per batched
@@ -111,6 +114,7 @@ def validate(config, check: common.Checker) -> None:
   check.rule("act_bits", common.integer(2, 16, note="activation bits"))
   check.rule("quantize_acts", common.boolean())
   check.rule("qwix", common.boolean())
+  check.rule("verify", common.boolean())
   common.validate_search(check, "interaction.bits", common.optional(common.integer(
       1, 16, note="bits of the interaction figure; None: off")))
   if config.qwix:
@@ -314,7 +318,7 @@ def run(config, workdir: str) -> dict:
                                        top=min(config.interaction.top, len(names)), task=task)
   results = pd.DataFrame(rows)
   check = None
-  if config.qwix and not config.quantize_acts:
+  if config.qwix and config.verify and not config.quantize_acts:
     check = _verify(entry, variables, calib, task, results, config)
   summary = _summary(results, base, entry, seconds, config, searches, interactions, score,
                      kept, ties if tie_qkv else None, check)

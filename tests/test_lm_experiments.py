@@ -23,6 +23,7 @@ def test_quant_sweep_on_the_language_model(tiny_experiment, short_lm_recipe):
   work = tiny_experiment("quant_sweep", "model=lm_tiny", "max_train=256", "max_eval=64",
                          "sources=('fisher',)", "budgets=(4.0,)", "search.evals=8",
                          "search.examples=32", "interaction.bits=None", "calib_examples=64",
+                         "verify=False",  # (deploy.verify: tests/test_deploy.py; qwix below)
                          files=("summary.md", "results.csv", "qwix_rules.json", "costs.json"))
   results = pd.read_csv(work / "results.csv")
   assert "perplexity" in results and "accuracy" not in results
@@ -34,7 +35,7 @@ def test_quant_sweep_on_the_language_model(tiny_experiment, short_lm_recipe):
     for block in ("block1", "block2"):  # q/k/v tied by default for a language model
       assert len({bits[f"{block}/attn/{p}"] for p in ("query", "key", "value")}) == 1
   summary = (work / "summary.md").read_text()
-  assert "Float perplexity" in summary and "deploys as simulated" in summary
+  assert "Float perplexity" in summary and "largest gap to the simulated model" in summary
   assert "`embed/tokens`" in summary
 
 
