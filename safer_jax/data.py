@@ -482,6 +482,39 @@ def _read_error(tfds, name: str, data_dir: str | None, error: Exception) -> Valu
                     f"access ({type(error).__name__}: {error}).\n" + _prepare_hint(name, data_dir))
 
 
+def tfds_builder(name: str, data_dir: str | None) -> tuple[Any, set[str]]:
+  """The tfds builder of a prepared dataset and the names of its splits (empty if unknown).
+
+  Raises:
+    ValueError: the dataset cannot be opened (the message says how to prepare it).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    return builder, set(builder.info.splits.keys()) if builder.info.splits else set()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(tfds, name, data_dir, e) from e
+
+
+def tfds_sources(name: str, data_dir: str | None, splits: Sequence[str],
+                 known: set[str]) -> list:
+  """Random-access sources (``tfds.data_source``, no download) of ``splits``.
+
+  Raises:
+    ValueError: a split not among ``known`` (when known), or the dataset cannot
+      be read (the message says how to prepare it).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  for split in splits:
+    if known and split not in known:
+      raise ValueError(f"Split {split!r} is not in dataset {name!r}; available splits: "
+                       f"{sorted(known)}.")
+  try:
+    return tfds.data_source(name, split=list(splits), data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(tfds, name, data_dir, e) from e
+
+
 def _resolve_max(value: int | None, imagenet: bool, default: int, what: str) -> int | None:
   """None -> the dataset default (``default`` for ImageNet-like, else all); 0 -> all."""
   if value is None:
@@ -565,23 +598,11 @@ def load_tfds(name: str, *, data_dir: str | None = None, max_train: int | None =
     resize_size = _check_size("resize_size", resize_size or default_resize_size(image_size))
     if resize_size < image_size:
       raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}.")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    known = set(builder.info.splits.keys()) if builder.info.splits else set()
-  except Exception as e:  # pylint: disable=broad-except
-    raise _read_error(tfds, name, data_dir, e) from e
+  builder, known = tfds_builder(name, data_dir)
   if eval_split is None:
     eval_split = ("validation" if "validation" in known or (not known and base.startswith(
         "imagenet")) else "test")
-  for split in (train_split, eval_split):
-    if known and split not in known:
-      raise ValueError(f"Split {split!r} is not in dataset {name!r}; available splits: "
-                       f"{sorted(known)}.")
-  try:
-    sources = tfds.data_source(name, split=[train_split, eval_split], data_dir=data_dir,
-                               download=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise _read_error(tfds, name, data_dir, e) from e
+  sources = tfds_sources(name, data_dir, (train_split, eval_split), known)
   features = builder.info.features
   num_classes = int(features[label_key].num_classes)
   splits = []

@@ -230,15 +230,9 @@ def _jit(fn: Callable) -> Callable:
 
 def _picking_output(model: Any, fn: Callable) -> Callable:
   """``fn`` followed by the wrapped model's ``output`` picker, as ``WrappedModel.apply`` does."""
-  pick = getattr(model, "output", None) if isinstance(model, wrapping.WrappedModel) else None
-  if not callable(pick):
+  if not isinstance(model, wrapping.WrappedModel) or model.output is None:
     return fn
-
-  def picked(*args, **kwargs):
-    out = fn(*args, **kwargs)
-    return out if "mutable" in kwargs or kwargs.get("stop") is not None else pick(out)
-
-  return picked
+  return lambda *args, **kwargs: model.pick_output(fn(*args, **kwargs), kwargs)
 
 
 def _module_model(model: Any, what: str) -> Any:
@@ -309,18 +303,12 @@ def quantized_apply(model: Any, rules: Sequence[qwix.QtRule]) -> Callable:
 def _wrapped(model: Any, variables: Any) -> tuple[wrapping.WrappedModel, Any]:
   """``(WrappedModel, variables)``: a wrapped model keeps its attributes (``output``).
 
-  A linen module whose ``__call__`` needs more inputs than one (ids and a mask)
-  cannot be :func:`safer_jax.wrap`-ped without them: it runs as it is, its
-  inputs and flags all given to the call.
+  A module whose ``__call__`` takes more inputs than one (ids and a mask) is
+  wrapped as any other: its inputs are all given to the call.
   """
   if isinstance(model, wrapping.WrappedModel):
     return model, (model.variables if variables is None else variables)
-  try:
-    wrapped = wrapping.wrap(model, variables)
-  except ValueError:
-    if not isinstance(model, nn.Module) or variables is None:
-      raise
-    wrapped = wrapping.WrappedModel("linen", model, variables, {}, {})
+  wrapped = wrapping.wrap(model, variables)
   return wrapped, wrapped.variables
 
 

@@ -21,7 +21,6 @@ Sources of cost tables (``COST_SOURCES``), each computed on calibration batches:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -220,31 +219,8 @@ def allocate(model: Any, variables: Mapping[str, Any] | None, calib: data_lib.Sp
   model, variables = wrapping.as_model(model, variables)
   tables, _ = cost_tables(model, variables, calib, candidates, (source,), **options)
   sizes = {n: int(np.size(layers_lib.get_kernel(variables, n))) for n in tables[source]}
-  capacity = budget.budget_from_avg_bits(sizes, avg_bits)
-  if not tie_groups:
-    return budget.allocate_bits(tables[source], sizes, candidates, capacity)
-  groups = _groups(tie_groups, list(tables[source]))
-  table = {g[0]: {b: sum(tables[source][n][b] for n in g) for b in candidates} for g in groups}
-  gsizes = {g[0]: sum(sizes[n] for n in g) for g in groups}
-  alloc = budget.allocate_bits(table, gsizes, candidates, capacity)
-  bits = {n: alloc.bits[g[0]] for g in groups for n in g}
-  return dataclasses.replace(alloc, bits={n: bits[n] for n in tables[source]})
-
-
-def _groups(tie_groups: Sequence[Sequence[str]], names: Sequence[str]) -> list[list[str]]:
-  """Every layer in one group: the ``tie_groups`` (checked) and the rest alone."""
-  groups = [list(g) for g in tie_groups if g]
-  seen: set[str] = set()
-  for g in groups:
-    unknown = [n for n in g if n not in names]
-    if unknown:
-      raise ValueError(f"tie_groups name layer(s) {unknown}, not among the allocated layers "
-                       f"{list(names)}.")
-    twice = seen.intersection(g)
-    if twice:
-      raise ValueError(f"tie_groups put layer(s) {sorted(twice)} in two groups.")
-    seen.update(g)
-  return groups + [[n] for n in names if n not in seen]
+  return budget.allocate_bits(tables[source], sizes, candidates,
+                              budget.budget_from_avg_bits(sizes, avg_bits), tie_groups=tie_groups)
 
 
 def tie_groups(layers: Sequence[str], patterns: Sequence[str] = (

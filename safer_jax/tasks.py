@@ -85,6 +85,16 @@ def first_example(x: Any) -> Any:
   return jax.tree.map(lambda a: a[:1], x)
 
 
+def signature(tree: Any, *, per_example: bool = False) -> tuple:
+  """``(structure, ((shape, dtype), ...))`` of a pytree of arrays: a key of what a trace saw.
+
+  ``per_example``: shapes without the leading (example) axis.
+  """
+  return (jax.tree.structure(tree),
+          tuple((tuple(np.shape(x))[int(per_example):], str(getattr(x, "dtype", type(x))))
+                for x in jax.tree.leaves(tree)))
+
+
 def _names(inputs: Any) -> tuple[str, ...]:
   if isinstance(inputs, str):
     return (inputs,)
@@ -201,7 +211,9 @@ class Task:
     return {name: float(s / total) for name, s in zip(self.columns, sums[1:])}
 
   def batch_loss(self, outputs: Any, batch: Batch) -> jax.Array:
-    """The weighted mean loss of one (unpadded) batch: what the criteria differentiate."""
+    """The (weighted) mean loss of one unpadded batch: what the criteria differentiate."""
+    if self.weight is None:
+      return jnp.mean(self.loss(outputs, batch))
     n = jax.tree.leaves(batch)[0].shape[0]
     w = self.example_weights(batch, jnp.ones((n,), jnp.float32))
     return jnp.sum(self.loss(outputs, batch) * w) / jnp.maximum(jnp.sum(w), 1e-12)
@@ -412,16 +424,19 @@ def get(task: Task | str | None) -> Task:
 # ---------------------------------------------------------------------------------------------
 
 
-def padded_batches(split: Any, batch_size: int):
+def padded_batches(split: Any, batch_size: int, *, rows: int | None = None):
   """``(batch dict, mask (B,) float32)`` of ``split``, every batch ``min(batch_size, N)`` rows.
 
-  The last batch is zero padded (every array) and masked.
+  The last batch is zero padded (every array) and masked. ``rows``: the rows of
+  every batch instead (>= ``min(batch_size, N)``, e.g. rounded up to a multiple
+  of the device count), the extra ones padded and masked too.
   """
   n = len(split)
-  bs = min(batch_size, n)
-  for lo in range(0, n, bs):
-    batch = split.batch(lo, lo + bs)
-    m = min(bs, n - lo)
+  step = min(batch_size, n)
+  bs = step if rows is None else rows
+  for lo in range(0, n, step):
+    batch = split.batch(lo, lo + step)
+    m = min(step, n - lo)
     mask = np.zeros((bs,), np.float32)
     mask[:m] = 1.0
     if m < bs:
@@ -497,9 +512,7 @@ def check_outputs(model: Any, variables: Any, split: Any, task: Task) -> None:
   batch = split.as_batch() if hasattr(split, "as_batch") else dict(split)
   one = task.model_inputs({k: v[:1] for k, v in batch.items()})
   try:
-    key = (apply, task, jax.tree.structure(variables), jax.tree.structure(one),
-           tuple((np.shape(x), str(getattr(x, "dtype", ""))) for x in jax.tree.leaves(variables)),
-           tuple((np.shape(x)[1:], str(getattr(x, "dtype", ""))) for x in jax.tree.leaves(one)))
+    key = (apply, task, signature(variables), signature(one, per_example=True))
     out = _shapes.get(key)
   except TypeError:  # (an unhashable model: traced every time)
     key, out = None, None

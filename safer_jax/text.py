@@ -212,23 +212,6 @@ def load_text_corpus(name: str = "pydoc", *, seq_len: int = DEFAULT_SEQ_LEN,
                           task=tasks.token_cross_entropy())
 
 
-def _tfds_error(tfds: Any, name: str, data_dir: str | None, error: Exception) -> ValueError:
-  """The ValueError for a tfds text dataset that cannot be opened: unprepared, or unreadable."""
-  where = data_dir or "~/tensorflow_datasets"
-  hint = (f"Prepare it once on a machine with network access, in array_record format:\n"
-          f"  tfds build {name} --data_dir={where} --file_format=array_record\n"
-          f"then pass data_dir={where!r} (or set TFDS_DATA_DIR).")
-  try:
-    prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
-  except Exception:  # pylint: disable=broad-except
-    prepared = False
-  if not prepared:
-    return ValueError(f"Dataset {name!r} is not prepared in data_dir={data_dir!r} (nothing is "
-                      f"downloaded at run time).\n{hint}")
-  return ValueError(f"Dataset {name!r} in data_dir={data_dir!r} could not be read with random "
-                    f"access ({type(error).__name__}: {error}).\n{hint}")
-
-
 def _record_bytes(value: Any) -> bytes:
   """A tfds ``Text`` feature value (str, bytes, or a NumPy scalar/0-d array of either) as bytes."""
   if isinstance(value, np.ndarray):
@@ -273,21 +256,8 @@ def load_tfds_text(name: str, *, data_dir: str | None = None, seq_len: int = DEF
   max_eval = _resolve_cap(max_eval, DEFAULT_MAX_EVAL, "max_eval")
   layout, default_splits = TFDS_TEXT[base]
   train_split, eval_split = tuple(split_names) if split_names is not None else default_splits
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    known = set(builder.info.splits.keys()) if builder.info.splits else set()
-  except Exception as e:  # pylint: disable=broad-except
-    raise _tfds_error(tfds, name, data_dir, e) from e
-  for split in (train_split, eval_split):
-    if known and split not in known:
-      raise ValueError(f"Split {split!r} is not in dataset {name!r}; available splits: "
-                       f"{sorted(known)}.")
-  try:
-    sources = tfds.data_source(name, split=[train_split, eval_split], data_dir=data_dir,
-                               download=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise _tfds_error(tfds, name, data_dir, e) from e
+  _, known = data_lib.tfds_builder(name, data_dir)
+  sources = data_lib.tfds_sources(name, data_dir, (train_split, eval_split), known)
   splits = []
   for source, split, cap in ((sources[0], train_split, max_train),
                              (sources[1], eval_split, max_eval)):

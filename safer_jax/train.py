@@ -59,7 +59,7 @@ def task_loss_fn(model: Any, variables: Mapping[str, Any] | None,
 
   Every collection other than ``params`` (e.g. BatchNorm ``batch_stats``) is
   closed over and held fixed; the model runs in inference mode. Classification
-  (the default): exactly :func:`classifier_loss_fn`.
+  (the default): the mean cross-entropy, :func:`classifier_loss_fn`.
 
   Args:
     model: a model or apply function (see :func:`safer_jax.wrap`).
@@ -71,8 +71,6 @@ def task_loss_fn(model: Any, variables: Mapping[str, Any] | None,
     some examples (``{'image', 'label'}``, ``{'tokens', 'targets', 'mask'}``, ...).
   """
   task = tasks_lib.get(task)
-  if task is tasks_lib.classification():
-    return classifier_loss_fn(model, variables)
   model, variables = wrapping.as_model(model, variables)
   apply = model.apply if hasattr(model, "apply") else model
   rest = {name: value for name, value in variables.items() if name != "params"}
@@ -100,15 +98,7 @@ def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[An
     ``loss_fn(params, batch)`` with ``batch = {'image': (B, H, W, C) float32,
     'label': (B,) int}``; the value is in nats per example.
   """
-  model, variables = wrapping.as_model(model, variables)
-  apply = model.apply if hasattr(model, "apply") else model
-  rest = {name: value for name, value in variables.items() if name != "params"}
-
-  def loss_fn(params, batch):
-    logits = apply({**rest, "params": params}, batch["image"])
-    return jnp.mean(cross_entropy(logits, batch["label"]))
-
-  return loss_fn
+  return task_loss_fn(model, variables, tasks_lib.classification())
 
 
 def _init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
@@ -241,11 +231,7 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
     mesh = distributed.data_mesh()
     variables = distributed.replicate(variables, mesh)
   total = np.zeros(1 + len(task.columns), np.float64)
-  for batch, mask in tasks_lib.padded_batches(split, bs):
-    if mask.shape[0] < bs:  # a split smaller than one device round
-      batch = {k: np.concatenate([v, np.zeros((bs - v.shape[0], *v.shape[1:]), v.dtype)])
-               for k, v in batch.items()}
-      mask = np.concatenate([mask, np.zeros((bs - mask.shape[0],), np.float32)])
+  for batch, mask in tasks_lib.padded_batches(split, bs, rows=bs):
     if shards > 1:
       batch, mask = distributed.shard_batch((batch, mask), mesh)
     sums = _eval_sums(apply_fn, task, variables, task.model_inputs(batch),

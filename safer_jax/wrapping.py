@@ -111,10 +111,11 @@ class WrappedModel:
                         **kwargs)
     else:
       out = self._nnx_call(variables, inputs, train=False, **kwargs)[0]
-    return self._pick(out, kwargs)
+    return self.pick_output(out, kwargs)
 
-  def _pick(self, out: Any, kwargs: Mapping[str, Any]) -> Any:
-    """``output(out)`` of a full forward (not of a stage range or a capture)."""
+  def pick_output(self, out: Any, kwargs: Mapping[str, Any]) -> Any:
+    """``output(out)`` of a full forward called with ``kwargs`` (not of a stage range
+    (``stop=``) or a capture (``mutable=``)); ``out`` itself without an ``output``."""
     if self.output is None or "mutable" in kwargs or kwargs.get("stop") is not None:
       return out
     return self.output(out)
@@ -135,13 +136,13 @@ class WrappedModel:
       kwargs = {**self.apply_kwargs, **self._train_kwargs, **kwargs,
                 "rngs": {"dropout": jax.random.key(0) if key is None else key}}
       if not state:
-        return self._pick(self.module.apply(variables, *inputs, **kwargs), {}), {}
+        return self.pick_output(self.module.apply(variables, *inputs, **kwargs), {}), {}
       logits, new = self.module.apply(variables, *inputs, mutable=list(state), **kwargs)
-      return self._pick(logits, {}), dict(new)
+      return self.pick_output(logits, {}), dict(new)
     if self.kind == "apply_fn":
       return self.apply(variables, *inputs, **kwargs), {}
     logits, new = self._nnx_call(variables, inputs, train=True, **kwargs)
-    return self._pick(logits, {}), new
+    return self.pick_output(logits, {}), new
 
   def apply_with_hook(self, variables: Variables, x: jax.Array, layer: str,
                       hook: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -171,7 +172,7 @@ class WrappedModel:
         logits = self.apply(variables, x)
     else:
       logits, _, seen = self._nnx_call(variables, (x,), train=False, hook=(layer, hook))
-      logits = self._pick(logits, {})
+      logits = self.pick_output(logits, {})
     if not seen:
       raise ValueError(f"Layer {layer!r} is not a module of the model; layers with a kernel: "
                        f"{layers_lib.find_layers(variables)}")

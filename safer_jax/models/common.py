@@ -146,6 +146,16 @@ class StagedModel(nn.Module):
     return x
 
 
+class MlpBlock(nn.Module):
+  """A transformer's MLP: ``fc1`` (``hidden``) + GELU + ``fc2`` (back to the input width)."""
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.gelu(nn.Dense(self.hidden, name="fc1")(x))
+    return nn.Dense(x.shape[-1], name="fc2")(y)
+
+
 class DenseAct(nn.Module):
   """Flatten + ``Dense(features)`` (layer ``<stage>/fc``) + optional ReLU."""
   features: int

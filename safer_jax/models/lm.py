@@ -100,16 +100,6 @@ class CausalSelfAttention(nn.Module):
     return nn.Dense(d, name="out")(y.reshape(b, t, d))
 
 
-class MlpBlock(nn.Module):
-  """``fc1`` (``hidden``) + GELU + ``fc2`` (back to the input width)."""
-  hidden: int
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.gelu(nn.Dense(self.hidden, name="fc1")(x))
-    return nn.Dense(x.shape[-1], name="fc2")(y)
-
-
 class DecoderBlock(nn.Module):
   """Pre-LN causal block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
   num_heads: int
@@ -119,7 +109,7 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, train=False):
     del train  # no dropout.
     x = x + CausalSelfAttention(self.num_heads, name="attn")(nn.LayerNorm(name="ln1")(x))
-    return x + MlpBlock(self.mlp_dim, name="mlp")(nn.LayerNorm(name="ln2")(x))
+    return x + common.MlpBlock(self.mlp_dim, name="mlp")(nn.LayerNorm(name="ln2")(x))
 
 
 class LMHead(nn.Module):

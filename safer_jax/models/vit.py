@@ -54,16 +54,6 @@ class PatchEmbed(nn.Module):
     return x + pos
 
 
-class MlpBlock(nn.Module):
-  """``fc1`` (``hidden``) + GELU + ``fc2`` (back to the input width)."""
-  hidden: int
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.gelu(nn.Dense(self.hidden, name="fc1")(x))
-    return nn.Dense(x.shape[-1], name="fc2")(y)
-
-
 class EncoderBlock(nn.Module):
   """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
   num_heads: int
@@ -77,7 +67,7 @@ class EncoderBlock(nn.Module):
                                         name="attn")(y, y)
     x = x + y
     y = nn.LayerNorm(name="ln2")(x)
-    return x + MlpBlock(self.mlp_dim, name="mlp")(y)
+    return x + common.MlpBlock(self.mlp_dim, name="mlp")(y)
 
 
 class PoolHead(nn.Module):

@@ -130,8 +130,8 @@ class ProgramCache:
   def execution_trace(self, variables: Mapping[str, Any],
                       images: np.ndarray) -> tuple[list[str], dict[str, int]]:
     """:func:`safer_jax.staged.execution_trace`, traced once per layer set and image shape."""
-    key = (tuple(layers_lib.find_layers(variables)), jax.tree.structure(images),
-           tuple(np.shape(x)[1:] for x in jax.tree.leaves(images)))
+    key = (tuple(layers_lib.find_layers(variables)),
+           tasks_lib.signature(images, per_example=True))
     with self._lock:
       trace = self._traces.get(key)
     if trace is None:
@@ -240,9 +240,8 @@ class Engine:
     # What an ahead-of-time compiled program was specialised to: part of every program key,
     # so a later sweep of the same model with other batches or weights' dtypes compiles anew.
     inputs, batch, _ = self.batches[0]
-    self.signature = (_shapes(inputs), _shapes(batch), str(self.flat_dtype), self.task,
-                      jax.tree.structure(variables),
-                      tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(variables)))
+    self.signature = (tasks_lib.signature(inputs), tasks_lib.signature(batch),
+                      str(self.flat_dtype), self.task, tasks_lib.signature(variables))
 
   def prefix(self, stage: int) -> list:
     """Activations entering ``stage`` for every eval batch.
@@ -448,9 +447,3 @@ class Engine:
     total = multihost_utils.process_allgather(total, tiled=True)
     return self._means(np.asarray(total))
 
-
-def _shapes(tree: Any) -> tuple:
-  """``(structure, ((shape, dtype), ...))`` of a pytree of arrays: part of a program's key."""
-  return (jax.tree.structure(tree),
-          tuple((np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype))
-                for x in jax.tree.leaves(tree)))
