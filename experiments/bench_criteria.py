@@ -1,36 +1,35 @@
-"""Benchmark: is every criterion *cheap* next to the ground-truth sweep it predicts?
+"""Benchmark: does every criterion's *default* cost a small part of the sweep it predicts, and
+rank the layers as well as its full setting?
 
-SAfER's premise is that a criterion can stand in for the sweep. On one model
-(default ``mobilenet_v2``, the zoo model with the most layers) this times, in
-one process:
+SAfER's premise is that a criterion can stand in for the ground-truth sweep.
+For each model (default: mobilenet_v2, resnet20, vit_tiny and the language
+model lm_tiny), in one process with the persistent XLA cache off, this times:
 
 * the ground-truth sweep (every layer x the criteria benchmark's families,
-  magnitudes and seeds) — cold (first call, compilation included) and warm
-  (the fastest of ``warm_runs`` calls after it);
-* every criterion on the same calibration batches — cold and warm — and its
-  Spearman rho (with a 95% bootstrap interval over layers) against the sweep's
-  per-layer importance, per family;
-* the expensive criteria again at a *cheap setting* (``cheap``: fewer
-  calibration images, quadrature nodes, ascent steps, Lanczos iterations or
-  probes), and whether each of its rho still lies inside the 95% bootstrap
-  interval of the same criterion at its full setting;
-* the all-layer Hutchinson trace (one full Hessian-vector product per probe)
-  against the per-layer estimator (one HVP per layer per probe) at an equal
-  number of probes, warm.
+  magnitudes and seeds) — cold (first call, compilation included) and warm (the
+  fastest of ``warm_runs`` calls after it);
+* every criterion at its **default** (the cheap setting of the expensive ones,
+  :mod:`safer_jax.criteria.settings`) on the same calibration batches — cold
+  (first call with nothing compiled: its compiled programs are forgotten
+  first, so no criterion rides on another's) and warm — with its share of the
+  warm and of the cold sweep, and its Spearman rho against the sweep's
+  per-layer importance per family;
+* every expensive criterion at its **full** setting (one call), whose rho's
+  95% bootstrap interval over layers the default's rho must lie in;
+* per Hutchinson probe, on conv layers, the per-layer estimator against a plain
+  ``jit(jvp(grad))`` one probe at a time (what PyHessian does).
 
-Writes ``bench_criteria.json`` (``model``, ``sweep_seconds`` (warm),
-``criteria: {name: {seconds, seconds_cold, needs_data, fraction_of_sweep,
-spearman_vs_truth: {family: rho}, ...}}``, ``cheap: {name: {setting, seconds,
-..., within_full_ci: {family: bool}}}``, ``trace_all_layers_speedup``, ...)
-and ``bench_criteria.md``. The targets (2-core CPU): every data-dependent
-criterion <= 10% of the warm sweep (at its full setting; and at its cheap
-setting, where every rho must stay inside the full setting's interval),
-all-layer trace >= 20x the per-layer one.
+Writes ``bench_criteria.json`` (``{models: {name: {sweep_seconds, sweep_seconds_cold,
+criteria: {name: {seconds, seconds_cold, fraction_of_sweep, fraction_of_sweep_cold,
+needs_data, spearman_vs_truth, full: {...}, within_full_ci}}, per_probe}}, targets_met}``)
+and ``bench_criteria.md``. Targets (2-core CPU): every data-dependent criterion at
+its default <= 10% of the warm sweep and cold <= 1x the cold sweep, with every rho
+inside the full setting's interval, on every model benchmarked; per probe at least
+as fast as the plain ``jvp(grad)`` on every conv layer timed.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 
@@ -38,71 +37,44 @@ import jax
 import ml_collections
 
 from experiments import common, criteria_benchmark
-from safer_jax import benchmark, criteria, io, sweep
+from safer_jax import benchmark, criteria, io, sweep, train
 from safer_jax import layers as layers_lib
 from safer_jax.progress import Progress
 
+TEXT_MODELS_OK = True  # lm_tiny: truth = loss increase, criteria on its token loss
+EXTRA_MODELS = criteria_benchmark.EXTRA_MODELS  # None: config.models; "all": every zoo model
 DATA_FREE = ("random", "param_count", "weight_norm", "quant_error", "spectral_norm")
 TARGET_FRACTION = 0.10
-TARGET_TRACE_SPEEDUP = 20.0
+TARGET_COLD_FRACTION = 1.0
+MODELS = ("mobilenet_v2", "resnet20", "vit_tiny", "lm_tiny")
 
 
 def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
-  """The criteria benchmark's setting on one model, plus the trace comparison.
+  """The criteria benchmark's setting, per model, at the criteria's defaults and full settings.
 
-  Fields (besides :func:`experiments.criteria_benchmark.get_config`):
-    trace_probes: probes of the all-layer vs per-layer trace comparison.
+  Fields (besides :func:`experiments.criteria_benchmark.get_config`, whose
+  ``criteria_setting`` is not used: both settings run):
+    models: the models benchmarked (``model`` picks one instead).
+    trace_probes: probes of the per-probe comparison.
     warm_runs: warm times (the sweep's and every criterion's) are the fastest of
       this many calls after the cold one.
-    metric: ground-truth metric the rho is computed against.
-    cheap: ``{criterion: {option: value}}``, the cheap setting of each
-      expensive criterion, timed again (a criterion not in ``criteria`` is
-      skipped). ``images``: the criterion sees only the first ``images``
-      calibration images (one batch); the other keys are the criterion's
-      options and replace those of ``criteria_options``. Chosen on
-      mobilenet_v2 (2-core CPU) as the cheapest settings tried whose rho
-      stayed inside the full setting's interval.
+    metric: ground-truth metric the rho is computed against (None: the model's
+      own, accuracy drop for classifiers, loss increase for a language model).
   """
   config = criteria_benchmark.get_config(tiny)
-  config.model = "mlp" if tiny else "mobilenet_v2"
+  config.models = ("mlp",) if tiny else MODELS
   config.trace_probes = 16 if tiny else 64
   config.warm_runs = 1 if tiny else 2
-  config.metric = "accuracy_drop"
-  hutchinson = {"probe_examples": 8 if tiny else 12, "max_probes": 8 if tiny else 20,
-                "chunk_size": 4}
-  config.cheap = ml_collections.ConfigDict({
-      "hessian_trace": dict(hutchinson),
-      "hawq_v2": dict(hutchinson),
-      "top_eigenvalue": {"images": 32, "max_iter": 3},
-      "corruption_pga": {"images": 16, "steps": 2},
-      "integrated_gradients": {"images": 32, "steps": 4},
-      "fisher": {"images": 64},  # per-example gradients: 23% of resnet8's sweep on 256 images
-  })
+  config.metric = ml_collections.config_dict.placeholder(str)
   return config
 
 
 def validate(config, check: common.Checker) -> None:
-  """The criteria benchmark's checks, plus the trace comparison's and the cheap settings'."""
+  """The criteria benchmark's checks, plus the per-probe comparison's and the timing's."""
   criteria_benchmark.validate(config, check)
   check.rule("trace_probes", common.COUNT)
   check.rule("warm_runs", common.COUNT)
-  unknown = sorted(set(config.cheap) - set(criteria.CRITERIA))
-  check.require(not unknown, "cheap", f"criterion names from {sorted(criteria.CRITERIA)}",
-                problem=f"unknown criteria {unknown}")
-  pooled = config.calib_batches * config.calib_batch_size
-  for name, setting in config.cheap.items():
-    check.rule(f"cheap.{name}.images", common.integer(1, pooled, note="calibration images"))
-    parameters = inspect.signature(criteria.CRITERIA[name]).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-      allowed = sorted(set(parameters) - {"loss_fn", "params", "batches", "layers", "key"}
-                       | {"images"})
-      bad = sorted(set(setting) - set(allowed))
-      check.require(not bad, f"cheap.{name}", f"options of {name}: {allowed}",
-                    problem=f"unknown options {bad}")
-    images = setting.get("images", pooled)
-    if "probe_examples" in setting:
-      check.rule(f"cheap.{name}.probe_examples", common.integer(
-          1, images, note=f"at most the {images} images the criterion sees"))
+  check.rule("metric", common.optional(common.choice(criteria_benchmark.METRICS)))
 
 
 def _timed(fn):
@@ -127,46 +99,39 @@ def _spearman(scores, truth_frame, n_boot, seed) -> dict:
   return out
 
 
-def _first_images(batches, n: int) -> list:
-  """The first ``n`` examples of ``batches`` (a list of batches), as one batch in a list."""
-  pooled = jax.tree.map(lambda *xs: jax.numpy.concatenate(xs), *batches)
-  return [jax.tree.map(lambda x: x[:n], pooled)]
+def _call(name, loss_fn, params, batches, key, opts):
+  scores, seconds = criteria.compute_all([name], loss_fn, params, batches, key=key,
+                                         options={name: opts} if opts else None)
+  return {layer: float(getattr(v, "mean", v)) for layer, v in scores[name].items()}, seconds[name]
 
 
-def _time_criterion(name, loss_fn, params, batches, key, opts, progress, warm_runs):
-  """(scores as floats, cold seconds, warm seconds) of one criterion.
+def _time_criterion(name, loss_fn, params, batches, key, opts, warm_runs):
+  """(scores, cold seconds, warm seconds) of one criterion.
 
-  Cold: the first call; warm: the fastest of the ``warm_runs`` calls after it.
+  Cold: the first call after the criteria's compiled programs are forgotten
+  (``criteria.clear_compiled``); warm: the fastest of the ``warm_runs`` calls after it.
   """
-  times = []
-  for _ in range(1 + warm_runs):
-    scores, seconds = criteria.compute_all([name], loss_fn, params, batches, key=key,
-                                           progress=progress,
-                                           options={name: opts} if opts else None)
-    times.append(seconds[name])
-  values = {layer: float(getattr(v, "mean", v)) for layer, v in scores[name].items()}
-  return values, times[0], min(times[1:])
+  criteria.clear_compiled()
+  values, cold = _call(name, loss_fn, params, batches, key, opts)
+  warm = min(_call(name, loss_fn, params, batches, key, opts)[1] for _ in range(warm_runs))
+  return values, cold, warm
 
 
 def _per_probe_seconds(loss_fn, params, batches, key, probes: int) -> dict:
-  """Warm seconds per Hutchinson probe on three conv layers, against a plain ``jvp(grad)``.
+  """Warm seconds per Hutchinson probe on up to three conv layers, against a plain ``jvp(grad)``.
 
   Layers: the first and the middle conv layer in path order, and the one with
   the largest kernel. ``reference``: a plain ``jax.jit`` of ``vdot(v, jvp(grad f, (W,), (v,)))``
-  for that layer's kernel, one probe per call; ``per_layer``: this library's
-  per-layer estimator on that layer (the probes of a call share one linearisation).
-  The two alternate, twice after a warm-up, and the mean is reported.
-  ``all_layers``: the all-layer estimator (one full HVP per probe gives every layer).
-  Top-level ``layer``/``reference``/``per_layer``: the largest-kernel layer.
+  for that layer's kernel, one probe per call (PyHessian's way); ``per_layer``: this
+  library's per-layer estimator on that layer (the probes of a call share one
+  linearisation). The two alternate, twice after a warm-up, and the mean is reported.
   """
   convs = [n for n in layers_lib.find_layers(params) if layers_lib.get_kernel(params, n).ndim == 4]
   if not convs:
-    return {"layer": None, "reference": float("nan"), "per_layer": float("nan"),
-            "all_layers": float("nan"), "layers": {}}
+    return {}
   largest = max(convs, key=lambda n: layers_lib.get_kernel(params, n).size)
-  opts = dict(stop="rel_tol", rel_tol=0.0, max_probes=probes, min_probes=probes,
-              chunk_size=min(16, probes))
-  per_layer = {}
+  opts = dict(stop=None, max_probes=probes, chunk_size=min(16, probes))
+  out = {}
   for layer in dict.fromkeys([convs[0], convs[len(convs) // 2], largest]):
     kernel = layers_lib.get_kernel(params, layer)
     f = lambda k, b, layer=layer: loss_fn(layers_lib.replace_kernel(params, layer, k), b)
@@ -184,12 +149,8 @@ def _per_probe_seconds(loss_fn, params, batches, key, probes: int) -> dict:
       _, t = _timed(lambda layer=layer: criteria.hutchinson_trace(
           loss_fn, params, batches, key=key, estimator="per_layer", layers=layer, **opts))
       times["per_layer"].append(t / probes)
-    per_layer[layer] = {k: sum(v[1:]) / 2 for k, v in times.items()}
-  for _ in range(2):
-    _, t = _timed(lambda: criteria.hutchinson_trace(loss_fn, params, batches, key=key,
-                                                    estimator="all_layers", **opts))
-  return {"layer": largest, **per_layer[largest], "all_layers": t / probes,
-          "layers": per_layer}
+    out[layer] = {k: sum(v[1:]) / 2 for k, v in times.items()}
+  return out
 
 
 def run(config, workdir: str) -> dict:
@@ -197,175 +158,132 @@ def run(config, workdir: str) -> dict:
   previous = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
-    return _run(config, workdir)
+    results = {}
+    for name in criteria_benchmark.model_names(config):
+      results[name] = _bench_model(config, name)
   finally:
     jax.config.update("jax_enable_compilation_cache", previous)
+  return _write(config, workdir, results)
 
 
-def _run(config, workdir: str) -> dict:
-  entry = common.pretrained(config)
+def _bench_model(config, model: str) -> dict:
+  """Every timing and rho of one model (see the module docstring)."""
+  entry = common.pretrained(config, model=model)
   split = entry.dataset.eval.take(config.eval_examples or None)
   scfg = criteria_benchmark.sweep_config(config)
-  table, sweep_cold = _timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,
-                                                     progress=config.progress))
-  sweep_warm = min(_timed(lambda: sweep.run_sweep(entry.model, entry.variables, split, scfg,
-                                                  progress=False))[1]
-                   for _ in range(config.warm_runs))
-  truth = sweep.importance(table, config.metric)
-  print(f"sweep: {len(table)} cells, cold {sweep_cold:.1f} s, warm {sweep_warm:.1f} s",
+  run_sweep = lambda progress: sweep.run_sweep(entry.model, entry.variables, split, scfg,
+                                               progress=progress, task=entry.task)
+  table, sweep_cold = _timed(lambda: run_sweep(config.progress))
+  sweep_warm = min(_timed(lambda: run_sweep(False))[1] for _ in range(config.warm_runs))
+  metric = config.metric or sweep.tables.default_metric(table)
+  truth = sweep.importance(table, metric)
+  print(f"{model}: sweep {len(table)} cells, cold {sweep_cold:.1f} s, warm {sweep_warm:.1f} s",
         flush=True)
 
-  loss_fn = benchmark.classifier_loss_fn(entry.model, entry.variables)
+  loss_fn = train.task_loss_fn(entry.model, entry.variables, entry.task)
   batches = benchmark.batches_from_split(entry.dataset.train, config.calib_batch_size,
                                          config.calib_batches)
   params = entry.variables["params"]
   key = jax.random.key(config.seed)
-  options = config.criteria_options.to_dict()
-  cheap = {n: dict(o) for n, o in config.cheap.to_dict().items() if n in config.criteria}
-  bar = Progress(len(config.criteria) + len(cheap), "criteria", enabled=config.progress,
+  defaults = criteria_benchmark.criterion_options(config, "cheap")
+  full = criteria_benchmark.criterion_options(config, "full")
+  rho = lambda values: _spearman(values, truth, config.n_boot, config.seed)
+  bar = Progress(len(config.criteria), f"{model} criteria", enabled=config.progress,
                  unit="criterion")
   results = {}
   for name in config.criteria:
     values, cold, warm = _time_criterion(name, loss_fn, params, batches, key,
-                                         options.get(name), config.progress, config.warm_runs)
-    results[name] = {
+                                         defaults.get(name), config.warm_runs)
+    r = results[name] = {
         "seconds": warm, "seconds_cold": cold, "needs_data": name not in DATA_FREE,
         "fraction_of_sweep": warm / sweep_warm, "fraction_of_sweep_cold": cold / sweep_cold,
-        "spearman_vs_truth": _spearman(values, truth, config.n_boot, config.seed)}
+        "spearman_vs_truth": rho(values), "setting": "cheap" if name in full else None}
+    if name in criteria.settings.OPTIONS:
+      full_values, seconds = _call(name, loss_fn, params, batches, key, full[name])
+      r["full"] = {"seconds": seconds, "spearman_vs_truth": rho(full_values)}
+      reference = r["full"]["spearman_vs_truth"]
+    else:  # its default is its only setting
+      reference = r["spearman_vs_truth"]
+    r["within_full_ci"] = {f: reference[f]["lo"] <= r["spearman_vs_truth"][f]["rho"]
+                           <= reference[f]["hi"] for f in truth.columns}
     bar.update(1, postfix=f"{name} {warm:.2f}s")
-
-  # The expensive criteria at their cheap setting: is each rho inside the full setting's CI?
-  cheap_results = {}
-  for name, setting in cheap.items():
-    opts = {**(options.get(name) or {}), **setting}
-    images = opts.pop("images", None)
-    data = batches if images is None else _first_images(batches, images)
-    values, cold, warm = _time_criterion(name, loss_fn, params, data, key, opts,
-                                         config.progress, config.warm_runs)
-    rho = _spearman(values, truth, config.n_boot, config.seed)
-    full = results[name]["spearman_vs_truth"]
-    inside = {f: full[f]["lo"] <= rho[f]["rho"] <= full[f]["hi"] for f in rho}
-    cheap_results[name] = {
-        "setting": setting,
-        "calibration_images": images or config.calib_batches * config.calib_batch_size,
-        "seconds": warm, "seconds_cold": cold, "needs_data": name not in DATA_FREE,
-        "fraction_of_sweep": warm / sweep_warm, "fraction_of_sweep_cold": cold / sweep_cold,
-        "spearman_vs_truth": rho, "within_full_ci": inside, "agrees": all(inside.values())}
-    bar.update(1, postfix=f"{name} (cheap) {warm:.2f}s")
   bar.close()
-
-  # All-layer vs per-layer Hutchinson at equal probes (no early stop), warm.
-  n = int(config.trace_probes)
-  trace_opts = dict(stop="rel_tol", rel_tol=0.0, max_probes=n, min_probes=n,
-                    chunk_size=min(16, n))
-  # Also the all-layer estimator at hessian_trace's cheap probe size, the same number of
-  # probes: each probe sees fewer images, cheaper work, so it is reported apart from the target.
-  cheap_trace = cheap.get("hessian_trace", {})
-  probe_examples = cheap_trace.get("probe_examples")
-  runs = {"all_layers": (batches, {"estimator": "all_layers"}),
-          "per_layer": (batches, {"estimator": "per_layer"})}
-  if probe_examples:
-    runs["all_layers_cheap"] = (
-        _first_images(batches, cheap_trace["images"]) if "images" in cheap_trace else batches,
-        {"estimator": "all_layers", "probe_examples": probe_examples})
-  trace_seconds = {}
-  for label, (data, kwargs) in runs.items():
-    for _ in range(2):
-      _, t = _timed(lambda data=data, kwargs=kwargs: criteria.hutchinson_trace(
-          loss_fn, params, data, key=key, **kwargs, **trace_opts))
-    trace_seconds[label] = t
-  speedup = trace_seconds["per_layer"] / trace_seconds["all_layers"]
-
-  per_probe = _per_probe_seconds(loss_fn, params, batches, key, n)
-  data_dependent = [r["fraction_of_sweep"] for r in results.values() if r["needs_data"]]
-  # Each data-dependent criterion at its cheap setting where it has one, else its full one.
-  cheapest = [cheap_results.get(name, r)["fraction_of_sweep"] for name, r in results.items()
-              if r["needs_data"]]
-  result = {
+  data_dependent = [r for r in results.values() if r["needs_data"]]
+  return {
       "model": entry.name, "dataset": entry.dataset.name, "layers": int(len(truth)),
-      "cells": len(table), "eval_examples": len(split),
-      "calibration_images": config.calib_batches * config.calib_batch_size,
-      "sweep_seconds": sweep_warm, "sweep_seconds_cold": sweep_cold, "metric": config.metric,
-      "criteria": results, "cheap": cheap_results, "trace_probes": n,
-      "trace_seconds": trace_seconds, "trace_all_layers_speedup": speedup,
-      "trace_all_layers_cheap_speedup": (
-          trace_seconds["per_layer"] / trace_seconds["all_layers_cheap"]
-          if "all_layers_cheap" in trace_seconds else None),
-      "per_probe": per_probe,
-      "max_data_dependent_fraction": max(data_dependent, default=0.0),
-      "max_data_dependent_fraction_cheap": max(cheapest, default=0.0),
-      "targets": {"fraction_of_sweep": TARGET_FRACTION,
-                  "trace_all_layers_speedup": TARGET_TRACE_SPEEDUP},
-      "targets_met": {
-          "fraction_of_sweep": max(data_dependent, default=0.0) <= TARGET_FRACTION,
-          "fraction_of_sweep_cheap": max(cheapest, default=0.0) <= TARGET_FRACTION,
-          "cheap_agreement": (all(r["agrees"] for r in cheap_results.values())
-                              if cheap_results else None),
-          "trace_all_layers_speedup": speedup >= TARGET_TRACE_SPEEDUP,
-          "per_probe_vs_reference": (all(t["per_layer"] <= t["reference"]
-                                         for t in per_probe["layers"].values())
-                                     if per_probe["layers"] else None)},
-      "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind}, "
-                f"{os.cpu_count()} CPU cores visible)",
-      "versions": io.versions()}
-  families = list(truth.columns)
-  md = [f"# bench_criteria: {entry.name} on {entry.dataset.name}", "",
-        f"Ground truth: {len(table)} cells on {len(split)} eval images, {len(truth)} layers; "
-        f"sweep {sweep_warm:.1f} s warm ({sweep_cold:.1f} s cold). Criteria on "
-        f"{result['calibration_images']} training images; rho = Spearman vs. the sweep's "
-        f"{config.metric} importance [95% bootstrap over layers]. Device: {result['device']}.",
+      "cells": len(table), "eval_examples": len(split), "metric": metric,
+      "calibration_examples": config.calib_batches * config.calib_batch_size,
+      "sweep_seconds": sweep_warm, "sweep_seconds_cold": sweep_cold, "criteria": results,
+      "per_probe": _per_probe_seconds(loss_fn, params, batches, key, int(config.trace_probes)),
+      "max_fraction": max((r["fraction_of_sweep"] for r in data_dependent), default=0.0),
+      "max_fraction_cold": max((r["fraction_of_sweep_cold"] for r in data_dependent),
+                               default=0.0),
+      "all_within_full_ci": all(all(r["within_full_ci"].values()) for r in data_dependent)}
+
+
+def _targets(models: dict) -> dict:
+  per_probe = [t for m in models.values() for t in m["per_probe"].values()]
+  return {
+      "fraction_of_sweep": all(m["max_fraction"] <= TARGET_FRACTION for m in models.values()),
+      "fraction_of_sweep_cold": all(m["max_fraction_cold"] <= TARGET_COLD_FRACTION
+                                    for m in models.values()),
+      "within_full_ci": all(m["all_within_full_ci"] for m in models.values()),
+      "per_probe_vs_reference": (all(t["per_layer"] <= t["reference"] for t in per_probe)
+                                 if per_probe else None)}
+
+
+def _model_markdown(m: dict) -> list[str]:
+  families = list(next(iter(m["criteria"].values()))["spearman_vs_truth"])
+  md = [f"## {m['model']} on {m['dataset']}", "",
+        f"Ground truth: {m['cells']} cells on {m['eval_examples']} eval examples, {m['layers']} "
+        f"layers; sweep **{m['sweep_seconds']:.1f} s warm, {m['sweep_seconds_cold']:.1f} s "
+        f"cold**. Criteria on {m['calibration_examples']} training examples at their defaults; "
+        f"rho = Spearman vs. the sweep's {m['metric']} importance; [interval] = 95% bootstrap "
+        f"interval over layers of the full setting's rho (* marks a default rho outside it).",
         "",
-        "| criterion | data | warm s | % of sweep | cold s | " + " | ".join(
-            f"rho {f}" for f in families) + " |",
-        "|---" * (5 + len(families)) + "|"]
-  for name, r in results.items():
-    rho = [f"{r['spearman_vs_truth'][f]['rho']:.2f} [{r['spearman_vs_truth'][f]['lo']:.2f}, "
-           f"{r['spearman_vs_truth'][f]['hi']:.2f}]" for f in families]
-    md.append(f"| {name} | {'yes' if r['needs_data'] else 'no'} | {r['seconds']:.2f} | "
+        "| criterion | warm s | % warm sweep | cold s | % cold sweep | full s | "
+        + " | ".join(f"rho {f} [full]" for f in families) + " |",
+        "|---" * (6 + len(families)) + "|"]
+  for name, r in m["criteria"].items():
+    ref = r.get("full", r)["spearman_vs_truth"]
+    cells = [f"{r['spearman_vs_truth'][f]['rho']:.2f}{'' if r['within_full_ci'][f] else '*'} "
+             f"[{ref[f]['lo']:.2f}, {ref[f]['hi']:.2f}]" for f in families]
+    full_s = f"{r['full']['seconds']:.2f}" if "full" in r else "="
+    md.append(f"| {name}{'' if r['needs_data'] else ' (data-free)'} | {r['seconds']:.2f} | "
               f"{100 * r['fraction_of_sweep']:.1f}% | {r['seconds_cold']:.2f} | "
-              + " | ".join(rho) + " |")
-  if cheap_results:
-    md += ["", "Cheap settings (each rho marked * when it lies outside the full setting's "
-           "interval above):", "",
-           "| criterion | setting | warm s | % of sweep | cold s | " + " | ".join(
-               f"rho {f}" for f in families) + " |",
-           "|---" * (5 + len(families)) + "|"]
-    for name, r in cheap_results.items():
-      listed = ", ".join(f"{k}={v}" for k, v in r["setting"].items() if k != "images")
-      setting = f"{r['calibration_images']} images" + (f"; {listed}" if listed else "")
-      rho = [f"{r['spearman_vs_truth'][f]['rho']:.2f}" + ("" if r["within_full_ci"][f] else "*")
-             for f in families]
-      md.append(f"| {name} | {setting} | {r['seconds']:.2f} | "
-                f"{100 * r['fraction_of_sweep']:.1f}% | {r['seconds_cold']:.2f} | "
-                + " | ".join(rho) + " |")
-  md += ["", f"Hutchinson trace at {n} probes, warm: all layers in one HVP per probe "
-         f"{trace_seconds['all_layers']:.2f} s, one HVP per layer per probe "
-         f"{trace_seconds['per_layer']:.2f} s: **{speedup:.1f}x**" + (
-             f"; all layers with each probe on {probe_examples} of the images (cheaper work "
-             f"per probe, the cheap setting above) {trace_seconds['all_layers_cheap']:.2f} s: "
-             f"{result['trace_all_layers_cheap_speedup']:.1f}x" if probe_examples else "")
-         + ".", "",
-         "Per probe (ms, warm; the probes of one call share one linearisation of the "
-         "gradient): " + ("; ".join(
-             f"`{l}` plain `jit(jvp(grad))` one probe at a time {1e3 * t['reference']:.2f}, our "
-             f"per-layer estimator {1e3 * t['per_layer']:.2f} "
-             f"({t['reference'] / t['per_layer']:.2f}x)" for l, t in per_probe["layers"].items())
-                              or "no conv layer")
-         + f"; our all-layer estimator {1e3 * per_probe['all_layers']:.2f} (every layer at once).",
-         "",
-         f"Targets: every data-dependent criterion <= {100 * TARGET_FRACTION:.0f}% of the sweep "
-         f"(max {100 * result['max_data_dependent_fraction']:.1f}%: "
-         f"{_met(result['targets_met']['fraction_of_sweep'])}; at the cheap settings max "
-         f"{100 * result['max_data_dependent_fraction_cheap']:.1f}%: "
-         f"{_met(result['targets_met']['fraction_of_sweep_cheap'])}, every rho inside the full "
-         f"setting's interval: {_met(result['targets_met']['cheap_agreement'])}); all-layer "
-         f"trace >= {TARGET_TRACE_SPEEDUP:.0f}x ({speedup:.1f}x: "
-         f"{_met(result['targets_met']['trace_all_layers_speedup'])}); per "
-         f"probe at least as fast as the plain `jvp(grad)` on every conv layer above ("
-         f"{_met(result['targets_met']['per_probe_vs_reference'])})."]
+              f"{100 * r['fraction_of_sweep_cold']:.0f}% | {full_s} | " + " | ".join(cells) + " |")
+  if m["per_probe"]:
+    md += ["", "Per Hutchinson probe (ms, warm): " + "; ".join(
+        f"`{layer}` plain `jit(jvp(grad))` {1e3 * t['reference']:.2f}, per-layer estimator "
+        f"{1e3 * t['per_layer']:.2f} ({t['reference'] / t['per_layer']:.2f}x)"
+        for layer, t in m["per_probe"].items()) + "."]
+  md += ["", f"Data-dependent criteria at their defaults: at most "
+         f"{100 * m['max_fraction']:.1f}% of the warm sweep and "
+         f"{100 * m['max_fraction_cold']:.0f}% of the cold sweep; every rho inside the full "
+         f"setting's interval: {'yes' if m['all_within_full_ci'] else 'NO'}.", ""]
+  return md
+
+
+def _write(config, workdir: str, models: dict) -> dict:
+  targets = _targets(models)
+  device = (f"{jax.default_backend()} ({jax.devices()[0].device_kind}, "
+            f"{os.cpu_count()} CPU cores visible)")
+  result = {"models": models, "targets": {"fraction_of_sweep": TARGET_FRACTION,
+                                          "fraction_of_sweep_cold": TARGET_COLD_FRACTION},
+            "targets_met": targets, "device": device, "versions": io.versions()}
+  md = ["# bench_criteria: criteria at their defaults against the sweep", "",
+        f"Device: {device}. Regenerate: `python launch.py --experiment=bench_criteria`.", ""]
+  for m in models.values():
+    md += _model_markdown(m)
+  md += [f"Targets on every model: data-dependent defaults <= {100 * TARGET_FRACTION:.0f}% of "
+         f"the warm sweep ({_met(targets['fraction_of_sweep'])}), cold <= "
+         f"{TARGET_COLD_FRACTION:.0f}x the cold sweep ({_met(targets['fraction_of_sweep_cold'])}"
+         f"), every rho inside the full setting's interval ({_met(targets['within_full_ci'])}); "
+         f"per probe at least as fast as plain `jvp(grad)` on every conv layer timed "
+         f"({_met(targets['per_probe_vs_reference'])})."]
   paths = {"json": io.write_json(os.path.join(workdir, "bench_criteria.json"), result),
            "md": io.write_text(os.path.join(workdir, "bench_criteria.md"), "\n".join(md) + "\n")}
   print("\n".join(md[2:]))
-  return {"paths": paths, **{k: result[k] for k in (
-      "model", "sweep_seconds", "trace_all_layers_speedup", "max_data_dependent_fraction",
-      "max_data_dependent_fraction_cheap")}}
+  return {"paths": paths, "targets_met": targets,
+          "models": {n: {k: m[k] for k in ("sweep_seconds", "max_fraction", "max_fraction_cold",
+                                            "all_within_full_ci")} for n, m in models.items()}}

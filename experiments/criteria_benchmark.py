@@ -26,6 +26,7 @@ sweep resumes from its CSV; the criteria are recomputed).
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 
@@ -70,8 +71,10 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
     eval_examples: ground truth on the first N eval examples (0: all).
     max_parallel, eval_batch_size: sweep chunking (see ``SweepConfig``).
     criteria: criterion names (keys of ``safer_jax.criteria.CRITERIA``).
-    criteria_options: ``{criterion: {option: value}}``; bounds the cost of
-      the iterative criteria.
+    criteria_setting: ``'full'`` or ``'cheap'``, the setting of the expensive
+      criteria (:mod:`safer_jax.criteria.settings`; full: what the cheap
+      defaults are checked against).
+    criteria_options: ``{criterion: {option: value}}``, overriding the setting's.
     calib_batches, calib_batch_size: calibration data of the criteria (first
       full batches of the training split).
     metrics: ground-truth metrics (``'accuracy_drop'``, ``'loss_increase'``),
@@ -98,15 +101,12 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
   config.max_parallel = 64
   config.eval_batch_size = 1024
   config.criteria = _criteria_order()
+  config.criteria_setting = "cheap" if tiny else "full"
   config.criteria_options = ml_collections.ConfigDict({
       "quant_error": {"bits": 4},
       "fisher": {"chunk_size": 16},  # per-example grads of 128 images at once: > 40 GB on
                                      # mobilenet_v2 (vmapped depthwise convs).
-      "hessian_trace": {"max_probes": 64},
-      "hawq_v2": {"bits": 4, "max_probes": 64},
-      "top_eigenvalue": {"max_iter": 20},
-      "corruption_pga": {"steps": 5},
-      "integrated_gradients": {"steps": 16},
+      "hawq_v2": {"bits": 4},
   })
   config.calib_batches = 2
   config.calib_batch_size = 128
@@ -122,11 +122,6 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
     config.calibration.steps = 2
     for family in FAMILIES:
       config.grids[family] = config.grids[family][-2:]  # the two harshest magnitudes
-    config.criteria_options.hessian_trace.max_probes = 16
-    config.criteria_options.hawq_v2.max_probes = 16
-    config.criteria_options.top_eigenvalue.max_iter = 5
-    config.criteria_options.corruption_pga.steps = 2
-    config.criteria_options.integrated_gradients.steps = 4
     config.calib_batches = 1
     config.calib_batch_size = 64
     config.n_boot = 200
@@ -159,6 +154,16 @@ def validate(config, check: common.Checker) -> None:
   check.require(not unknown, "criteria_options",
                 f"options keyed by criterion names ({sorted(criteria.CRITERIA)})",
                 problem=f"unknown criteria {unknown}")
+  for name, given in config.criteria_options.items():
+    parameters = inspect.signature(criteria.CRITERIA[name]).parameters if name in \
+        criteria.CRITERIA else {}
+    if parameters and not any(p.kind is inspect.Parameter.VAR_KEYWORD
+                              for p in parameters.values()):
+      allowed = sorted(set(parameters) - {"loss_fn", "params", "batches", "layers", "key"})
+      bad = sorted(set(given) - set(allowed))
+      check.require(not bad, f"criteria_options.{name}", f"options of {name}: {allowed}",
+                    problem=f"unknown options {bad}")
+  check.rule("criteria_setting", common.choice(criteria.SETTINGS))
   check.rule("metrics", common.sequence(common.choice(METRICS), unique=True))
   check.rule("k_frac", common.number(0, 1, lo_open=True))
   check.rule("n_boot", common.integer(0, note="bootstrap resamples; 0: no intervals"))
@@ -173,7 +178,7 @@ def validate(config, check: common.Checker) -> None:
                                                   unique=True, note="bit positions"))
 
 
-def _model_names(config) -> list[str]:
+def model_names(config) -> list[str]:
   if config.model == "all":  # every model trained on first use (not the ImageNet architectures)
     return [m for m in models.list_models() if m not in models.IMAGENET_MODELS]
   return [config.model] if config.model else list(config.models)
@@ -266,13 +271,25 @@ def _ground_truth(entry, config, model_dir: str) -> dict:
           "grids": {f: list(sweep_config(config, grids).grids()[f]) for f in config.families}}
 
 
+def criterion_options(config, setting: str | None = None) -> dict[str, dict]:
+  """``{criterion: options}`` of the configured criteria: ``criteria_options`` plus, for the
+  expensive ones, ``setting`` (None: ``config.criteria_setting``)."""
+  setting = config.criteria_setting if setting is None else setting
+  given = config.criteria_options.to_dict()
+  out = {}
+  for name in config.criteria:
+    extra = {"setting": setting} if name in criteria.settings.OPTIONS else {}
+    if given.get(name) or extra:
+      out[name] = {**extra, **given.get(name, {})}
+  return out
+
+
 def _criteria_scores(entry, config) -> tuple[dict, dict]:
   loss_fn = train.task_loss_fn(entry.model, entry.variables, entry.task)
   batches = benchmark.batches_from_split(entry.dataset.train, config.calib_batch_size,
                                          config.calib_batches)
   names = list(config.criteria)
-  all_options = config.criteria_options.to_dict()
-  options = {name: all_options[name] for name in names if name in all_options}
+  options = criterion_options(config)
   params = entry.variables["params"]
   key = jax.random.key(config.seed)
   scores, seconds = {}, {}
@@ -577,7 +594,7 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   agreement_frames, cost_rows, models_info, scores_json = [], [], {}, {}
   all_scores, all_truth = {}, {}  # model -> {criterion: {layer: score}}, {metric: DataFrame}
-  for name in _model_names(config):
+  for name in model_names(config):
     # Compiled executables of the previous model are not needed any more; on 24 GB they
     # otherwise accumulate until LLVM cannot allocate (seen at mobilenet_v2, the last model).
     criteria.clear_compiled()

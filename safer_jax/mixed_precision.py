@@ -92,7 +92,7 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     batch_size: calibration batch size; ``max_batches`` batches are used.
     seed: PRNG seed of the Hutchinson probes.
     hutchinson_probes: at most this many probes (stops earlier once the layers' ranking is
-      settled: :func:`safer_jax.criteria.hutchinson_trace`'s default rule).
+      right with probability 0.9: :func:`safer_jax.criteria.hutchinson_trace`'s default rule).
     ig_steps: Gauss-Legendre nodes of the integrated-gradients path.
     full_range: quantize on qwix's full signed grid (the default: what
       :mod:`safer_jax.deploy` runs; see :func:`safer_jax.perturb.quantize_grid`),
@@ -179,7 +179,7 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
       for b in candidates:
         per_bits[b] = criteria.integrated_gradients(loss_fn, params, batches,
                                                     baseline="quantized", bits=b, steps=ig_steps,
-                                                    full_range=full_range,
+                                                    full_range=full_range, setting="full",
                                                     layers=[re.escape(n) for n in names])
         inner.update(1, postfix=f"{b} bits")
       return {n: {b: float(per_bits[b][n]) for b in candidates} for n in names}

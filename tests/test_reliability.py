@@ -65,9 +65,7 @@ SPECIFIC_BAD = {
                            "metrics=(nope,)", "grids.prune=(1.5,)", "k_frac=0", "n_boot=-1",
                            "families=(blur,)"],
     "train": ["model=vgg"],
-    "bench_criteria": ["trace_probes=0", "warm_runs=0", "cheap.top_eigenvalue.images=0",
-                       "cheap.integrated_gradients.images=65",
-                       "cheap.hessian_trace.probe_examples=65"],
+    "bench_criteria": ["trace_probes=0", "warm_runs=0", "metric=nope", "models=(vgg,)"],
 }
 
 
@@ -102,12 +100,14 @@ def test_default_and_tiny_configs_are_valid(name):
     common.validate_config(module, module.get_config(tiny=tiny))
 
 
-def test_bench_criteria_refuses_a_cheap_option_its_criterion_lacks():
-  module = experiments.get_experiment("bench_criteria")
+@pytest.mark.parametrize("name", ["criteria_benchmark", "bench_criteria"])
+def test_criteria_options_refuse_an_option_the_criterion_lacks(name):
+  module = experiments.get_experiment(name)
   config = module.get_config(tiny=True)
-  config.cheap.corruption_pga = {"stepz": 2}
-  with pytest.raises(errors.ConfigError, match=r"^--config.cheap.corruption_pga=.*\(unknown "
-                     r"options \['stepz'\]\); allowed: options of corruption_pga: \[.*'steps'"):
+  config.criteria_options.corruption_pga = {"stepz": 2}
+  with pytest.raises(errors.ConfigError, match=r"^--config.criteria_options.corruption_pga=.*"
+                     r"\(unknown options \['stepz'\]\); allowed: options of corruption_pga: "
+                     r"\[.*'setting', 'step_size', 'steps'"):
     common.validate_config(module, config)
 
 

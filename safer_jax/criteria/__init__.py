@@ -10,44 +10,53 @@ Hessians are averaged over them, each batch weighted equally) and ``layers``
 ``None`` or regex patterns over layer paths (``safer_jax.layers``). Each
 criterion acts on the layers' kernels; second-order ones on the Hessian block
 of one kernel at a time. Data-free criteria accept ``loss_fn=batches=None``.
+
+The expensive criteria (fisher, hessian_trace, hawq_v2, top_eigenvalue,
+corruption_pga, integrated_gradients) run their cheap setting by default and
+the full one with ``setting='full'`` (:mod:`safer_jax.criteria.settings`).
 """
 
 from safer_jax.criteria._common import clear_compiled
 from safer_jax.criteria._common import mean_loss
 from safer_jax.criteria._common import mean_value_and_grads
+from safer_jax.criteria.confidence import trace_ranking
 from safer_jax.criteria.corruption import PGAResult
 from safer_jax.criteria.corruption import corruption_first_order
-from safer_jax.criteria.corruption import corruption_pga
 from safer_jax.criteria.corruption import dual_norm
 from safer_jax.criteria.corruption import pga_corruption
 from safer_jax.criteria.corruption import project
 from safer_jax.criteria.curvature import TraceEstimate
-from safer_jax.criteria.curvature import hawq_v2
-from safer_jax.criteria.curvature import hessian_trace
 from safer_jax.criteria.curvature import hutchinson_trace
-from safer_jax.criteria.curvature import top_eigenvalue
 from safer_jax.criteria.data_free import param_count
 from safer_jax.criteria.data_free import quant_error
 from safer_jax.criteria.data_free import quant_sq_error
 from safer_jax.criteria.data_free import random
 from safer_jax.criteria.data_free import spectral_norm
 from safer_jax.criteria.data_free import weight_norm
-from safer_jax.criteria.gradient import fisher
 from safer_jax.criteria.gradient import fisher_diagonal
 from safer_jax.criteria.gradient import grad_norm
 from safer_jax.criteria.gradient import sum_sq_grads
 from safer_jax.criteria.gradient import taylor
 from safer_jax.criteria.gradient import taylor_abs
-from safer_jax.criteria.integrated import integrated_gradients
 from safer_jax.criteria.integrated import integrated_gradients_attributions
 from safer_jax.criteria.integrated import quadrature
 from safer_jax.criteria.registry import CRITERIA
 from safer_jax.criteria.registry import compute_all
 from safer_jax.criteria.registry import get_criterion
+from safer_jax.criteria.settings import SETTINGS
+
+# The expensive criteria as the registry serves them: cheap by default, ``setting='full'``.
+corruption_pga = CRITERIA["corruption_pga"]
+fisher = CRITERIA["fisher"]
+hawq_v2 = CRITERIA["hawq_v2"]
+hessian_trace = CRITERIA["hessian_trace"]
+integrated_gradients = CRITERIA["integrated_gradients"]
+top_eigenvalue = CRITERIA["top_eigenvalue"]
 
 __all__ = [
     "CRITERIA",
     "PGAResult",
+    "SETTINGS",
     "TraceEstimate",
     "clear_compiled",
     "compute_all",
@@ -77,5 +86,6 @@ __all__ = [
     "taylor",
     "taylor_abs",
     "top_eigenvalue",
+    "trace_ranking",
     "weight_norm",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,6 +26,7 @@ import scipy.linalg
 
 from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
+from safer_jax.criteria import confidence as confidence_lib
 from safer_jax.criteria.data_free import quant_sq_error
 from safer_jax.progress import Progress
 
@@ -36,18 +38,28 @@ class TraceEstimate(NamedTuple):
     mean: the estimate of tr(H) (units: loss / weight^2).
     stderr: standard error of ``mean`` (sample std of the probes / sqrt(count)).
     num_probes: number of Rademacher probes used.
-    stability: how settled the *ranking* of the layers by ``mean`` is: the
-      mean Kendall tau between the ranking of bootstrap resamples of the probes
-      and the ranking of all of them (1: every resample ranks the layers alike;
-      the same value for every layer of one call; NaN with a single layer).
+    confidence: the probability that the call's ranking is right: every pair
+      of layers in different tie groups (with ``top_k``: every pair across the
+      top-k boundary) ordered like the true traces (bootstrap over the probes,
+      :func:`safer_jax.criteria.confidence.ranking_confidence`; the same value
+      for every layer of one call).
+    group: the layer's tie group, 0 for the largest traces; layers of one group
+      are within ``tie_rtol`` of each other and their order is not claimed
+      (:func:`safer_jax.criteria.trace_ranking` lists the groups).
+    converged: whether the stopping rule's target was reached (None for
+      ``stop=None``, which asks for no target).
+    warning: why not, when ``converged`` is False (the least settled pairs).
   """
   mean: float
   stderr: float
   num_probes: int
-  stability: float = float("nan")
+  confidence: float = float("nan")
+  group: int = 0
+  converged: bool | None = None
+  warning: str | None = None
 
 
-STOP_RULES = ("ranking", "rel_tol")
+STOP_RULES = ("ranking", "rel_tol", None)
 ESTIMATORS = ("all_layers", "per_layer")
 
 
@@ -176,37 +188,14 @@ def _in_calls(fn: Callable, xs: jax.Array, *args, shared: bool = True) -> jax.Ar
   return jnp.concatenate([fn(xs[i:i + step], *args) for i in range(0, xs.shape[0], step)])
 
 
-def ranking_stability(samples: np.ndarray, n_boot: int = 200, seed: int = 0) -> float:
-  """Mean Kendall tau between bootstrap rankings of the layers and the full-sample ranking.
-
-  Args:
-    samples: ``(P, L)`` per-probe estimates of ``L`` layers' scores.
-    n_boot: bootstrap resamples of the ``P`` probes (rows).
-    seed: NumPy seed of the resampling (fixed: the rule is deterministic).
-
-  Returns:
-    Mean over resamples of tau-a between the layer means of the resample and
-    those of all probes, in [-1, 1] (NaN for fewer than two layers).
-  """
-  p, l = samples.shape
-  if l < 2:
-    return float("nan")
-  rng = np.random.default_rng(seed)
-  idx = rng.integers(0, p, size=(n_boot, p))
-  boot = samples[idx].mean(axis=1)  # (B, L)
-  full = samples.mean(axis=0)
-  iu = np.triu_indices(l, 1)
-  ref = np.sign(full[:, None] - full[None, :])[iu]  # (pairs,)
-  diff = np.sign(boot[:, :, None] - boot[:, None, :])[:, iu[0], iu[1]]  # (B, pairs)
-  return float(np.mean(diff * ref[None, :]))
-
-
 @_common.accepts_nnx_state
 def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
                      layers: Any = None, key: jax.Array | None = None,
-                     stop: str = "ranking", target_tau: float = 0.95, rel_tol: float = 1e-2,
-                     max_probes: int = 1024, min_probes: int = 32, chunk_size: int = 16,
-                     estimator: str = "all_layers", n_boot: int = 200,
+                     stop: str | None = "ranking", target: float | None = None,
+                     tie_rtol: float = 0.05, top_k: int | None = None,
+                     rel_tol: float | None = None, max_probes: int = 1024,
+                     min_probes: int | None = None, chunk_size: int = 16,
+                     estimator: str = "all_layers", n_boot: int = 400,
                      probe_examples: int | None = None,
                      progress: bool = False) -> dict[str, TraceEstimate]:
   """Hutchinson estimates of the trace of every layer's Hessian block.
@@ -229,14 +218,20 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
   accelerators a call is the whole chunk (``vmap``), on CPU up to 2 probes in
   straight-line code (see :func:`_probes_per_call`). The rules:
 
-  * ``stop='ranking'`` (default): stop when the ranking of the layers is
-    settled — the mean Kendall tau between bootstrap resamples of the probes
-    and all probes (:func:`ranking_stability`) reaches ``target_tau`` — what
-    the criterion is used for. With ``estimator='per_layer'`` each layer has
-    its own probes and the rule applies to them jointly.
+  * ``stop='ranking'`` (default): stop once the ranking is right with
+    probability ``target`` (:mod:`safer_jax.criteria.confidence`): layers
+    within ``tie_rtol`` of each other are tied (their order is not claimed),
+    and every other pair (with ``top_k``: every pair across the top-k
+    boundary, the set a budget keeps) must keep its order in the bootstrap
+    resamples of the probes. With ``estimator='per_layer'`` each layer has its
+    own probes and the rule applies to them jointly.
   * ``stop='rel_tol'``: stop when every layer's ``stderr <= rel_tol * |mean|``.
+  * ``stop=None``: exactly ``max_probes`` probes (rounded up to a multiple of
+    ``chunk_size``); the confidence is reported, no target is sought.
 
   Either way at most ``max_probes`` (rounded up to a multiple of ``chunk_size``).
+  Reaching it before the target gives ``converged=False`` and a ``warning``
+  naming the least settled pairs, in the result and as a ``RuntimeWarning``.
 
   ``probe_examples`` (``all_layers`` only) makes each probe cheaper: its HVP is
   on ``probe_examples`` examples drawn afresh (uniformly, without replacement)
@@ -254,40 +249,44 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     batches: sequence of batches (pytrees with a leading batch axis).
     layers: ``None`` (all layers) or regex pattern(s).
     key: ``jax.random`` key for the probes (``None``: ``jax.random.key(0)``).
-    stop: ``'ranking'`` or ``'rel_tol'``.
-    target_tau: ranking stability to reach (``stop='ranking'``), in (0, 1].
-    rel_tol: target relative standard error (``stop='rel_tol'``).
+    stop: ``'ranking'``, ``'rel_tol'`` or ``None``.
+    target: probability the ranking must reach (``stop='ranking'`` only;
+      ``None``: 0.9), in (0, 1).
+    tie_rtol: relative difference within which layers tie (>= 0).
+    top_k: ``None`` (the whole ranking) or the size of the top set whose
+      membership must be right, 1 to L - 1.
+    rel_tol: target relative standard error (``stop='rel_tol'`` only; ``None``: 0.01).
     max_probes: upper bound on the number of probes.
-    min_probes: probes drawn before the rule is first checked.
+    min_probes: probes drawn before the rule is first checked (not with
+      ``stop=None``; ``None``: 32, at most ``max_probes``).
     chunk_size: probes between two checks of the stopping rule (accelerators:
       one call, memory ~ chunk_size x one HVP).
     estimator: ``'all_layers'`` or ``'per_layer'``.
-    n_boot: bootstrap resamples of the ranking rule.
+    n_boot: bootstrap resamples of the confidence.
     probe_examples: ``None`` (every probe sees every batch) or the number of
       examples each probe draws from the pooled batches (``all_layers`` only).
     progress: show probes drawn (of ``max_probes``), an ETA and the current
-      ranking stability (stderr).
+      confidence (stderr).
 
   Returns:
-    ``{layer: TraceEstimate(mean, stderr, num_probes, stability)}``. COST:
-    ``num_probes`` full HVPs per batch (``all_layers``), or that per layer
-    (``per_layer``).
+    ``{layer: TraceEstimate(mean, stderr, num_probes, confidence, group,
+    converged, warning)}``. COST: ``num_probes`` full HVPs per batch
+    (``all_layers``), or that per layer (``per_layer``).
 
   Raises:
     ValueError: non-finite parameters, a pattern matching no layer, no data,
-      or a bad option (named, with what is allowed).
+      a bad option, or options that contradict each other (named, with what
+      is allowed).
   """
   names, batches = _common.setup(loss_fn, params, batches, layers)
-  if stop not in STOP_RULES:
-    raise ValueError(f"Unsupported stop={stop!r}; allowed: {list(STOP_RULES)}.")
+  stop, target, rel_tol, min_probes, max_probes = _check_stop_options(
+      stop, target, rel_tol, min_probes, max_probes)
   if estimator not in ESTIMATORS:
     raise ValueError(f"Unsupported estimator={estimator!r}; allowed: {list(ESTIMATORS)}.")
-  rel_tol = _common.check_nonneg_float("rel_tol", rel_tol)
-  target_tau = _common.check_nonneg_float("target_tau", target_tau)
-  if not 0 < target_tau <= 1:
-    raise ValueError(f"`target_tau` must be in (0, 1], got {target_tau!r}.")
-  max_probes = _common.check_positive_int("max_probes", max_probes)
-  min_probes = _common.check_positive_int("min_probes", min_probes)
+  tie_rtol = _common.check_nonneg_float("tie_rtol", tie_rtol)
+  if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k < len(names)):
+    raise ValueError(f"top_k={top_k!r} is not a size of a top set of the {len(names)} "
+                     f"layers; allowed: None or an integer from 1 to {len(names) - 1}.")
   chunk_size = _common.check_positive_int("chunk_size", chunk_size)
   n_boot = _common.check_positive_int("n_boot", n_boot)
   key = jax.random.key(0) if key is None else key
@@ -328,33 +327,87 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
       return jnp.stack(cols, axis=1)
 
   samples: list[np.ndarray] = []
-  chunk, stability = 0, float("nan")
+  chunk, verdict = 0, None
   bar = Progress(-(-max_probes // chunk_size) * chunk_size, "hutchinson", enabled=progress,
                  unit="probe")
   while True:
     samples.append(np.asarray(jax.device_get(draw(chunk)), dtype=np.float64))
     chunk += 1
     x = np.concatenate(samples)  # (P, L)
-    count = x.shape[0]
-    stability = ranking_stability(x, n_boot)
-    bar.update(chunk_size, postfix=f"ranking stability {stability:.3f}")
-    if count >= max_probes:
+    verdict = _Verdict(x, tie_rtol, top_k, n_boot)
+    bar.update(chunk_size, postfix=f"confidence {verdict.confidence:.3f}")
+    if x.shape[0] >= max_probes or (x.shape[0] >= min_probes and
+                                    _target_reached(stop, verdict, x, target, rel_tol)):
       break
-    if count < min_probes:
-      continue
-    if stop == "ranking":
-      if len(names) < 2 or stability >= target_tau:
-        break
-    else:
-      mean, std = x.mean(axis=0), x.std(axis=0, ddof=1) if count > 1 else np.inf
-      if np.all(std / math.sqrt(count) <= rel_tol * np.abs(mean)):
-        break
   bar.close()
+  converged = None if stop is None else _target_reached(stop, verdict, x, target, rel_tol)
+  warning = None
+  if converged is False:
+    goal = (f"confidence {verdict.confidence:.3f} < target {target}" if stop == "ranking"
+            else f"relative stderr above rel_tol={rel_tol}")
+    warning = (f"hutchinson_trace stopped at max_probes={max_probes} before its target "
+               f"({goal}); least settled pairs: "
+               f"{', '.join(confidence_lib.unresolved(names, x, *verdict.pairs)) or 'none'}. "
+               f"Raise max_probes or tie_rtol, or use top_k.")
+    warnings.warn(warning, RuntimeWarning, stacklevel=3)
+  count = x.shape[0]
   mean = x.mean(axis=0)
   stderr = (x.std(axis=0, ddof=1) / math.sqrt(count) if count > 1
             else np.full(len(names), math.inf))
-  return {n: TraceEstimate(float(mean[i]), float(stderr[i]), int(count), stability)
+  return {n: TraceEstimate(float(mean[i]), float(stderr[i]), int(count), verdict.confidence,
+                           int(verdict.groups[i]), converged, warning)
           for i, n in enumerate(names)}
+
+
+class _Verdict:
+  """Tie groups, claimed pairs and the confidence of ``(P, L)`` per-probe estimates."""
+
+  def __init__(self, samples: np.ndarray, tie_rtol: float, top_k: int | None, n_boot: int):
+    means = samples.mean(axis=0)
+    self.groups = confidence_lib.tie_groups(means, tie_rtol)
+    self.pairs = confidence_lib.ordered_pairs(means, self.groups, top_k)
+    self.confidence = confidence_lib.ranking_confidence(samples, *self.pairs, n_boot=n_boot)
+
+
+def _target_reached(stop: str | None, verdict: _Verdict, samples: np.ndarray,
+                    target: float, rel_tol: float) -> bool:
+  if stop == "ranking":
+    return verdict.confidence >= target
+  if stop == "rel_tol":
+    count = samples.shape[0]
+    if count < 2:
+      return False
+    stderr = samples.std(axis=0, ddof=1) / math.sqrt(count)
+    return bool(np.all(stderr <= rel_tol * np.abs(samples.mean(axis=0))))
+  return False
+
+
+def _check_stop_options(stop, target, rel_tol, min_probes, max_probes):
+  """The stopping options with their defaults, or a ValueError naming a contradiction."""
+  if stop not in STOP_RULES:
+    raise ValueError(f"Unsupported stop={stop!r}; allowed: {list(STOP_RULES)}.")
+  if target is not None and stop != "ranking":
+    raise ValueError(f"target={target} is the confidence stop='ranking' seeks, but "
+                     f"stop={stop!r}; allowed: stop='ranking' with it, or no target.")
+  if rel_tol is not None and stop != "rel_tol":
+    raise ValueError(f"rel_tol={rel_tol} is the tolerance stop='rel_tol' seeks, but "
+                     f"stop={stop!r}; allowed: stop='rel_tol' with it, or no rel_tol.")
+  if min_probes is not None and stop is None:
+    raise ValueError(f"min_probes={min_probes} has no effect with stop=None, which draws "
+                     f"exactly max_probes probes; allowed: min_probes=None with it.")
+  max_probes = _common.check_positive_int("max_probes", max_probes)
+  if min_probes is None:
+    min_probes = min(32, max_probes)
+  min_probes = _common.check_positive_int("min_probes", min_probes)
+  if min_probes > max_probes:
+    raise ValueError(f"min_probes={min_probes} exceeds max_probes={max_probes}; allowed: "
+                     f"min_probes <= max_probes.")
+  target = 0.9 if target is None else _common.check_nonneg_float("target", target)
+  if not 0 < target < 1:
+    raise ValueError(f"target={target!r} is not a probability the rule can reach; "
+                     f"allowed: 0 < target < 1.")
+  rel_tol = 1e-2 if rel_tol is None else _common.check_nonneg_float("rel_tol", rel_tol)
+  return stop, target, rel_tol, min_probes, max_probes
 
 
 @_common.accepts_nnx_state
@@ -364,7 +417,7 @@ def hessian_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any,
   """Trace of each layer's Hessian block (Hutchinson), i.e. the sum of its eigenvalues.
 
   See :func:`hutchinson_trace` for the estimator, its stopping rules and
-  ``options`` (``stop``, ``target_tau``, ``rel_tol``, ``max_probes``,
+  ``options`` (``stop``, ``target``, ``tie_rtol``, ``top_k``, ``rel_tol``, ``max_probes``,
   ``min_probes``, ``chunk_size``, ``estimator``); this returns only the means.
 
   Returns:

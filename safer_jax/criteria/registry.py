@@ -11,11 +11,12 @@ import jax
 
 from safer_jax.criteria import corruption, curvature, data_free, gradient, integrated
 from safer_jax.criteria import _common
+from safer_jax.criteria import settings
 from safer_jax.progress import Progress
 
 Criterion = Callable[..., _common.Scores]
 
-CRITERIA: dict[str, Criterion] = {
+_RAW: dict[str, Criterion] = {
     # Data-free (no forward pass).
     "random": data_free.random,
     "param_count": data_free.param_count,
@@ -37,6 +38,12 @@ CRITERIA: dict[str, Criterion] = {
     # Integrated gradients over the weights.
     "integrated_gradients": integrated.integrated_gradients,
 }
+
+# The public criteria: the expensive ones take ``setting='cheap'|'full'`` and ``examples``
+# (:mod:`safer_jax.criteria.settings`), the cheap setting by default.
+CRITERIA: dict[str, Criterion] = {
+    name: settings.tiered(name)(fn) if name in settings.OPTIONS else fn
+    for name, fn in _RAW.items()}
 
 
 def get_criterion(name: str) -> Criterion:
