@@ -326,33 +326,89 @@ def _compilations(fn, clear: bool = True) -> int:
   return sum(counts.values())
 
 
-def test_per_layer_criteria_compile_few_programs_per_layer():
-  """A first run of a per-layer criterion pays for compilation; count the programs.
+def _chain(widths, seed=1):
+  """A tanh MLP with ``len(widths) - 1`` dense layers of different shapes, and one batch."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32) / 2
+  params = {f"dense{i}": {"kernel": normal(a, b), "bias": normal(b)}
+            for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))}
 
-  One batch, two layers of different shapes, used by no other test (so nothing is
-  compiled yet and no cache needs clearing). PGA: per layer its value-and-gradient
-  program, start and step, plus one program for every layer's radius. Integrated
-  gradients: per layer one program, plus one for every layer's sum |A|. The top
-  eigenvalue: per layer its product, start and Lanczos step, plus the key's own. (They
-  were 16, 15 and 14 before the small eager operations around them went into those
-  programs.)
+  def loss(params, batch):
+    h = batch["x"]
+    for i in range(len(widths) - 1):
+      h = h @ params[f"dense{i}"]["kernel"] + params[f"dense{i}"]["bias"]
+      h = jnp.tanh(h) if i < len(widths) - 2 else h
+    logp = jax.nn.log_softmax(h)
+    return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+
+  batch = [{"x": normal(13, widths[0]),
+            "y": jnp.asarray(rng.integers(0, widths[-1], 13), jnp.int32)}]
+  return params, batch, loss
+
+
+def test_per_layer_criteria_compile_a_fixed_number_of_programs():
+  """A first run of a per-layer criterion compiles the same programs whatever the layer count.
+
+  Every layer is evaluated by one program shared by all (the layer picked by an
+  input), so 2 and 5 layers of different shapes compile alike. PGA: the
+  value-and-gradient, every layer's radius, the point, the start and the step.
+  Integrated gradients: the gradient, the point, the node sum, the attributions and
+  every layer's sum |A|. The top eigenvalue: the HVP, the tangent, the Lanczos start
+  and step, plus the key's seed and fold_in, an index conversion and the finiteness
+  check. (Per-layer programs compiled 3 L + 1, L + 1 and 3 L + 1 to 3 L + 4: 16, 6 and
+  16-19 with 5 layers.)
   """
-  rng = np.random.default_rng(1)
-  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  params = {"dense1": {"kernel": normal(5, 11), "bias": normal(11)},
-            "dense2": {"kernel": normal(11, 3), "bias": normal(3)}}
-  batch = [{"x": normal(13, 5), "y": jnp.asarray(rng.integers(0, 3, 13), jnp.int32)}]
-  fresh_loss = lambda: (lambda p, b: mlp_loss(p, b))  # criteria cache programs on the loss
-  pga = _compilations(lambda: criteria.corruption_pga(fresh_loss(), params, batch, steps=2),
-                      clear=False)
-  ig = _compilations(lambda: criteria.integrated_gradients(fresh_loss(), params, batch,
-                                                           steps=4), clear=False)
-  eig = _compilations(lambda: criteria.top_eigenvalue(fresh_loss(), params, batch, max_iter=3,
-                                                      tol=0.0), clear=False)
-  layers = len(LAYERS)
-  assert pga == 3 * layers + 1
-  assert ig == layers + 1
-  assert 3 * layers <= eig <= 3 * layers + 4
+  def counts(widths):
+    params, batch, loss = _chain(widths)
+    fresh_loss = lambda: (lambda p, b: loss(p, b))  # criteria cache programs on the loss
+    pga = _compilations(lambda: criteria.corruption_pga(fresh_loss(), params, batch, steps=2))
+    ig = _compilations(lambda: criteria.integrated_gradients(fresh_loss(), params, batch,
+                                                             steps=4))
+    eig = _compilations(lambda: criteria.top_eigenvalue(fresh_loss(), params, batch,
+                                                        max_iter=3, tol=0.0))
+    return pga, ig, eig
+
+  pga, ig, eig = counts((5, 11, 3))
+  assert counts((5, 11, 7, 9, 4, 3)) == (pga, ig, eig)
+  assert pga == 5
+  assert ig == 5
+  assert eig == 8
+
+
+def test_one_program_for_all_layers_equals_per_layer_references(mlp):
+  """The all-layer programs give each layer what a plain per-layer computation gives.
+
+  References written here with ``jax.grad`` / ``jax.jvp`` of the loss as a function of one
+  layer's kernel: integrated gradients' attributions, the first PGA iterate's loss and its
+  ascent step, and the top eigenvalue's Hessian-vector products (via the dense block).
+  """
+  params, batches = mlp
+  steps = 4
+  alphas, weights = criteria.quadrature(steps)
+  attr = criteria.integrated_gradients_attributions(mlp_loss, params, batches, steps=steps)
+  pga = criteria.corruption_pga(mlp_loss, params, batches, eps=0.2, steps=0)
+  for layer in LAYERS:
+    w = params[layer]["kernel"]
+    layer_loss = lambda k, b, layer=layer: mlp_loss(_replace(params, layer, k), b)
+    grad = jax.jit(jax.grad(layer_loss))
+    ref = np.mean([w * sum(c * grad(a * w, b) for a, c in zip(alphas, weights))
+                   for b in batches], axis=0)
+    np.testing.assert_allclose(attr[layer], ref, rtol=1e-5, atol=1e-7)
+    # PGA with no step: the loss increase of the first-order maximiser within the ball.
+    g = _layer_grad(params, batches, layer)
+    a0 = 0.2 * np.linalg.norm(w) * g / np.linalg.norm(g)
+    increase = np.mean([layer_loss(w + a0, b) - mlp_loss(params, b) for b in batches])
+    np.testing.assert_allclose(pga[layer], increase, rtol=1e-4)
+    # One all-layer HVP with the tangent on this layer only gives H_ll v.
+    v = jax.random.normal(jax.random.key(3), (w.size,))
+    hv = criteria.curvature._flat_hvp_fn(mlp_loss, LAYERS)
+    tangent = criteria.curvature._one_layer_tangent(
+        LAYERS, np.int32(LAYERS.index(layer)), {n: jnp.zeros(params[n]["kernel"].size)
+                                                for n in LAYERS} | {layer: v},
+        {n: params[n]["kernel"] for n in LAYERS})
+    got = np.mean([hv(params, tangent, b)[layer] for b in batches], axis=0)
+    np.testing.assert_allclose(got, _dense_hessian(params, batches, layer) @ np.asarray(v),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_top_eigenvalue_lanczos_and_power(mlp):
@@ -443,8 +499,8 @@ def test_pga_stays_in_ball_and_never_loses(mlp, p, n_sparse):
   assert all(s > 0 for s in scores.values())
 
 
-def test_per_layer_criteria_run_layers_concurrently_in_order_with_progress(mlp, capsys):
-  """Two layers at a time: each layer's score is its own run's, in layer order; progress shown."""
+def test_all_layer_runs_equal_one_layer_runs_in_order_with_progress(mlp, capsys):
+  """All layers together: each layer's score is its own run's, in layer order; progress shown."""
   params, batches = mlp
   pga = criteria.corruption_pga(mlp_loss, params, batches, eps=0.2, steps=3, progress=True)
   ig = criteria.integrated_gradients(mlp_loss, params, batches, steps=4, progress=True)
@@ -455,8 +511,8 @@ def test_per_layer_criteria_run_layers_concurrently_in_order_with_progress(mlp, 
     one = criteria.integrated_gradients(mlp_loss, params, batches, layers=name, steps=4)
     assert ig[name] == one[name], name
   err = capsys.readouterr().err
-  for label in ("corruption PGA", "integrated gradients"):
-    assert f"{label} {len(LAYERS)}/{len(LAYERS)}" in err and "100%" in err, err
+  assert "corruption PGA 4/4" in err and "100%" in err, err  # iterates a_0..a_3, all layers
+  assert f"integrated gradients {len(LAYERS)}/{len(LAYERS)}" in err, err
 
 
 def test_project_l1_matches_bisection():
