@@ -301,9 +301,6 @@ def test_top_eigenvalue_compiles_only_in_its_first_iteration(mlp):
   """Parameters committed to a device (as restored checkpoints are): the start vectors go there
   too, so later iterations reuse the first one's programs instead of compiling them again.
 
-  One layer: with two, their threads can miss JAX's cache on a program they share (a small
-  scalar one of the Lanczos step) at the same moment and both compile it, so the count
-  would depend on thread timing (12 or 13 on a loaded machine).
   """
   params, batches = mlp
   params = jax.device_put(params, jax.devices()[0])

@@ -244,9 +244,8 @@ def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     layer's start), then per layer ``steps + 1`` full forward+backward passes
     per batch (one at each iterate ``a_0 .. a_steps``; each differentiates the
     whole network, the layer's gradient is the one used). Compiles one
-    value-and-gradient program for all layers (not one per layer), plus one
-    start, one step and one sum program; mobilenet_v2 (20 layers), first call
-    on 16 images, steps=2: see the module docstring.
+    value-and-gradient program for all layers (not one per layer), plus small
+    programs (the radii, the point, the start, the step) once each.
 
   Raises:
     ValueError: bad options, non-finite parameters, a pattern matching no layer,
