@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "memory_check": "experiments.memory_check",
     "bench_devices": "experiments.bench_devices",
     "bench_criteria": "experiments.bench_criteria",
+    "trace_calibration": "experiments.trace_calibration",
 }
 
 

@@ -18,12 +18,12 @@ import re
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from safer_jax import layers as layers_lib
 from safer_jax import norms
 from safer_jax.criteria import _common
+from safer_jax.progress import Progress
 from safer_jax.norms import dual_norm, project  # noqa: F401  (public here too)
 
 
@@ -137,7 +137,8 @@ def pga_corruption(loss_fn: _common.LossFn, params: _common.Params, batches: Any
     A ``PGAResult``. COST: ``steps + 2`` forward+backward passes per batch
     (at ``W``, then at every iterate ``a_0 .. a_steps``; the last one's
     gradient is unused, but sharing the compiled program with the others
-    saves a compilation per layer).
+    saves a compilation); a first call compiles the layer's
+    value-and-gradient program, the start and the step.
 
   Raises:
     ValueError: bad options, non-finite parameters, unknown layer, no data.
@@ -149,52 +150,73 @@ def pga_corruption(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   step_size = _common.check_nonneg_float("step_size", step_size)
   names, batches = _common.setup(loss_fn, params, batches, re.escape(layer))
   e = eps_absolute(layers_lib.get_kernel(params, names[0]), eps, p, relative)
-  return _pga_layer(loss_fn, params, batches, names[0], e, p, int(steps), step_size, n_sparse)
+  return _pga_layers(loss_fn, params, batches, {names[0]: e}, p, int(steps), step_size,
+                     n_sparse)[names[0]]
 
 
-def _corrupted_value_and_grad(loss_fn, name):
-  """``(params, kernel, a, batch) -> (L(W + a), dL/da)`` with ``W + a`` the layer's kernel.
+@functools.partial(jax.jit, static_argnums=0)
+def _corrupted(names, index, kernels, corruptions):
+  """The kernels with layer ``names[index]``'s corrupted, ``W_l + a_l``; one program for all."""
+  moved = {n: kernels[n] + corruptions[n] for n in names}
+  return _common.at_one_layer(names, index, moved, kernels)
 
-  The corruption is added inside the program: an eager ``kernel + a`` compiled one more
-  program per layer on a first run.
+
+@functools.partial(jax.jit, static_argnames=("p", "n"))
+def _pga_start(g, radii, p, n):
+  """The first-order maximiser of every layer (``{layer: a_0}``), in one program."""
+  return {name: project(norms.steepest_ascent(g[name], e, p, n), e, p, n)
+          for name, e in radii.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("p", "n"))
+def _pga_step(a, grad_a, radii, step_size, p, n):
+  """One ascent step of every layer (``{layer: a_t}``), in one program."""
+  return {name: project(a[name] + norms.steepest_ascent(grad_a[name], step_size * e, p),
+                        e, p, n) for name, e in radii.items()}
+
+
+def _pga_layers(loss_fn, params, batches, radii, p, steps, step_size, n_sparse,
+                progress=False):
+  """PGA on every layer of ``radii`` (``{layer: eps_abs}``): ``{layer: PGAResult}``.
+
+  The layers ascend in lockstep. Each layer's loss and gradient at ``W_l + a_l``
+  (the other kernels at ``W``) comes from one program shared by every layer
+  (:func:`_common.kernels_value_and_grad`), called once per layer per iterate; the start
+  and every step of all layers are one program each. The gradient at ``a = 0``,
+  the same for every layer, is one call. ``progress``: iterates done (stderr).
   """
-  f = _common.layer_loss(loss_fn, name)
-  return jax.value_and_grad(lambda params, kernel, a, batch: f(params, kernel + a, batch),
-                            argnums=2)
+  names = list(radii)
+  kernels = layers_lib.get_kernels(params, names)
+  vg = _common.cached_jit(_common.kernels_value_and_grad, loss_fn, tuple(names))
 
+  def value_and_grad(point):
+    return _common.batch_mean(vg(params, point, b) for b in batches)
 
-@functools.partial(jax.jit, static_argnames=("p", "n"))
-def _pga_start(g, eps_abs, p, n):
-  return project(norms.steepest_ascent(g, eps_abs, p, n), eps_abs, p, n)
-
-
-@functools.partial(jax.jit, static_argnames=("p", "n"))
-def _pga_step(a, grad_a, eps_abs, step_abs, p, n):
-  step = norms.steepest_ascent(grad_a, step_abs, p)
-  return project(a + step, eps_abs, p, n)
-
-
-def _pga_layer(loss_fn, params, batches, name, e, p, steps, step_size, n_sparse):
-  """PGA on one layer within the absolute radius ``e`` (see :func:`pga_corruption`)."""
-  kernel = layers_lib.get_kernel(params, name)
-  vg = _common.cached_jit(_corrupted_value_and_grad, loss_fn, name)
-
-  def value_and_grad(a):
-    return _common.batch_mean(vg(params, kernel, a, b) for b in batches)
-
-  base, g = value_and_grad(_common.zeros_like(kernel))
-  base = _common.to_float(base)
-  a = _pga_start(g, e, p, n_sparse)
-  best_a, best_loss, losses = a, None, []
+  base, g = value_and_grad(kernels)
+  a = _pga_start(g, radii, p, n_sparse)
+  iterates, losses = [], []  # per iterate: {layer: a_t}, [L(W_l + a_t) per layer]
+  bar = Progress(steps + 1, "corruption PGA", enabled=progress, unit="iteration")
   for t in range(steps + 1):
-    loss, ga = value_and_grad(a)
-    loss = _common.to_float(loss)
-    losses.append(loss)
-    if best_loss is None or loss > best_loss:
-      best_a, best_loss = a, loss
+    results = [value_and_grad(_corrupted(tuple(names), np.int32(i), kernels, a))
+               for i in range(len(names))]
+    iterates.append(a)
+    losses.append([loss for loss, _ in results])
     if t < steps:
-      a = _pga_step(a, ga, e, step_size * e, p, n_sparse)
-  return PGAResult(best_a, best_loss - base, losses[0] - base, e, losses)
+      a = _pga_step(a, {n: grads[n] for n, (_, grads) in zip(names, results)}, radii,
+                    step_size, p, n_sparse)
+    if progress:
+      bar.update(1, postfix=f"{len(names)} layers, {_common.to_float(losses[-1][-1]):.4g} "
+                 "last loss")  # a sync: the ETA counts finished work
+  bar.close()
+  base = _common.to_float(base)
+  losses = np.asarray(jax.device_get(losses), np.float64)  # (steps + 1, layers)
+  out = {}
+  for i, name in enumerate(names):
+    best = int(np.argmax(losses[:, i]))  # the first of equal maxima, as a running best keeps
+    out[name] = PGAResult(iterates[best][name], float(losses[best, i]) - base,
+                          float(losses[0, i]) - base, radii[name],
+                          [float(x) for x in losses[:, i]])
+  return out
 
 
 @_common.accepts_nnx_state
@@ -218,8 +240,12 @@ def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any
 
   Returns:
     ``{layer: L(W + a) - L(W)}`` (units: loss; >= the first-order start's
-    increase). COST per layer: ``steps + 2`` forward+backward passes per batch;
-    two layers at a time (one under ``jax.distributed``).
+    increase). COST: one forward+backward pass per batch at ``W`` (every
+    layer's start), then per layer ``steps + 1`` full forward+backward passes
+    per batch (one at each iterate ``a_0 .. a_steps``; each differentiates the
+    whole network, the layer's gradient is the one used). Compiles one
+    value-and-gradient program for all layers (not one per layer), plus small
+    programs (the radii, the point, the start, the step) once each.
 
   Raises:
     ValueError: bad options, non-finite parameters, a pattern matching no layer,
@@ -234,8 +260,7 @@ def corruption_pga(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   _common.check_nonneg_float("eps", eps)
   names, batches = _common.setup(loss_fn, params, batches, layers)
   radii = _radii(layers_lib.get_kernels(params, names), eps, p, relative)
-  increase = lambda n: _pga_layer(loss_fn, params, batches, n, radii[n], p, int(steps),
-                                  step_size, n_sparse).loss_increase
-  return dict(zip(names, _common.map_layers(increase, names, label="corruption PGA",
-                                            progress=progress)))
+  results = _pga_layers(loss_fn, params, batches, radii, p, int(steps), step_size, n_sparse,
+                        progress)
+  return {name: results[name].loss_increase for name in names}
 

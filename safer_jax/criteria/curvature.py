@@ -12,7 +12,6 @@ and backward pass once, then only the linear map per probe).
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import math
 import warnings
@@ -27,7 +26,7 @@ import scipy.linalg
 from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
 from safer_jax.criteria import confidence as confidence_lib
-from safer_jax.criteria.data_free import quant_sq_error
+from safer_jax.criteria.data_free import quant_sq_errors
 from safer_jax.progress import Progress
 
 
@@ -40,15 +39,16 @@ class TraceEstimate(NamedTuple):
     num_probes: number of Rademacher probes used.
     confidence: the probability that the call's ranking is right: every pair
       of layers in different tie groups (with ``top_k``: every pair across the
-      top-k boundary) ordered like the true traces (bootstrap over the probes,
-      :func:`safer_jax.criteria.confidence.ranking_confidence`; the same value
-      for every layer of one call).
-    group: the layer's tie group, 0 for the largest traces; layers of one group
-      are within ``tie_rtol`` of each other and their order is not claimed
-      (:func:`safer_jax.criteria.trace_ranking` lists the groups).
+      top-k boundary) ordered like the true traces (posterior draws of the
+      means, :func:`safer_jax.criteria.confidence.verdict`; the same value for
+      every layer of one call).
+    group: the layer's tie group, 0 for the largest traces; the order of the
+      layers of one group is not claimed: they are within ``tie_rtol`` of each
+      other, or not yet told apart (:func:`safer_jax.criteria.trace_ranking`
+      lists the groups).
     converged: whether the stopping rule's target was reached (None for
       ``stop=None``, which asks for no target).
-    warning: why not, when ``converged`` is False (the least settled pairs).
+    warning: why not, when ``converged`` is False (the unsettled neighbours).
   """
   mean: float
   stderr: float
@@ -61,17 +61,6 @@ class TraceEstimate(NamedTuple):
 
 STOP_RULES = ("ranking", "rel_tol", None)
 ESTIMATORS = ("all_layers", "per_layer")
-
-
-def _hvp_fn(loss_fn, name):
-  """``(params, kernel, v, batch) -> H v`` for one layer's block (forward-over-reverse)."""
-  f = _common.layer_loss(loss_fn, name)
-
-  def hvp(params, kernel, v, batch):
-    g = lambda k: jax.grad(f, argnums=1)(params, k, batch)
-    return jax.jvp(g, (kernel,), (v,))[1]
-
-  return hvp
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -146,6 +135,8 @@ def _all_layers_quad_fn(loss_fn, names, impl, examples=None):
       return per_layer(v, jax.jvp(grad_on(jax.tree.map(lambda x: x[idx], batch)),
                                   (kernels,), (v,))[1])
 
+    if keys.shape[0] == 1:  # one probe per call (CPU): no size-1 vmap (compile 17.9 against
+      return one(keys[0])[None]  # 19.0 s, call 8.6 against 10.7 ms; mobilenet_v2, loaded CPU)
     return jax.vmap(one)(keys)
 
   return quad
@@ -218,16 +209,20 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
   accelerators a call is the whole chunk (``vmap``), on CPU up to 2 probes in
   straight-line code (see :func:`_probes_per_call`). The rules:
 
-  * ``stop='ranking'`` (default): stop once the ranking is right with
-    probability ``target`` (:mod:`safer_jax.criteria.confidence`): layers
-    within ``tie_rtol`` of each other are tied (their order is not claimed),
-    and every other pair (with ``top_k``: every pair across the top-k
-    boundary, the set a budget keeps) must keep its order in the bootstrap
-    resamples of the probes. With ``estimator='per_layer'`` each layer has its
-    own probes and the rule applies to them jointly.
+  * ``stop='ranking'`` (default): stop once the ranking is settled
+    (:mod:`safer_jax.criteria.confidence`): every pair of neighbours in it
+    (with ``top_k``: the pair at the top-k boundary, the set a budget keeps) is
+    either *ordered* or *tied* (within ``tie_rtol`` of each other), each with
+    posterior probability ``>= target``, and the probability that every
+    claimed order is right (``confidence``) is ``>= target``. Neighbours
+    neither ordered nor tied are reported as tied (within the noise). With
+    ``estimator='per_layer'`` each layer has its own probes and the rule
+    applies to them jointly.
   * ``stop='rel_tol'``: stop when every layer's ``stderr <= rel_tol * |mean|``.
   * ``stop=None``: exactly ``max_probes`` probes (rounded up to a multiple of
-    ``chunk_size``); the confidence is reported, no target is sought.
+    ``chunk_size``); the groups and confidence are reported (at ``target``),
+    no target is sought. With few probes (8-16) the reported confidence is
+    optimistic, most for ``per_layer`` (``experiments/trace_calibration.py``).
 
   Either way at most ``max_probes`` (rounded up to a multiple of ``chunk_size``).
   Reaching it before the target gives ``converged=False`` and a ``warning``
@@ -250,9 +245,10 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     layers: ``None`` (all layers) or regex pattern(s).
     key: ``jax.random`` key for the probes (``None``: ``jax.random.key(0)``).
     stop: ``'ranking'``, ``'rel_tol'`` or ``None``.
-    target: probability the ranking must reach (``stop='ranking'`` only;
+    target: probability each settled pair and the whole claimed order must
+      reach (``stop='ranking'``; with ``stop=None`` the level the report uses;
       ``None``: 0.9), in (0, 1).
-    tie_rtol: relative difference within which layers tie (>= 0).
+    tie_rtol: relative difference within which neighbours may be called tied (>= 0).
     top_k: ``None`` (the whole ranking) or the size of the top set whose
       membership must be right, 1 to L - 1.
     rel_tol: target relative standard error (``stop='rel_tol'`` only; ``None``: 0.01).
@@ -334,21 +330,22 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
     samples.append(np.asarray(jax.device_get(draw(chunk)), dtype=np.float64))
     chunk += 1
     x = np.concatenate(samples)  # (P, L)
-    verdict = _Verdict(x, tie_rtol, top_k, n_boot)
+    verdict = confidence_lib.verdict(x, tie_rtol=tie_rtol, target=target, top_k=top_k,
+                                     n_draws=n_boot)
     bar.update(chunk_size, postfix=f"confidence {verdict.confidence:.3f}")
     if x.shape[0] >= max_probes or (x.shape[0] >= min_probes and
-                                    _target_reached(stop, verdict, x, target, rel_tol)):
+                                    _target_reached(stop, verdict, x, rel_tol)):
       break
   bar.close()
-  converged = None if stop is None else _target_reached(stop, verdict, x, target, rel_tol)
+  converged = None if stop is None else _target_reached(stop, verdict, x, rel_tol)
   warning = None
   if converged is False:
-    goal = (f"confidence {verdict.confidence:.3f} < target {target}" if stop == "ranking"
+    goal = (f"confidence {verdict.confidence:.3f} (target {target}); neither ordered nor "
+            f"tied: {confidence_lib.describe_unresolved(names, verdict)}" if stop == "ranking"
             else f"relative stderr above rel_tol={rel_tol}")
-    warning = (f"hutchinson_trace stopped at max_probes={max_probes} before its target "
-               f"({goal}); least settled pairs: "
-               f"{', '.join(confidence_lib.unresolved(names, x, *verdict.pairs)) or 'none'}. "
-               f"Raise max_probes or tie_rtol, or use top_k.")
+    warning = (f"hutchinson_trace stopped at max_probes={max_probes} before its target: "
+               f"{goal}. Those layers are reported as tied; raise max_probes or tie_rtol, or "
+               f"use top_k.")
     warnings.warn(warning, RuntimeWarning, stacklevel=3)
   count = x.shape[0]
   mean = x.mean(axis=0)
@@ -359,20 +356,10 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
           for i, n in enumerate(names)}
 
 
-class _Verdict:
-  """Tie groups, claimed pairs and the confidence of ``(P, L)`` per-probe estimates."""
-
-  def __init__(self, samples: np.ndarray, tie_rtol: float, top_k: int | None, n_boot: int):
-    means = samples.mean(axis=0)
-    self.groups = confidence_lib.tie_groups(means, tie_rtol)
-    self.pairs = confidence_lib.ordered_pairs(means, self.groups, top_k)
-    self.confidence = confidence_lib.ranking_confidence(samples, *self.pairs, n_boot=n_boot)
-
-
-def _target_reached(stop: str | None, verdict: _Verdict, samples: np.ndarray,
-                    target: float, rel_tol: float) -> bool:
+def _target_reached(stop: str | None, verdict: confidence_lib.Verdict, samples: np.ndarray,
+                    rel_tol: float) -> bool:
   if stop == "ranking":
-    return verdict.confidence >= target
+    return verdict.settled
   if stop == "rel_tol":
     count = samples.shape[0]
     if count < 2:
@@ -386,9 +373,10 @@ def _check_stop_options(stop, target, rel_tol, min_probes, max_probes):
   """The stopping options with their defaults, or a ValueError naming a contradiction."""
   if stop not in STOP_RULES:
     raise ValueError(f"Unsupported stop={stop!r}; allowed: {list(STOP_RULES)}.")
-  if target is not None and stop != "ranking":
-    raise ValueError(f"target={target} is the confidence stop='ranking' seeks, but "
-                     f"stop={stop!r}; allowed: stop='ranking' with it, or no target.")
+  if target is not None and stop == "rel_tol":
+    raise ValueError(f"target={target} is the confidence stop='ranking' seeks (and stop=None "
+                     f"reports at), but stop={stop!r}; allowed: stop='ranking' or None with "
+                     f"it, or no target.")
   if rel_tol is not None and stop != "rel_tol":
     raise ValueError(f"rel_tol={rel_tol} is the tolerance stop='rel_tol' seeks, but "
                      f"stop={stop!r}; allowed: stop='rel_tol' with it, or no rel_tol.")
@@ -432,12 +420,8 @@ def hessian_trace(loss_fn: _common.LossFn, params: _common.Params, batches: Any,
   return {n: e.mean for n, e in est.items()}
 
 
-@jax.jit
 def _lanczos_step(basis, j, v, v_prev, beta, w):
-  """One Lanczos step given ``w = H v``; ``basis`` (m, n) holds v_0..v_j, zeros after.
-
-  Fixed shapes, so it compiles once per layer size.
-  """
+  """One Lanczos step given ``w = H v``; ``basis`` (m, n) holds v_0..v_j, zeros after."""
   alpha = jnp.vdot(w, v)
   w = w - alpha * v - beta * v_prev
   for _ in range(2):  # Full reorthogonalisation; twice is enough.
@@ -454,22 +438,43 @@ def _lanczos_init(v0, m):
   return v, jnp.zeros_like(v), jnp.zeros((), v.dtype), basis
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _lanczos_start(key, n, dtype, m):
-  """:func:`_lanczos_init` of ``normal(key, (n,))``: one compiled program per layer size."""
-  return _lanczos_init(jax.random.normal(key, (n,), dtype), m)
+@jax.jit
+def _lanczos_steps(states, j, ws):
+  """:func:`_lanczos_step` of every layer (``states``: ``(basis, v, v_prev, beta)`` each).
 
-
-def _flat_hvp_fn(loss_fn, name):
-  """``(params, kernel, flat (n,), batch) -> ravel(H_ll v)``: :func:`_hvp_fn` on flat vectors.
-
-  Only the network from the layer on is differentiated (as in the per-layer
-  Hutchinson estimator): a late layer's product costs a fraction of a full HVP.
+  Step ``j`` of every solver in one compiled program (one per layer size cost a
+  first run ~2 compilations per size); a finished solver's outputs are ignored.
   """
-  hvp = _hvp_fn(loss_fn, name)
+  return [_lanczos_step(basis, j, v, v_prev, beta, w)
+          for (basis, v, v_prev, beta), w in zip(states, ws)]
 
-  def flat_hvp(params, kernel, flat, batch):
-    return jnp.ravel(hvp(params, kernel, jnp.reshape(flat, kernel.shape), batch))
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _lanczos_starts(keys, sizes, dtypes, ms):
+  """:func:`_lanczos_init` of ``normal(key, (n,))`` for every layer, in one compiled program."""
+  return [_lanczos_init(jax.random.normal(k, (n,), d), m)
+          for k, n, d, m in zip(keys, sizes, dtypes, ms)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _one_layer_tangent(names, index, flats, kernels):
+  """``v``: layer ``names[index]``'s flat vector of ``flats``, kernel-shaped; zero elsewhere."""
+  moved = {n: jnp.reshape(flats[n], k.shape) for n, k in kernels.items()}
+  return _common.at_one_layer(names, index, moved, {n: jnp.zeros_like(k)
+                                                    for n, k in kernels.items()})
+
+
+def _flat_hvp_fn(loss_fn, names):
+  """``(params, tangent, batch) -> {layer: ravel((H v)_layer)}``, a full HVP on flat outputs.
+
+  With ``tangent`` from :func:`_one_layer_tangent` (zero outside layer ``l``), entry
+  ``l`` is ``ravel(H_ll v_l)`` (:func:`_common.kernels_hvp`): one compiled program for
+  every layer; each call is a full HVP.
+  """
+  hvp = _common.kernels_hvp(loss_fn, names)
+
+  def flat_hvp(params, tangent, batch):
+    return {n: jnp.ravel(x) for n, x in hvp(params, tangent, batch).items()}
 
   return flat_hvp
 
@@ -477,29 +482,33 @@ def _flat_hvp_fn(loss_fn, name):
 class _Lanczos:
   """Lanczos with full reorthogonalisation for one symmetric operator, stepped from outside.
 
-  ``vector`` is the current Lanczos vector (to multiply by H); :meth:`step`
-  takes ``H @ vector`` and returns True once converged: the residual bound
-  ``beta_j * |s_j|`` of the top Ritz pair is ``<= tol * |theta|`` (an
-  eigenvalue lies within ``tol * |theta|`` of ``theta``), the Krylov space is
-  invariant, or ``min(max_iter, n)`` steps were taken (with n steps the result
-  is exact up to rounding). Memory: a ``(min(max_iter, n) + 1, n)`` basis.
+  ``vector`` is the current Lanczos vector (to multiply by H). The device half of
+  a step runs for every layer at once (:func:`_lanczos_steps`, fed :attr:`state`
+  and ``H @ vector``); :meth:`record` takes its outputs and returns True once
+  converged: the residual bound ``beta_j * |s_j|`` of the top Ritz pair is
+  ``<= tol * |theta|`` (an eigenvalue lies within ``tol * |theta|`` of
+  ``theta``), the Krylov space is invariant, or ``m = min(max_iter, n)`` steps
+  were taken (with n steps the result is exact up to rounding). Memory: a
+  ``(m + 1, n)`` basis.
   """
 
-  def __init__(self, key: jax.Array, n: int, dtype: Any, max_iter: int, tol: float,
-               place: Callable[[Any], Any] = lambda x: x):
-    """Starts from ``normal(key, (n,))``; ``place`` puts the start arrays on their device."""
-    self.m, self.tol = min(max_iter, n), tol
-    self.vector, self._v_prev, self._beta, self._basis = place(
-        _lanczos_start(key, n, jnp.dtype(dtype), self.m))
+  def __init__(self, start: tuple, m: int, tol: float):
+    """``start``: ``(v, v_prev, beta, basis)`` from :func:`_lanczos_starts`."""
+    self.m, self.tol = m, tol
+    self.vector, self._v_prev, self._beta, self._basis = start
     self.alphas: list[float] = []
     self.betas: list[float] = []
     self.theta = 0.0
     self.done = False
 
-  def step(self, w: jax.Array) -> bool:
+  @property
+  def state(self) -> tuple:
+    return self._basis, self.vector, self._v_prev, self._beta
+
+  def record(self, alpha, beta_next, v_next, basis) -> bool:
+    """Takes the outputs of this solver's :func:`_lanczos_step`; True once converged."""
     j = len(self.alphas)
-    alpha, beta_next, v_next, self._basis = _lanczos_step(self._basis, j, self.vector,
-                                                          self._v_prev, self._beta, w)
+    self._basis = basis
     alpha, beta_f = float(alpha), float(beta_next)
     self.alphas.append(alpha)
     if j == 0:
@@ -559,10 +568,10 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   ``<= tol * |lambda|``; converges slowly when the top two eigenvalues are close.
 
   All layers iterate together: each iteration multiplies every still-running
-  layer's vector by its block (``H_ll v_l``, the layer's own Hessian-vector
-  product, which differentiates only the network from that layer on), two
-  layers at a time on two threads; each layer stops on its own tolerance and is
-  skipped from then on.
+  layer's vector by its block, ``H_ll v_l``, taken from a full Hessian-vector
+  product with ``v`` zero outside the layer (one compiled program for every
+  layer, :func:`_common.kernels_hvp`), then steps every solver in one program;
+  each layer stops on its own tolerance and is skipped from then on.
 
   Args:
     loss_fn, params, batches, layers: the criterion signature (:mod:`safer_jax.criteria`).
@@ -576,8 +585,10 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
 
   Returns:
     ``{layer: lambda}`` (units: loss / weight^2). COST: per iteration one
-    layer HVP per running layer, per batch (a late layer's costs a fraction of a
-    full HVP); at most ``max_iter`` iterations; one compiled program per layer.
+    full HVP per running layer, per batch; at most ``max_iter`` iterations. A
+    first call compiles the HVP once for all layers (plus small programs: the
+    tangent, the Lanczos start and step of all layers; power iteration: its
+    eager steps per layer size).
 
   Raises:
     ValueError: bad ``method``, non-finite parameters, a pattern matching no
@@ -589,39 +600,52 @@ def top_eigenvalue(loss_fn: _common.LossFn, params: _common.Params, batches: Any
   max_iter = _common.check_positive_int("max_iter", max_iter)
   tol = _common.check_nonneg_float("tol", tol)
   key = jax.random.key(0) if key is None else key
-  hvps = {n: _common.cached_jit(_flat_hvp_fn, loss_fn, n) for n in names}
+  hvp = _common.cached_jit(_flat_hvp_fn, loss_fn, tuple(names))
   kernels = layers_lib.get_kernels(params, names)
 
-  def advance(name):  # one solver step from H_ll v_l, averaged over the batches
-    solver = solvers[name]
-    solver.step(_common.batch_mean(hvps[name](params, kernels[name], solver.vector, b)
-                                   for b in batches))
+  def products():  # {running layer: H_ll v_l averaged over the batches}, all dispatched
+    vectors = {n: s.vector for n, s in solvers.items()}
+    out = {}
+    for i, n in enumerate(names):
+      if not solvers[n].done:
+        tangent = _one_layer_tangent(tuple(names), np.int32(i), vectors, kernels)
+        out[n] = _common.batch_mean([hvp(params, tangent, b) for b in batches])[n]
+    return out
+
+  def iterate():  # one step of every running solver
+    ws = products()
+    if method == "power":
+      for n, w in ws.items():
+        solvers[n].step(w)
+      return
+    j = np.int32(min(len(s.alphas) for s in solvers.values() if not s.done))
+    stepped = _lanczos_steps([s.state for s in solvers.values()], j,
+                             [ws.get(n, s.vector) for n, s in solvers.items()])
+    for (n, s), out in zip(solvers.items(), stepped):
+      if n in ws:
+        s.record(*out)
 
   # The start vectors go where the parameters are: the products (and so every later vector)
   # come out committed to the parameters' device, and a first vector that is not would make
-  # jit compile each layer's product, and each Lanczos step, a second time (40 compilations
-  # of the products instead of 20 for mobilenet_v2).
+  # jit compile the product, and the Lanczos step, a second time.
   committed = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array) and x.committed]
   place = ((lambda x: jax.device_put(x, committed[0].sharding)) if committed
            else (lambda x: x))
-
-  def start(index_name):  # a layer's solver; each layer size compiles its start once
-    index, name = index_name
-    kernel, layer_key = kernels[name], jax.random.fold_in(key, index)
-    if method == "lanczos":
-      return _Lanczos(layer_key, kernel.size, kernel.dtype, max_iter, tol, place)
-    return _Power(place(_start_vector(layer_key, kernel.size, kernel.dtype)), max_iter, tol)
+  keys = [jax.random.fold_in(key, i) for i in range(len(names))]
+  if method == "lanczos":  # every layer's start in one program
+    ms = tuple(min(max_iter, kernels[n].size) for n in names)
+    starts = place(_lanczos_starts(keys, tuple(kernels[n].size for n in names),
+                                   tuple(jnp.dtype(kernels[n].dtype) for n in names), ms))
+    solvers = {n: _Lanczos(st, m, tol) for n, st, m in zip(names, starts, ms)}
+  else:
+    solvers = {n: _Power(place(_start_vector(k, kernels[n].size, kernels[n].dtype)), max_iter,
+                         tol) for n, k in zip(names, keys)}
 
   bar = Progress(max_iter, "top eigenvalue", enabled=progress, unit="iteration")
-  # Layers started and stepped on `_common.layer_workers()` threads (each solver by one
-  # thread): the starts and the first iteration compile two layers' programs at once, later
-  # iterations keep both cores busy with late layers' small products.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=_common.layer_workers()) as pool:
-    solvers = dict(zip(names, pool.map(start, enumerate(names))))
-    while not all(s.done for s in solvers.values()):
-      list(pool.map(advance, [n for n in names if not solvers[n].done]))
-      running = sum(not s.done for s in solvers.values())
-      bar.update(1, postfix=f"{running} of {len(names)} layers still running")
+  while not all(s.done for s in solvers.values()):
+    iterate()
+    running = sum(not s.done for s in solvers.values())
+    bar.update(1, postfix=f"{running} of {len(names)} layers still running")
   bar.close()
   return {n: float(solvers[n].theta) for n in names}
 
@@ -654,8 +678,6 @@ def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
   bits = _common.check_bits(bits)
   est = hutchinson_trace(loss_fn, params, batches, layers=layers, key=key, progress=progress,
                          **options)
-  out = {}
-  for name, e in est.items():
-    w = layers_lib.get_kernel(params, name)
-    out[name] = e.mean / w.size * _common.to_float(quant_sq_error(w, bits))
-  return out
+  errors = quant_sq_errors(layers_lib.get_kernels(params, list(est)), bits)
+  return {name: e.mean / layers_lib.get_kernel(params, name).size * _common.to_float(errors[name])
+          for name, e in est.items()}

@@ -10,6 +10,8 @@ passed explicitly override either setting.
 
 ``examples``: the criterion sees only the first ``examples`` examples of the
 batches it is given (pooled into one batch; all of them if there are fewer).
+A setting's ``probe_examples`` (Hutchinson) likewise applies only where the
+batches hold more examples than it.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "fisher": {"cheap": {"examples": 64}, "full": {}},
     "hessian_trace": _HUTCHINSON,
     "hawq_v2": _HUTCHINSON,
-    "top_eigenvalue": {"cheap": {"examples": 32, "max_iter": 3}, "full": {"max_iter": 20}},
+    # (Each of their calls differentiates the whole network, one program for every layer:
+    # few examples and nodes keep the warm cost small.)
+    "top_eigenvalue": {"cheap": {"examples": 8, "max_iter": 3}, "full": {"max_iter": 20}},
     "corruption_pga": {"cheap": {"examples": 16, "steps": 2}, "full": {"steps": 5}},
-    "integrated_gradients": {"cheap": {"examples": 32, "steps": 4}, "full": {"steps": 16}},
+    "integrated_gradients": {"cheap": {"examples": 16, "steps": 2}, "full": {"steps": 16}},
 }
 
 # A setting's option is left out when the caller passes one it would contradict: a stopping
@@ -69,6 +73,20 @@ def first_examples(batches: Any, count: int) -> list[Any]:
   return [jax.tree.map(lambda x: x[:count], pooled)]
 
 
+def _probes_within(options: dict[str, Any], batches: Any) -> dict[str, Any]:
+  """A setting's ``probe_examples`` dropped where the batches hold no more examples than it.
+
+  Each probe then sees every example (no subsampling: the same or less noise).
+  """
+  if batches is None:
+    return options
+  batches = [batches] if isinstance(batches, Mapping) else list(batches)
+  count = sum(jax.tree.leaves(b)[0].shape[0] for b in batches)
+  if count <= options["probe_examples"]:
+    options = {k: v for k, v in options.items() if k != "probe_examples"}
+  return options
+
+
 def _describe(name: str) -> str:
   def listed(options):
     shown = [f"{k}={v!r}" for k, v in options.items()]
@@ -86,7 +104,12 @@ def tiered(name: str) -> Callable[[Callable], Callable]:
   def decorate(criterion: Callable) -> Callable:
     @functools.wraps(criterion)
     def wrapper(loss_fn, params, batches, *, setting: str = "cheap", **options):
+      given = set(options)
       options = resolve(name, setting, options)
+      if batches is not None and not isinstance(batches, Mapping):
+        batches = list(batches)  # read more than once below: an iterator is consumed once
+      if "probe_examples" not in given and options.get("probe_examples") is not None:
+        options = _probes_within(options, batches)
       examples = options.pop("examples", None)
       if examples is not None:
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
