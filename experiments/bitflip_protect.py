@@ -120,9 +120,12 @@ def rule_scores(rules: Sequence[str], entry, variables, calib, names, config) ->
   if crits:
     batches = batches_from_split(calib, config.calib_batch_size,
                                  max(1, len(calib) // config.calib_batch_size))
+    # Every calibration example (calib_examples): the criteria's full setting.
     out, secs = criteria.compute_all(crits, classifier_loss_fn(entry.model, variables),
                                      variables["params"], batches,
-                                     key=jax.random.key(config.seed))
+                                     key=jax.random.key(config.seed),
+                                     options={c: {"setting": "full"} for c in crits
+                                              if c in criteria.settings.OPTIONS})
     for c in crits:
       scores[c] = {n: float(out[c][n]) for n in names}
       seconds[c] = secs[c]

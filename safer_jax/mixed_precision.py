@@ -91,8 +91,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
     sources: names from :data:`COST_SOURCES`.
     batch_size: calibration batch size; ``max_batches`` batches are used.
     seed: PRNG seed of the Hutchinson probes.
-    hutchinson_probes: at most this many probes (stops earlier once the layers' ranking is
-      right with probability 0.9: :func:`safer_jax.criteria.hutchinson_trace`'s default rule).
+    hutchinson_probes: Hutchinson probes of the ``hawq`` table (a fixed count,
+      ``stop=None`` of :func:`safer_jax.criteria.hutchinson_trace`).
     ig_steps: Gauss-Legendre nodes of the integrated-gradients path.
     full_range: quantize on qwix's full signed grid (the default: what
       :mod:`safer_jax.deploy` runs; see :func:`safer_jax.perturb.quantize_grid`),
@@ -155,7 +155,8 @@ def cost_tables(model: Any, variables: Mapping[str, Any], calib: data_lib.Split,
   if "hawq" in sources:
     def hawq():
       est = criteria.hutchinson_trace(loss_fn, params, batches, key=jax.random.key(seed),
-                                      max_probes=hutchinson_probes, progress=progress,
+                                      stop=None, max_probes=hutchinson_probes,
+                                      progress=progress,
                                       layers=[re.escape(n) for n in names])
       return {n: {b: float(est[n].mean) / layers_lib.get_kernel(params, n).size * sq[n][b]
                   for b in candidates} for n in names}

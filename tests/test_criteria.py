@@ -619,7 +619,7 @@ def test_integrated_gradients_completeness(mlp, baseline, rule, steps):
   attr = criteria.integrated_gradients_attributions(mlp_loss, params, batches, baseline=baseline,
                                                     bits=3, steps=steps, rule=rule, chunk_size=8)
   scores = criteria.integrated_gradients(mlp_loss, params, batches, baseline=baseline, bits=3,
-                                         steps=steps, rule=rule)
+                                         steps=steps, rule=rule, examples=None)
   for layer in LAYERS:
     w = params[layer]["kernel"]
     w0 = jnp.zeros_like(w) if baseline == "zero" else quantize(w, 3)

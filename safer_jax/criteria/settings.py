@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 SETTINGS = ("cheap", "full")
 
@@ -61,16 +61,20 @@ def resolve(name: str, setting: str, options: Mapping[str, Any]) -> dict[str, An
 
 
 def first_examples(batches: Any, count: int) -> list[Any]:
-  """The first ``count`` examples of ``batches`` (a batch or a sequence of them), as one batch."""
+  """The first ``count`` examples of ``batches`` (a batch or a sequence of them), as one batch.
+
+  Pooled and cut on the host, then put back: ``jnp.concatenate``, slicing a device
+  array and ``jnp.asarray`` each compile a program per leaf shape on a first run.
+  """
   batches = [batches] if isinstance(batches, Mapping) else list(batches)
   if not batches:
     return batches
-  pooled = (batches[0] if len(batches) == 1
-            else jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches))
-  size = jax.tree.leaves(pooled)[0].shape[0]
-  if size <= count:
-    return [pooled]
-  return [jax.tree.map(lambda x: x[:count], pooled)]
+  size = sum(jax.tree.leaves(b)[0].shape[0] for b in batches)
+  if size <= count and len(batches) == 1:
+    return batches
+  pooled = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:count],
+                        *batches)
+  return [jax.tree.map(jax.device_put, pooled)]
 
 
 def _probes_within(options: dict[str, Any], batches: Any) -> dict[str, Any]:
