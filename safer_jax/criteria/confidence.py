@@ -5,8 +5,8 @@ A stochastic criterion (Hutchinson's trace) gives ``P`` per-probe estimates of
 What a budget uses is the *ranking* of the layers, so the stopping rule asks
 whether each pair of neighbours in that ranking is settled (:func:`verdict`):
 
-* **ordered**: the posterior probability that their order is right reaches
-  ``target``;
+* **ordered**: their means are more than ``tie_rtol`` apart and the posterior
+  probability that their order is right reaches ``target``;
 * **tied**: the posterior probability that they are within ``tie_rtol`` of each
   other (relative to the larger) reaches ``target``: their order is not claimed
   and no probes are spent on it;
@@ -87,7 +87,9 @@ def verdict(samples: np.ndarray, *, tie_rtol: float, target: float, top_k: int |
                    0.0 if l > 1 else 1.0, l < 2, [])
   draws = posterior_draws(samples, n_draws, seed)
   a, b = draws[:, order[:-1]], draws[:, order[1:]]  # neighbours, (B, L - 1)
-  ordered = np.mean(a > b, axis=0) >= target
+  top, nxt = means[order[:-1]], means[order[1:]]
+  apart = top - nxt > tie_rtol * np.maximum(np.abs(top), np.abs(nxt))
+  ordered = apart & (np.mean(a > b, axis=0) >= target)
   tied = np.mean(np.abs(a - b) <= tie_rtol * np.maximum(np.abs(a), np.abs(b)), axis=0) >= target
   groups = np.zeros(l, np.int64)
   groups[order] = np.concatenate([[0], np.cumsum(ordered)])

@@ -212,8 +212,9 @@ def hutchinson_trace(loss_fn: _common.LossFn, params: _common.Params, batches: A
   * ``stop='ranking'`` (default): stop once the ranking is settled
     (:mod:`safer_jax.criteria.confidence`): every pair of neighbours in it
     (with ``top_k``: the pair at the top-k boundary, the set a budget keeps) is
-    either *ordered* or *tied* (within ``tie_rtol`` of each other), each with
-    posterior probability ``>= target``, and the probability that every
+    either *ordered* (more than ``tie_rtol`` apart) or *tied* (within
+    ``tie_rtol`` of each other), each with posterior probability ``>= target``,
+    and the probability that every
     claimed order is right (``confidence``) is ``>= target``. Neighbours
     neither ordered nor tied are reported as tied (within the noise). With
     ``estimator='per_layer'`` each layer has its own probes and the rule
