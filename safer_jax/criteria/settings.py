@@ -37,7 +37,7 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     # (Each of their calls differentiates the whole network, one program for every layer:
     # few examples and nodes keep the warm cost small.)
     "top_eigenvalue": {"cheap": {"examples": 8, "max_iter": 3}, "full": {"max_iter": 20}},
-    "corruption_pga": {"cheap": {"examples": 16, "steps": 2}, "full": {"steps": 5}},
+    "corruption_pga": {"cheap": {"examples": 16, "steps": 1}, "full": {"steps": 5}},
     "integrated_gradients": {"cheap": {"examples": 16, "steps": 2}, "full": {"steps": 16}},
 }
 
