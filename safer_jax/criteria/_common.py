@@ -325,6 +325,17 @@ def kernels_hvp(loss_fn: LossFn, names: Sequence[str]) -> Callable:
   return f
 
 
+def replicated(tree: Any) -> Any:
+  """``tree``'s arrays replicated on the ``'data'`` mesh when data sharding is on, else ``tree``.
+
+  For state that meets the data-parallel calls' outputs (replicated) in small
+  plain-jitted programs (a sum over nodes, an ascent step): all of it on one mesh.
+  """
+  if not distributed.data_sharding_enabled():
+    return tree
+  return distributed.place_replicated(tree, distributed.data_mesh())
+
+
 def zeros_like(x: jax.Array) -> jax.Array:
   """Zeros of ``x``'s shape and dtype, placed like ``x``, without compiling anything.
 

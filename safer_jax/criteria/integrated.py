@@ -118,7 +118,7 @@ def integrated_gradients_attributions(
   if chunk_size is not None:
     chunk_size = _common.check_positive_int("chunk_size", chunk_size)
   names, batches = _common.setup(loss_fn, params, batches, layers)
-  kernels = layers_lib.get_kernels(params, names)
+  kernels = _common.replicated(layers_lib.get_kernels(params, names))
   w0 = {n: _baseline(k, baseline, bits, full_range) for n, k in kernels.items()}
   grad = _common.cached_jit(_common.kernels_value_and_grad, loss_fn, tuple(names))
   total = {n: _common.zeros_like(k) for n, k in kernels.items()}
