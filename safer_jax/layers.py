@@ -247,7 +247,8 @@ def check_finite(tree: Any, what: str = "Parameter") -> None:
   """
   flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(as_pure(tree))[0]
           if not isinstance(leaf, jax.core.Tracer)
-          and jnp.issubdtype(np.result_type(leaf), jnp.inexact)]
+          and jnp.issubdtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf),
+                             jnp.inexact)]
   if not flat:
     return
   # Host-resident leaves (NumPy, CPU arrays) are checked in NumPy: no program to compile

@@ -306,8 +306,10 @@ def test_near_ties_are_reported_as_ties_not_ordered():
   assert criteria.trace_ranking(est) in ([("l1", "l0"), ("l2",)], [("l0", "l1"), ("l2",)])
   assert est["l0"].group == est["l1"].group == 0 and est["l2"].group == 1
   assert est["l0"].converged and est["l0"].num_probes < 512
+  # A 0.5% gap is not told apart in 64 probes with these draws (key 1): unresolved. (It may
+  # be, by chance: key 0's draws order it, at 0.95, after 64.)
   with pytest.warns(RuntimeWarning, match=r"max_probes=64 before its target.*l[01] \? l[01]"):
-    strict = criteria.hutchinson_trace(loss, params, batches, key=jax.random.key(0),
+    strict = criteria.hutchinson_trace(loss, params, batches, key=jax.random.key(1),
                                        target=0.95, tie_rtol=0.0, max_probes=64, chunk_size=16)
   assert strict["l0"].converged is False and "l0" in strict["l0"].warning
   assert strict["l0"].group == strict["l1"].group  # not told apart: reported as a tie
@@ -432,9 +434,9 @@ def test_per_layer_criteria_compile_a_fixed_number_of_programs():
   input), so 2 and 5 layers of different shapes compile alike. PGA: the
   value-and-gradient, every layer's radius, the point, the start and the step.
   Integrated gradients: the gradient, the point, the node sum, the attributions and
-  every layer's sum |A|. The top eigenvalue: the HVP, the tangent, the Lanczos start
-  and step, plus the key's seed and fold_in, an index conversion and the finiteness
-  check. (Per-layer programs compiled 3 L + 1, L + 1 and 3 L + 1 to 3 L + 4: 16, 6 and
+  every layer's sum |A|. The top eigenvalue: the HVP, the tangent, the placement of a
+  product, the Lanczos start and step (all layers' vectors end to end), plus the key's
+  seed and the conversions of inputs. (Per-layer programs compiled 3 L + 1, L + 1 and 3 L + 1 to 3 L + 4: 16, 6 and
   16-19 with 5 layers.)
   """
   def counts(widths):
@@ -451,7 +453,7 @@ def test_per_layer_criteria_compile_a_fixed_number_of_programs():
   assert counts((5, 11, 7, 9, 4, 3)) == (pga, ig, eig)
   assert pga == 5
   assert ig == 5
-  assert eig == 8
+  assert eig == 9
 
 
 def test_one_program_for_all_layers_equals_per_layer_references(mlp):
@@ -479,15 +481,17 @@ def test_one_program_for_all_layers_equals_per_layer_references(mlp):
     increase = np.mean([layer_loss(w + a0, b) - mlp_loss(params, b) for b in batches])
     np.testing.assert_allclose(pga[layer], increase, rtol=1e-4)
     # One all-layer HVP with the tangent on this layer only gives H_ll v.
-    v = jax.random.normal(jax.random.key(3), (w.size,))
-    hv = criteria.curvature._flat_hvp_fn(mlp_loss, LAYERS)
-    tangent = criteria.curvature._one_layer_tangent(
-        LAYERS, np.int32(LAYERS.index(layer)), {n: jnp.zeros(params[n]["kernel"].size)
-                                                for n in LAYERS} | {layer: v},
-        {n: params[n]["kernel"] for n in LAYERS})
-    got = np.mean([hv(params, tangent, b)[layer] for b in batches], axis=0)
-    np.testing.assert_allclose(got, _dense_hessian(params, batches, layer) @ np.asarray(v),
-                               rtol=1e-4, atol=1e-6)
+  kernels = {n: params[n]["kernel"] for n in LAYERS}
+  packed = criteria.curvature._Packed.of(kernels, LAYERS)
+  v = jax.random.normal(jax.random.key(3), (w.size,))
+  flat = jnp.concatenate([v if n == layer else jnp.full(kernels[n].size, 7.0) for n in LAYERS])
+  index = np.int32(LAYERS.index(layer))
+  tangent = criteria.curvature._one_layer_tangent(packed, index, flat)
+  assert all(not np.any(tangent[n]) for n in LAYERS if n != layer)
+  hvp = jax.jit(criteria._common.kernels_hvp(mlp_loss, LAYERS))
+  got = np.mean([hvp(params, tangent, b)[layer] for b in batches], axis=0)
+  np.testing.assert_allclose(got.ravel(), _dense_hessian(params, batches, layer) @ np.asarray(v),
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_top_eigenvalue_lanczos_and_power(mlp):
@@ -503,6 +507,46 @@ def test_top_eigenvalue_lanczos_and_power(mlp):
     np.testing.assert_allclose(power[layer], largest_magnitude, rtol=1e-2)
   with pytest.raises(ValueError, match="method"):
     criteria.top_eigenvalue(mlp_loss, params, batches, method="arnoldi")
+
+
+def test_lanczos_of_layers_of_mixed_sizes_matches_dense_eigenvalues():
+  """All layers step in one program on their vectors laid end to end, each stopping on its
+  own: a layer with n <= max_iter entries gets its exact top eigenvalue after n steps, while
+  a larger one keeps iterating (references: ``np.linalg.eigvalsh`` of ``jax.hessian``)."""
+  params, batch, loss = _chain((3, 2, 4, 3))  # kernels of 6, 8 and 12 entries
+  names = ("dense0", "dense1", "dense2")
+  got = criteria.top_eigenvalue(loss, params, batch, max_iter=8, tol=0.0, setting="full")
+  power = criteria.top_eigenvalue(loss, params, batch, method="power", max_iter=3000, tol=1e-9,
+                                  setting="full")
+  for name in names:
+    kernel = params[name]["kernel"]
+    f = lambda k, name=name: loss(_replace(params, name, k), batch[0])
+    eig = np.linalg.eigvalsh(np.asarray(jax.hessian(f)(kernel), np.float64).reshape(
+        kernel.size, kernel.size))
+    np.testing.assert_allclose(got[name], eig[-1], rtol=1e-4 if kernel.size <= 8 else 2e-2)
+    np.testing.assert_allclose(power[name], eig[np.argmax(np.abs(eig))], rtol=1e-3)
+
+
+def test_packed_rademacher_draw_matches_numpy_bits():
+  """Probe entries are the bits of one ``jax.random.bits`` draw, least significant first, kernel
+  after kernel (reference: NumPy's ``unpackbits`` of the same words): +-1, balanced."""
+  kernels = {"a": jnp.zeros((3, 5)), "b": jnp.zeros((7,)), "c": jnp.zeros((2, 2, 9))}
+  names = ("a", "b", "c")
+  key = jax.random.key(11)
+  got = criteria.curvature.rademacher_tree(key, kernels, names)
+  words = np.asarray(jax.random.bits(key, (-(-(15 + 7 + 36) // 32),), jnp.uint32))
+  bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")
+  expected, offset = {}, 0
+  for n in names:
+    size = kernels[n].size
+    expected[n] = (1.0 - 2.0 * bits[offset:offset + size]).reshape(kernels[n].shape)
+    offset += size
+  for n in names:
+    np.testing.assert_array_equal(np.asarray(got[n]), expected[n])
+    assert got[n].dtype == kernels[n].dtype
+  big = criteria.curvature.rademacher_tree(key, {"w": jnp.zeros((200, 500))}, ("w",))["w"]
+  assert set(np.unique(np.asarray(big))) == {-1.0, 1.0}
+  assert abs(float(big.mean())) < 0.01  # 1e5 fair signs: std of the mean 0.003
 
 
 # ----------------------------------------------------------------------------- corruption
