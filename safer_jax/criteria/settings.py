@@ -35,8 +35,11 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "hessian_trace": _HUTCHINSON,
     "hawq_v2": _HUTCHINSON,
     # (Each of their calls differentiates the whole network, one program for every layer:
-    # few examples and nodes keep the warm cost small.)
-    "top_eigenvalue": {"cheap": {"examples": 8, "max_iter": 3}, "full": {"max_iter": 20}},
+    # few examples and nodes keep the warm cost small. Top eigenvalue, warm % of the warm sweep
+    # on mobilenet_v2 / resnet20 / vit_tiny, one idle run: 2 Lanczos steps on 8 examples 6.9 /
+    # 4.7 / 3.6, 3 steps 9.0 / 7.2 / 7.3, 3 steps on 4 examples 10.4 / 4.6 / 5.4; every rho
+    # inside the full setting's interval with each.)
+    "top_eigenvalue": {"cheap": {"examples": 8, "max_iter": 2}, "full": {"max_iter": 20}},
     "corruption_pga": {"cheap": {"examples": 16, "steps": 1}, "full": {"steps": 5}},
     "integrated_gradients": {"cheap": {"examples": 16, "steps": 2}, "full": {"steps": 16}},
 }
