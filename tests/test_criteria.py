@@ -741,6 +741,19 @@ def test_missing_data_raises(mlp):
     criteria.grad_norm(None, params, [{"x": jnp.zeros((1, 6))}])
 
 
+@pytest.mark.parametrize("name", ["fisher", "grad_norm", "hessian_trace", "integrated_gradients"])
+def test_a_batch_without_examples_is_refused(mlp, name):
+  """A batch of zero examples: an error naming it, not NaN scores."""
+  params, batches = mlp
+  empty = {"x": jnp.zeros((0, 6)), "y": jnp.zeros((0,), jnp.int32)}
+  fn = criteria.get_criterion(name)
+  with pytest.raises(ValueError, match=r"batch 0 holds no examples.*\(0, 6\)"):
+    fn(mlp_loss, params, empty, key=jax.random.key(0))
+  full = {"setting": "full"} if name in criteria.settings.OPTIONS else {}  # every batch kept
+  with pytest.raises(ValueError, match=r"batch 1 holds no examples"):
+    fn(mlp_loss, params, [batches[0], empty], key=jax.random.key(0), **full)
+
+
 class _Block(nn.Module):
 
   @nn.compact
