@@ -692,6 +692,22 @@ def test_unknown_criterion_lists_valid_names():
   assert criteria.get_criterion("fisher") is criteria.fisher
 
 
+def test_compute_all_takes_hutchinson_trace_as_its_means(mlp):
+  """``hutchinson_trace`` (public, in the README) by name: each layer's estimate's mean."""
+  params, batches = mlp
+  key = jax.random.key(3)
+  options = {"stop": None, "max_probes": 8, "chunk_size": 4}
+  scores, seconds = criteria.compute_all(["hutchinson_trace"], mlp_loss, params, batches,
+                                         key=key, options={"hutchinson_trace": options})
+  est = criteria.hutchinson_trace(mlp_loss, params, batches, key=key, **options)
+  assert scores == {"hutchinson_trace": {n: e.mean for n, e in est.items()}}
+  assert set(seconds) == {"hutchinson_trace"}
+  assert scores["hutchinson_trace"] == criteria.hessian_trace(  # every example: as hutchinson's
+      mlp_loss, params, batches, key=key, setting="full", **options)
+  with pytest.raises(ValueError, match="hutchinson_trace"):  # listed among the valid names
+    criteria.get_criterion("hutchinson")
+
+
 @pytest.mark.parametrize("name", sorted(criteria.CRITERIA))
 def test_nan_params_raise_naming_the_layer(mlp, name):
   params, batches = mlp
