@@ -4,7 +4,8 @@ Output goes to ``<workdir>/<experiment>/<model>/`` (several models of one
 experiment coexist; ``criteria_benchmark`` keeps its aggregate files in
 ``<workdir>/criteria_benchmark/``), and ``<workdir>/report.{md,html}`` gathers
 every experiment and model. Experiments are listed in ``experiments/__init__.py``;
-``--experiment=help`` (or ``list``) prints them.
+``--experiment=help`` (or ``list``) prints them; ``--experiment=NAME --help`` lists that
+experiment's config keys with their defaults.
 
 ``--config`` is the chosen experiment's ``get_config(tiny)`` as an ml_collections
 config flag (locked): ``--config.key=value`` overrides a field, ``--config.section.key=value``
@@ -75,8 +76,9 @@ def chosen_experiment(argv: list[str]) -> tuple[str, bool]:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with ``--config`` from the chosen experiment's ``get_config(tiny)``.
 
-  A bad flag, an unknown experiment or ``--config`` key, or a value of the wrong type is
-  one ``error:`` line naming it, exit status 2.
+  A bad flag, an unknown experiment or ``--config`` key (``--config.=5`` names none), or a
+  value of the wrong type is one ``error:`` line naming it, exit status 2. ``--help`` (and
+  ``--helpfull``) list the chosen experiment's config keys with their defaults.
   """
   try:
     argv = common.legacy_overrides(argv)
@@ -84,6 +86,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if name not in ("help", "list"):
       module = experiments.get_experiment(name)
       common.define_config_flag(module.get_config(tiny=tiny), argv)
+      flags.declare_key_flag(common.CONFIG_FLAG)  # shown by --help, with launch.py's flags
     return FLAGS(argv)
   except (flags.Error, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)

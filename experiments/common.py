@@ -135,7 +135,7 @@ _PARSERS = {
 
 def override_keys(argv: Sequence[str], name: str = CONFIG_FLAG) -> list[str]:
   """The keys of the ``--<name>.key=value`` (or ``--<name>.key value``) flags in ``argv``."""
-  found = (re.match(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)", arg) for arg in argv)
+  found = (re.match(rf"^--?(?:no)?{re.escape(name)}\.([^=]*)", arg) for arg in argv)
   return list(dict.fromkeys(m.group(1) for m in found if m))
 
 
@@ -164,6 +164,28 @@ def legacy_overrides(argv: Sequence[str], name: str = CONFIG_FLAG) -> list[str]:
   return out
 
 
+def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """``key=default`` of every field, nested sections as ``section.key``, in the config's order.
+
+  The defaults as they would be typed after ``--config.`` (``None`` for an unset
+  optional field).
+  """
+  lines = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      lines += config_keys(value, f"{prefix}{key}.")
+    else:
+      lines.append(f"{prefix}{key}={_show(value)}")
+  return lines
+
+
+def config_help(config: ml_collections.ConfigDict, name: str = CONFIG_FLAG) -> str:
+  """The ``--<name>`` flag's help: how to override a field, then every key with its default."""
+  keys = "\n".join(f"  {line}" for line in config_keys(config))
+  return (f"The experiment's config; override a field with --{name}.key=value (a nested one "
+          f"with --{name}.section.key=value). Keys and defaults:\n{keys}")
+
+
 def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
                        flag_values: flags.FlagValues = flags.FLAGS,
                        name: str = CONFIG_FLAG) -> flags.FlagHolder:
@@ -182,11 +204,15 @@ def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
     flag_values: where to define the flags (absl's global ``FLAGS`` by default).
     name: the flag's name.
 
+  Its help (``--help`` where the flag is a key flag, ``--helpfull``) lists every
+  key with its default (:func:`config_help`).
+
   Returns:
     The flag's holder (its ``.value`` is ``config``).
 
   Raises:
-    ConfigError: a key ``config`` does not have (lists the valid keys of that section).
+    ConfigError: a key ``config`` does not have (lists the valid keys of that section;
+      ``--config.=5`` names the key ``''``).
   """
   for key in override_keys(argv, name):
     node, parts = config, key.split(".")
@@ -203,10 +229,11 @@ def define_config_flag(config: ml_collections.ConfigDict, argv: Sequence[str],
       node = node[part]
   for field_type, parser in _PARSERS.items():  # process-wide: launch.py's and tests' configs
     config_flags.register_flag_parser_for_type(field_type, parser)
-  return config_flags.DEFINE_config_dict(name, config, "The experiment's config; override a "
-                                         "field with --config.key=value.",
-                                         flag_values=flag_values, lock_config=True,
-                                         sys_argv=list(argv))
+  holder = config_flags.DEFINE_config_dict(name, config, config_help(config, name),
+                                           flag_values=flag_values, lock_config=True,
+                                           sys_argv=list(argv))
+  flag_values[name].default_as_str = ""  # the help lists the defaults, not absl's YAML dump
+  return holder
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

@@ -63,6 +63,28 @@ def is_nnx_state(tree: Any) -> bool:
   return isinstance(tree, nnx.State)
 
 
+def check_no_nested_state(tree: Any, what: str = "variables") -> None:
+  """Raises ``ValueError`` where an ``nnx.State`` sits inside a dict (``{'params': nnx.State}``).
+
+  An ``nnx.State`` is taken whole (:func:`as_pure`), never as one collection
+  of a dict of them: such a dict reached the compiled programs half converted
+  and failed deep inside (``safer_jax.staged``). Checks ``tree``'s top-level
+  values only (where the collections are); any other tree passes.
+
+  Raises:
+    ValueError: naming the key and what is accepted instead.
+  """
+  if not isinstance(tree, Mapping) or is_nnx_state(tree):
+    return
+  for key, value in tree.items():
+    if is_nnx_state(value):
+      raise ValueError(
+          f"{what}[{key!r}] is an nnx.State inside a {type(tree).__name__}; pass the nnx.State "
+          f"itself instead (e.g. nnx.state(model, nnx.Param), or the state of "
+          f"graphdef, state = nnx.split(model)), or, for an nnx model, no variables at all (its "
+          f"own), or plain dicts of arrays ({{{key!r}: nnx.to_pure_dict(state)}}).")
+
+
 def _str_keys(tree: Any) -> Any:
   if isinstance(tree, Mapping):
     return {str(k): _str_keys(v) for k, v in tree.items()}

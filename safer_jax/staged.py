@@ -168,11 +168,12 @@ def eval_program(model: Any, layer: str, stage: int, step: int | None = None,
   """The function the engine jits for ``layer`` (suffix from ``stage``), not yet jitted.
 
   ``(variables, kernels (P, *kernel.shape), h (B, ...), batch {name: (B, ...)},
-  mask (B,) float32) -> sums (P, 2 + M)``: ``h`` is the activation entering
+  mask (B,) float32) -> sums (P, num_sums)``: ``h`` is the activation entering
   ``stage`` (the model's inputs for stage 0); per perturbed copy, ``sums`` holds
   :meth:`safer_jax.tasks.Task.sums` over the unmasked examples (Σ weight, Σ
   weight·loss, Σ weight·metric for each of the task's M metrics; classification:
-  examples, summed cross-entropy in nats, right answers). ``step``: copies per
+  examples, summed cross-entropy in nats, right answers, then the examples whose
+  outputs do not look like probabilities). ``step``: copies per
   ``lax.map`` step (None: all ``P`` in one ``vmap``). The memory estimate
   (:mod:`safer_jax.memory`) lowers this same function.
   """
@@ -202,7 +203,7 @@ def stage_program(model: Any, stage: int, layers: Sequence[str],
   """The function the ``'stage'`` strategy jits for ``stage``, not yet jitted.
 
   ``(variables, flats (P, N) (the kernels' widest dtype), which () int32, h (B, ...),
-  batch {name: (B, ...)}, mask (B,) float32) -> sums (P, 2 + M)``: copy ``p`` is the model
+  batch {name: (B, ...)}, mask (B,) float32) -> sums (P, num_sums)``: copy ``p`` is the model
   with the kernel of ``layers[which]`` replaced by ``flats[p, :size].reshape(shape)``
   (``N`` >= the largest kernel of ``layers``, zero padded), evaluated from ``h``
   (the activation entering ``stage``); copies run one after another

@@ -124,6 +124,13 @@ class Task:
       split must hold them. Empty: they get the whole batch.
     check: ``(outputs, batch) -> None`` run on the host on the first batch of
       an evaluation, raising ``ValueError`` on nonsense (labels out of range).
+    suspect: ``(outputs, batch) -> (B,)`` 1 where an example's outputs look like
+      nonsense that only their values show (classification: a row of
+      probabilities, not logits), else 0. Computed inside the programs that
+      already score the task (:meth:`sums` counts the examples that look
+      fine), so it costs no compilation of its own; :meth:`check_sums` raises
+      ``ValueError(f'{name}: {suspect_error}')`` when none does.
+    suspect_error: what :meth:`check_sums` says.
     derived: ``{name: fn(means) -> float}`` reported by :func:`safer_jax.evaluate`
       (perplexity = exp(loss)).
     ground_truth: the sweep column that ranks layers for this task
@@ -137,6 +144,8 @@ class Task:
   weight: Callable[[Batch], jax.Array] | None = None
   needs: tuple[str, ...] = ()
   check: Callable[[Any, Batch], None] | None = None
+  suspect: Callable[[Any, Batch], jax.Array] | None = None
+  suspect_error: str = ""
   derived: Mapping[str, Callable[[Mapping[str, float]], float]] = dataclasses.field(
       default_factory=dict)
   ground_truth: str = "loss_increase"
@@ -196,16 +205,44 @@ class Task:
     """``(B,)`` weights of a batch's examples: ``weight(batch) * mask``."""
     return mask if self.weight is None else self.weight(batch) * mask
 
+  @property
+  def num_sums(self) -> int:
+    """Entries of :meth:`sums`: ``2 + M``, one more with a :attr:`suspect` check."""
+    return 2 + len(self.metrics) + (self.suspect is not None)
+
   def sums(self, outputs: Any, batch: Batch, mask: jax.Array) -> jax.Array:
-    """``(2 + M,)``: Σ weight, then Σ weight·score of the loss and each metric (padded rows 0)."""
+    """``(num_sums,)``: Σ weight, Σ weight·score of the loss and each metric (padded rows 0).
+
+    With a :attr:`suspect` check, last: the number of (unpadded) examples whose
+    outputs look fine; a few reductions over the outputs in the same program.
+    """
     w = self.example_weights(batch, mask)
     parts = [jnp.sum(w), jnp.sum(self.loss(outputs, batch) * w)]
     parts += [jnp.sum(fn(outputs, batch).astype(jnp.float32) * w)
               for fn in self.metrics.values()]
+    if self.suspect is not None:
+      fine = 1.0 - self.suspect(outputs, batch).astype(jnp.float32)
+      parts.append(jnp.sum(fine * mask.astype(jnp.float32)))
     return jnp.stack(parts)
 
+  def check_sums(self, sums: Any) -> None:
+    """Raises ``ValueError`` when no example of summed :meth:`sums` looks fine (:attr:`suspect`).
+
+    ``sums``: ``(..., num_sums)`` (several perturbed copies: raised only if no
+    copy has an example that looks fine). On the host; nothing when the task
+    has no ``suspect`` check.
+
+    Raises:
+      ValueError: ``f'{name}: {suspect_error}'``.
+    """
+    if self.suspect is None:
+      return
+    fine = np.asarray(sums)[..., -1]
+    if fine.size and not np.any(fine > 0):
+      raise ValueError(f"{self.name}: {self.suspect_error}")
+
   def means(self, sums: np.ndarray) -> dict[str, float]:
-    """``{column: Σ w·score / Σ w}`` from summed :meth:`sums` (``(2 + M,)``)."""
+    """``{column: Σ w·score / Σ w}`` from summed :meth:`sums` (``(num_sums,)``)."""
     sums = np.asarray(sums, np.float64)
     total = sums[0] if sums[0] > 0 else np.nan
     return {name: float(s / total) for name, s in zip(self.columns, sums[1:])}
@@ -261,9 +298,39 @@ def _frozen_args(preset):
   return build
 
 
+def looks_like_probabilities(outputs: jax.Array) -> jax.Array:
+  """``(B, ..., K) -> (B,)`` bool: every row of the example lies in [0, 1] and sums to 1.
+
+  What a final softmax gives. Log-probabilities (``log_softmax``: entries <= 0,
+  summing to less than 1) are never flagged, nor is ``K == 1``; logits only
+  by chance (every row within [0, 1] and summing to 1). The sum may be
+  ``max(1e-3, 4 eps)`` off 1 (``eps`` of the outputs' dtype: 0.03 for bfloat16).
+  """
+  k = outputs.shape[-1]
+  if k < 2:
+    return jnp.zeros(outputs.shape[:1], bool)
+  tol = max(1e-3, 4 * float(jnp.finfo(outputs.dtype).eps)) if jnp.issubdtype(
+      outputs.dtype, jnp.floating) else 1e-3
+  x = outputs.astype(jnp.float32)
+  rows = (jnp.all((x >= 0) & (x <= 1), axis=-1)
+          & (jnp.abs(jnp.sum(x, axis=-1) - 1) <= tol))
+  return jnp.all(rows.reshape(rows.shape[0], -1), axis=1)
+
+
+PROBABILITIES_ERROR = (
+    "every row of the model's outputs lies in [0, 1] and sums to 1: these look like "
+    "probabilities, but the task takes logits (or log-probabilities). Drop the final softmax, or "
+    "pass its logarithm: safer_jax.wrap(model, variables, output=jnp.log).")
+
+
 @_frozen_args
 def classification(inputs: Any = "image", label: str = "label") -> Task:
-  """Classifiers: mean cross-entropy (nats) and accuracy; ``logits (B, K)``, ``labels (B,)`` int."""
+  """Classifiers: mean cross-entropy (nats) and accuracy; ``logits (B, K)``, ``labels (B,)`` int.
+
+  Outputs that are probabilities (a final softmax, :func:`looks_like_probabilities`
+  on every example) are refused with a ``ValueError`` after the first compiled
+  call (see :attr:`Task.suspect`); log-probabilities are valid logits.
+  """
 
   def loss(logits, batch):
     return cross_entropy(logits, batch[label])
@@ -274,8 +341,13 @@ def classification(inputs: Any = "image", label: str = "label") -> Task:
   def check(logits, batch):
     _check_labels(logits, batch[label], "classification", 2)
 
+  def suspect(logits, batch):
+    del batch
+    return looks_like_probabilities(logits)
+
   return Task("classification", loss, _freeze(inputs), {"accuracy": accuracy}, needs=(label,),
-              check=check, ground_truth="accuracy_drop")
+              check=check, suspect=suspect, suspect_error=PROBABILITIES_ERROR,
+              ground_truth="accuracy_drop")
 
 
 def _token_weights(mask_key):

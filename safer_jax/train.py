@@ -153,13 +153,16 @@ def _as_split(split: data_lib.Split | data_lib.Dataset) -> data_lib.Split:
   return split.eval if isinstance(split, data_lib.Dataset) else split
 
 
+EVAL_BATCH_SIZE = 1024  # examples per compiled call of evaluate (its default) and of train's
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _eval_sums(apply_fn: ApplyFn, task: tasks_lib.Task, variables, inputs, batch, mask):
   return task.sums(tasks_lib.forward(apply_fn, variables, inputs), batch, mask)
 
 
 def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
-             split: data_lib.Split | data_lib.Dataset, batch_size: int = 1024, *,
+             split: data_lib.Split | data_lib.Dataset, batch_size: int = EVAL_BATCH_SIZE, *,
              shard: bool = True, check_finite: bool = True,
              task: tasks_lib.Task | str | None = None) -> dict[str, float]:
   """The task's loss and metrics of ``apply_fn(variables, inputs)`` on a split.
@@ -206,8 +209,10 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
   Raises:
     ValueError: an empty split, a bad ``batch_size``, a split without the
       task's arrays, outputs that do not fit the task (labels out of the logits'
-      range, ...), or (``check_finite``) a parameter holding NaN or inf (the
-      leaf is named).
+      range, ... before any batch; probabilities where the task takes logits,
+      after the first batch, from a flag computed in the evaluation's own
+      program), or (``check_finite``) a parameter holding NaN or inf (the leaf
+      is named).
   """
   task = tasks_lib.get(task)
   if wrapping.is_model(apply_fn):
@@ -230,13 +235,15 @@ def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,
   if shards > 1:
     mesh = distributed.data_mesh()
     variables = distributed.replicate(variables, mesh)
-  total = np.zeros(1 + len(task.columns), np.float64)
-  for batch, mask in tasks_lib.padded_batches(split, bs, rows=bs):
+  total = np.zeros(task.num_sums, np.float64)
+  for i, (batch, mask) in enumerate(tasks_lib.padded_batches(split, bs, rows=bs)):
     if shards > 1:
       batch, mask = distributed.shard_batch((batch, mask), mesh)
     sums = _eval_sums(apply_fn, task, variables, task.model_inputs(batch),
                       task.loss_batch(batch), mask)
     total += [float(x) for x in np.asarray(sums)]
+    if i == 0:  # e.g. probabilities for logits: refused after the first batch
+      task.check_sums(total)
   if not total[0] > 0:
     raise ValueError(f"Nothing to evaluate: the split's {n} examples weigh 0 under task "
                      f"{task.name!r} (e.g. every token masked).")
@@ -348,7 +355,12 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
 
   Raises:
     ValueError: an empty training split, ``batch_size`` < 1 or ``epochs`` < 0,
-      or a split without the task's arrays.
+      a split without the task's arrays, or outputs that do not fit the task
+      (labels of either split out of the logits' range, probabilities where the
+      task takes logits, ...: :func:`evaluate`'s checks), all before any step.
+      These checks run the final evaluation's first batch (at most
+      :data:`EVAL_BATCH_SIZE` examples of ``dataset.eval``) first: the same
+      compiled program, so they cost one batch of inference and no compilation.
   """
   task = tasks_lib.get(task)
   generic = task is not tasks_lib.classification()
@@ -372,6 +384,13 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
   elif variables is None:
     variables = init_variables(model, dataset.input_shape, config.seed)
   variables = dict(variables)
+  # Nonsense refused before any step: labels out of the logits' range (the training split's,
+  # traced shapes only), then the final evaluation's first batch (probabilities for logits).
+  scorer = wrapping.as_model(model, variables)[0] if wrapping.is_model(model) else model
+  tasks_lib.check_outputs(scorer.apply if hasattr(scorer, "apply") else scorer, variables,
+                          dataset.train, task)
+  evaluate(scorer, variables, dataset.eval.take(min(EVAL_BATCH_SIZE, len(dataset.eval))),
+           task=task)
   tx = make_optimizer(config, steps_per_epoch)
   opt_state = tx.init(variables["params"])
   if generic:
@@ -402,7 +421,7 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
     history["train_loss"].append(epoch_loss)
     bar.update(1, postfix=f"loss {epoch_loss:.4f}")
   history["train_seconds"] = bar.close()
-  history["eval"] = evaluate(model, variables, dataset.eval, task=task)
+  history["eval"] = evaluate(scorer, variables, dataset.eval, EVAL_BATCH_SIZE, task=task)
   return variables, history
 
 

@@ -306,7 +306,12 @@ class StateLossFn:
 
 
 def pure_params_and_loss(loss_fn: Callable | None, params: Any) -> tuple[Callable | None, Any]:
-  """``(loss_fn, params)`` with an ``nnx.State`` replaced by its pure dict (criteria entry)."""
+  """``(loss_fn, params)`` with an ``nnx.State`` replaced by its pure dict (criteria entry).
+
+  Raises:
+    ValueError: an ``nnx.State`` inside a dict (:func:`safer_jax.layers.check_no_nested_state`).
+  """
+  layers_lib.check_no_nested_state(params, "params")
   if not layers_lib.is_nnx_state(params):
     return loss_fn, params
   pure = layers_lib.as_pure(params)
@@ -332,6 +337,7 @@ def _as_variables(variables: Any) -> Variables:
   """Plain dicts; params alone become ``{'params': params}``."""
   from flax.core import unfreeze  # pylint: disable=import-outside-toplevel
   from flax.core import meta  # pylint: disable=import-outside-toplevel
+  layers_lib.check_no_nested_state(variables)
   if layers_lib.is_nnx_state(variables):
     variables = layers_lib.as_pure(variables)
   # nn.with_partitioning / with_logical_partitioning boxes (LogicallyPartitioned, Partitioned):
@@ -397,7 +403,8 @@ def wrap(model: Any, variables: Any = None, *, output: Callable[[Any], Any] | No
       when ``variables`` holds no ``'params'`` collection), or an already
       wrapped model (returned as is, with ``variables`` replaced if given).
     variables: linen / apply_fn: the variables (``model.init(...)``) or the
-      params alone; nnx: ``None`` (taken from the module) or an ``nnx.State``.
+      params alone; nnx: ``None`` (taken from the module) or an ``nnx.State``
+      (itself: ``{'params': nnx.State}`` is refused).
       Partitioning boxes (``nn.with_logical_partitioning``'s
       ``LogicallyPartitioned``, ``nn.Partitioned``) are unboxed.
     output: ``fn(model output) -> array`` the tasks score, for models that
@@ -411,7 +418,8 @@ def wrap(model: Any, variables: Any = None, *, output: Callable[[Any], Any] | No
     A :class:`WrappedModel`.
 
   Raises:
-    ValueError: a model of another type, missing variables, an apply keyword
+    ValueError: a model of another type, missing variables, an ``nnx.State``
+      inside a dict, an apply keyword
       that ``__call__`` does not accept or a required one left out, or a state
       with no layer (no ``kernel``/``embedding`` leaf) — each naming what was
       given and what is accepted.
@@ -546,8 +554,10 @@ def as_model(model: Any, variables: Any = None) -> tuple[Any, Variables]:
   the model keep working).
 
   Raises:
-    ValueError: no variables for a model that needs them, or see :func:`wrap`.
+    ValueError: no variables for a model that needs them, an ``nnx.State``
+      inside a dict (``{'params': nnx.State}``), or see :func:`wrap`.
   """
+  layers_lib.check_no_nested_state(variables)
   if isinstance(model, WrappedModel):
     return model, (model.variables if variables is None else _as_variables(variables))
   if _is_nnx(model):

@@ -692,6 +692,22 @@ def test_unknown_criterion_lists_valid_names():
   assert criteria.get_criterion("fisher") is criteria.fisher
 
 
+def test_compute_all_takes_hutchinson_trace_as_its_means(mlp):
+  """``hutchinson_trace`` (public, in the README) by name: each layer's estimate's mean."""
+  params, batches = mlp
+  key = jax.random.key(3)
+  options = {"stop": None, "max_probes": 8, "chunk_size": 4}
+  scores, seconds = criteria.compute_all(["hutchinson_trace"], mlp_loss, params, batches,
+                                         key=key, options={"hutchinson_trace": options})
+  est = criteria.hutchinson_trace(mlp_loss, params, batches, key=key, **options)
+  assert scores == {"hutchinson_trace": {n: e.mean for n, e in est.items()}}
+  assert set(seconds) == {"hutchinson_trace"}
+  assert scores["hutchinson_trace"] == criteria.hessian_trace(  # every example: as hutchinson's
+      mlp_loss, params, batches, key=key, setting="full", **options)
+  with pytest.raises(ValueError, match="hutchinson_trace"):  # listed among the valid names
+    criteria.get_criterion("hutchinson")
+
+
 @pytest.mark.parametrize("name", sorted(criteria.CRITERIA))
 def test_nan_params_raise_naming_the_layer(mlp, name):
   params, batches = mlp
@@ -739,6 +755,19 @@ def test_missing_data_raises(mlp):
     criteria.grad_norm(mlp_loss, params, [])
   with pytest.raises(ValueError, match="loss_fn"):
     criteria.grad_norm(None, params, [{"x": jnp.zeros((1, 6))}])
+
+
+@pytest.mark.parametrize("name", ["fisher", "grad_norm", "hessian_trace", "integrated_gradients"])
+def test_a_batch_without_examples_is_refused(mlp, name):
+  """A batch of zero examples: an error naming it, not NaN scores."""
+  params, batches = mlp
+  empty = {"x": jnp.zeros((0, 6)), "y": jnp.zeros((0,), jnp.int32)}
+  fn = criteria.get_criterion(name)
+  with pytest.raises(ValueError, match=r"batch 0 holds no examples.*\(0, 6\)"):
+    fn(mlp_loss, params, empty, key=jax.random.key(0))
+  full = {"setting": "full"} if name in criteria.settings.OPTIONS else {}  # every batch kept
+  with pytest.raises(ValueError, match=r"batch 1 holds no examples"):
+    fn(mlp_loss, params, [batches[0], empty], key=jax.random.key(0), **full)
 
 
 class _Block(nn.Module):

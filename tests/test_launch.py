@@ -64,6 +64,32 @@ def test_unknown_or_mistyped_config_key_through_launch(tmp_path, launch):
   assert not os.listdir(tmp_path)
 
 
+def test_config_flag_without_a_key_is_one_error_line(capsys):
+  """``--config.=5`` (no key): one ``error:`` line and status 2, not ml_collections' traceback."""
+  import launch  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as stop:
+    launch.parse_flags(["launch.py", "--experiment=quant_sweep", "--config.=5"])
+  assert stop.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: Unknown config key '' (--config.); valid keys: ['act_bits', ")
+  assert err.count("\n") == 1
+  config = experiments.get_experiment("quant_sweep").get_config(tiny=True)
+  with pytest.raises(ValueError, match=r"Unknown config key '' \(--config\.\)"):
+    common.apply_overrides(config, ["=5"])
+
+
+def test_help_lists_the_chosen_experiments_config_keys(tmp_path, launch):
+  out = launch(["--experiment=quant_sweep", "--tiny", "--help"], str(tmp_path))
+  assert out.returncode in (0, 1), out.stderr[-2000:]  # (absl's --help exits with 1)
+  help_text = out.stdout
+  assert "--config: The experiment's config" in help_text
+  for line in ("budgets=(3.0, 6.0)", "model=mlp", "search.evals=", "group_size=None"):
+    assert f"\n    {line}" in help_text, line  # the tiny setting's defaults, nested keys dotted
+  assert "!!python/tuple" not in help_text  # not absl's YAML dump of the default
+  config = experiments.get_experiment("quant_sweep").get_config(tiny=True)
+  assert common.config_keys(config)[:2] == ["act_bits=8", "budget_unit=bits"]
+
+
 @pytest.mark.parametrize("name", experiments.list_experiments())
 def test_every_experiment_has_a_tiny_config(name):
   module = experiments.get_experiment(name)

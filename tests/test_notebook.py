@@ -5,8 +5,11 @@ into a throw-away virtualenv whose python runs the kernel (see test_install.py),
 environment running the tests is left as it was.
 """
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -45,3 +48,37 @@ def test_colab_notebook_executes(tmp_path, zoo_cache, monkeypatch):
   assert "safer_jax from " + os.path.join(purelib, "safer_jax", "__init__.py") in outputs, outputs
   assert "hessian_trace" in outputs
   assert (tmp_path / "rankings.png").stat().st_size > 0
+
+
+def test_install_cell_stops_on_a_failed_install_and_never_replaces_one(monkeypatch, capsys):
+  """The first cell run as Python with pip faked: a failed install stops it naming
+  SAFER_JAX_SOURCE (the next cell died on the import); an existing install is left alone."""
+  nb = nbformat.read(os.path.join(ROOT, "experiments", "criteria_colab.ipynb"), as_version=4)
+  cell = compile(next(c.source for c in nb.cells if c.cell_type == "code"), "cell 1", "exec")
+  pip_calls = []
+
+  def failing_pip(args, **kwargs):
+    del kwargs
+    pip_calls.append(args)
+    return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found")
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(subprocess, "run", failing_pip)
+  monkeypatch.setenv("SAFER_JAX_SOURCE", "/nowhere/safer_jax")
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *args: None if name == "safer_jax" else find_spec(name, *args))
+  with pytest.raises(RuntimeError, match=r"SAFER_JAX_SOURCE='/nowhere/safer_jax' \(exit status "
+                                         r"1\):\nERROR: No matching.*\nSet SAFER_JAX_SOURCE"):
+    exec(cell, {})  # pylint: disable=exec-used
+  assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q", "/nowhere/safer_jax"]]
+  # safer_jax importable (here: the tests' own install): no pip, with or without a source
+  monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+  capsys.readouterr()
+  exec(cell, {})  # pylint: disable=exec-used
+  out = capsys.readouterr().out
+  assert "safer_jax is already installed (" in out
+  assert "not installing SAFER_JAX_SOURCE='/nowhere/safer_jax' over it" in out
+  monkeypatch.delenv("SAFER_JAX_SOURCE")
+  exec(cell, {})  # pylint: disable=exec-used
+  assert "not installing it again" in capsys.readouterr().out
+  assert len(pip_calls) == 1

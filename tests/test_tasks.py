@@ -465,6 +465,54 @@ def test_unknown_task_lists_presets():
     tasks.Task("bad", lambda o, b: o, metrics={"loss": lambda o, b: o})
 
 
+class Classifier(nn.Module):
+  """A 2-layer classifier of 3 features into 4 classes; ``final``: what its logits go through."""
+  final: str = "none"  # 'none' (logits), 'softmax' (probabilities) or 'log_softmax'
+
+  @nn.compact
+  def __call__(self, x):
+    logits = nn.Dense(4, name="fc")(nn.relu(nn.Dense(8, name="hidden")(x)))
+    return {"none": logits, "softmax": nn.softmax(logits),
+            "log_softmax": nn.log_softmax(logits)}[self.final]
+
+
+def test_probabilities_are_refused_and_log_probabilities_are_logits():
+  """A final softmax: evaluate, the sweep and fit stop with an error naming probabilities."""
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(48, 3)).astype(np.float32)
+  labels = ((x[:, 0] > 0) + 2 * (x[:, 1] > 0)).astype(np.int32)
+  split = data.Split(x, labels)
+  ds = data.Dataset("four", data.Split(x[:32], labels[:32]), data.Split(x[32:], labels[32:]),
+                    num_classes=4, input_shape=(3,))
+  variables = Classifier().init(jax.random.key(0), x[:1])
+  soft = Classifier("softmax")
+  with pytest.raises(ValueError, match=r"classification: every row .* \[0, 1\] and sums to 1: "
+                                       r"these look like probabilities.*output=jnp.log"):
+    sj.evaluate(soft, variables, split)
+  with pytest.raises(ValueError, match="look like probabilities"):
+    sweep.run_sweep(soft, variables, split, QUANT, progress=False)
+  steps_run = []
+
+  def make_steps(model, tx):
+    step = train.make_train_step(model, tx)
+    return lambda epoch: steps_run.append(epoch) or step
+
+  with pytest.raises(ValueError, match="look like probabilities"):
+    sj.fit(soft, ds, sj.TrainConfig(epochs=2, batch_size=16), progress=False,
+           variables=variables, make_steps=make_steps)
+  assert not steps_run  # refused before the first epoch
+  # log-probabilities are logits: the same scores as the logits themselves, and no error
+  want = sj.evaluate(Classifier(), variables, split)
+  got = sj.evaluate(Classifier("log_softmax"), variables, split)
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+  assert got["accuracy"] == want["accuracy"]
+  table = sweep.run_sweep(Classifier("log_softmax"), variables, split, QUANT, progress=False)
+  np.testing.assert_allclose(table.attrs["baseline_loss"], want["loss"], rtol=1e-5)
+  # and the probabilities' logarithm is what the error suggests
+  fixed = sj.wrap(soft, variables, output=jnp.log)
+  np.testing.assert_allclose(sj.evaluate(fixed, None, split)["loss"], want["loss"], rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Partitioned (boxed) parameters.
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 from compile_log import compile_log
 
 from safer_jax import data, models, train
@@ -78,6 +79,26 @@ def test_batchnorm_statistics_are_updated(digits):
   mean0 = np.asarray(init["batch_stats"]["stem"]["bn"]["mean"])
   mean1 = np.asarray(trained["batch_stats"]["stem"]["bn"]["mean"])
   assert not np.allclose(mean0, mean1)
+
+
+def test_fit_refuses_labels_out_of_range_before_training(digits):
+  """Labels the logits cannot take, in the training or the eval split: an error, no step."""
+  model = models.get_model("mlp")  # 10 logits
+  small = dataclasses.replace(digits, train=digits.train.take(64), eval=digits.eval.take(32))
+  bad_train = small.train.with_arrays(label=np.where(np.arange(64) == 5, 10, small.train.labels))
+  bad_eval = small.eval.with_arrays(label=small.eval.labels + 7)
+  steps_run = []
+
+  def make_steps(net, tx):
+    step = train.make_train_step(net, tx)
+    return lambda epoch: steps_run.append(epoch) or step
+
+  for ds in (dataclasses.replace(small, train=bad_train), dataclasses.replace(small, eval=bad_eval)):
+    with pytest.raises(ValueError, match=r"labels range over \[\d+, \d+\] but the model gives 10 "
+                                         r"logits.*\[0, 9\]"):
+      train.train(model, ds, train.TrainConfig(epochs=1, batch_size=16), progress=False,
+                  make_steps=make_steps)
+    assert not steps_run
 
 
 def test_split_take():

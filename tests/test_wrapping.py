@@ -240,6 +240,45 @@ def test_bad_models_are_refused_with_what_is_accepted(models):
   assert sj.wrap(NeedsMask(), mask=1.0).apply_kwargs == {"mask": 1.0}
 
 
+class SmallNnx(nnx.Module):
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(3, 8, rngs=rngs)
+    self.fc2 = nnx.Linear(8, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.relu(self.fc1(x)))
+
+
+def test_nnx_state_inside_a_dict_is_refused_before_any_work():
+  """``{'params': nnx.State}``: a ValueError saying to pass the state itself, at every entry."""
+  net = SmallNnx(nnx.Rngs(0))
+  graphdef, state = nnx.split(net)
+  params = nnx.state(net, nnx.Param)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 3)).astype(np.float32)
+  split = sj.Split(x, rng.integers(0, 4, 16).astype(np.int32))
+  config = sj.SweepConfig(families={"quantize": (2,)}, seeds=(0,))
+  message = (r"variables\['params'\] is an nnx.State inside a dict; pass the nnx.State itself "
+             r"instead .*nnx.split\(model\)")
+  with pytest.raises(ValueError, match=message):  # (a TypeError deep in staged.py before)
+    sj.run_sweep(net, {"params": params}, split, config, progress=False)
+  with pytest.raises(ValueError, match=message):
+    sj.evaluate(net, {"params": params}, split)
+  with pytest.raises(ValueError, match=message):
+    sj.wrap(net, {"params": params})
+
+  def loss_fn(p, batch):
+    logits = nnx.merge(graphdef, p["params"])(batch["image"])
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 0])
+
+  with pytest.raises(ValueError, match=r"params\['params'\] is an nnx.State inside a dict"):
+    criteria.hessian_trace(loss_fn, {"params": state}, [split.as_batch()])
+  # what the message offers works: the state itself, or nothing (the module's own weights)
+  want = sj.evaluate(net, None, split)
+  assert sj.evaluate(net, params, split) == want
+  assert sj.evaluate(net, {"params": nnx.to_pure_dict(params)}, split) == want
+
+
 def test_layer_discovery_covers_linen_and_nnx_layer_types():
   x = jnp.ones((1, 4, 6))
   tokens = jnp.ones((1, 4), jnp.int32)

@@ -38,15 +38,22 @@ def as_batch_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
   A single batch given as a ``Mapping`` (e.g. ``{'image': ..., 'label': ...}``)
   is accepted and wrapped in a list. With several devices each batch is split
   along its leading axis over the ``'data'`` mesh (see :func:`shard_batches`).
+
+  Raises:
+    ValueError: no batches, or a batch with no examples (an array with a
+      leading axis of 0: its mean loss would be NaN), naming it.
   """
   if batches is None:
     raise ValueError(
         "This criterion needs data: `batches` must be a non-empty sequence of batches.")
-  if isinstance(batches, Mapping):
-    return shard_batches([batches])
-  out = list(batches)
+  out = [batches] if isinstance(batches, Mapping) else list(batches)
   if not out:
     raise ValueError("`batches` is empty; this criterion needs at least one batch.")
+  for i, batch in enumerate(out):
+    shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(batch)]
+    if any(shape and shape[0] == 0 for shape in shapes):
+      raise ValueError(f"batch {i} holds no examples (leaf shapes {shapes}); every batch needs at "
+                       f"least one example along its leading axis (a mean over none is NaN).")
   return shard_batches(out)
 
 

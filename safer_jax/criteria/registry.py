@@ -46,16 +46,25 @@ CRITERIA: dict[str, Criterion] = {
     for name, fn in _RAW.items()}
 
 
+# Public estimators that are not criteria of their own but give one, by name: ``hutchinson_trace``
+# returns a TraceEstimate per layer; as a criterion its score is the estimate's mean — what
+# ``hessian_trace`` returns — computed with hutchinson_trace's own defaults (the ranking rule;
+# options as hutchinson_trace takes them). Not in CRITERIA: benchmarks and sweeps over every
+# criterion run hessian_trace once.
+ALIASES: dict[str, Criterion] = {"hutchinson_trace": curvature.hessian_trace}
+
+
 def get_criterion(name: str) -> Criterion:
-  """Returns the criterion registered as ``name``.
+  """Returns the criterion registered as ``name`` (a key of ``CRITERIA`` or ``ALIASES``).
 
   Raises:
     ValueError: unknown name (the message lists the valid ones).
   """
   try:
-    return CRITERIA[name]
+    return CRITERIA[name] if name in CRITERIA else ALIASES[name]
   except (KeyError, TypeError):
-    raise ValueError(f"Unknown criterion {name!r}; valid names: {sorted(CRITERIA)}.") from None
+    raise ValueError(f"Unknown criterion {name!r}; valid names: "
+                     f"{sorted([*CRITERIA, *ALIASES])}.") from None
 
 
 def compute_all(names: str | Sequence[str], loss_fn: _common.LossFn | None, params: _common.Params,
@@ -65,7 +74,8 @@ def compute_all(names: str | Sequence[str], loss_fn: _common.LossFn | None, para
   """Runs several criteria on the same model and data.
 
   Args:
-    names: criterion names (keys of ``CRITERIA``), or one name.
+    names: criterion names (keys of ``CRITERIA``, or ``'hutchinson_trace'``:
+      each layer's estimate's mean, see ``ALIASES``), or one name.
     loss_fn: ``loss_fn(params, batch) -> scalar`` (may be ``None`` if only
       data-free criteria are requested).
     params: Flax params pytree.

@@ -286,7 +286,7 @@ class Engine:
     return hs
 
   def eval_fn(self, layer: str, stage: int) -> Callable:
-    """jit: ``(variables, kernels (P, ...), h, batch, mask) -> sums (P, 2 + M)``.
+    """jit: ``(variables, kernels (P, ...), h, batch, mask) -> sums (P, num_sums)``.
 
     :func:`safer_jax.staged.eval_program` of ``layer`` from ``stage`` (the
     ``'layer'`` strategy's program), one per (layer, stage, copies per step, task).
@@ -410,7 +410,14 @@ class Engine:
     return self._means(total)
 
   def _means(self, total: np.ndarray) -> dict[str, np.ndarray]:
-    """``{column: (P,)}``: Σ weight·score / Σ weight, in float32 (``total`` (P, 2 + M))."""
+    """``{column: (P,)}``: Σ weight·score / Σ weight, in float32 (``total`` (P, num_sums)).
+
+    Raises:
+      ValueError: no copy has an example whose outputs look fine for the task
+        (:meth:`safer_jax.tasks.Task.check_sums`: probabilities for logits), so
+        a sweep stops at its first compiled call.
+    """
+    self.task.check_sums(total)
     total = np.asarray(total, np.float32)
     return {name: total[:, i + 1] / total[:, 0] for i, name in enumerate(self.task.columns)}
 
@@ -434,7 +441,7 @@ class Engine:
     ``kernels`` (P, ...) is this process's full host copy (the same in every
     process). With P a multiple of the global device count it is split over
     ``'copies'`` (each process copies only its devices' rows), otherwise (the
-    baseline's single copy) replicated; the (P, 2 + M) sums are gathered into
+    baseline's single copy) replicated; the (P, num_sums) sums are gathered into
     every process.
     """
     kernels = distributed.shard_batch(kernels, self.mesh, axis=COPIES_AXIS)
