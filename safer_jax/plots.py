@@ -397,16 +397,18 @@ def interaction_figure(table: pd.DataFrame, path: str, title: str = "") -> str:
   if lo > 0 and hi > 10 * lo:  # (within a decade, log axes label their minor ticks: crowded)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):  # 1, 2, 5 times the powers of ten, plainly written
-      axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    few = np.log10(hi / lo) <= 2.5  # decades: 1, 2, 5 times the powers of ten; more: powers
+    for axis in (ax.xaxis, ax.yaxis):
+      axis.set_major_locator(matplotlib.ticker.LogLocator(
+          base=10, subs=(1.0, 2.0, 5.0) if few else (1.0,), numticks=12 if few else "auto"))
       axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
       axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="additive (joint = sum)")
   worst = table.reindex(table["excess"].abs().sort_values(ascending=False).index)[:3]
   for k, (row, color) in enumerate(zip(worst.itertuples(), ("#d62728", "#ff7f0e", "#9467bd"))):
     ax.scatter([row.additive], [row.joint], s=70, facecolor="none", edgecolor=color, lw=1.8,
-               label=f"{k + 1}. {row.layer_a} + {row.layer_b}: joint / additive "
-               f"{row.ratio:.2f}")
+               label=f"{k + 1}. {row.layer_a} + {row.layer_b}: {row.excess:+.2f} nats "
+               f"(joint / additive {row.ratio:.2f})")
   ax.set_xlabel("sum of single-layer loss increases (nats)")
   ax.set_ylabel("joint loss increase, both layers perturbed (nats)", fontsize=9)
   ax.set_title("pairs of the most sensitive layers")
