@@ -172,14 +172,14 @@ def draw_curves(ax, curves: dict, styles: dict, errors: dict | None = None,
 
 def symlog_threshold(values) -> float:
   """The linear range of a symlog axis for ``values``: a power of ten at or below the
-  smallest nonzero magnitude, at least 1e-3 of the largest (1 when all are zero; rounding
+  smallest nonzero magnitude, at least 1e-4 of the largest (1 when all are zero; rounding
   noise, below 1e-6 of the largest, counts as zero)."""
   mags = np.abs(np.asarray(values, dtype=float))
   mags = mags[np.isfinite(mags)]
   mags = mags[mags > 1e-6 * mags.max()] if mags.size else mags
   if not mags.size or mags.max() == 0:
     return 1.0
-  return float(10.0 ** np.floor(np.log10(max(mags.min(), 1e-3 * mags.max())) + 1e-9))
+  return float(10.0 ** np.floor(np.log10(max(mags.min(), 1e-4 * mags.max())) + 1e-9))
 
 
 def drop_axis(ax, values, label: str, reference: tuple[str, str] | None = None) -> None:

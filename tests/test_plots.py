@@ -282,3 +282,9 @@ def test_labels_go_where_they_overprint_nothing(monkeypatch):
   assert len(unplaced) < 12 and len(ax.texts) == 12 - len(unplaced)
   assert not overprinted(fig, monkeypatch)
   plt.close(fig)
+
+
+def test_symlog_threshold_is_the_smallest_difference_shown():
+  assert plots.symlog_threshold([0.0, 0.1, 25.63, -0.28, 1e-14]) == pytest.approx(0.1)
+  assert plots.symlog_threshold([0.0, 0.0]) == 1.0
+  assert plots.symlog_threshold([1.0, 1e5]) == pytest.approx(10.0)  # at most 4 decades
