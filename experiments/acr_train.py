@@ -201,7 +201,7 @@ def _plot(results, config, path) -> str:
   table = _table(results)
   keys = list(dict.fromkeys(zip(table.condition, table.magnitude)))
   series = []
-  for method, color in [("plain", "tab:gray"), ("acr", "tab:red")]:
+  for method, color in plots.source_colors(["plain", "acr"]).items():
     sub = table[table.method == method].set_index(["condition", "magnitude"]).loc[keys]
     series.append((method, color, 100 * sub["mean"], 100 * sub["std"].fillna(0)))
   return plots.grouped_bars(

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import attribution, io, train, wcam
+from safer_jax import attribution, io, plots, train, wcam
 
 VARIANTS = ("compressed", "plain_ft", "wcam_ft")
 
@@ -196,17 +196,19 @@ def plot_metrics(results: pd.DataFrame, base: dict, path: str) -> str:
   # Dodge: each variant a little left or right of the level, so error bars do not overlap.
   offsets = {v: (k - (len(VARIANTS) - 1) / 2) * 0.12 for k, v in enumerate(VARIANTS)}
   fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+  colors = plots.source_colors([*VARIANTS, "original"])
   for ax, (col, title) in zip(axes, (("accuracy", "eval accuracy"), ("spearman", "Spearman"),
                                      ("iou", "top-k IoU"), ("cosine", "cosine"))):
     for v in VARIANTS:
       sub = results[results.variant == v].set_index("label").reindex(labels)
       if col == "accuracy":
-        ax.plot(xs + offsets[v], 100 * sub["accuracy"], marker="o", label=v)
+        ax.plot(xs + offsets[v], 100 * sub["accuracy"], marker="o", label=v, color=colors[v])
       else:
         ax.errorbar(xs + offsets[v], sub[f"{col}_mean"], yerr=sub[f"{col}_std"], marker="o",
-                    capsize=2, label=v, alpha=0.85)
+                    capsize=2, label=v, alpha=0.85, color=colors[v])
     if col == "accuracy":
-      ax.axhline(100 * base["accuracy"], color="green", ls="-.", lw=0.8, label="original")
+      ax.axhline(100 * base["accuracy"], color=colors["original"], ls="-.", lw=0.8,
+                 label="original")
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=30, fontsize=8)
     ax.set_title(title)

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import criteria, io, layers, perturb, protection, sweep, train
+from safer_jax import criteria, io, layers, perturb, plots, protection, sweep, train
 from safer_jax.benchmark import batches_from_split, classifier_loss_fn
 
 PER_PARAM = "_per_param"
@@ -258,23 +258,28 @@ def _plot(results, clean_acc, entry, config, path: str) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   pooled = _pooled(results)
   fracs = list(dict.fromkeys(results["budget_fraction"]))
-  fig, axes = plt.subplots(1, len(fracs), figsize=(6 * len(fracs), 4.5), squeeze=False,
-                           sharey=True)
+  fig, axes = plt.subplots(1, len(fracs), figsize=(6 * len(fracs) + 1.5, 4.5), squeeze=False,
+                           sharey=True, layout="constrained")
+  rules = list(dict.fromkeys(pooled["rule"]))
+  styles = plots.source_styles(rules + ["fault-free"])
+  drops = 100 * (clean_acc - pooled["accuracy"])
   for ax, frac in zip(axes[0], fracs):
     sub = pooled[pooled.budget_fraction == frac]
+    curves, errors = {}, {}
     for rule in dict.fromkeys(sub["rule"]):
       r = sub[sub.rule == rule].sort_values("rate")
-      style = {"oracle": dict(color="black", lw=2.5), "none": dict(color="red", ls="--", lw=2),
-               "random": dict(color="gray", ls=":", lw=2)}.get(rule, dict(lw=1.4))
-      ax.errorbar(r["rate"], 100 * r["accuracy"], yerr=100 * r["accuracy_std"], marker="o",
-                  ms=3.5, capsize=2, label=rule, **style)
-    ax.axhline(100 * clean_acc, color="green", lw=0.8, ls="-.",
-               label=f"fault-free {config.representation}")
+      curves[rule] = (r["rate"], 100 * (clean_acc - r["accuracy"]))
+      errors[rule] = 100 * r["accuracy_std"]
+    plots.draw_curves(ax, curves, styles, errors)
+    # accuracy drop vs the fault-free model, symlog: small and large drops both read
+    plots.drop_axis(ax, drops, "", reference=(styles["fault-free"]["color"],
+                                              f"fault-free {config.representation} "
+                                              f"({100 * clean_acc:.2f}%)"))
     ax.set_xscale("log")
     ax.set_xlabel("per-bit flip rate")
     ax.set_title(f"budget {frac:g} of kernel weights")
     ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("eval accuracy (%)")
-  axes[0][-1].legend(fontsize=8)
+  axes[0][0].set_ylabel("drop in eval accuracy (%) vs fault-free (symlog)")
+  fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="outside right center", fontsize=8)
   fig.suptitle(f"{entry.name} on {entry.dataset.name}: protecting layers against bit flips")
   return io.save_figure(path, fig)

@@ -264,7 +264,7 @@ def _plot_delta(results, entry, path) -> str:
   ns = list(dict.fromkeys(results.n_sparse))
   fig, axes = plt.subplots(len(ps), len(ns), figsize=(4.5 * len(ns), 3.6 * len(ps)),
                            squeeze=False)
-  colors = {"first_order": "tab:blue", "pga": "tab:red", "random": "tab:gray"}
+  colors = plots.source_colors(METHODS)
   for i, p in enumerate(ps):
     for j, n in enumerate(ns):
       ax = axes[i, j]
@@ -294,8 +294,7 @@ def _plot_bars(results, entry, config, path) -> str:
   eps = _nearest(wide, config.bar_eps)
   sub = wide[(wide.target != ALL) & (wide.p == "2") & (wide.n_sparse == 0) & (wide.eps == eps)]
   series = [(method, color, np.maximum(sub[method], 1e-7), None)
-            for method, color in [("first_order", "tab:blue"), ("pga", "tab:red"),
-                                  ("random", "tab:gray")]]
+            for method, color in plots.source_colors(METHODS).items()]
   return plots.grouped_bars(
       path, list(sub.target), series, ylabel="Delta = loss increase (nats)",
       title=f"{entry.name}: per-layer vulnerability (p=2, dense, eps={eps:g})", width=0.27,

@@ -37,7 +37,8 @@ import pandas as pd
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import benchmark, calibration, criteria, io, layers, models, perturb, sweep, train
+from safer_jax import (benchmark, calibration, criteria, io, layers, models, perturb, plots, sweep,
+                       train)
 
 ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2", "vit_tiny", "lm_tiny")
 TEXT_MODELS_OK = True  # lm_tiny: truth = loss increase (nats/token), criteria on its token loss
@@ -524,17 +525,26 @@ def _pooled_markdown(pooled: pd.DataFrame, config, models_info: dict, ties: dict
 
 def _frontier(pooled: pd.DataFrame, seconds: dict, config, num_models: int, metric: str,
               path: str) -> str:
-  """Cost-agreement frontier: x = criterion seconds (summed over models, log), y = pooled rho."""
+  """Cost-agreement frontier: x = criterion seconds (summed over models, log), y = pooled rho.
+
+  One colour per criterion (:func:`safer_jax.plots.source_colors`, named in the legend below);
+  the Pareto front is the black step line, its criteria drawn large and labelled in bold.
+  Labels go where they overprint nothing (:func:`safer_jax.plots.place_labels`); a criterion
+  with no free spot is named by its colour in the legend only.
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
   families = [f for f in config.families if f in set(pooled.family)]
+  colors = plots.source_colors(dict.fromkeys(pooled.criterion))
   cols = min(2, len(families))
   rows = -(-len(families) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False,
+  fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows + 0.8), squeeze=False,
                            sharey=True, layout="constrained")
   for ax in axes.flat[len(families):]:
     ax.set_visible(False)
+  labels = {}  # panel -> (points, texts, bold) in the order they are labelled
   for ax, family in zip(axes.flat, families):
     sub = pooled[(pooled.family == family)].copy()
     sub["seconds"] = [max(seconds.get(c, np.nan), 1e-3) for c in sub.criterion]
@@ -547,23 +557,29 @@ def _frontier(pooled: pd.DataFrame, seconds: dict, config, num_models: int, metr
     for r in sub.itertuples():
       on = r.criterion in front
       yerr = [[max(r.rho - r.lo, 0)], [max(r.hi - r.rho, 0)]] if np.isfinite(r.lo) else None
-      ax.errorbar(r.seconds, r.rho, yerr=yerr, fmt="o", ms=5 if on else 3.5, capsize=2,
-                  color="tab:red" if on else "tab:gray", alpha=1.0 if on else 0.7)
-      ax.annotate(r.criterion + (" (winner)" if r.winner else ""), (r.seconds, r.rho),
-                  fontsize=6.5, xytext=(3, 3), textcoords="offset points",
-                  fontweight="bold" if on else "normal")
+      ax.errorbar(r.seconds, r.rho, yerr=yerr, fmt="o", ms=7 if on else 4.5, capsize=2,
+                  color=colors[r.criterion], mec="black" if on else colors[r.criterion],
+                  mew=1.0, alpha=1.0 if on else 0.8, zorder=3 if on else 2)
     pts = sub[sub.criterion.isin(front)]
-    ax.step(pts.seconds, pts.rho, where="post", color="tab:red", lw=1, alpha=0.6,
-            label="Pareto front")
+    ax.step(pts.seconds, pts.rho, where="post", color="black", lw=1, alpha=0.7)
     ax.set_xscale("log")
     ax.set_title(family)
     ax.set_xlabel(f"criterion cost, seconds on {num_models} model(s) (log)")
     ax.grid(alpha=0.3)
     ax.axhline(0, color="black", lw=0.6)
+    ordered = sorted(sub.itertuples(), key=lambda r: (r.criterion not in front, -r.rho))
+    labels[ax] = ([(r.seconds, r.rho) for r in ordered],
+                  [r.criterion + (" (winner)" if r.winner else "") for r in ordered],
+                  [r.criterion in front for r in ordered])
   for row in axes:
     row[0].set_ylabel(f"pooled Spearman rho vs {metric.replace('_', ' ')} (95% CI)")
-  axes[0][0].legend(fontsize=7, loc="lower right")
+  handles = [Line2D([], [], color="black", lw=1, alpha=0.7, label="Pareto front (bold)")]
+  handles += [Line2D([], [], color=c, marker="o", ls="", label=name) for name, c in colors.items()]
+  fig.legend(handles=handles, loc="outside lower center", fontsize=7, ncols=6)
   fig.suptitle("Which criterion for the cost? Cost-agreement frontier per family", fontsize=11)
+  renderer = plots.freeze_layout(fig)
+  for ax, (points, texts, bold) in labels.items():
+    plots.place_labels(ax, points, texts, renderer, fontsize=6.5, bold=bold)
   return io.save_figure(path, fig)
 
 

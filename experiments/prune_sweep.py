@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import budget, io, layers, perturb, pruning, search, train
+from safer_jax import budget, io, layers, perturb, plots, pruning, search, train
 from safer_jax.errors import ConfigError
 
 FIXED_SOURCES = pruning.FIXED_SOURCES
@@ -272,23 +272,25 @@ def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
     panels.append(("accuracy_bn", "BatchNorm re-estimated"))
   if "accuracy_ft" in results:
     panels.append(("accuracy_ft", "short fine-tune, masks fixed"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False,
-                           sharey=True)
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 1.5, 4.5), squeeze=False,
+                           sharey=True, layout="constrained")
+  sources = list(dict.fromkeys(results["source"]))
+  styles = plots.source_styles(sources + ["dense"])
+  drops = 100 * (base["accuracy"] - results[[c for c, _ in panels]].to_numpy().ravel())
   for ax, (column, title) in zip(axes[0], panels):
-    for source in dict.fromkeys(results["source"]):
+    curves = {}
+    for source in sources:
       sub = results[results.source == source].sort_values("achieved_sparsity")
-      style = {"oracle": dict(color="black", lw=2.5), "uniform": dict(color="red", ls="--", lw=2),
-               "global_magnitude": dict(color="gray", ls=":", lw=2),
-               "searched": dict(color="tab:green", lw=2.5, marker="*", ms=8),
-               "searched_bn": dict(color="tab:olive", lw=2.5, marker="*", ms=8)}.get(source,
-                                                                                dict(lw=1.4))
-      style = {"marker": "o", "ms": 3.5, **style}
-      ax.plot(sub["achieved_sparsity"], 100 * sub[column], label=source, **style)
-    ax.axhline(100 * base["accuracy"], color="green", lw=0.8, ls="-.", label="dense")
+      curves[source] = (sub["achieved_sparsity"], 100 * (base["accuracy"] - sub[column]))
+    plots.draw_curves(ax, curves, styles)
+    # accuracy drop vs the dense model, symlog: the small differences of mild sparsity and the
+    # large ones of high sparsity both read
+    plots.drop_axis(ax, drops, "", reference=(styles["dense"]["color"],
+                                              f"dense ({100 * base['accuracy']:.2f}%)"))
     ax.set_xlabel("global sparsity (fraction of kernel weights removed)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-  axes[0][0].set_ylabel("eval accuracy (%)")
-  axes[0][-1].legend(fontsize=8)
+  axes[0][0].set_ylabel("drop in eval accuracy (%) vs dense (symlog)")
+  fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="outside right center", fontsize=8)
   fig.suptitle(f"{entry.name} on {entry.dataset.name}: pruning ratios under a sparsity budget")
   return io.save_figure(path, fig)

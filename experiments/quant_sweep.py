@@ -41,7 +41,7 @@ from ml_collections import config_dict
 
 from experiments import common
 from safer_jax import (activations, benchmark, budget, deploy, io, layers, mixed_precision, models,
-                       search, staged, tasks, train)
+                       plots, search, staged, tasks, train)
 
 
 TEXT_MODELS_OK = True  # runs the language models too (task from the dataset)
@@ -455,33 +455,37 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
 
 
 def _plot(results: pd.DataFrame, base: dict, entry, path: str, score: Score | None = None) -> str:
+  """Each source's score as its difference to float32 (symlog y: 0.3 points and 25 both read).
+
+  Sources with equal scores (criteria often agree) share their segments in dashes of their
+  colours (:func:`safer_jax.plots.draw_curves`).
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   score = score or Score("accuracy", "eval accuracy (%)", True, 100.0)
   mean = _mean_by_source(results, score)
   x = "avg_bits_per_mac" if results["budget_unit"].iloc[0] == "bops" else "avg_bits"
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for source in dict.fromkeys(results["source"]):
+  sources = list(dict.fromkeys(results["source"]))
+  styles = plots.source_styles(sources + ["float32"])
+  # worse than float32 is positive: a drop of accuracy, a rise of perplexity or loss
+  sign = 1.0 if score.higher_is_better else -1.0
+  fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+  curves, errors = {}, {}
+  for source in sources:
     sub = mean[mean.source == source].sort_values(x)
-    style = {"oracle": dict(color="black", lw=2.5), "uniform": dict(color="red", ls="--", lw=2),
-             "random": dict(color="gray", ls=":", lw=2),
-             "searched": dict(color="tab:green", lw=2.5, marker="*", ms=8)}.get(source,
-                                                                              dict(lw=1.4))
-    style = {"marker": "o", "ms": 3.5, **style}
-    ax.errorbar(sub[x], score.scale * sub["accuracy"],
-                yerr=score.scale * sub["accuracy_std"].fillna(0), label=source, capsize=2,
-                **style)
-  ax.axhline(score.scale * base[score.column], color="green", lw=0.8, ls="-.", label="float32")
+    curves[source] = (sub[x], sign * score.scale * (base[score.column] - sub["accuracy"]))
+    errors[source] = score.scale * sub["accuracy_std"].fillna(0)
+  plots.draw_curves(ax, curves, styles, errors)
+  drops = [v for _, ys in curves.values() for v in ys]
+  plots.drop_axis(ax, drops, f"{'drop' if score.higher_is_better else 'rise'} in "
+                  f"{score.label} vs float32 (symlog)",
+                  reference=(styles["float32"]["color"],
+                             f"float32 ({score.fmt(base[score.column])})"))
   ax.set_xlabel("average bits per weight (parameter-weighted)" if x == "avg_bits" else
                 "average weight bits per MAC (BOPs / (activation bits x MACs))")
-  ax.set_ylabel(score.label)
-  if not score.higher_is_better:  # perplexity explodes at 2 bits: show the useful range
-    low = score.scale * base[score.column]
-    ax.set_yscale("log")
-    ax.set_ylim(low * 0.98, max(low * 3, low + 1e-6))
   ax.set_title(f"{entry.name} on {entry.dataset.name}: mixed precision under a "
-               f"{'size' if x == 'avg_bits' else 'BOPs'} budget")
+               f"{'size' if x == 'avg_bits' else 'BOPs'} budget", fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=8)
   return io.save_figure(path, fig)
