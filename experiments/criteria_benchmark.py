@@ -523,7 +523,7 @@ def _pooled_markdown(pooled: pd.DataFrame, config, models_info: dict, ties: dict
   return "\n".join(lines) + "\n"
 
 
-def _frontier(pooled: pd.DataFrame, seconds: dict, config, num_models: int, metric: str,
+def frontier_figure(pooled: pd.DataFrame, seconds: dict, config, num_models: int, metric: str,
               path: str) -> str:
   """Cost-agreement frontier: x = criterion seconds (summed over models, log), y = pooled rho.
 
@@ -678,7 +678,7 @@ def run(config, workdir: str) -> dict:
       "pooled_csv": io.write_csv(os.path.join(workdir, "pooled.csv"), pooled),
       "pooled_md": io.write_text(os.path.join(workdir, "pooled.md"), _pooled_markdown(
           pooled, config, models_info, ties, headline_metric)),
-      "frontier": _frontier(pooled[pooled.metric == headline_metric], criterion_seconds,
+      "frontier": frontier_figure(pooled[pooled.metric == headline_metric], criterion_seconds,
                             config, len(models_info), headline_metric,
                             os.path.join(workdir, "frontier.png")),
       "costs_csv": io.write_csv(os.path.join(workdir, "costs.csv"), costs),

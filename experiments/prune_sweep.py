@@ -212,7 +212,7 @@ def run(config, workdir: str) -> dict:
                       for s, tab in tables.items()},
            "seconds": seconds, "sizes": sizes, "baseline": base, "model": entry.name}
   paths = common.write_allocation_files(
-      workdir, results, costs, summary, lambda path: _plot(results, base, entry, path),
+      workdir, results, costs, summary, lambda path: plot_accuracy(results, base, entry, path),
       "accuracy_vs_sparsity.png",
       {"search_examples": config.search.examples, "objective": "loss", "targets": searches},
       interactions, f"{entry.name}: joint vs additive loss increase, layers pruned at "
@@ -263,7 +263,7 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _plot(results: pd.DataFrame, base: dict, entry, path: str) -> str:
+def plot_accuracy(results: pd.DataFrame, base: dict, entry, path: str) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

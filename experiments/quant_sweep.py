@@ -325,7 +325,7 @@ def run(config, workdir: str) -> dict:
   costs = {"tables": tables, "seconds": seconds, "sizes": sizes, "macs_per_example": macs,
            "baseline": base, "model": entry.name}
   paths = common.write_allocation_files(
-      workdir, results, costs, summary, lambda path: _plot(results, base, entry, path, score),
+      workdir, results, costs, summary, lambda path: plot_accuracy(results, base, entry, path, score),
       "accuracy_vs_bits.png",
       {"search_examples": config.search.examples, "objective": "loss", "budgets": searches},
       interactions, f"{entry.name}: joint vs additive loss increase, layers at "
@@ -454,7 +454,7 @@ def _summary(results: pd.DataFrame, base: dict, entry, seconds: dict, config,
   return "\n".join(lines) + "\n"
 
 
-def _plot(results: pd.DataFrame, base: dict, entry, path: str, score: Score | None = None) -> str:
+def plot_accuracy(results: pd.DataFrame, base: dict, entry, path: str, score: Score | None = None) -> str:
   """Each source's score as its difference to float32 (symlog y: 0.3 points and 25 both read).
 
   Sources with equal scores (criteria often agree) share their segments in dashes of their

@@ -488,7 +488,7 @@ def test_one_program_for_all_layers_equals_per_layer_references(mlp):
   index = np.int32(LAYERS.index(layer))
   tangent = criteria.curvature._one_layer_tangent(packed, index, flat)
   assert all(not np.any(tangent[n]) for n in LAYERS if n != layer)
-  hvp = jax.jit(criteria._common.kernels_hvp(mlp_loss, LAYERS))
+  hvp = jax.jit(criteria.curvature.kernels_hvp(mlp_loss, LAYERS))
   got = np.mean([hvp(params, tangent, b)[layer] for b in batches], axis=0)
   np.testing.assert_allclose(got.ravel(), _dense_hessian(params, batches, layer) @ np.asarray(v),
                              rtol=1e-4, atol=1e-6)

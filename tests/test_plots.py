@@ -130,7 +130,7 @@ def _quant_figure(monkeypatch):
            "budget_unit": "bits", "accuracy": a / 100} for s, accs in QUANT.items()
           for b, a in zip(BUDGETS, accs)]
   entry = types.SimpleNamespace(name="resnet8", dataset=types.SimpleNamespace(name="digits"))
-  quant_sweep._plot(pd.DataFrame(rows), {"accuracy": 0.9861}, entry,  # pylint: disable=protected-access
+  quant_sweep.plot_accuracy(pd.DataFrame(rows), {"accuracy": 0.9861}, entry,
                     "accuracy_vs_bits.png")
   return figures[0]
 
@@ -149,7 +149,7 @@ def _frontier_figure(monkeypatch):
       rows.append({"family": family, "criterion": name, "rho": rho, "lo": rho - 0.2,
                    "hi": rho + 0.15, "winner": k == 8})
   config = types.SimpleNamespace(families=families)
-  criteria_benchmark._frontier(pd.DataFrame(rows), seconds, config, 6,  # pylint: disable=protected-access
+  criteria_benchmark.frontier_figure(pd.DataFrame(rows), seconds, config, 6,
                                "loss_increase", "frontier.png")
   return figures[0]
 
@@ -163,7 +163,7 @@ def _prune_figure(monkeypatch):
                                  "global_magnitude", "searched", "searched_bn"))
           for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
   entry = types.SimpleNamespace(name="resnet8", dataset=types.SimpleNamespace(name="digits"))
-  prune_sweep._plot(pd.DataFrame(rows), {"accuracy": 0.985}, entry,  # pylint: disable=protected-access
+  prune_sweep.plot_accuracy(pd.DataFrame(rows), {"accuracy": 0.985}, entry,
                     "accuracy_vs_sparsity.png")
   return figures[0]
 

@@ -25,6 +25,7 @@ import scipy.linalg
 
 from safer_jax import layers as layers_lib
 from safer_jax.criteria import _common
+from safer_jax.criteria._common import kernels_hvp  # every layer's HVP in one call (tests)
 from safer_jax.criteria import confidence as confidence_lib
 from safer_jax.criteria.data_free import quant_sq_errors
 from safer_jax.progress import Progress
