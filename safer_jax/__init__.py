@@ -8,11 +8,12 @@
 """
 
 from safer_jax import (acr, activations, attribution, benchmark, budget, criteria, data, layers,
-                       mixed_precision, models, norms, perturb, protection, pruning, search,
-                       sweep, tasks, text, train, wcam, wrapping, zoo)
+                       mixed_precision, models, norms, perturb, plan, protection, pruning,
+                       search, sweep, tasks, text, train, wcam, wrapping, zoo)
 from safer_jax.data import Dataset, Split, load_dataset
 from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
 from safer_jax.models import get_model, list_models
+from safer_jax.plan import BitBudget, Plan, RatioBudget, allocate
 from safer_jax.sweep import SweepConfig, importance, run_sweep
 from safer_jax.train import TrainConfig, evaluate, init_variables
 from safer_jax.train import train as fit
@@ -32,11 +33,12 @@ __all__ = [
     "acr", "activations", "attribution", "benchmark", "budget", "criteria", "data", "deploy",
     "layers",
     "mixed_precision",
-    "models", "norms", "perturb", "protection", "pruning", "search", "sweep", "tasks", "text",
-    "train", "wcam", "wrapping", "zoo",
+    "models", "norms", "perturb", "plan", "protection", "pruning", "search", "sweep", "tasks",
+    "text", "train", "wcam", "wrapping", "zoo",
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",
     "get_model", "list_models",
+    "BitBudget", "Plan", "RatioBudget", "allocate",
     "SweepConfig", "importance", "run_sweep",
     "TrainConfig", "evaluate", "fit", "init_variables",
     "pretrained",
