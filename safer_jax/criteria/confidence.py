@@ -5,8 +5,8 @@ A stochastic criterion (Hutchinson's trace) gives ``P`` per-probe estimates of
 What a budget uses is the *ranking* of the layers, so the stopping rule asks
 whether each pair of neighbours in that ranking is settled (:func:`verdict`):
 
-* **ordered**: their means are more than ``tie_rtol`` apart and the posterior
-  probability that their order is right reaches ``target``;
+* **ordered**: the posterior probability that the larger exceeds the other by
+  more than ``tie_rtol`` (relative to the larger) reaches ``target``;
 * **tied**: the posterior probability that they are within ``tie_rtol`` of each
   other (relative to the larger) reaches ``target``: their order is not claimed
   and no probes are spent on it;
@@ -87,10 +87,13 @@ def verdict(samples: np.ndarray, *, tie_rtol: float, target: float, top_k: int |
                    0.0 if l > 1 else 1.0, l < 2, [])
   draws = posterior_draws(samples, n_draws, seed)
   a, b = draws[:, order[:-1]], draws[:, order[1:]]  # neighbours, (B, L - 1)
-  top, nxt = means[order[:-1]], means[order[1:]]
-  apart = top - nxt > tie_rtol * np.maximum(np.abs(top), np.abs(nxt))
-  ordered = apart & (np.mean(a > b, axis=0) >= target)
-  tied = np.mean(np.abs(a - b) <= tie_rtol * np.maximum(np.abs(a), np.abs(b)), axis=0) >= target
+  band = tie_rtol * np.maximum(np.abs(a), np.abs(b))
+  # Ordered only when the gap is beyond the tie band with posterior probability `target`, not
+  # merely positive: the rule looks again after every chunk of probes, and a "means more than
+  # tie_rtol apart, order probable" claim was taken, by chance, on layers 0.35% apart (lenet's
+  # dense1/head) in 20% of the keys at target 0.9 (reported confidence 0.96).
+  ordered = np.mean(a - b > band, axis=0) >= target
+  tied = np.mean(np.abs(a - b) <= band, axis=0) >= target
   groups = np.zeros(l, np.int64)
   groups[order] = np.concatenate([[0], np.cumsum(ordered)])
   above, below = np.nonzero(groups[:, None] < groups[None, :])
