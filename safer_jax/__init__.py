@@ -13,9 +13,9 @@ from safer_jax import (acr, activations, attribution, benchmark, budget, criteri
 from safer_jax.data import Dataset, Split, load_dataset
 from safer_jax.layers import find_layers, get_kernel, replace_kernel, select_layers
 from safer_jax.models import get_model, list_models
-from safer_jax.plan import BitBudget, Plan, RatioBudget, allocate
+from safer_jax.plan import BitBudget, Plan, ProtectBudget, RatioBudget, allocate
 from safer_jax.sweep import SweepConfig, importance, run_sweep
-from safer_jax.train import TrainConfig, evaluate, init_variables
+from safer_jax.train import TrainConfig, evaluate, init_variables, task_loss_fn
 from safer_jax.train import train as fit
 from safer_jax.wrapping import WrappedModel, wrap
 from safer_jax.zoo import pretrained
@@ -38,9 +38,9 @@ __all__ = [
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",
     "get_model", "list_models",
-    "BitBudget", "Plan", "RatioBudget", "allocate",
+    "BitBudget", "Plan", "ProtectBudget", "RatioBudget", "allocate",
     "SweepConfig", "importance", "run_sweep",
-    "TrainConfig", "evaluate", "fit", "init_variables",
+    "TrainConfig", "evaluate", "fit", "init_variables", "task_loss_fn",
     "pretrained",
     "WrappedModel", "wrap",
 ]

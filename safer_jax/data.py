@@ -138,6 +138,10 @@ class Split:
     """A new split with ``arrays`` added (or replaced), e.g. reference outputs."""
     return Split(**{**self.arrays, **arrays})
 
+  def batches(self, batch_size: int, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The first full batches, as the criteria take them (:func:`batches_from_split`)."""
+    return batches_from_split(self, batch_size, max_batches)
+
   def as_batch(self) -> dict[str, np.ndarray]:
     """Every example as one batch: ``{name: array}``."""
     return dict(self.arrays)

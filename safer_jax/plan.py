@@ -44,19 +44,22 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from safer_jax import budget as budget_lib
+from safer_jax import criteria
 from safer_jax import data as data_lib
 from safer_jax import layers as layers_lib
 from safer_jax import mixed_precision
+from safer_jax import protection
 from safer_jax import pruning
 from safer_jax import search as search_lib
 from safer_jax import tasks as tasks_lib
 from safer_jax import train as train_lib
 from safer_jax import wrapping
 
-KINDS = ("bits", "ratios")
+KINDS = ("bits", "ratios", "protect")
 BIT_UNITS = ("bits",)  # average bits per kernel weight (weighted by parameter count)
 BIT_SOURCES = mixed_precision.COST_SOURCES + ("uniform",)
 RATIO_SOURCES = pruning.COST_SOURCES + pruning.FIXED_SOURCES
@@ -138,7 +141,33 @@ class RatioBudget:
     object.__setattr__(self, "sparsity", float(self.sparsity))
 
 
-Budget = BitBudget | RatioBudget
+@dataclasses.dataclass(frozen=True)
+class ProtectBudget:
+  """Whole layers kept fault-free (ECC, a safe memory), at most ``fraction`` of the kernel weights.
+
+  Attributes:
+    fraction: the share of all kernel weights that may be protected, in ``[0, 1]``.
+    per_param: rank the layers by score per kernel weight (what a weight of
+      protection buys) instead of by score; layers are then taken greedily in
+      that order while they fit (:func:`safer_jax.protection.select_protected`).
+
+  Raises:
+    ValueError: a bad value, naming it and what is allowed.
+  """
+  fraction: float
+  per_param: bool = True
+
+  def __post_init__(self):
+    if not (_is_number(self.fraction) and 0 <= self.fraction <= 1):
+      raise ValueError(f"fraction={self.fraction!r} is out of range; allowed: a number in [0, 1] "
+                       f"(the share of kernel weights protected).")
+    if not isinstance(self.per_param, (bool, np.bool_)):
+      raise ValueError(f"per_param={self.per_param!r}; allowed: True or False.")
+    object.__setattr__(self, "fraction", float(self.fraction))
+    object.__setattr__(self, "per_param", bool(self.per_param))
+
+
+Budget = BitBudget | RatioBudget | ProtectBudget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,21 +175,27 @@ class Plan:
   """Per-layer bit widths or pruning ratios, what they use of the budget and where they came from.
 
   Attributes:
-    kind: ``'bits'`` (mixed precision) or ``'ratios'`` (pruning).
+    kind: ``'bits'`` (mixed precision), ``'ratios'`` (pruning) or ``'protect'``
+      (layers kept fault-free against bit flips).
     values: ``{layer path: bit width (int)}`` or ``{layer path: pruning ratio
       (float, fraction of the kernel's weights removed)}``, in the model's layer
-      order. Bits: every layer with a ``kernel`` (embedding tables stay float,
-      as qwix leaves them); ratios: every layer.
+      order, or ``{layer path: protected (bool)}``. Bits: every layer with a
+      ``kernel`` (embedding tables stay float, as qwix leaves them); ratios and
+      protect: every layer.
     resource: what the values use of the budget: bits: kernel bits,
       ``sum_l n_l * bits_l`` (``budget.Allocation.total_bits``); ratios: kept
-      kernel weights, ``sum_l n_l - prune_count(ratio_l, n_l)``.
+      kernel weights, ``sum_l n_l - prune_count(ratio_l, n_l)``; protect:
+      protected kernel weights.
     capacity: the budget in the same unit (``resource <= capacity``): bits:
       ``floor(avg_bits * sum_l n_l)``; ratios: ``N - prune_count(sparsity,
       N)``, ``N`` all kernel weights. Fixed pruning rules (``uniform``,
       ``erk``) floor per layer and may keep up to one weight per layer more.
-    budget: the :class:`BitBudget` or :class:`RatioBudget` asked for.
+      Protect: ``floor(fraction * N)``.
+    budget: the :class:`BitBudget`, :class:`RatioBudget` or
+      :class:`ProtectBudget` asked for.
     source: the cost source (a name of :data:`BIT_SOURCES` or
-      :data:`RATIO_SOURCES`; registry aliases resolved, e.g. ``'hawq'``).
+      :data:`RATIO_SOURCES`; registry aliases resolved, e.g. ``'hawq'``), or for
+      protect the criterion (a :data:`safer_jax.criteria.CRITERIA` name).
     search: None, or what the search did (JSON-ready): ``evaluations``,
       ``seconds``, ``converged``, ``start`` (the start it descends from),
       ``calib_accuracy`` / ``calib_loss`` (of the result on the calibration
@@ -175,6 +210,13 @@ class Plan:
   source: str
   search: dict | None = None
 
+  @property
+  def protected(self) -> list[str]:
+    """A protect plan's protected layers, in layer order."""
+    if self.kind != "protect":
+      raise ValueError(f"protected needs a 'protect' plan; this plan holds kind={self.kind!r}.")
+    return [n for n, p in self.values.items() if p]
+
   def apply(self, variables: Any) -> dict:
     """``variables`` with each listed layer's kernel quantized (bits) or pruned (ratios).
 
@@ -183,25 +225,54 @@ class Plan:
     :func:`safer_jax.pruning.prune_model` (unstructured magnitude). Other
     leaves are unchanged; an ``nnx.State`` gives its pure dict.
     """
+    if self.kind == "protect":
+      raise ValueError("apply() of a protect plan: protection changes no weight; plan.evaluate("
+                       "model, data, rate=...) measures it under random bit flips, "
+                       "safer_jax.protection.inject(variables, names, mask, rate, key) injects them.")
     if self.kind == "bits":
       return mixed_precision.quantize_model(variables, self.values)
     return pruning.prune_model(variables, self.values)
 
   def evaluate(self, model: Any, data: data_lib.Split | data_lib.Dataset, task: Any = None, *,
-               variables: Any = None) -> dict[str, float]:
+               variables: Any = None, rate: float = 1e-3, seeds: int = 20,
+               representation: str = "int8") -> dict[str, float]:
     """:func:`safer_jax.evaluate` of the model with the plan applied (simulated, no qwix).
+
+    A protect plan is measured under random bit flips instead: every
+    unprotected kernel stored as ``representation`` with each bit flipped with
+    probability ``rate``, the protected ones fault-free, over ``seeds`` fault
+    patterns (``jax.random.key(0 .. seeds-1)``; classification only).
 
     Args:
       model: the model the plan was made for (linen, nnx, wrapped or zoo).
       data: a Split, or a Dataset (its eval split).
       task: what to measure (:mod:`safer_jax.tasks`; None: classification).
       variables: the model's float variables (None for a wrapped or nnx model).
+      rate, seeds, representation: protect plans only (see above).
 
     Returns:
-      e.g. ``{'accuracy', 'loss', 'num_examples'}``.
+      e.g. ``{'accuracy', 'loss', 'num_examples'}``; protect: the mean and
+      standard deviation over the fault patterns (``accuracy_std``, ``loss_std``).
     """
     model, variables = wrapping.as_model(model, variables)
-    return train_lib.evaluate(model, self.apply(variables), data, task=task)
+    if self.kind != "protect":
+      return train_lib.evaluate(model, self.apply(variables), data, task=task)
+    if tasks_lib.get(task).name != "classification":
+      raise ValueError(f"evaluate() of a protect plan measures classification under bit flips; "
+                       f"task {tasks_lib.get(task).name!r} is not supported.")
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
+      raise ValueError(f"seeds={seeds!r}; allowed: an integer >= 1 (fault patterns).")
+    if not (_is_number(rate) and 0 <= rate <= 1):
+      raise ValueError(f"rate={rate!r}; allowed: a bit-flip probability in [0, 1].")
+    split = data.eval if isinstance(data, data_lib.Dataset) else data
+    names = list(self.values)
+    evaluator = protection.make_evaluator(model, variables, names, split, representation,
+                                          chunk=min(int(seeds), 8))
+    keys = jax.vmap(jax.random.key)(np.arange(int(seeds)))
+    acc, loss = evaluator(keys, float(rate), np.array([self.values[n] for n in names], bool))
+    return {"accuracy": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
+            "loss": float(np.mean(loss)), "loss_std": float(np.std(loss)),
+            "num_examples": len(split), "seeds": int(seeds), "rate": float(rate)}
 
   def to_qwix(self, variables: Any = None, *, group_size: int | None = None) -> list:
     """One ``qwix.QtRule`` per layer (:func:`safer_jax.deploy.to_qwix_rules`); bits plans only.
@@ -231,6 +302,27 @@ class Plan:
     from safer_jax import deploy  # pylint: disable=import-outside-toplevel
     return deploy.quantized_apply(model, self.to_qwix(variables))
 
+  def verify(self, model: Any, variables: Any, *example_inputs: Any, **kwargs: Any) -> Any:
+    """Whether qwix deploys this plan as simulated, layer by layer and all together.
+
+    :func:`safer_jax.deploy.verify` of :attr:`values`: prints as a table, ``.ok``
+    is True when every layer's deployed output matches the simulation.
+
+    Args:
+      model: the model (linen with ``variables``, nnx or wrapped).
+      variables: its float variables (None for a wrapped or nnx model).
+      *example_inputs: one batch of inputs (e.g. a few images; ids and a mask).
+      **kwargs: :func:`safer_jax.deploy.verify`'s options (``atol``, ``axes``, ...).
+
+    Raises:
+      ValueError: a ratios plan.
+    """
+    if self.kind != "bits":
+      raise ValueError(f"verify() needs a bits plan (qwix deploys bit widths); this plan holds "
+                       f"pruning ratios (kind={self.kind!r}).")
+    from safer_jax import deploy  # pylint: disable=import-outside-toplevel
+    return deploy.verify(model, variables, self.values, *example_inputs, **kwargs)
+
   def to_json(self) -> str:
     """The plan as JSON text (:meth:`from_json` reads it back)."""
     return json.dumps({"kind": self.kind, "values": self.values, "resource": self.resource,
@@ -247,7 +339,7 @@ class Plan:
       ValueError: not a plan's JSON (the bad field is named).
     """
     d = json.loads(text)
-    budgets = {"BitBudget": BitBudget, "RatioBudget": RatioBudget}
+    budgets = {"BitBudget": BitBudget, "RatioBudget": RatioBudget, "ProtectBudget": ProtectBudget}
     if not isinstance(d, dict) or d.get("kind") not in KINDS:
       raise ValueError(f"Not a plan: kind={d.get('kind') if isinstance(d, dict) else d!r}; "
                        f"allowed: {list(KINDS)}.")
@@ -255,8 +347,9 @@ class Plan:
     kind = spec.pop("type", None)
     if kind not in budgets:
       raise ValueError(f"Not a plan: budget type {kind!r}; allowed: {list(budgets)}.")
-    spec["candidates"] = tuple(spec.get("candidates", ()))
-    cast = int if d["kind"] == "bits" else float
+    if "candidates" in spec:
+      spec["candidates"] = tuple(spec["candidates"])
+    cast = {"bits": int, "ratios": float, "protect": bool}[d["kind"]]
     return cls(kind=d["kind"], values={k: cast(v) for k, v in d["values"].items()},
                resource=int(d["resource"]), capacity=int(d["capacity"]),
                budget=budgets[kind](**spec), source=d["source"], search=d.get("search"))
@@ -293,6 +386,28 @@ def calibration_split(data: data_lib.Split | data_lib.Dataset, examples: int) ->
   if not isinstance(split, data_lib.Split):
     raise ValueError(f"data must be a safer_jax Split or Dataset; got a {type(data).__name__}.")
   return split.take(min(int(examples), len(split)))
+
+
+def _allocate_protection(model, variables, calib, budget: ProtectBudget, source: str,
+                         evaluations: int, task, seed: int) -> Plan:
+  if evaluations:
+    raise ValueError(f"search={evaluations}: protection plans are not searched; allowed: search=0.")
+  if source not in criteria.CRITERIA:
+    raise ValueError(f"Unknown source {source!r} for protection; allowed: a criterion "
+                     f"{sorted(criteria.CRITERIA)}.")
+  names = layers_lib.find_layers(variables)
+  sizes = {n: int(np.size(layers_lib.get_kernel(variables, n))) for n in names}
+  size = min(CALIB_BATCH, len(calib))
+  scores, _ = criteria.compute_all(
+      [source], train_lib.task_loss_fn(model, variables, task), variables["params"],
+      calib.batches(size, max(1, len(calib) // size)), key=jax.random.key(seed),
+      layers=[re.escape(n) for n in names])
+  score = {n: float(scores[source][n]) / (sizes[n] if budget.per_param else 1) for n in names}
+  chosen = set(protection.select_protected(score, sizes, budget.fraction))
+  return Plan(kind="protect", values={n: n in chosen for n in names},
+              resource=sum(sizes[n] for n in chosen),
+              capacity=int(math.floor(budget.fraction * sum(sizes.values()))), budget=budget,
+              source=source, search=None)
 
 
 def _search_record(found: search_lib.AllocationSearch, examples: int) -> dict:
@@ -381,7 +496,12 @@ def _allocate_ratios(model, variables, calib, budget: RatioBudget, source: str,
 def allocate(model: Any, variables: Any, data: data_lib.Split | data_lib.Dataset,
              budget: Budget, *, source: str = "fisher", search: int = 0, task: Any = None,
              calib_examples: int = 256, seed: int = 0) -> Plan:
-  """Per-layer bit widths (:class:`BitBudget`) or pruning ratios (:class:`RatioBudget`).
+  """Per-layer bit widths, pruning ratios or protected layers, under a budget.
+
+  :class:`BitBudget`, :class:`RatioBudget` and :class:`ProtectBudget`
+  respectively. Protection: each layer scored by the criterion ``source``
+  (per kernel weight by default) on the calibration examples, layers taken
+  greedily in score order while they fit.
 
   The cost table of ``source`` on the calibration examples, solved exactly
   under the budget (multiple-choice knapsack, :mod:`safer_jax.budget`); with
@@ -418,16 +538,20 @@ def allocate(model: Any, variables: Any, data: data_lib.Split | data_lib.Dataset
     kind = "bits"
   elif isinstance(budget, RatioBudget):
     kind = "ratios"
+  elif isinstance(budget, ProtectBudget):
+    kind = "protect"
   else:
-    raise ValueError(f"budget must be a BitBudget or a RatioBudget; got {budget!r}.")
-  source = resolve_source(kind, source)
+    raise ValueError(f"budget must be a BitBudget, a RatioBudget or a ProtectBudget; got "
+                     f"{budget!r}.")
+  if kind != "protect":
+    source = resolve_source(kind, source)
   if isinstance(search, bool) or not isinstance(search, (int, np.integer)) or search < 0:
     raise ValueError(f"search={search!r}; allowed: an integer >= 0 (whole-model evaluations).")
   calib = calibration_split(data, calib_examples)
   model, variables = wrapping.as_model(model, variables)
-  fn = _allocate_bits if kind == "bits" else _allocate_ratios
+  fn = {"bits": _allocate_bits, "ratios": _allocate_ratios, "protect": _allocate_protection}[kind]
   return fn(model, variables, calib, budget, source, int(search), task, seed)
 
 
-__all__ = ["BitBudget", "RatioBudget", "Plan", "allocate", "resolve_source",
+__all__ = ["BitBudget", "RatioBudget", "ProtectBudget", "Plan", "allocate", "resolve_source",
            "calibration_split", "BIT_SOURCES", "RATIO_SOURCES", "BIT_ALIASES", "DEFAULT_RATIOS"]

@@ -156,7 +156,7 @@ def test_clear_errors(linen, digits):
     sj.RatioBudget(1.0)
   with pytest.raises(ValueError, match=r"search=-1; allowed: an integer >= 0"):
     sj.allocate(model, variables, digits, sj.BitBudget(4.0), search=-1)
-  with pytest.raises(ValueError, match=r"budget must be a BitBudget or a RatioBudget"):
+  with pytest.raises(ValueError, match=r"budget must be a BitBudget, a RatioBudget or a ProtectBudget"):
     sj.allocate(model, variables, digits, 4.0)
   with pytest.raises(ValueError, match=r"search=4 starts from source 'uniform'"):
     sj.allocate(model, variables, digits, sj.RatioBudget(0.77), source="uniform", search=4)
@@ -178,3 +178,44 @@ def test_the_module_docstring_example_runs(zoo_cache, monkeypatch, capsys):
   simulated = p.evaluate(entry.model, ds, variables=entry.variables)
   assert deployed["accuracy"] == pytest.approx(simulated["accuracy"], abs=1 / 359)
   assert "accuracy" in capsys.readouterr().out
+
+
+def test_protect_plan_takes_the_most_sensitive_weights_per_param_and_keeps_the_budget(linen,
+                                                                                     digits):
+  model, variables = linen
+  calib = digits.train.take(CALIB)
+  sizes = _sizes(variables)
+  p = sj.allocate(model, variables, calib, sj.ProtectBudget(fraction=0.3), source="grad_norm")
+  assert p.kind == "protect" and list(p.values) == list(sizes)
+  assert p.resource == sum(sizes[n] for n in p.protected) <= p.capacity == int(0.3 * sum(sizes.values()))
+  # Independently: grad norm per kernel weight from jax.grad, layers greedily by that score.
+  loss_fn = train.task_loss_fn(model, variables)
+  import jax  # pylint: disable=import-outside-toplevel
+  g = jax.grad(loss_fn)(variables["params"], calib.as_batch())
+  score = {n: float(np.linalg.norm(np.asarray(layers.get_kernel({"params": g}, n)))) / sizes[n]
+           for n in sizes}
+  want, used = [], 0
+  for n in sorted(sizes, key=lambda n: -score[n]):
+    if used + sizes[n] <= 0.3 * sum(sizes.values()):
+      want.append(n)
+      used += sizes[n]
+  assert set(p.protected) == set(want)
+  everything = sj.allocate(model, variables, calib, sj.ProtectBudget(1.0), source="grad_norm")
+  nothing = sj.allocate(model, variables, calib, sj.ProtectBudget(0.0), source="grad_norm")
+  assert everything.protected == list(sizes) and nothing.protected == []
+  # All protected: faults change nothing, the int8 model's accuracy at any rate, on every seed.
+  clean = nothing.evaluate(model, digits, variables=variables, rate=0.0, seeds=2)  # int8, no faults
+  hit = everything.evaluate(model, digits, variables=variables, rate=0.05, seeds=4)
+  assert hit["accuracy"] == pytest.approx(clean["accuracy"]) and hit["accuracy_std"] == 0
+  assert abs(clean["accuracy"] - train.evaluate(model, variables, digits.eval)["accuracy"]) < 0.02
+  bare = nothing.evaluate(model, digits, variables=variables, rate=0.05, seeds=4)
+  assert bare["accuracy"] < hit["accuracy"] - 0.2 and bare["accuracy_std"] > 0
+  assert sj.Plan.from_json(p.to_json()) == p
+  with pytest.raises(ValueError, match="protection changes no weight"):
+    p.apply(variables)
+  with pytest.raises(ValueError, match="fraction=1.5"):
+    sj.ProtectBudget(1.5)
+  with pytest.raises(ValueError, match="'nope'.*allowed: a criterion"):
+    sj.allocate(model, variables, calib, sj.ProtectBudget(0.3), source="nope")
+  with pytest.raises(ValueError, match="not searched"):
+    sj.allocate(model, variables, calib, sj.ProtectBudget(0.3), source="fisher", search=4)
