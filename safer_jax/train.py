@@ -102,14 +102,17 @@ def classifier_loss_fn(model: Any, variables: Mapping[str, Any]) -> Callable[[An
 
 
 def _init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
-  return dict(model.init(key, jnp.zeros((1, *input_shape), jnp.float32)))
+  # A required mode flag (``train`` without a default) is set to inference, as when applied.
+  return dict(model.init(key, jnp.zeros((1, *input_shape), jnp.float32),
+                         **wrapping.inference_kwargs(model)))
 
 
 _jitted_init = jax.jit(_init, static_argnums=(0, 2))
 
 
 def _init_inputs(model: nn.Module, key: jax.Array, inputs: Any) -> dict:
-  return dict(tasks_lib.forward(model.init, key, inputs))
+  init = functools.partial(model.init, **wrapping.inference_kwargs(model))
+  return dict(tasks_lib.forward(init, key, inputs))
 
 
 _jitted_init_inputs = jax.jit(_init_inputs, static_argnums=0)

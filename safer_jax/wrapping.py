@@ -393,6 +393,15 @@ def _mode_kwargs(module: Any, given: Mapping[str, Any], *,
   return kwargs, train
 
 
+def inference_kwargs(module: Any) -> dict[str, Any]:
+  """The keywords that put a linen module's ``__call__`` in inference mode (``{'train': False}``, ...).
+
+  Only flags of :data:`INFERENCE_FLAGS` whose default is not inference already;
+  ``{}`` for anything that is not a linen module.
+  """
+  return _mode_kwargs(module, {})[0] if _is_linen(module) else {}
+
+
 def wrap(model: Any, variables: Any = None, *, output: Callable[[Any], Any] | None = None,
          **apply_kwargs) -> WrappedModel:
   """Wraps a linen module, an nnx module or an apply function for every safer_jax entry point.

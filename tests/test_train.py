@@ -119,3 +119,24 @@ def test_finetune_keeps_pruning_masks_fixed(digits):
   assert not np.allclose(kernel[mask], np.asarray(layers.get_kernel(pruned, "conv2/conv"))[mask])
   before = train.evaluate(model.apply, pruned, digits.train.take(256))["loss"]
   assert train.evaluate(model.apply, tuned, digits.train.take(256))["loss"] < before
+
+
+def test_fit_inits_a_linen_module_whose_train_flag_has_no_default(digits):
+  """``sj.fit(Net(), ds)`` with ``__call__(self, x, train)``: init in inference mode, train in
+  training mode (BatchNorm statistics move), evaluation in inference mode."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+      return nn.Dense(10)(nn.relu(x).reshape(len(x), -1))
+
+  small = dataclasses.replace(digits, train=digits.train.take(256))
+  init = train.init_variables(Net(), small.input_shape, 0)
+  want = Net().init(jax.random.key(0), np.zeros((1, *small.input_shape), np.float32), train=False)
+  np.testing.assert_array_equal(init["params"]["Conv_0"]["kernel"],
+                                want["params"]["Conv_0"]["kernel"])
+  variables, history = train.train(Net(), small, train.TrainConfig(epochs=8), progress=False)
+  assert not np.allclose(variables["batch_stats"]["BatchNorm_0"]["mean"], 0)
+  assert history["eval"]["accuracy"] > 0.3
