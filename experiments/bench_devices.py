@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from experiments import common, sensitivity
-from safer_jax import io
+from safer_jax.core import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
