@@ -38,7 +38,7 @@ from ml_collections import config_dict
 
 from experiments import common
 from safer_jax import criteria
-from safer_jax.core import data, io, layers, perturb
+from safer_jax.core import caches, data, io, layers, perturb
 from safer_jax.measure import agreement, grids, sweep
 from safer_jax.report import plots
 from safer_jax.training import train
@@ -618,7 +618,7 @@ def run(config, workdir: str) -> dict:
   for name in model_names(config):
     # Compiled executables of the previous model are not needed any more; on 24 GB they
     # otherwise accumulate until LLVM cannot allocate (seen at mobilenet_v2, the last model).
-    criteria.clear_compiled()
+    caches.clear_caches()  # safer_jax's compiled programs (criteria, sweep, evaluation, ...)
     jax.clear_caches()
     print(f"[{name}] loading / training the zoo model", flush=True)
     entry = common.pretrained(config, model=name)

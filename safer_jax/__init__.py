@@ -21,6 +21,7 @@ The package, by role (each imports only the roles above it in this list):
 from safer_jax import budgeting, core, criteria, measure, report, training, zoo
 from safer_jax.budgeting.plan import BitBudget, Plan, RatioBudget, allocate
 from safer_jax.core import tasks
+from safer_jax.core.caches import clear_caches
 from safer_jax.core.data import Dataset, Split, load_dataset
 from safer_jax.core.layers import find_layers, get_kernel, replace_kernel, select_layers
 from safer_jax.core.wrapping import WrappedModel, wrap
@@ -50,4 +51,5 @@ __all__ = [
     "TrainConfig", "evaluate", "fit", "init_variables", "task_loss_fn",
     "pretrained",
     "WrappedModel", "wrap",
+    "clear_caches",
 ]

@@ -12,11 +12,12 @@
 * :mod:`~safer_jax.core.io`, :mod:`~safer_jax.core.checkpoints` -- atomic result
   files and orbax checkpoints with checksums;
 * :mod:`~safer_jax.core.errors`, :mod:`~safer_jax.core.progress` -- configuration
-  errors and progress lines.
+  errors and progress lines;
+* :mod:`~safer_jax.core.caches` -- :func:`~safer_jax.core.caches.clear_caches`.
 """
 
-from safer_jax.core import (checkpoints, data, distributed, errors, io, layers, norms, perturb,
-                            progress, staged, tasks, wrapping)
+from safer_jax.core import (caches, checkpoints, data, distributed, errors, io, layers, norms,
+                            perturb, progress, staged, tasks, wrapping)
 
-__all__ = ["checkpoints", "data", "distributed", "errors", "io", "layers", "norms",
+__all__ = ["caches", "checkpoints", "data", "distributed", "errors", "io", "layers", "norms",
            "perturb", "progress", "staged", "tasks", "wrapping"]

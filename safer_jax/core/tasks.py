@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from safer_jax.core import caches
+
 Batch = Mapping[str, Any]
 REFERENCE = "reference"  # the split array holding the float model's outputs (kl_to_reference)
 
@@ -605,5 +607,7 @@ def check_outputs(model: Any, variables: Any, split: Any, task: Task) -> None:
 
 
 _shapes: dict = {}  # check_outputs: (model, task, shapes) -> the outputs' ShapeDtypeStruct tree
+caches.register(_shapes.clear)
+caches.register(_outputs.clear_cache)  # (compiled per model: the model is a static argument)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safer_jax.core import caches
 from safer_jax.core import distributed
 from safer_jax.core import layers as layers_lib
 from safer_jax.core import wrapping
@@ -357,6 +358,10 @@ def to_float(x: Any) -> float:
   return float(jax.device_get(x))
 
 
+@caches.register
 def clear_compiled() -> None:
-  """Forgets the memoised compiled functions of :func:`cached_jit` (e.g. between models)."""
+  """Forgets the memoised compiled functions of :func:`cached_jit` (e.g. between models).
+
+  One of the caches :func:`safer_jax.clear_caches` empties.
+  """
   _generation[0] += 1

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safer_jax.core import caches
 from safer_jax.core import errors
 from safer_jax.core import layers as layers_lib
 from safer_jax.core import staged
@@ -177,6 +178,16 @@ def layer_order(model: Any, variables: Any, input_shape: Sequence[int]) -> list[
 
 # (id(model), layer, stage, P, B, step, input signature, variables signature) -> fields.
 _PROGRAM_CACHE: dict[tuple, tuple[Any, tuple[int, int, int, int]]] = {}
+
+
+@caches.register
+def clear_compiled() -> None:
+  """Forgets the stage shapes and memory analyses kept for the last model.
+
+  One of the caches :func:`safer_jax.clear_caches` empties.
+  """
+  _STAGE_CACHE.clear()
+  _PROGRAM_CACHE.clear()
 
 
 def program_memory(model: Any, variables: Any, input_shape: Sequence[int], layer: str,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from safer_jax.core import caches
 from safer_jax.core import data as data_lib
 from safer_jax.core import distributed
 from safer_jax.core import layers as layers_lib
@@ -159,6 +160,12 @@ EVAL_BATCH_SIZE = 1024  # examples per compiled call of evaluate (its default) a
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _eval_sums(apply_fn: ApplyFn, task: tasks_lib.Task, variables, inputs, batch, mask):
   return task.sums(tasks_lib.forward(apply_fn, variables, inputs), batch, mask)
+
+
+# Compiled per model (a static argument): safer_jax.clear_caches() forgets them.
+caches.register(_jitted_init.clear_cache)
+caches.register(_jitted_init_inputs.clear_cache)
+caches.register(_eval_sums.clear_cache)
 
 
 def evaluate(apply_fn: ApplyFn | Any, variables: Variables | None,

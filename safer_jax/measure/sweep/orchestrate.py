@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from safer_jax.core import caches
 from safer_jax.core import checkpoints
 from safer_jax.core import data as data_lib
 from safer_jax.core import errors
@@ -64,8 +65,12 @@ def programs_for(model: Any) -> engine_lib.ProgramCache:
   return _recent[0]
 
 
+@caches.register
 def clear_compiled() -> None:
-  """Forgets the programs kept from earlier sweeps (with ``jax.clear_caches()``: a cold start)."""
+  """Forgets the programs kept from earlier sweeps (with ``jax.clear_caches()``: a cold start).
+
+  One of the caches :func:`safer_jax.clear_caches` empties.
+  """
   _recent.clear()
 
 
