@@ -30,7 +30,7 @@ from safer_jax.core import layers as layers_lib
 from safer_jax.core import wrapping
 from safer_jax.core.errors import ConfigError
 from safer_jax.core.progress import Progress
-from safer_jax.training.train import cross_entropy
+from safer_jax.core.tasks import cross_entropy
 
 FAMILY = "act_quantize"
 
