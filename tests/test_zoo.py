@@ -107,7 +107,7 @@ def test_imagenet_size_models_are_not_trained_unless_asked(tmp_path, monkeypatch
 
   monkeypatch.setattr(zoo.cache.data_lib, "load_dataset", forbidden)
   monkeypatch.setattr(zoo.cache.train_lib, "train", forbidden)
-  monkeypatch.setattr(zoo, "_restore_or_train", forbidden)
+  monkeypatch.setattr(zoo.cache, "_restore_or_train", forbidden)
   with pytest.raises(ValueError) as err:
     zoo.pretrained(name, "digits", cache_dir=str(tmp_path), progress=False)
   msg = str(err.value)
@@ -117,7 +117,7 @@ def test_imagenet_size_models_are_not_trained_unless_asked(tmp_path, monkeypatch
   assert not os.listdir(tmp_path)  # nothing cached.
 
   calls = []
-  monkeypatch.setattr(zoo, "_restore_or_train", lambda *args: calls.append(args) or "entry")
+  monkeypatch.setattr(zoo.cache, "_restore_or_train", lambda *args: calls.append(args) or "entry")
   got = zoo.pretrained(name, digits, cache_dir=str(tmp_path), progress=False,
                        train_from_scratch=True)
   assert got == "entry" and len(calls) == 1 and calls[0][0] == name
