@@ -39,7 +39,8 @@ from ml_collections import config_dict
 from experiments import common
 from safer_jax import criteria
 from safer_jax.core import caches, data, io, layers, perturb
-from safer_jax.measure import agreement, grids, sweep
+from safer_jax.measure import agreement, sweep
+from safer_jax.measure import grids as grids_lib
 from safer_jax.report import plots
 from safer_jax.training import train
 from safer_jax.zoo import models
@@ -219,9 +220,9 @@ def calibrated_grids(entry, config, split) -> dict:
   options = family_options(config)
   out = {}
   for family in config.families:
-    if family not in grids.SEARCH_RANGES:
+    if family not in grids_lib.SEARCH_RANGES:
       continue
-    g = grids.calibrate_grid(
+    g = grids_lib.calibrate_grid(
         entry.model, entry.variables, split, family,
         target_drop=config.calibration.target_drop, mild_drop=config.calibration.mild_drop,
         steps=config.calibration.steps, seeds=tuple(config.sweep_seeds) or (0,),
