@@ -190,3 +190,36 @@ def test_imports_follow_the_roles():
         bad.append(f"{where} (role {_role(target)}): {role} may import {allowed}")
   assert not bad, "imports against the roles (tests/test_structure.py ALLOWED):\n" + \
       "\n".join(sorted(set(bad)))
+
+
+def _defined_names(path: str) -> set[str]:
+  """The names a module defines or imports at its top level, and those of its ``__all__``."""
+  names = set()
+  for node in ast.parse(open(path).read()).body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      names.add(node.name)
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+      for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+        names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        if getattr(target, "id", None) == "__all__" and node.value is not None:
+          names |= {e.value for e in ast.walk(node.value) if isinstance(e, ast.Constant)}
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+  return names
+
+
+def test_every_import_of_ours_exists():
+  """Each ``import safer_jax...`` / ``from safer_jax... import x`` names a module or a name that
+  exists in this checkout (an old flat path would otherwise still import from another installed
+  copy)."""
+  bad = []
+  for name, path in MODULES.items():
+    tree = ast.parse(open(path).read())
+    for module, item, node in _imports(name, tree):
+      where = f"{os.path.relpath(path, ROOT)}:{node.lineno}"
+      if module not in MODULES:
+        bad.append(f"{where}: no module {module}")
+      elif (item is not None and item != "*" and f"{module}.{item}" not in MODULES
+            and item not in _defined_names(MODULES[module])):
+        bad.append(f"{where}: {module} has no {item}")
+  assert not bad, "imports of names that do not exist:\n" + "\n".join(sorted(set(bad)))
