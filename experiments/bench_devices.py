@@ -32,7 +32,7 @@ _CHILD = """
 import json, sys, time
 import jax, numpy as np
 from experiments import sensitivity
-from safer_jax import sweep
+from safer_jax.measure import sweep
 config = sensitivity.get_config()
 config.update(json.loads(sys.argv[1]))
 entry, split = sensitivity.load(config)

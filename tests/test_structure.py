@@ -7,6 +7,7 @@ counts like one at the top: it is how a cycle hides.
 
 import ast
 import os
+import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("safer_jax", "experiments")
@@ -215,8 +216,17 @@ def test_every_import_of_ours_exists():
   bad = []
   for name, path in MODULES.items():
     tree = ast.parse(open(path).read())
-    for module, item, node in _imports(name, tree):
-      where = f"{os.path.relpath(path, ROOT)}:{node.lineno}"
+    found = [(module, item, node.lineno) for module, item, node in _imports(name, tree)]
+    for node in ast.walk(tree):  # the scripts tests run in other processes
+      if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+          "import" in node.value and "safer_jax" in node.value:
+        try:
+          script = ast.parse(textwrap.dedent(node.value))
+        except SyntaxError:
+          continue
+        found += [(module, item, node.lineno) for module, item, _ in _imports(name, script)]
+    for module, item, lineno in found:
+      where = f"{os.path.relpath(path, ROOT)}:{lineno}"
       if module not in MODULES:
         bad.append(f"{where}: no module {module}")
       elif (item is not None and item != "*" and f"{module}.{item}" not in MODULES
