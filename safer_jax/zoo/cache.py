@@ -161,16 +161,7 @@ def pretrained(model: str = "resnet8", dataset: str | data_lib.Dataset | None = 
         f"or an orbax checkpoint directory; safer_jax.zoo.from_checkpoint in Python), or train "
         f"it from scratch anyway with --config.train_from_scratch=True "
         f"(zoo.pretrained(..., train_from_scratch=True)).")
-  text_model = name in models_lib.TEXT_MODELS
-  if dataset is None:
-    dataset = DEFAULT_TEXT_DATASET if text_model else "digits"
-  ds = dataset if isinstance(dataset, data_lib.Dataset) else data_lib.load_dataset(
-      dataset, data_dir=data_dir)
-  if text_model != ds.is_text:
-    raise errors.ConfigError(
-        f"Model {name!r} is {'a language' if text_model else 'an image'} model but dataset "
-        f"{ds.name!r} holds {'images' if text_model else 'text'}; allowed: "
-        f"{'text datasets ' + str(_text_names()) if text_model else 'image datasets (digits, tfds image datasets)'}.")
+  ds = _dataset_for(name, dataset, data_dir)
   net = models_lib.get_model(model, num_classes=ds.num_classes)
   if config is None:
     config = dataclasses.replace(RECIPES.get(name, train_lib.TrainConfig()), seed=seed)
@@ -406,6 +397,23 @@ def _restore(name: str, net: nn.Module, ds: data_lib.Dataset, path: str,
   return ZooEntry(name, net, variables, ds, meta.get("metrics", {}), path, restored=True)
 
 
+def _dataset_for(name: str, dataset: str | data_lib.Dataset | None,
+                 data_dir: str | None) -> data_lib.Dataset:
+  """Zoo model ``name``'s dataset: ``dataset`` (a name or a Dataset; None: the model's
+  default), refused when it holds the other kind of data (text for an image model)."""
+  text_model = name in models_lib.TEXT_MODELS
+  if dataset is None:
+    dataset = DEFAULT_TEXT_DATASET if text_model else "digits"
+  ds = dataset if isinstance(dataset, data_lib.Dataset) else data_lib.load_dataset(
+      dataset, data_dir=data_dir)
+  if text_model != ds.is_text:
+    raise errors.ConfigError(
+        f"Model {name!r} is {'a language' if text_model else 'an image'} model but dataset "
+        f"{ds.name!r} holds {'images' if text_model else 'text'}; allowed: "
+        f"{'text datasets ' + str(_text_names()) if text_model else 'image datasets (digits, tfds image datasets)'}.")
+  return ds
+
+
 def _text_names() -> list[str]:
   from safer_jax.zoo import text  # pylint: disable=import-outside-toplevel
   return text.text_datasets()
@@ -447,16 +455,7 @@ def from_checkpoint(model_name: str, checkpoint_path: str | os.PathLike,
     models_lib.get_model(model_name)  # raises the ValueError listing valid names.
   if not os.path.exists(path):
     raise FileNotFoundError(f"No checkpoint at {path!r}.")
-  text_model = name in models_lib.TEXT_MODELS
-  if dataset is None:
-    dataset = DEFAULT_TEXT_DATASET if text_model else "digits"
-  ds = dataset if isinstance(dataset, data_lib.Dataset) else data_lib.load_dataset(
-      dataset, data_dir=data_dir)
-  if text_model != ds.is_text:
-    raise errors.ConfigError(
-        f"Model {name!r} is {'a language' if text_model else 'an image'} model but dataset "
-        f"{ds.name!r} holds {'images' if text_model else 'text'}; allowed: "
-        f"{'text datasets ' + str(_text_names()) if text_model else 'image datasets (digits, tfds image datasets)'}.")
+  ds = _dataset_for(name, dataset, data_dir)
   if os.path.isfile(path) and path.endswith(".npz"):
     variables = convert.load_torchvision_npz(path, name)
     classes = int(np.shape(variables["params"]["head"]["fc"]["kernel"])[-1])
