@@ -32,8 +32,8 @@ from absl import app, flags, logging
 
 import experiments
 from experiments import common
-from safer_jax.errors import ConfigError
-from safer_jax.report import build_report
+from safer_jax.core.errors import ConfigError
+from safer_jax.report.markdown import build_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("experiment", "quant_sweep", "Experiment to run; one of "
@@ -107,7 +107,7 @@ def list_experiments() -> str:
 def results_dir(workdir: str, name: str, module, config) -> str:
   """``<workdir>/<experiment>/<model>/``; ``<workdir>/<experiment>/`` where the experiment
   sets ``RESULTS_PER_MODEL = False`` (it spans models) or has no model."""
-  from safer_jax import models  # pylint: disable=import-outside-toplevel
+  from safer_jax.zoo import models  # pylint: disable=import-outside-toplevel
   base = os.path.join(workdir, name)
   model = config.get("model") if getattr(module, "RESULTS_PER_MODEL", True) else None
   return os.path.join(base, models.ALIASES.get(model, model)) if model else base
@@ -192,7 +192,7 @@ def main(argv):
 def _main() -> int:
   primary = True
   if FLAGS.distributed:  # Before anything touches a device.
-    from safer_jax import distributed  # pylint: disable=import-outside-toplevel
+    from safer_jax.core import distributed  # pylint: disable=import-outside-toplevel
     try:
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
@@ -235,7 +235,7 @@ def _run_secondary(module, config) -> int:
   """A process other than 0 under --distributed: computes in lockstep, writes nothing kept.
 
   The experiment writes into a throw-away directory. Zoo models come from
-  process 0 (:func:`safer_jax.zoo.pretrained` broadcasts its weights), so this
+  process 0 (:func:`safer_jax.zoo.cache.pretrained` broadcasts its weights), so this
   process writes no checkpoint.
   """
   with tempfile.TemporaryDirectory(prefix="safer_jax_secondary_") as scratch:

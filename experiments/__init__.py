@@ -39,6 +39,6 @@ def get_experiment(name: str) -> ModuleType:
     ConfigError: unknown name (a ValueError; the message lists the valid names).
   """
   if name not in REGISTRY:
-    from safer_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    from safer_jax.core.errors import ConfigError  # pylint: disable=import-outside-toplevel
     raise ConfigError(f"Unknown experiment {name!r}; valid experiments: {list_experiments()}")
   return importlib.import_module(REGISTRY[name])

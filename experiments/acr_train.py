@@ -1,8 +1,8 @@
 """Adversarial corruption-resistant (ACR) training vs plain training, same steps and seeds.
 
 For each seed, trains the model twice with the same recipe (init, data order,
-optimizer, number of steps): plain (:func:`safer_jax.train.train`) and ACR
-(:func:`safer_jax.acr.train_acr`, options under ``config.acr``). Each trained
+optimizer, number of steps): plain (:func:`safer_jax.training.train.train`) and ACR
+(:func:`safer_jax.training.acr.train_acr`, options under ``config.acr``). Each trained
 model is evaluated on the eval split:
 
 * ``clean``: no perturbation.
@@ -10,7 +10,7 @@ model is evaluated on the eval split:
   layer, ``||a||_p = eps ||W||_p`` for each ``eps`` in ``eval_eps``
   (closed form + ``eval_steps`` of projected ascent on the eval loss).
 * ``bitflip``: int8 per-channel quantization with random bit flips
-  (:func:`safer_jax.perturb.bitflip`) at each rate, mean over ``bitflip_trials``.
+  (:func:`safer_jax.core.perturb.bitflip`) at each rate, mean over ``bitflip_trials``.
 * ``quantize``: every kernel quantized to ``quant_bits`` bits (per channel).
 
 Writes ``results.csv`` (one row per seed x method x condition), ``summary.md``
@@ -28,7 +28,10 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import acr, benchmark, io, layers, models, norms, perturb, plots, train
+from safer_jax.core import io, layers, norms, perturb
+from safer_jax.report import plots
+from safer_jax.training import acr, train
+from safer_jax.zoo import models
 
 
 def get_config(tiny: bool = False):
@@ -90,7 +93,7 @@ def _attack(model, names, eval_p, steps):
 
   @jax.jit
   def f(variables, images, labels, eps):
-    loss_fn = benchmark.classifier_loss_fn(model, variables)
+    loss_fn = train.task_loss_fn(model, variables)
     params = variables["params"]
     batch = {"image": images, "label": labels}
     kernels = layers.get_kernels(params, names)

@@ -29,7 +29,11 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import attribution, io, plots, train, wcam
+from safer_jax.budgeting import wcam
+from safer_jax.core import io
+from safer_jax.measure import attribution
+from safer_jax.report import plots
+from safer_jax.training import train
 
 VARIANTS = ("compressed", "plain_ft", "wcam_ft")
 
@@ -56,7 +60,7 @@ def get_config(tiny: bool = False):
 
 def validate(config, check: common.Checker) -> None:
   """Layer, compression levels and fine-tuning (see :func:`common.validate_config`)."""
-  from safer_jax import perturb  # pylint: disable=import-outside-toplevel
+  from safer_jax.core import perturb  # pylint: disable=import-outside-toplevel
   check.rule("layer", common.text(nonempty=True, note="the Grad-CAM layer, e.g. conv2/conv"))
   common.check_layers(check, "layer", [re.escape(config.layer)])
   allowed = "'prune:R' (R in [0, 1]) or 'quantize:B' (B an integer in 1..16)"

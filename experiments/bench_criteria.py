@@ -37,9 +37,12 @@ import jax
 import ml_collections
 
 from experiments import common, criteria_benchmark
-from safer_jax import benchmark, criteria, io, sweep, train
-from safer_jax import layers as layers_lib
-from safer_jax.progress import Progress
+from safer_jax import criteria
+from safer_jax.core import data, io
+from safer_jax.core import layers as layers_lib
+from safer_jax.core.progress import Progress
+from safer_jax.measure import agreement, sweep
+from safer_jax.training import train
 
 TEXT_MODELS_OK = True  # lm_tiny: truth = loss increase, criteria on its token loss
 EXTRA_MODELS = criteria_benchmark.EXTRA_MODELS  # None: config.models; "all": every zoo model
@@ -93,10 +96,10 @@ def _met(flag) -> str:
 def _spearman(scores, truth_frame, n_boot, seed) -> dict:
   out = {}
   for family in truth_frame.columns:
-    agreement = benchmark.rank_agreement(scores, truth_frame[family].to_dict(), n_boot=n_boot,
-                                         seed=seed)
-    out[family] = {"rho": agreement["spearman"], "lo": agreement["spearman_lo"],
-                   "hi": agreement["spearman_hi"]}
+    ranks = agreement.rank_agreement(scores, truth_frame[family].to_dict(), n_boot=n_boot,
+                                     seed=seed)
+    out[family] = {"rho": ranks["spearman"], "lo": ranks["spearman_lo"],
+                   "hi": ranks["spearman_hi"]}
   return out
 
 
@@ -182,7 +185,7 @@ def _bench_model(config, model: str) -> dict:
         flush=True)
 
   loss_fn = train.task_loss_fn(entry.model, entry.variables, entry.task)
-  batches = benchmark.batches_from_split(entry.dataset.train, config.calib_batch_size,
+  batches = data.batches_from_split(entry.dataset.train, config.calib_batch_size,
                                          config.calib_batches)
   params = entry.variables["params"]
   key = jax.random.key(config.seed)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from experiments import common, sensitivity
-from safer_jax import io
+from safer_jax.core import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ _CHILD = """
 import json, sys, time
 import jax, numpy as np
 from experiments import sensitivity
-from safer_jax import sweep
+from safer_jax.measure import sweep
 config = sensitivity.get_config()
 config.update(json.loads(sys.argv[1]))
 entry, split = sensitivity.load(config)

@@ -2,8 +2,8 @@
 
 Both compute the same full sweep (every layer x 4 families x >= 5 magnitudes x
 seeds). The naive loop is one jitted full-model evaluation per perturbed model
-in a Python loop (:func:`safer_jax.sweep.naive_sweep`); the engine is
-:func:`safer_jax.sweep.run_sweep`. Each is timed in this process *cold* (first
+in a Python loop (:func:`safer_jax.measure.sweep.naive_sweep`); the engine is
+:func:`safer_jax.measure.sweep.run_sweep`. Each is timed in this process *cold* (first
 call: includes every XLA compilation it needs) and *warm* (compiled functions
 reused, the steady state of long sweeps and notebooks: the median of
 ``warm_runs`` calls, the two methods' calls interleaved).
@@ -32,8 +32,9 @@ import numpy as np
 
 
 from experiments import common, sensitivity
-from safer_jax import io, sweep
-from safer_jax import layers as layers_lib
+from safer_jax.core import io
+from safer_jax.core import layers as layers_lib
+from safer_jax.measure import sweep
 
 
 TEXT_MODELS_OK = True  # a language model is swept on its token loss (the dataset's task)

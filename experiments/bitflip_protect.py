@@ -1,10 +1,10 @@
 """Which layers to protect against random bit flips, under a parameter budget?
 
 A protection rule scores the layers; the protected set is built greedily
-(:func:`safer_jax.protection.select_protected`): layers in descending score, each taken if it still
-fits in ``budget_fraction`` of all kernel weights (a layer that does not fit
+(:func:`safer_jax.budgeting.protection.select_protected`): layers in descending score, each
+taken if it still fits in ``budget_fraction`` of all kernel weights (a layer that does not fit
 is skipped and the next one tried). Random bit flips
-(:func:`safer_jax.perturb.bitflip`, ``representation`` default ``'int8'``)
+(:func:`safer_jax.core.perturb.bitflip`, ``representation`` default ``'int8'``)
 are then injected into every *unprotected* kernel; protected kernels keep the
 fault-free stored representation bit for bit (for ``'int8'``: the per-channel
 int8 model, i.e. ``bitflip`` at rate 0; for ``'float32'``: the original
@@ -41,8 +41,12 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import criteria, io, layers, perturb, plots, protection, sweep, train
-from safer_jax.benchmark import batches_from_split, classifier_loss_fn
+from safer_jax import criteria
+from safer_jax.budgeting import protection
+from safer_jax.core import data, io, layers, perturb
+from safer_jax.measure import sweep
+from safer_jax.report import plots
+from safer_jax.training import train
 
 PER_PARAM = "_per_param"
 
@@ -118,10 +122,10 @@ def rule_scores(rules: Sequence[str], entry, variables, calib, names, config) ->
     seconds["oracle"] = time.perf_counter() - t0
   crits = [b for b in bases if b != "oracle"]
   if crits:
-    batches = batches_from_split(calib, config.calib_batch_size,
+    batches = data.batches_from_split(calib, config.calib_batch_size,
                                  max(1, len(calib) // config.calib_batch_size))
     # Every calibration example (calib_examples): the criteria's full setting.
-    out, secs = criteria.compute_all(crits, classifier_loss_fn(entry.model, variables),
+    out, secs = criteria.compute_all(crits, train.task_loss_fn(entry.model, variables),
                                      variables["params"], batches,
                                      key=jax.random.key(config.seed),
                                      options={c: {"setting": "full"} for c in crits

@@ -6,7 +6,7 @@ declarative per-key rules :data:`RULES` apply to every experiment that has the
 key, cross-key rules apply by the keys present (a sensitivity-style sweep:
 ``families`` + ``seeds``), and an experiment module may add its own checks as
 ``validate(config, check)`` (``check`` a :class:`Checker`). A bad value raises a
-:class:`~safer_jax.errors.ConfigError` naming the flag or key, the value and what
+:class:`~safer_jax.core.errors.ConfigError` naming the flag or key, the value and what
 is allowed, e.g. ``--config.eval_examples=-5 is not allowed; allowed: an integer
 >= 0 (0: the whole eval split)``.
 
@@ -29,8 +29,10 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 from ml_collections.config_flags import tuple_parser
 
-from safer_jax import data, models, zoo
-from safer_jax.errors import ConfigError
+from safer_jax import zoo
+from safer_jax.core import data
+from safer_jax.core.errors import ConfigError
+from safer_jax.zoo import models
 
 
 def base_config(**fields) -> ml_collections.ConfigDict:
@@ -43,7 +45,7 @@ def base_config(**fields) -> ml_collections.ConfigDict:
   (refused by default: they take a ``checkpoint``).
   ``max_train``, ``max_eval``, ``image_size``: tfds datasets only (None: the
   dataset's default; for ImageNet-like names 1,024 / 2,000 images, 224x224 crops,
-  see :func:`safer_jax.data.load_tfds`).
+  see :func:`safer_jax.core.data.load_tfds`).
   """
   config = ml_collections.ConfigDict()
   config.model = "resnet8"
@@ -449,13 +451,13 @@ class Checker:
 
 
 def model_names(extra: Sequence[str | None] = ()) -> list[str | None]:
-  from safer_jax import models  # pylint: disable=import-outside-toplevel
+  from safer_jax.zoo import models  # pylint: disable=import-outside-toplevel
   return [*models.list_models(), *models.ALIASES, *extra]
 
 
 def check_sweep_keys(check: Checker) -> None:
   """A sensitivity-style sweep config (``families``, per-family grid keys, ``seeds``, ...)."""
-  from safer_jax import perturb  # pylint: disable=import-outside-toplevel
+  from safer_jax.core import perturb  # pylint: disable=import-outside-toplevel
   config = check.config
   check.rule("families", sequence(choice(sorted(perturb.FAMILIES)), unique=True))
   for family in config.families:
@@ -480,7 +482,7 @@ def check_sweep_keys(check: Checker) -> None:
 
 
 def check_magnitudes(check: Checker, key: str, family: str, grid: Sequence[Any]) -> None:
-  from safer_jax import perturb  # pylint: disable=import-outside-toplevel
+  from safer_jax.core import perturb  # pylint: disable=import-outside-toplevel
   for m in grid:
     if not _is_num(m):
       check.fail(key, f"numbers ({perturb.FAMILIES[family].magnitude_name} values)")
@@ -505,7 +507,8 @@ def layer_names(config: ml_collections.ConfigDict, model: str | None = None) -> 
   """
   if config.get("dataset") != "digits":
     return None
-  from safer_jax import layers, models  # pylint: disable=import-outside-toplevel
+  from safer_jax.core import layers  # pylint: disable=import-outside-toplevel
+  from safer_jax.zoo import models  # pylint: disable=import-outside-toplevel
   ds = data.load_dataset("digits")
   net = models.get_model(model or config.model, num_classes=ds.num_classes)
   return layers.find_layers(layers.abstract_variables(net, ds.input_shape))
@@ -577,10 +580,10 @@ def validate_config(module: Any, config: ml_collections.ConfigDict,
 
 def dataset_name(config, model: str | None = None) -> str:
   """``config.dataset``, where the default embedded ``'digits'`` means the embedded text corpus
-  (``'pydoc'``) for a language model (:data:`safer_jax.models.TEXT_MODELS`)."""
+  (``'pydoc'``) for a language model (:data:`safer_jax.zoo.models.TEXT_MODELS`)."""
   model = models.ALIASES.get(model or config.model, model or config.model)
   if config.dataset == "digits" and model in models.TEXT_MODELS:
-    return zoo.DEFAULT_TEXT_DATASET
+    return zoo.cache.DEFAULT_TEXT_DATASET
   return config.dataset
 
 
@@ -603,7 +606,7 @@ def pretrained(config, *, model: str | None = None, recipe=None) -> zoo.ZooEntry
   """The trained zoo model named by ``config`` (model, dataset, seed, cache_dir, data_dir).
 
   When ``config.checkpoint`` is set, the model's weights come from that file or
-  directory (:func:`safer_jax.zoo.from_checkpoint`) and ``seed``/``cache_dir`` are unused.
+  directory (:func:`safer_jax.zoo.cache.from_checkpoint`) and ``seed``/``cache_dir`` are unused.
   ``model`` overrides ``config.model``; ``recipe`` (a ``train.TrainConfig``) the zoo's
   training recipe.
   """
@@ -647,7 +650,7 @@ def validate_search(check: "Checker", magnitude: str, rule: Callable) -> None:
 
 
 def search_record(result) -> dict:
-  """What ``search.json`` keeps of one :class:`safer_jax.search.SearchResult`.
+  """What ``search.json`` keeps of one :class:`safer_jax.budgeting.search.SearchResult`.
 
   Evaluations, seconds, where the result came from, its calibration scores and those of the
   best start (lowest calibration loss) and of every start.
@@ -670,7 +673,7 @@ def write_allocation_files(workdir: str, results: pd.DataFrame, costs: dict, sum
   ``summary.md``, the figure ``plot_name`` (``plot(path) -> path``), ``extra``
   JSON files (``{key: (file name, object)}``), then :func:`write_search_files`.
   """
-  from safer_jax import io  # pylint: disable=import-outside-toplevel
+  from safer_jax.core import io  # pylint: disable=import-outside-toplevel
   paths = {"results": io.write_csv(os.path.join(workdir, "results.csv"), results)}
   for key, (name, obj) in (extra or {}).items():
     paths[key] = io.write_json(os.path.join(workdir, name), obj)
@@ -684,7 +687,8 @@ def write_allocation_files(workdir: str, results: pd.DataFrame, costs: dict, sum
 
 def write_search_files(workdir: str, search_record: dict, interactions, title: str) -> dict:
   """``search.json`` (when a search ran) and ``interactions.csv`` / ``.png``; their paths."""
-  from safer_jax import io, plots  # pylint: disable=import-outside-toplevel
+  from safer_jax.core import io  # pylint: disable=import-outside-toplevel
+  from safer_jax.report import plots  # pylint: disable=import-outside-toplevel
   paths = {}
   if any(search_record.get(k) for k in ("budgets", "targets")):
     paths["search"] = io.write_json(os.path.join(workdir, "search.json"), search_record)

@@ -7,7 +7,7 @@ each relative radius eps (``||a||_p = eps * ||W||_p``), the indicator
 split, by three methods:
 
 * ``first_order``: the closed-form maximiser of ``<g, a>``
-  (:func:`safer_jax.perturb.corruption_direction`); its first-order prediction
+  (:func:`safer_jax.core.perturb.corruption_direction`); its first-order prediction
   ``eps_abs * ||g||_q`` is the ``delta_pred`` column.
 * ``pga``: ``pga_steps`` of projected gradient ascent from it
   (:func:`safer_jax.criteria.corruption.pga_corruption`).
@@ -32,11 +32,14 @@ from jax.flatten_util import ravel_pytree
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import acr, benchmark, criteria, io, layers, norms, plots, train
+from safer_jax import criteria
+from safer_jax.core import data, io, layers, norms
+from safer_jax.core.norms import dual_norm, random_corruptions
+from safer_jax.core.perturb import corruption_direction
+from safer_jax.core.progress import Progress
 from safer_jax.criteria.corruption import eps_absolute, pga_corruption
-from safer_jax.norms import dual_norm, random_corruptions
-from safer_jax.perturb import corruption_direction
-from safer_jax.progress import Progress
+from safer_jax.report import plots
+from safer_jax.training import acr, train
 
 METHODS = ("first_order", "pga", "random")
 ALL = "all"
@@ -130,8 +133,8 @@ def run(config, workdir: str) -> dict:
   entry = common.pretrained(config, recipe=recipe)
   variables = entry.variables
   params = variables["params"]
-  loss_fn = benchmark.classifier_loss_fn(entry.model, variables)
-  batches = benchmark.batches_from_split(entry.dataset.train.take(config.calib_examples),
+  loss_fn = train.task_loss_fn(entry.model, variables)
+  batches = data.batches_from_split(entry.dataset.train.take(config.calib_examples),
                                          config.calib_batch_size)
   base_loss = float(criteria.mean_loss(loss_fn, params, batches))
   base = train.evaluate(entry.model.apply, variables, entry.dataset.eval)

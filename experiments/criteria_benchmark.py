@@ -2,10 +2,10 @@
 
 For every zoo model: run the layer-sensitivity sweep (the ground truth,
 resumable from ``workdir/<model>/sweep.csv``), summarise each family as a layer
-importance (:func:`safer_jax.sweep.importance`: area under the seed-averaged
+importance (:func:`safer_jax.measure.sweep.importance`: area under the seed-averaged
 accuracy-drop curve, and the same for the loss increase), compute every
 criterion on a few calibration batches of the *training* split, and measure the
-rank agreement (:func:`safer_jax.benchmark.compare_criteria`).
+rank agreement (:func:`safer_jax.measure.agreement.compare_criteria`).
 
 ``python launch.py --experiment=criteria_benchmark`` writes to
 ``workdir/criteria_benchmark/``:
@@ -37,8 +37,13 @@ import pandas as pd
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import (benchmark, calibration, criteria, io, layers, models, perturb, plots, sweep,
-                       train)
+from safer_jax import criteria
+from safer_jax.core import caches, data, io, layers, perturb
+from safer_jax.measure import agreement, sweep
+from safer_jax.measure import grids as grids_lib
+from safer_jax.report import plots
+from safer_jax.training import train
+from safer_jax.zoo import models
 
 ZOO_MODELS = ("mlp", "lenet", "resnet8", "resnet20", "mobilenet_v2", "vit_tiny", "lm_tiny")
 TEXT_MODELS_OK = True  # lm_tiny: truth = loss increase (nats/token), criteria on its token loss
@@ -67,7 +72,7 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
     models: zoo models to benchmark (used when ``model`` is None).
     families: perturbation families of the ground truth.
     grids: ``{family: magnitudes}``, mildest first (default: the family's
-      default grid in :data:`safer_jax.perturb.FAMILIES`).
+      default grid in :data:`safer_jax.core.perturb.FAMILIES`).
     sweep_seeds: seeds of the stochastic families (bitflip, noise).
     eval_examples: ground truth on the first N eval examples (0: all).
     max_parallel, eval_batch_size: sweep chunking (see ``SweepConfig``).
@@ -80,12 +85,13 @@ def get_config(tiny: bool = False) -> ml_collections.ConfigDict:
       full batches of the training split).
     metrics: ground-truth metrics (``'accuracy_drop'``, ``'loss_increase'``),
       all reported; the headline (pooled winners, heatmap, frontier) is the one
-      whose per-layer importances tie least (:func:`safer_jax.benchmark.tie_fraction`,
+      whose per-layer importances tie least (:func:`safer_jax.measure.agreement.tie_fraction`,
       averaged over models and families).
     k_frac, n_boot: top-k fraction and bootstrap resamples of the agreement.
-    grid_mode: ``'calibrated'`` (per model and family, :func:`safer_jax.calibration.calibrate_grid`
-      with ``calibration``'s target and mild drops and steps; families without a
-      search range keep ``grids``) or ``'fixed'`` (``grids`` for every model).
+    grid_mode: ``'calibrated'`` (per model and family,
+      :func:`safer_jax.measure.grids.calibrate_grid` with ``calibration``'s target and
+      mild drops and steps; families without a search range keep ``grids``) or
+      ``'fixed'`` (``grids`` for every model).
     bitflip_representation, bitflip_positions: what the bit flips hit (``'int8'``
       codes, or the bits of ``'float32'`` / ``'bfloat16'`` weights: sign, exponent,
       mantissa positions; empty: every bit).
@@ -214,9 +220,9 @@ def calibrated_grids(entry, config, split) -> dict:
   options = family_options(config)
   out = {}
   for family in config.families:
-    if family not in calibration.SEARCH_RANGES:
+    if family not in grids_lib.SEARCH_RANGES:
       continue
-    g = calibration.calibrate_grid(
+    g = grids_lib.calibrate_grid(
         entry.model, entry.variables, split, family,
         target_drop=config.calibration.target_drop, mild_drop=config.calibration.mild_drop,
         steps=config.calibration.steps, seeds=tuple(config.sweep_seeds) or (0,),
@@ -287,7 +293,7 @@ def criterion_options(config, setting: str | None = None) -> dict[str, dict]:
 
 def _criteria_scores(entry, config) -> tuple[dict, dict]:
   loss_fn = train.task_loss_fn(entry.model, entry.variables, entry.task)
-  batches = benchmark.batches_from_split(entry.dataset.train, config.calib_batch_size,
+  batches = data.batches_from_split(entry.dataset.train, config.calib_batch_size,
                                          config.calib_batches)
   names = list(config.criteria)
   options = criterion_options(config)
@@ -347,8 +353,8 @@ def _markdown_table(frame: pd.DataFrame, families: list[str], criteria_names: li
   return lines
 
 
-def _mean_over_models(agreement: pd.DataFrame) -> pd.DataFrame:
-  return (agreement.groupby(["metric", "criterion", "family"], sort=False)
+def _mean_over_models(ranks: pd.DataFrame) -> pd.DataFrame:
+  return (ranks.groupby(["metric", "criterion", "family"], sort=False)
           .agg(spearman=("spearman", "mean"), kendall=("kendall", "mean"),
                topk=("topk", "mean"), models=("spearman", "count")).reset_index())
 
@@ -359,7 +365,7 @@ def _marks(comparisons: pd.DataFrame) -> dict:
           for r in comparisons.itertuples() if r.tied}
 
 
-def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict,
+def _agreement_markdown(ranks: pd.DataFrame, config, models_info: dict,
                         per_model: dict) -> str:
   families = list(config.families)
   names = list(config.criteria)
@@ -373,10 +379,10 @@ def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict,
            f"{config.calib_batches} x {config.calib_batch_size} training images; the truth uses "
            f"the eval split. Full numbers (Kendall tau, top-{config.k_frac:g} overlap, "
            f"p-values): `agreement.csv`.", ""]
-  for metric in [m for m in config.metrics if (agreement.metric == m).any()]:
+  for metric in [m for m in config.metrics if (ranks.metric == m).any()]:
     lines += [f"## Truth: {metric.replace('_', ' ')}", ""]
     for model, info in models_info.items():
-      sub = agreement[(agreement.model == model) & (agreement.metric == metric)]
+      sub = ranks[(ranks.model == model) & (ranks.metric == metric)]
       if not len(sub):  # (a language model has no accuracy drop)
         continue
       base = (f"baseline accuracy {100 * info['baseline_accuracy']:.2f}%"
@@ -386,9 +392,9 @@ def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict,
       comp = per_model[model]
       lines += _markdown_table(sub, families, names,
                                marks=_marks(comp[comp.metric == metric])) + [""]
-    count = agreement[agreement.metric == metric].model.nunique()
+    count = ranks[ranks.metric == metric].model.nunique()
     if count > 1:
-      mean = _mean_over_models(agreement[agreement.metric == metric])
+      mean = _mean_over_models(ranks[ranks.metric == metric])
       lines += [f"### Mean over {count} models (mean Spearman rho; "
                 f"mean top-k overlap in parentheses)", ""]
       lines += _markdown_table(
@@ -397,11 +403,11 @@ def _agreement_markdown(agreement: pd.DataFrame, config, models_info: dict,
   return "\n".join(lines)
 
 
-def _heatmap(agreement: pd.DataFrame, config, path: str, metric: str) -> str:
+def _heatmap(ranks: pd.DataFrame, config, path: str, metric: str) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  sub = agreement[agreement.metric == metric]
+  sub = ranks[ranks.metric == metric]
   panels = list(dict.fromkeys(sub.model))
   if len(panels) > 1:
     mean = _mean_over_models(sub).assign(model="mean over models")
@@ -433,7 +439,7 @@ def pooled_comparisons(scores: dict, truth: dict, config) -> pd.DataFrame:
   """Per metric and family: pooled rho of every criterion over the models, paired comparisons.
 
   ``scores``: ``{model: {criterion: {layer: score}}}``; ``truth``: ``{model: {metric:
-  layer x family DataFrame}}``. Rows of :func:`safer_jax.benchmark.paired_comparison`
+  layer x family DataFrame}}``. Rows of :func:`safer_jax.measure.agreement.paired_comparison`
   with ``metric`` and ``family``.
   """
   frames = []
@@ -445,9 +451,9 @@ def pooled_comparisons(scores: dict, truth: dict, config) -> pd.DataFrame:
         continue
       by_criterion = {c: {m: scores[m][c] for m in have} for c in names}
       t = {m: truth[m][metric][family].to_dict() for m in have}
-      point, samples = benchmark.pooled_bootstrap(by_criterion, t, n_boot=config.n_boot,
+      point, samples = agreement.pooled_bootstrap(by_criterion, t, n_boot=config.n_boot,
                                                   seed=config.seed)
-      frames.append(benchmark.paired_comparison(point, samples).assign(metric=metric,
+      frames.append(agreement.paired_comparison(point, samples).assign(metric=metric,
                                                                        family=family))
   return pd.concat(frames, ignore_index=True)
 
@@ -527,9 +533,9 @@ def frontier_figure(pooled: pd.DataFrame, seconds: dict, config, num_models: int
               path: str) -> str:
   """Cost-agreement frontier: x = criterion seconds (summed over models, log), y = pooled rho.
 
-  One colour per criterion (:func:`safer_jax.plots.source_colors`, named in the legend below);
-  the Pareto front is the black step line, its criteria drawn large and labelled in bold.
-  Labels go where they overprint nothing (:func:`safer_jax.plots.place_labels`); a criterion
+  One colour per criterion (:func:`safer_jax.report.plots.source_colors`, named in the legend
+  below); the Pareto front is the black step line, its criteria drawn large and labelled in bold.
+  Labels go where they overprint nothing (:func:`safer_jax.report.plots.place_labels`); a criterion
   with no free spot is named by its colour in the legend only.
   """
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -613,7 +619,7 @@ def run(config, workdir: str) -> dict:
   for name in model_names(config):
     # Compiled executables of the previous model are not needed any more; on 24 GB they
     # otherwise accumulate until LLVM cannot allocate (seen at mobilenet_v2, the last model).
-    criteria.clear_compiled()
+    caches.clear_caches()  # safer_jax's compiled programs (criteria, sweep, evaluation, ...)
     jax.clear_caches()
     print(f"[{name}] loading / training the zoo model", flush=True)
     entry = common.pretrained(config, model=name)
@@ -624,7 +630,7 @@ def run(config, workdir: str) -> dict:
     print(f"[{entry.name}] sweep: {gt['seconds']:.1f}s; criteria:", flush=True)
     scores, seconds = _criteria_scores(entry, config)
     for metric, truth in gt["truth"].items():
-      frame = benchmark.compare_criteria(scores, truth, k_frac=config.k_frac,
+      frame = agreement.compare_criteria(scores, truth, k_frac=config.k_frac,
                                          n_boot=config.n_boot, seed=config.seed)
       agreement_frames.append(frame.assign(model=entry.name, metric=metric))
     cost_rows += [{"model": entry.name, "criterion": c, "seconds": s,
@@ -644,11 +650,11 @@ def run(config, workdir: str) -> dict:
         "truth": {m: {f: t[f].to_dict() for f in t.columns} for m, t in gt["truth"].items()}}
     all_scores[entry.name], all_truth[entry.name] = scores, gt["truth"]
 
-  agreement = pd.concat(agreement_frames, ignore_index=True)
-  agreement = agreement[["model", "metric"] + benchmark.AGREEMENT_COLUMNS]
+  ranks = pd.concat(agreement_frames, ignore_index=True)
+  ranks = ranks[["model", "metric"] + agreement.AGREEMENT_COLUMNS]
   costs = pd.DataFrame(cost_rows)
   costs["fraction_of_sweep"] = costs.seconds / costs.sweep_seconds.where(costs.sweep_seconds > 0)
-  ties = {metric: {family: float(np.nanmean([benchmark.tie_fraction(t[metric][family])
+  ties = {metric: {family: float(np.nanmean([agreement.tie_fraction(t[metric][family])
                                               for t in all_truth.values() if metric in t]
                                              or [np.nan]))
                     for family in config.families} for metric in config.metrics}
@@ -668,12 +674,12 @@ def run(config, workdir: str) -> dict:
                       "lo": float(top.lo), "hi": float(top.hi), "winner": bool(top.winner),
                       "tie_group": list(sub[sub.tied].criterion)}
   paths = {
-      "agreement_csv": io.write_csv(os.path.join(workdir, "agreement.csv"), agreement),
+      "agreement_csv": io.write_csv(os.path.join(workdir, "agreement.csv"), ranks),
       "agreement_md": io.write_text(os.path.join(workdir, "agreement.md"), _agreement_markdown(
-          agreement, config, models_info,
+          ranks, config, models_info,
           {m: pooled_comparisons({m: all_scores[m]}, {m: all_truth[m]}, config)
            for m in all_scores})),
-      "heatmap": _heatmap(agreement, config, os.path.join(workdir, "heatmap.png"),
+      "heatmap": _heatmap(ranks, config, os.path.join(workdir, "heatmap.png"),
                           headline_metric),
       "pooled_csv": io.write_csv(os.path.join(workdir, "pooled.csv"), pooled),
       "pooled_md": io.write_text(os.path.join(workdir, "pooled.md"), _pooled_markdown(

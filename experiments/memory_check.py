@@ -4,7 +4,7 @@
 1000 classes, a 16 GB budget) estimates, without allocating the model, what one
 compiled sweep call needs for every ``max_parallel x eval_batch_size`` of the
 grid (XLA's memory analysis of the engine's own function, for the backend this
-runs on: on CPU an estimate of a GPU's need; see :mod:`safer_jax.memory`),
+runs on: on CPU an estimate of a GPU's need; see :mod:`safer_jax.measure.memory`),
 marks what fits the budget and prints the chunking ``SweepConfig(
 memory_budget_bytes=...)`` would pick. Writes ``memory.json`` and ``memory.md``.
 """
@@ -17,7 +17,9 @@ import time
 import jax
 
 from experiments import common, sensitivity
-from safer_jax import io, memory, models, sweep
+from safer_jax.core import io
+from safer_jax.measure import memory, sweep
+from safer_jax.zoo import models
 
 GB = memory.GB
 

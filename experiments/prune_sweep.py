@@ -2,14 +2,14 @@
 
 For each global sparsity target and each source of per-layer ratios, prune
 every layer's kernel by unstructured magnitude pruning
-(:func:`safer_jax.perturb.prune`) at its ratio and measure eval accuracy and
+(:func:`safer_jax.core.perturb.prune`) at its ratio and measure eval accuracy and
 loss, without fine-tuning. Sources:
 
 * ``uniform`` — the same ratio everywhere; ``erk`` — Erdős–Rényi-Kernel
   (RigL); ``global_magnitude`` — one magnitude threshold over all layers.
 * cost-guided (exact min-cost allocation over candidate ratios,
-  :func:`safer_jax.budget.allocate_ratios`), with cost tables
-  ``layer -> {ratio -> cost}`` (:func:`safer_jax.pruning.cost_tables`):
+  :func:`safer_jax.budgeting.budget.allocate_ratios`), with cost tables
+  ``layer -> {ratio -> cost}`` (:func:`safer_jax.budgeting.pruning.cost_tables`):
 
   - ``oracle`` — measured loss increase of pruning that layer alone at that
     ratio (sensitivity sweep, ``prune`` family) on calibration images;
@@ -18,7 +18,7 @@ loss, without fine-tuning. Sources:
     empirical Fisher (:func:`safer_jax.criteria.fisher_diagonal`).
 
 * ``searched`` — whole allocations measured, not per-layer costs added: a
-  batched local search (:mod:`safer_jax.search`) from every source's ratios,
+  batched local search (:mod:`safer_jax.budgeting.search`) from every source's ratios,
   scored by loss on ``search.examples`` training images; with BatchNorm,
   ``searched_bn`` scores each candidate after re-estimating its BatchNorm
   statistics (what the ``_bn`` columns report).
@@ -42,8 +42,11 @@ import numpy as np
 import pandas as pd
 
 from experiments import common
-from safer_jax import budget, io, layers, perturb, plots, pruning, search, train
-from safer_jax.errors import ConfigError
+from safer_jax.budgeting import budget, pruning, search
+from safer_jax.core import io, layers, perturb
+from safer_jax.core.errors import ConfigError
+from safer_jax.report import plots
+from safer_jax.training import train
 
 FIXED_SOURCES = pruning.FIXED_SOURCES
 COST_SOURCES = pruning.COST_SOURCES

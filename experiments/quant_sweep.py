@@ -3,17 +3,17 @@
 For each cost source (the measured oracle, each criterion, and the baselines
 uniform and random) and each budget (average bits per weight, weighted by
 parameter count): allocate a bit width per layer exactly (multiple-choice
-knapsack, :func:`safer_jax.budget.allocate_bits`), build that model and measure
+knapsack, :func:`safer_jax.budgeting.budget.allocate_bits`), build that model and measure
 its real accuracy and loss on the eval split. Costs are computed on
 calibration data from the *training* split, never on the eval split.
 
 Quantization follows qwix's convention by default (``full_range``: the full
 signed grid, what qwix deploys), and each allocation is also deployed *through
-qwix* (``qwix.QtProvider`` with the rules of :func:`safer_jax.deploy.to_qwix_rules`)
+qwix* (``qwix.QtProvider`` with the rules of :func:`safer_jax.budgeting.deploy.to_qwix_rules`)
 and evaluated: ``qwix_accuracy`` next to the simulated ``accuracy``.
 
 Source ``searched`` (``search.evals`` > 0) measures whole allocations instead
-of adding per-layer costs: a batched local search (:mod:`safer_jax.search`)
+of adding per-layer costs: a batched local search (:mod:`safer_jax.budgeting.search`)
 from the knapsack allocations of every other non-random source, scored by loss
 on ``search.examples`` training images, keeping an improvement over the best
 start only when it is significant on those images; the interaction figure
@@ -40,8 +40,12 @@ import pandas as pd
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import (activations, benchmark, budget, deploy, io, layers, mixed_precision, models,
-                       plots, search, staged, tasks, train)
+from safer_jax.budgeting import budget, deploy, mixed_precision, search
+from safer_jax.core import data, io, layers, staged, tasks
+from safer_jax.measure import activations
+from safer_jax.report import plots
+from safer_jax.training import train
+from safer_jax.zoo import models
 
 
 TEXT_MODELS_OK = True  # runs the language models too (task from the dataset)
@@ -224,7 +228,7 @@ def run(config, workdir: str) -> dict:
       layers=[re.escape(n) for n in names])
   apply = entry.model.apply
   if config.quantize_acts:  # W + A: every layer's input at act_bits, calibrated ranges
-    ranges = activations.input_ranges(entry.model, variables, benchmark.batches_from_split(
+    ranges = activations.input_ranges(entry.model, variables, data.batches_from_split(
         calib, config.calib_batch_size), names)
     apply = activations.quantized_inputs_apply(entry.model, ranges, config.act_bits)
   base = train.evaluate(entry.model.apply, variables, split, task=task)
@@ -347,7 +351,8 @@ def _mean_by_source(results: pd.DataFrame, score: Score | None = None) -> pd.Dat
 
 def _verify(entry, variables, calib, task, results: pd.DataFrame, config) -> Any:
   """qwix vs simulation on a few calibration examples, layer by layer, at the lowest budget's
-  oracle-or-first allocation (:func:`safer_jax.deploy.verify`); None when it cannot run."""
+  oracle-or-first allocation (:func:`safer_jax.budgeting.deploy.verify`); None when it cannot
+  run."""
   if not config.full_range:  # (qwix deploys the full grid only)
     return None
   low = results[results.budget_avg_bits == results.budget_avg_bits.min()]
@@ -458,7 +463,7 @@ def plot_accuracy(results: pd.DataFrame, base: dict, entry, path: str, score: Sc
   """Each source's score as its difference to float32 (symlog y: 0.3 points and 25 both read).
 
   Sources with equal scores (criteria often agree) share their segments in dashes of their
-  colours (:func:`safer_jax.plots.draw_curves`).
+  colours (:func:`safer_jax.report.plots.draw_curves`).
   """
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")

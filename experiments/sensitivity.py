@@ -10,7 +10,7 @@ many cells were reused and how many computed).
 
 Activations too: with ``act_quantize`` bit widths (default ``(8, 6, 4, 3, 2)``;
 ``()``: off), the input of one layer at a time is fake-quantized per tensor
-(:func:`safer_jax.activations.act_sweep`, ranges calibrated on
+(:func:`safer_jax.measure.activations.act_sweep`, ranges calibrated on
 ``act_calib_examples`` training images) and the rows, family
 ``'act_quantize'``, join the weight families in the importance, heatmap and
 summary (``act_table.csv``; linen and zoo models only).
@@ -26,7 +26,10 @@ import numpy as np
 import pandas as pd
 from ml_collections import config_dict
 
-from safer_jax import activations, benchmark, io, perturb, plots, sweep, zoo
+from safer_jax import zoo
+from safer_jax.core import data, io, perturb
+from safer_jax.measure import activations, sweep
+from safer_jax.report import plots
 
 
 TEXT_MODELS_OK = True  # runs the language models too (task from the dataset)
@@ -98,7 +101,7 @@ def run(config, workdir: str) -> dict:
     print(f"(activation quantization is measured for image classifiers; skipped for task "
           f"{task.name!r})", flush=True)
   if config.get("act_quantize") and classifier:
-    calib = benchmark.batches_from_split(entry.dataset.train.take(config.act_calib_examples),
+    calib = data.batches_from_split(entry.dataset.train.take(config.act_calib_examples),
                                          min(config.act_calib_examples, 128))
     acts = activations.act_sweep(entry.model, entry.variables, split, calib,
                                  tuple(int(b) for b in config.act_quantize),

@@ -51,8 +51,10 @@ import numpy as np
 from ml_collections import config_dict
 
 from experiments import common
-from safer_jax import benchmark, criteria, io, layers
-from safer_jax.progress import Progress
+from safer_jax import criteria
+from safer_jax.core import data, io, layers
+from safer_jax.core.progress import Progress
+from safer_jax.training import train
 
 EXTRA_MODELS = (None,)  # None: config.models
 RESULTS_PER_MODEL = False  # one folder for every model: workdir/trace_calibration/
@@ -190,7 +192,7 @@ def exact_traces(entry, batches, chunk: int, progress: bool = True) -> dict[str,
   """``{layer: tr(H_ll)}`` of a zoo entry's classifier loss on ``batches``, float64."""
   with jax.enable_x64(True):
     variables = _to_float64(dict(entry.variables))
-    loss_fn = benchmark.classifier_loss_fn(entry.model, variables)
+    loss_fn = train.task_loss_fn(entry.model, variables)
     batches64 = [_to_float64(b) for b in batches]
     out = {}
     for name in layers.find_layers(variables["params"]):
@@ -458,10 +460,10 @@ def run(config, workdir: str) -> dict:
   all_runs, exact, checks = [], {}, {}
   for model in model_list(config):
     entry = common.pretrained(config, model=model)
-    batches = benchmark.batches_from_split(entry.dataset.train, config.calib_batch_size,
+    batches = data.batches_from_split(entry.dataset.train, config.calib_batch_size,
                                            config.calib_batches)
     exact[model] = cached_exact_traces(workdir, entry, batches, config)
-    loss_fn = benchmark.classifier_loss_fn(entry.model, entry.variables)
+    loss_fn = train.task_loss_fn(entry.model, entry.variables)
     params = entry.variables["params"]
     todo = settings(config)
     bar = Progress(len(todo) * config.num_keys, f"trace_calibration {model}",

@@ -11,7 +11,8 @@ import os
 import time
 
 from experiments import common
-from safer_jax import io, models
+from safer_jax.core import io
+from safer_jax.zoo import models
 
 
 EXTRA_MODELS = ("all",)  # besides the zoo's names (see common.validate_config)

@@ -13,14 +13,15 @@ if ROOT not in sys.path:
 
 @pytest.fixture(scope="session")
 def digits():
-  from safer_jax import data
+  from safer_jax.core import data
   return data.load_dataset("digits")
 
 
 def train_small(digits, name: str, epochs: int):
   """``(model, variables)``: zoo model ``name`` trained briefly on 512 training images."""
   import dataclasses  # pylint: disable=import-outside-toplevel
-  from safer_jax import models, train  # pylint: disable=import-outside-toplevel
+  from safer_jax.zoo import models  # pylint: disable=import-outside-toplevel
+  from safer_jax.training import train  # pylint: disable=import-outside-toplevel
   model = models.get_model(name)
   small = dataclasses.replace(digits, train=digits.train.take(512))
   variables, _ = train.train(model, small, train.TrainConfig(epochs=epochs), progress=False)

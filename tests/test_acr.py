@@ -1,4 +1,4 @@
-"""Tests of ACR training (safer_jax/acr.py): closed forms, projected ascent, one step."""
+"""Tests of ACR training (safer_jax/training/acr.py): closed forms, projected ascent, one step."""
 
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from safer_jax import acr
+from safer_jax.training import acr
 
 
 def _kernels(seed=0):

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safer_jax import activations, data, sweep
-from safer_jax.errors import ConfigError
+from safer_jax.core import data
+from safer_jax.core.errors import ConfigError
+from safer_jax.measure import activations, sweep
 
 
 class _Net(nn.Module):

@@ -9,7 +9,10 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from safer_jax import attribution, budget, layers, wcam, zoo
+from safer_jax import zoo
+from safer_jax.budgeting import budget, wcam
+from safer_jax.core import layers
+from safer_jax.measure import attribution
 
 
 @pytest.fixture(scope="module")

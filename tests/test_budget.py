@@ -1,4 +1,4 @@
-"""Tests of safer_jax.budget against brute force (itertools.product) and NumPy references."""
+"""Tests of safer_jax.budgeting.budget against brute force (itertools.product) and NumPy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from safer_jax import budget as B
+from safer_jax.budgeting import budget as B
 
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -262,7 +262,7 @@ def test_global_magnitude_ratios_exact_count(s):
 
 
 def test_global_magnitude_ratios_with_perturb_prune():
-  from safer_jax import perturb
+  from safer_jax.core import perturb
   rng = np.random.default_rng(1)
   kernels = {"a": rng.standard_normal((3, 3, 4, 8)).astype(np.float32),
              "b": 3 * rng.standard_normal((32, 10)).astype(np.float32)}

@@ -10,7 +10,7 @@ import pytest
 from compile_log import compile_log
 
 from safer_jax import criteria
-from safer_jax.perturb import corruption_direction, quantize
+from safer_jax.core.perturb import corruption_direction, quantize
 
 LAYERS = ("dense1", "dense2")
 
@@ -887,7 +887,7 @@ def test_fisher_diagonal_matches_closed_form_per_example_gradients(chunk_size):
 
 
 def test_mixed_precision_fisher_diagonal_is_the_criteria_one_on_pieces():
-  from safer_jax import mixed_precision  # pylint: disable=import-outside-toplevel
+  from safer_jax.budgeting import mixed_precision  # pylint: disable=import-outside-toplevel
   params, batches, loss_fn = _least_squares()
   pieces = [{k: v[lo:lo + 4] for k, v in b.items()} for b in batches for lo in (0, 4)]
   got = mixed_precision.fisher_diagonal(loss_fn, params, batches, ["fc"], chunk_size=4)

@@ -1,10 +1,10 @@
-"""Tests of safer_jax.data: embedded digits and the tfds path under mock data."""
+"""Tests of safer_jax.core.data: embedded digits and the tfds path under mock data."""
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from safer_jax import data
+from safer_jax.core import data
 
 
 def test_digits_shapes_and_ranges(digits):
@@ -57,8 +57,7 @@ def test_tfds_resize_under_mock_data():
   assert ds.input_shape == (8, 8, 3)
 
 
-def test_batches_from_split_full_batches_in_order_and_old_home():
-  from safer_jax import benchmark, train  # pylint: disable=import-outside-toplevel
+def test_batches_from_split_full_batches_in_order():
   split = data.Split(np.arange(50, dtype=np.float32).reshape(10, 5), np.arange(10))
   batches = data.batches_from_split(split, 3)
   assert len(batches) == 3  # only full batches
@@ -67,5 +66,3 @@ def test_batches_from_split_full_batches_in_order_and_old_home():
     np.testing.assert_array_equal(b["label"], split.labels[3 * i:3 * i + 3])
   assert len(data.batches_from_split(split, 3, 2)) == 2
   assert [len(b["label"]) for b in data.batches_from_split(split, 32)] == [10]
-  assert benchmark.batches_from_split is data.batches_from_split
-  assert benchmark.classifier_loss_fn is train.classifier_loss_fn

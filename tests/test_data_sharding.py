@@ -11,7 +11,10 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     assert jax.device_count() == 8, jax.devices()
-    from safer_jax import benchmark, criteria, data, distributed, models, train
+    from safer_jax import criteria
+    from safer_jax.core import data, distributed
+    from safer_jax.training import train
+    from safer_jax.zoo import models
     from safer_jax.criteria import _common
 
     ds = data.load_dataset("digits")
@@ -43,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     print("eval", a, b)
 
-    loss_fn = benchmark.classifier_loss_fn(model, variables)
+    loss_fn = train.task_loss_fn(model, variables)
     params = variables["params"]
     batches = [{"image": split.images[lo:lo + 64], "label": split.labels[lo:lo + 64]}
                for lo in (0, 64)]

@@ -11,8 +11,10 @@ import qwix
 from flax import nnx
 
 import safer_jax as sj
-from safer_jax import deploy, layers, mixed_precision, models, perturb
-from safer_jax.errors import ConfigError
+from safer_jax.budgeting import deploy, mixed_precision
+from safer_jax.core import layers, perturb
+from safer_jax.core.errors import ConfigError
+from safer_jax.zoo import models
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
@@ -59,7 +61,7 @@ def test_rules_round_trip_and_first_match():
 
 def test_qwix_quantized_lenet_equals_ours(digits):
   """int4: the same logits bit for bit; int8: within 1e-2 (XLA:CPU fuses qwix's int8 dequantization
-  into the convolution and computes it with less precision; see safer_jax.deploy)."""
+  into the convolution and computes it with less precision; see safer_jax.budgeting.deploy)."""
   model = models.get_model("lenet")
   images = jnp.asarray(digits.eval.images[:128])
   variables = model.init(jax.random.key(0), images[:1])

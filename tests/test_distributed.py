@@ -18,12 +18,16 @@ WORKER = textwrap.dedent("""
     import sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from safer_jax import distributed
+    from safer_jax.core import distributed
     distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
     import numpy as np
     from jax.sharding import PartitionSpec as P
     from local_cluster import assert_same_sweep
-    from safer_jax import benchmark, criteria, data, models, sweep, train
+    from safer_jax import criteria
+    from safer_jax.core import data
+    from safer_jax.measure import sweep
+    from safer_jax.training import train
+    from safer_jax.zoo import models
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     assert distributed.data_mesh().size == 4
     # Bit-exact broadcast (-0.0 stays -0.0) after a barrier.
@@ -43,7 +47,7 @@ WORKER = textwrap.dedent("""
     single = train.evaluate(model.apply, variables, split, batch_size=100, shard=False)
     assert sharded["accuracy"] == single["accuracy"], (sharded, single)
     np.testing.assert_allclose(sharded["loss"], single["loss"], rtol=1e-5)
-    loss_fn = benchmark.classifier_loss_fn(model, variables)
+    loss_fn = train.task_loss_fn(model, variables)
     params = variables["params"]
     batches = [{"image": split.images[lo:lo + 64], "label": split.labels[lo:lo + 64]}
                for lo in (0, 64)]

@@ -1,4 +1,4 @@
-"""ImageNet-style loading in safer_jax.data: torchvision's eval transform, bounded subsets.
+"""ImageNet-style loading in safer_jax.core.data: torchvision's eval transform, bounded subsets.
 
 Everything runs under ``tfds.testing.mock_data`` (no download, no TensorFlow):
 in tfds 4.9.10 ``policy=USE_CODE`` mocks ``tfds.data_source`` too (random
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tensorflow_datasets as tfds
 
-from safer_jax import data
+from safer_jax.core import data
 
 MEAN = np.asarray(data.IMAGENET_MEAN)
 STD = np.asarray(data.IMAGENET_STD)

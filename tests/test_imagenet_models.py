@@ -14,8 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from safer_jax import convert, data, layers, models, zoo
-from safer_jax.models import imagenet
+from safer_jax import zoo
+from safer_jax.core import checkpoints, data, layers
+from safer_jax.zoo import convert, models
+from safer_jax.zoo.models import imagenet
 from experiments import common as exp_common
 
 EPS = 1e-5  # torchvision BatchNorm epsilon.
@@ -346,7 +348,7 @@ def test_orbax_round_trip_both_formats(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(plain, variables)
   zoo_format = str(tmp_path / "zoo")
-  zoo.save_checkpoint(zoo_format, variables, {"model": "mobilenet_v2_imagenet"})
+  checkpoints.save_checkpoint(zoo_format, variables, {"model": "mobilenet_v2_imagenet"})
   for path in (plain, zoo_format):
     restored = convert.load_orbax(path, model, (32, 32, 3))
     assert jax.tree.structure(restored) == jax.tree.structure(variables)

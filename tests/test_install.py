@@ -99,7 +99,7 @@ def test_pip_install_works_outside_checkout(tmp_path):
 
       params = Net().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
       print(sj.__file__)
-      print(sorted(sj.layers.find_layers(params)))
+      print(sorted(sj.core.layers.find_layers(params)))
       """)
   cwd = tmp_path / "elsewhere"
   cwd.mkdir()

@@ -174,7 +174,7 @@ def test_quant_sweep_tiny_end_to_end(tiny_experiment):
   assert "At 3 bits average" in (work / "summary.md").read_text()
   # deployed through qwix: the same accuracy as the simulated model, rules that round-trip.
   assert (abs(results.qwix_accuracy - results.accuracy) * 128 <= 1 + 1e-6).all()
-  from safer_jax import deploy
+  from safer_jax.budgeting import deploy
   rules = json.load(open(work / "qwix_rules.json"))
   for row in results.itertuples():
     label = row.source if row.seed < 0 else f"{row.source}_seed{row.seed}"
@@ -186,7 +186,9 @@ def test_quant_sweep_tiny_end_to_end(tiny_experiment):
 def test_quant_sweep_bops_budget(tmp_path, zoo_cache):
   """A BOPs budget (in process): weight bits per MAC within the budget, BOPs as counted."""
   from experiments import quant_sweep
-  from safer_jax import budget, layers, zoo
+  from safer_jax.budgeting import budget
+  from safer_jax.core import layers
+  from safer_jax import zoo
   config = quant_sweep.get_config(tiny=True)
   config.update(budget_unit="bops", sources=("fisher",), qwix=False, progress=False,
                 cache_dir=str(zoo_cache))

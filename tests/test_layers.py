@@ -1,4 +1,4 @@
-"""The named-kernel toolkit of safer_jax.layers against brute-force expectations."""
+"""The named-kernel toolkit of safer_jax.core.layers against brute-force expectations."""
 
 import re
 
@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from safer_jax import layers
+from safer_jax.core import layers
 
 RNG = np.random.default_rng(0)
 
@@ -160,7 +160,7 @@ def test_check_finite_of_one_array_and_under_jit():
 
 def test_abstract_variables_matches_init_without_allocating():
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from safer_jax import train  # pylint: disable=import-outside-toplevel
+  from safer_jax.training import train  # pylint: disable=import-outside-toplevel
   net = nn.Sequential([nn.Conv(4, (3, 3), name="conv"), nn.Dense(3, name="head")])
   abstract = layers.abstract_variables(net, (5, 5, 2), seed=3)
   real = train.init_variables(net, (5, 5, 2), 3)

@@ -1,4 +1,4 @@
-"""Tests of the zoo's causal transformer language model (``lm_tiny``, safer_jax/models/lm.py)."""
+"""Tests of the zoo's causal transformer language model (``lm_tiny``, zoo/models/lm.py)."""
 
 import time
 
@@ -8,8 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from safer_jax import layers, models, perturb, text, train
-from safer_jax.models import lm
+from safer_jax.core import layers, perturb
+from safer_jax.training import train
+from safer_jax.zoo import models, text
+from safer_jax.zoo.models import lm
 
 # lm_tiny on bytes: dim 64, 2 blocks of 4 heads, MLP 256, max_len 64; in execution order.
 EXPECTED_LAYERS = [
@@ -156,7 +158,7 @@ def test_qwix_quantizes_every_dense_layer_as_the_sweep_simulates():
 
   qwix leaves the ``nn.Embed`` tables (``embed/tokens``, ``embed/positions``) in float.
   """
-  from safer_jax import deploy  # pylint: disable=import-outside-toplevel
+  from safer_jax.budgeting import deploy  # pylint: disable=import-outside-toplevel
   model = models.get_model("lm_tiny", num_classes=256)
   v = _init(model)
   x = jax.random.randint(jax.random.key(4), (2, 24), 0, 256)

@@ -11,12 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safer_jax import train, zoo
+from safer_jax import zoo
+from safer_jax.training import train
 
 
 @pytest.fixture
 def short_lm_recipe(monkeypatch):
-  monkeypatch.setitem(zoo.RECIPES, "lm_tiny", train.TrainConfig(epochs=1, batch_size=32))
+  monkeypatch.setitem(zoo.cache.RECIPES, "lm_tiny", train.TrainConfig(epochs=1, batch_size=32))
 
 
 def test_quant_sweep_on_the_language_model(tiny_experiment, short_lm_recipe):
@@ -50,6 +51,6 @@ def test_sensitivity_on_the_language_model(tiny_experiment, short_lm_recipe):
 
 
 def test_image_experiments_refuse_a_language_model(tiny_experiment):
-  from safer_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from safer_jax.core.errors import ConfigError  # pylint: disable=import-outside-toplevel
   with pytest.raises(ConfigError, match="lm_tiny"):
     tiny_experiment("prune_sweep", "model=lm_tiny")

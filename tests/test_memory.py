@@ -4,7 +4,8 @@ import jax
 import pandas as pd
 import pytest
 
-from safer_jax import memory, models, sweep
+from safer_jax.measure import memory, sweep
+from safer_jax.zoo import models
 
 SHAPE = (16, 16, 3)  # resnet8 input; its widest activation is the stem's 16 x 16 x 16
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import train_small
 
-from safer_jax import budget, layers, mixed_precision
+from safer_jax.budgeting import budget, mixed_precision
+from safer_jax.core import layers
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safer_jax import layers, models, train
+from safer_jax.core import layers
+from safer_jax.training import train
+from safer_jax.zoo import models
 
 # The ImageNet architectures have their own tests (tests/test_imagenet_models.py): init and
 # training them here on digits would take minutes on 2 CPU cores.
@@ -95,7 +97,7 @@ def test_short_training_lowers_loss(name, digits):
     (2, 64, 64, 3, 1, "SAME"), (4, 32, 64, 3, 2, "SAME"), (3, 8, 5, 3, 1, "VALID"),
     (2, 16, 8, 1, 1, "SAME"), (8, 4, 6, 3, 1, "SAME"), (5, 3, 7, 3, 2, ((1, 0), (0, 1)))])
 def test_zoo_convolution_matches_lax(hw, cin, cout, k, stride, padding):
-  from safer_jax.models import common
+  from safer_jax.zoo.models import common
   x = jax.random.normal(jax.random.key(0), (7, hw, hw, cin))
   w = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
@@ -109,7 +111,7 @@ def test_zoo_convolution_matches_lax(hw, cin, cout, k, stride, padding):
                                              ((2, 2), ((1, 0), (0, 1)))])
 def test_depthwise_conv_equals_lax_also_under_vmap(strides, padding):
   """Zoo depthwise convs (shifted multiply-adds) equal XLA's grouped conv, also vmapped over kernels."""
-  from safer_jax.models import common
+  from safer_jax.zoo.models import common
   x = jax.random.normal(jax.random.key(0), (3, 7, 8, 6))
   kernels = jax.random.normal(jax.random.key(1), (4, 3, 3, 1, 6))
   dn = jax.lax.conv_dimension_numbers(x.shape, kernels.shape[1:], ("NHWC", "HWIO", "NHWC"))

@@ -1,4 +1,4 @@
-"""Tests of safer_jax.norms: p-norm encoding and the eps-ball geometry, against NumPy."""
+"""Tests of safer_jax.core.norms: p-norm encoding and the eps-ball geometry, against NumPy."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safer_jax import norms, perturb
+from safer_jax.core import norms, perturb
 
 PS = ["1", "2", "inf"]
 

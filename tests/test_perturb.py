@@ -1,4 +1,4 @@
-"""Tests of safer_jax.perturb against independent NumPy references."""
+"""Tests of safer_jax.core.perturb against independent NumPy references."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from safer_jax import perturb as P
+from safer_jax.core import perturb as P
 
 K = (3, 3, 4, 4)  # A conv kernel; shared by many tests so that compilations are reused.
 BIG = (256, 64)  # For statistical tests.

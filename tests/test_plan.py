@@ -1,4 +1,4 @@
-"""Tests of safer_jax.plan: one call from a model, data and a budget to a deployable plan."""
+"""Tests of safer_jax.budgeting.plan: one call from a model, data and a budget to a plan."""
 
 import dataclasses
 import re
@@ -10,7 +10,9 @@ from conftest import train_small
 from flax import nnx
 
 import safer_jax as sj
-from safer_jax import budget, deploy, layers, mixed_precision, plan, pruning, search, train
+from safer_jax.budgeting import budget, deploy, mixed_precision, plan, pruning, search
+from safer_jax.core import layers
+from safer_jax.training import train
 
 CALIB = 128
 
@@ -88,7 +90,7 @@ def test_ratios_plan_is_the_lower_level_allocation(request, digits, name):
   sizes = _sizes(variables)
   kernels = {n: np.asarray(layers.get_kernel(variables, n)) for n in sizes}
   calib = digits.train.take(CALIB)
-  wrapped, _ = sj.wrapping.as_model(model, given)
+  wrapped, _ = sj.core.wrapping.as_model(model, given)
   tables, _ = pruning.cost_tables(wrapped, variables, calib, target.candidates, ("fisher",),
                                   batch_size=CALIB)
   ref = pruning.ratios_for("fisher", 0.7, kernels, tables, target.candidates)

@@ -10,7 +10,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 import pandas as pd  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
-from safer_jax import io, plots  # pylint: disable=wrong-import-position
+from safer_jax.core import io  # pylint: disable=wrong-import-position
+from safer_jax.report import plots  # pylint: disable=wrong-import-position
 
 # Long layer names, as in a deep model's tree.
 LONG = [f"encoder/stage{s}/block{b}/{k}_projection" for s in (1, 2) for b in (1, 2)

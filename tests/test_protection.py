@@ -1,11 +1,12 @@
-"""Tests of safer_jax.protection: protected layers under a budget, bit-flip injection."""
+"""Tests of safer_jax.budgeting.protection: protected layers under a budget, bit-flip injection."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safer_jax import data, layers, protection
+from safer_jax.budgeting import protection
+from safer_jax.core import data, layers
 
 SHAPES = {"conv1": (3, 3, 1, 8), "conv2": (3, 3, 8, 16), "fc1": (64, 32), "head": (32, 10)}
 

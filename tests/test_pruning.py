@@ -1,11 +1,13 @@
-"""Tests of safer_jax.pruning: cost tables, allocations under a sparsity budget, pruned models."""
+"""Tests of safer_jax.budgeting.pruning: cost tables, allocations under a sparsity budget,
+pruned models."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import train_small
 
-from safer_jax import budget, layers, pruning
+from safer_jax.budgeting import budget, pruning
+from safer_jax.core import layers
 
 SHAPES = {"conv1": (3, 3, 1, 8), "conv2": (3, 3, 8, 16), "fc1": (64, 32), "head": (32, 10)}
 CANDIDATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)

@@ -21,7 +21,12 @@ import pytest
 
 import experiments
 from experiments import common
-from safer_jax import errors, io, layers, mixed_precision, models, sweep, train, zoo
+from safer_jax import zoo
+from safer_jax.budgeting import mixed_precision
+from safer_jax.core import errors, io, layers
+from safer_jax.measure import sweep
+from safer_jax.training import train
+from safer_jax.zoo import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,7 +203,7 @@ def test_evaluate_refuses_non_finite_weights_naming_the_leaf(mlp, digits):
     train.evaluate(net.apply, bad, digits.eval)
   assert train.evaluate(net.apply, bad, digits.eval, check_finite=False)["num_examples"] > 0
   with pytest.raises(ValueError, match="Checkpoint leaf .*dense2"):
-    zoo.check_finite(bad)
+    zoo.cache.check_finite(bad)
   with pytest.raises(ValueError, match="dense2.*NaN or inf"):
     layers.check_finite(bad)
 
@@ -255,7 +260,7 @@ def test_three_processes_on_an_empty_cache_train_once(tmp_path):
 
 def test_lock_waits_for_the_holder_then_restores(tmp_path, digits, monkeypatch, capsys):
   entry = zoo.pretrained("mlp", digits, cache_dir=str(tmp_path), config=TINY, progress=False)
-  lock = zoo.EntryLock(entry.path, "mlp")
+  lock = zoo.cache.EntryLock(entry.path, "mlp")
   saved = tmp_path / "saved"
   os.rename(entry.path, saved)  # the entry is "being trained" by the lock holder
   assert lock.try_acquire()
@@ -281,7 +286,7 @@ def test_stale_lock_of_a_dead_process_is_broken(tmp_path, digits):
   with open(path + ".lock", "w", encoding="utf-8") as f:
     json.dump({"pid": int(dead.stdout), "host": socket.gethostname(), "time": 0,
                "token": "old"}, f)
-  lock = zoo.EntryLock(path, "x")
+  lock = zoo.cache.EntryLock(path, "x")
   assert not lock.try_acquire()
   assert lock.acquire() is False  # broken at once, never waited
   assert json.load(open(lock.path))["token"] == lock.token
@@ -290,7 +295,7 @@ def test_stale_lock_of_a_dead_process_is_broken(tmp_path, digits):
   with open(path + ".lock", "w", encoding="utf-8") as f:
     json.dump({"pid": 1, "host": "elsewhere", "time": 0, "token": "old"}, f)
   os.utime(path + ".lock", (0, 0))
-  other = zoo.EntryLock(path, "x", stale_seconds=5)
+  other = zoo.cache.EntryLock(path, "x", stale_seconds=5)
   other.acquire()
   other.release()
   assert os.listdir(tmp_path) == []
@@ -450,7 +455,7 @@ def test_ctrl_c_through_launch_is_one_line_and_status_130(tmp_path, zoo_cache):
 
 def test_results_per_model_and_one_report_for_all(tmp_path):
   import launch  # pylint: disable=import-outside-toplevel
-  from safer_jax import report  # pylint: disable=import-outside-toplevel
+  from safer_jax.report import markdown  # pylint: disable=import-outside-toplevel
   sens = experiments.get_experiment("sensitivity")
   dirs = []
   for model in ("mlp", "lenet", "resnet"):
@@ -467,7 +472,7 @@ def test_results_per_model_and_one_report_for_all(tmp_path):
   io.write_text(str(tmp_path / "criteria_benchmark" / "agreement.md"), "# agreement\n")
   io.write_csv(str(tmp_path / "criteria_benchmark" / "mlp" / "sweep.csv"),
                pd.DataFrame({"a": [1]}))
-  md = open(report.build_report(str(tmp_path))["md"]).read()
+  md = open(markdown.build_report(str(tmp_path))["md"]).read()
   assert "### sensitivity / mlp" in md and "### sensitivity / lenet" in md
   assert "#### sensitivity: mlp" in md and "### agreement" in md
   assert "criteria_benchmark / mlp" not in md  # no summary or figure there
@@ -502,7 +507,7 @@ def _table(n_layers):
 
 @pytest.mark.parametrize("kind", ["heatmap", "lines"])
 def test_figure_title_does_not_overprint_panel_titles(kind, monkeypatch):
-  from safer_jax import plots  # pylint: disable=import-outside-toplevel
+  from safer_jax.report import plots  # pylint: disable=import-outside-toplevel
   figures = _capture(monkeypatch)
   fn = plots.sensitivity_heatmap if kind == "heatmap" else plots.sensitivity_lines
   fn(_table(12), "unused.png", title="a long figure title " * 3)
@@ -516,7 +521,7 @@ def test_figure_title_does_not_overprint_panel_titles(kind, monkeypatch):
 
 
 def test_many_layers_get_distinct_styles():
-  from safer_jax import plots  # pylint: disable=import-outside-toplevel
+  from safer_jax.report import plots  # pylint: disable=import-outside-toplevel
   for n in (3, 10, 15, 20, 40):
     styles = plots.layer_styles(n)
     keys = {(tuple(s["color"]), s.get("ls", "-"), s.get("marker")) for s in styles}

@@ -5,7 +5,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-from safer_jax import io, report  # pylint: disable=wrong-import-position
+from safer_jax.core import io  # pylint: disable=wrong-import-position
+from safer_jax.report import markdown  # pylint: disable=wrong-import-position
 
 
 def test_report_gathers_tables_and_figures(tmp_path):
@@ -15,7 +16,7 @@ def test_report_gathers_tables_and_figures(tmp_path):
   ax.plot([0, 1])
   io.save_figure(str(tmp_path / "quant_sweep" / "curve.png"), fig)
   (tmp_path / "empty").mkdir()
-  paths = report.build_report(str(tmp_path))
+  paths = markdown.build_report(str(tmp_path))
   md = open(paths["md"]).read()
   assert "## quant_sweep" in md and "### quant_sweep" in md and "quant_sweep/curve.png" in md
   assert "empty" not in md

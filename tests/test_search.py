@@ -9,7 +9,11 @@ import pytest
 from compile_log import compile_log
 from conftest import train_small
 
-from safer_jax import layers, mixed_precision, models, perturb, search, sweep, train
+from safer_jax.budgeting import mixed_precision, search
+from safer_jax.core import layers, perturb
+from safer_jax.measure import sweep
+from safer_jax.training import train
+from safer_jax.zoo import models
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +261,7 @@ def test_search_keeps_the_best_start_unless_the_improvement_is_significant():
 
 def test_memory_budget_picks_a_fitting_chunk(mlp):
   """The chunk shrinks to fit memory_budget_bytes (XLA's analysis); too small is a ConfigError."""
-  from safer_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from safer_jax.core.errors import ConfigError  # pylint: disable=import-outside-toplevel
   model, variables, split = mlp
   names = layers.find_layers(variables)
   opts = search.quantized_options(variables, names, (2, 8))

@@ -10,7 +10,10 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     assert jax.local_device_count() == 4, jax.devices()
     from local_cluster import assert_same_sweep
-    from safer_jax import data, models, sweep, train
+    from safer_jax.core import data
+    from safer_jax.measure import sweep
+    from safer_jax.training import train
+    from safer_jax.zoo import models
     ds = data.load_dataset("digits")
     model = models.get_model("lenet")
     # Committed to one device, as restored checkpoints are: the engine must replicate them.
@@ -37,7 +40,11 @@ def test_sharded_sweep_equals_single_device():
 SEARCH_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     assert jax.local_device_count() == 4, jax.devices()
-    from safer_jax import data, layers, models, search, sweep, train
+    from safer_jax.budgeting import search
+    from safer_jax.core import data, layers
+    from safer_jax.measure import sweep
+    from safer_jax.training import train
+    from safer_jax.zoo import models
     ds = data.load_dataset("digits")
     model = models.get_model("lenet")
     variables = train.init_variables(model, ds.input_shape, 0)

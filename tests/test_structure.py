@@ -1,11 +1,13 @@
-"""The code's shape: no import cycles between our modules, no private names used across them.
+"""The code's shape: no import cycles between our modules, no private names used across them,
+and safer_jax's subpackages import each other only as their roles allow (:data:`ALLOWED`).
 
-Both read the source (``ast``), nothing is imported. An import inside a function
+All read the source (``ast``), nothing is imported. An import inside a function
 counts like one at the top: it is how a cycle hides.
 """
 
 import ast
 import os
+import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("safer_jax", "experiments")
@@ -119,3 +121,115 @@ def test_no_private_names_across_modules():
         elif f"{target}.{node.attr}" not in MODULES:
           bad.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
   assert not bad, "private names used across modules:\n" + "\n".join(sorted(set(bad)))
+
+
+# safer_jax's subpackages by role, and the roles each may import besides its own. The rules are
+# as strict as the code allows: every allowed edge is used (training: evaluate; zoo: pretrained
+# trains; measure: the sweep evaluates with training.evaluate; budgeting: cost tables from the
+# sweep and the criteria). Nothing in safer_jax imports the top-level package or experiments/;
+# experiments/, launch.py and tests/ may import anything.
+ROLES = {
+    "safer_jax.core": "core",
+    "safer_jax.training": "training",
+    "safer_jax.zoo": "zoo",
+    "safer_jax.measure": "measure",
+    "safer_jax.criteria": "measure",
+    "safer_jax.budgeting": "budgeting",
+    "safer_jax.report": "report",
+}
+ALLOWED = {
+    "core": set(),
+    "training": {"core"},
+    "zoo": {"core", "training"},
+    "measure": {"core", "training"},
+    "budgeting": {"core", "training", "measure"},
+    "report": {"core"},
+}
+
+
+def _role(module: str) -> str | None:
+  for package, role in ROLES.items():
+    if module == package or module.startswith(package + "."):
+      return role
+  return None
+
+
+def test_every_library_module_has_a_role():
+  """safer_jax/ holds its __init__ and the role subpackages only: no flat modules."""
+  stray = [m for m in MODULES if m.startswith("safer_jax.") and _role(m) is None]
+  assert not stray, f"modules of safer_jax outside the role subpackages {sorted(ROLES)}: {stray}"
+
+
+def test_roles_are_layered():
+  """The allowed imports between roles have no cycle (each role sits above those it imports)."""
+  order = []
+  pending = dict(ALLOWED)
+  while pending:
+    ready = sorted(r for r, deps in pending.items() if set(deps) <= set(order))
+    assert ready, f"cycle among the allowed role imports: {pending}"
+    order += ready
+    for r in ready:
+      del pending[r]
+
+
+def test_imports_follow_the_roles():
+  bad = []
+  for name, path in MODULES.items():
+    if not name.startswith("safer_jax."):
+      continue
+    role = _role(name)
+    tree = ast.parse(open(path).read())
+    for module, item, node in _imports(name, tree):
+      target = f"{module}.{item}" if item and f"{module}.{item}" in MODULES else module
+      where = f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {target}"
+      if target.split(".")[0] != "safer_jax":
+        bad.append(f"{where}: the library must not import {target.split('.')[0]}/")
+      elif target == "safer_jax":
+        bad.append(f"{where}: import the module that defines the name, not the top-level package")
+      elif _role(target) not in {role} | ALLOWED[role]:
+        allowed = ", ".join(sorted(ALLOWED[role])) or "nothing else"
+        bad.append(f"{where} (role {_role(target)}): {role} may import {allowed}")
+  assert not bad, "imports against the roles (tests/test_structure.py ALLOWED):\n" + \
+      "\n".join(sorted(set(bad)))
+
+
+def _defined_names(path: str) -> set[str]:
+  """The names a module defines or imports at its top level, and those of its ``__all__``."""
+  names = set()
+  for node in ast.parse(open(path).read()).body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      names.add(node.name)
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+      for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+        names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        if getattr(target, "id", None) == "__all__" and node.value is not None:
+          names |= {e.value for e in ast.walk(node.value) if isinstance(e, ast.Constant)}
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+  return names
+
+
+def test_every_import_of_ours_exists():
+  """Each ``import safer_jax...`` / ``from safer_jax... import x`` names a module or a name that
+  exists in this checkout (an old flat path would otherwise still import from another installed
+  copy)."""
+  bad = []
+  for name, path in MODULES.items():
+    tree = ast.parse(open(path).read())
+    found = [(module, item, node.lineno) for module, item, node in _imports(name, tree)]
+    for node in ast.walk(tree):  # the scripts tests run in other processes
+      if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+          "import" in node.value and "safer_jax" in node.value:
+        try:
+          script = ast.parse(textwrap.dedent(node.value))
+        except SyntaxError:
+          continue
+        found += [(module, item, node.lineno) for module, item, _ in _imports(name, script)]
+    for module, item, lineno in found:
+      where = f"{os.path.relpath(path, ROOT)}:{lineno}"
+      if module not in MODULES:
+        bad.append(f"{where}: no module {module}")
+      elif (item is not None and item != "*" and f"{module}.{item}" not in MODULES
+            and item not in _defined_names(MODULES[module])):
+        bad.append(f"{where}: {module} has no {item}")
+  assert not bad, "imports of names that do not exist:\n" + "\n".join(sorted(set(bad)))

@@ -12,7 +12,9 @@ import pytest
 from compile_log import compile_log
 from conftest import train_small
 
-from safer_jax import layers, models, perturb, staged, sweep
+from safer_jax.core import layers, perturb, staged
+from safer_jax.measure import sweep
+from safer_jax.zoo import models
 
 
 @pytest.fixture(scope="module")

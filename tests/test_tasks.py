@@ -1,4 +1,4 @@
-"""Tests of safer_jax.tasks: each preset against NumPy, tasks through the sweep, LMs, errors.
+"""Tests of safer_jax.core.tasks: each preset against NumPy, tasks through the sweep, LMs, errors.
 
 References are written here, independently of the library: float64 NumPy losses,
 a plain Python loop over layers for the sweeps.
@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 
 import safer_jax as sj
-from safer_jax import data, layers, mixed_precision, perturb, search, sweep, tasks, text
-from safer_jax import train
-from safer_jax.models.lm import TransformerLM
+from safer_jax.budgeting import mixed_precision, search
+from safer_jax.core import data, layers, perturb, tasks
+from safer_jax.measure import sweep
+from safer_jax.training import train
+from safer_jax.zoo import text
+from safer_jax.zoo.models.lm import TransformerLM
 
 QUANT = sweep.SweepConfig(families={"quantize": (2, 4, 8)}, seeds=(0,))
 
@@ -263,7 +266,7 @@ def test_two_input_model_sweep_equal_at_every_batch_size(pooled):
 @pytest.mark.parametrize("inputs", [{"ids": "ids", "mask": "mask"}, ["ids", "mask"]],
                          ids=["dict", "list"])
 def test_preset_takes_a_dict_or_list_of_inputs(pooled, inputs):
-  """The presets take ``inputs={keyword: array name}`` or a list of names (safer_jax.tasks)."""
+  """The presets take ``inputs={keyword: array name}`` or a list of names (safer_jax.core.tasks)."""
   model, variables, split = pooled
   task = tasks.classification(inputs=inputs, label="label")
   assert task is tasks.classification(inputs=inputs, label="label")  # cached, as documented

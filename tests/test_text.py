@@ -1,4 +1,4 @@
-"""Tests of safer_jax.text: the embedded pydoc corpus and tfds text datasets under mock data."""
+"""Tests of safer_jax.zoo.text: the embedded pydoc corpus and tfds text datasets under mock data."""
 
 import socket
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from safer_jax import data, text
+from safer_jax.core import data
+from safer_jax.zoo import text
 
 USE_CODE = tfds.testing.MockPolicy.USE_CODE
 

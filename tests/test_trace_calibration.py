@@ -11,7 +11,8 @@ import pytest
 
 from experiments import common
 from experiments import trace_calibration as tc
-from safer_jax import criteria, errors, layers
+from safer_jax import criteria
+from safer_jax.core import errors, layers
 
 
 class _Tiny(nn.Module):

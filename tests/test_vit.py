@@ -1,12 +1,14 @@
-"""Tests of the zoo's tiny Vision Transformer (``vit_tiny``, safer_jax/models/vit.py)."""
+"""Tests of the zoo's tiny Vision Transformer (``vit_tiny``, safer_jax/zoo/models/vit.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safer_jax import layers, models, perturb, train
-from safer_jax.models import vit
+from safer_jax.core import layers, perturb
+from safer_jax.training import train
+from safer_jax.zoo import models
+from safer_jax.zoo.models import vit
 
 # vit_tiny: 2x2 patches of 8x8x1 digits -> 16 tokens, dim 32, 2 blocks, 4 heads of 8, MLP 64.
 EXPECTED_LAYERS = [

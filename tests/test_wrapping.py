@@ -13,8 +13,12 @@ import flax.linen as nn
 from flax import nnx
 
 import safer_jax as sj
-from safer_jax import benchmark, budget, criteria, mixed_precision, wrapping
-from safer_jax import layers as layers_lib
+from safer_jax import criteria
+from safer_jax.budgeting import budget, mixed_precision
+from safer_jax.core import layers as layers_lib
+from safer_jax.core import wrapping
+from safer_jax.core import data
+from safer_jax.training import train
 
 ALL_CRITERIA = sorted(criteria.CRITERIA)
 LINEN_CRITERIA = ("fisher", "hessian_trace", "integrated_gradients")
@@ -133,21 +137,21 @@ def test_criteria_equal_on_nnx_state_linen_and_plain(models, digits):
   """All criteria take an nnx.State and a loss over it; same numbers as the pure-dict path."""
   net = models["nnx"]
   snap = _state_snapshot(net)
-  batches = benchmark.batches_from_split(digits.train, 32, 2)
+  batches = data.batches_from_split(digits.train, 32, 2)
   graphdef, params, rest = nnx.split(net, nnx.Param, ...)
 
   def state_loss(p, batch):  # what an nnx user writes
     module = nnx.merge(graphdef, p, rest)
     module.eval()
     logits = module(batch["image"])
-    return jnp.mean(sj.train.cross_entropy(logits, batch["label"]))
+    return jnp.mean(sj.training.train.cross_entropy(logits, batch["label"]))
 
   opts = {"hessian_trace": {"max_probes": 8}, "hawq_v2": {"max_probes": 8},
           "top_eigenvalue": {"max_iter": 10}, "corruption_pga": {"steps": 2},
           "integrated_gradients": {"steps": 4}}
   key = jax.random.key(3)
   ref, _ = criteria.compute_all(
-      ALL_CRITERIA, benchmark.classifier_loss_fn(models["apply_fn"], None),
+      ALL_CRITERIA, train.task_loss_fn(models["apply_fn"], None),
       models["variables"]["params"], batches, key=key, options=opts)
   paths = {
       "nnx_state": criteria.compute_all(ALL_CRITERIA, state_loss, params, batches, key=key,
@@ -155,7 +159,7 @@ def test_criteria_equal_on_nnx_state_linen_and_plain(models, digits):
       # The linen path differs from the plain one only in the forward (covered by the sweep
       # and evaluate tests): a gradient, a curvature and a path-integral criterion suffice.
       "linen": criteria.compute_all(LINEN_CRITERIA,
-                                    benchmark.classifier_loss_fn(models["linen"], None),
+                                    train.task_loss_fn(models["linen"], None),
                                     models["variables"]["params"], batches, key=key,
                                     options={k: v for k, v in opts.items()
                                              if k in LINEN_CRITERIA})[0]}
@@ -202,12 +206,12 @@ def test_nnx_train_mode_updates_batch_stats_only_in_the_copy(models, digits):
 
 def test_gradcam_on_nnx_equals_linen(models, digits):
   x = digits.eval.images[:4]
-  linen = sj.attribution.gradcam(models["linen"], models["variables"], x, "conv")
+  linen = sj.measure.attribution.gradcam(models["linen"], models["variables"], x, "conv")
   wrapped = sj.wrap(models["nnx"])
-  got = sj.attribution.gradcam(wrapped, wrapped.variables, x, "conv")
+  got = sj.measure.attribution.gradcam(wrapped, wrapped.variables, x, "conv")
   np.testing.assert_allclose(got, linen, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="plain apply function"):
-    sj.attribution.gradcam(models["apply_fn"], models["variables"], x, "conv")
+    sj.measure.attribution.gradcam(models["apply_fn"], models["variables"], x, "conv")
 
 
 def test_bad_models_are_refused_with_what_is_accepted(models):

@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from safer_jax import train, zoo
+from safer_jax import zoo
+from safer_jax.core import checkpoints
+from safer_jax.training import train
 
 TINY = train.TrainConfig(epochs=2)
 
@@ -53,8 +55,8 @@ def test_damaged_checkpoint_is_detected_and_retrained(tmp_path, digits, damage):
       f.seek(os.path.getsize(victim) // 2)
       f.write(bytes(b ^ 0xFF for b in chunk))
   abstract = jax.eval_shape(lambda: entry.variables)
-  with pytest.raises(zoo.CorruptCheckpointError):
-    zoo.restore_checkpoint(entry.path, abstract)
+  with pytest.raises(checkpoints.CorruptCheckpointError):
+    checkpoints.restore_checkpoint(entry.path, abstract)
   again = zoo.pretrained("mlp", digits, seed=0, cache_dir=str(tmp_path), config=TINY,
                          progress=False)
   assert not again.restored  # retrained, not silently loaded
@@ -66,21 +68,22 @@ def test_half_written_checkpoint_is_ignored(tmp_path, digits):
   path = str(tmp_path / "entry")
   os.makedirs(os.path.join(path, "0.orbax-checkpoint-tmp-123"))
   with pytest.raises(FileNotFoundError):
-    zoo.restore_checkpoint(path, {"params": {}})
+    checkpoints.restore_checkpoint(path, {"params": {}})
   del digits
 
 
 def test_checksum_detects_one_changed_value():
   tree = {"params": {"a": np.zeros((3,), np.float32)}}
   other = {"params": {"a": np.array([0, 0, 1e-30], np.float32)}}
-  assert zoo.checksum(tree) != zoo.checksum(other)
-  assert zoo.checksum(tree) == zoo.checksum({"params": {"a": np.zeros((3,), np.float32)}})
+  assert checkpoints.checksum(tree) != checkpoints.checksum(other)
+  assert checkpoints.checksum(tree) == checkpoints.checksum(
+      {"params": {"a": np.zeros((3,), np.float32)}})
 
 
 def test_image_size_is_part_of_the_cache_entry(tmp_path, digits):
   """The same dataset name at another image size is another entry, not a failed restore."""
   import dataclasses  # pylint: disable=import-outside-toplevel
-  from safer_jax import data  # pylint: disable=import-outside-toplevel
+  from safer_jax.core import data  # pylint: disable=import-outside-toplevel
 
   def padded(split):
     return data.Split(np.pad(split.images, ((0, 0), (2, 2), (2, 2), (0, 0))), split.labels)
@@ -102,9 +105,9 @@ def test_imagenet_size_models_are_not_trained_unless_asked(tmp_path, monkeypatch
   def forbidden(*args, **kwargs):
     raise AssertionError(f"called with {args} {kwargs}")
 
-  monkeypatch.setattr(zoo.data_lib, "load_dataset", forbidden)
-  monkeypatch.setattr(zoo.train_lib, "train", forbidden)
-  monkeypatch.setattr(zoo, "_restore_or_train", forbidden)
+  monkeypatch.setattr(zoo.cache.data_lib, "load_dataset", forbidden)
+  monkeypatch.setattr(zoo.cache.train_lib, "train", forbidden)
+  monkeypatch.setattr(zoo.cache, "_restore_or_train", forbidden)
   with pytest.raises(ValueError) as err:
     zoo.pretrained(name, "digits", cache_dir=str(tmp_path), progress=False)
   msg = str(err.value)
@@ -114,7 +117,7 @@ def test_imagenet_size_models_are_not_trained_unless_asked(tmp_path, monkeypatch
   assert not os.listdir(tmp_path)  # nothing cached.
 
   calls = []
-  monkeypatch.setattr(zoo, "_restore_or_train", lambda *args: calls.append(args) or "entry")
+  monkeypatch.setattr(zoo.cache, "_restore_or_train", lambda *args: calls.append(args) or "entry")
   got = zoo.pretrained(name, digits, cache_dir=str(tmp_path), progress=False,
                        train_from_scratch=True)
   assert got == "entry" and len(calls) == 1 and calls[0][0] == name

@@ -7,7 +7,7 @@ Every criterion has the signature::
 with ``loss_fn(params, batch) -> scalar`` the mean loss over a batch, ``params``
 a Flax params pytree, ``batches`` a sequence of batches (gradients and
 Hessians are averaged over them, each batch weighted equally) and ``layers``
-``None`` or regex patterns over layer paths (``safer_jax.layers``). Each
+``None`` or regex patterns over layer paths (``safer_jax.core.layers``). Each
 criterion acts on the layers' kernels; second-order ones on the Hessian block
 of one kernel at a time. Data-free criteria accept ``loss_fn=batches=None``.
 

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safer_jax import distributed
-from safer_jax import layers as layers_lib
-from safer_jax import wrapping
-from safer_jax.errors import check_bits, check_nonneg_float, check_positive_int  # noqa: F401
+from safer_jax.core import caches
+from safer_jax.core import distributed
+from safer_jax.core import layers as layers_lib
+from safer_jax.core import wrapping
+from safer_jax.core.errors import check_bits, check_nonneg_float, check_positive_int  # noqa: F401
 
 Params = Mapping[str, Any]
 Batch = Any
@@ -77,7 +78,7 @@ def accepts_nnx_state(criterion: Callable) -> Callable:
   The state is replaced by its pure dict (layer paths as the user's state
   shows them, ``nnx.List`` indices as strings) and ``loss_fn`` by a function of
   that dict that rebuilds the state before calling the user's ``loss_fn``
-  (:class:`safer_jax.wrapping.StateLossFn`): the numbers equal those of the
+  (:class:`safer_jax.core.wrapping.StateLossFn`): the numbers equal those of the
   pure-dict path, and scores are keyed by those layer paths.
   """
 
@@ -369,6 +370,10 @@ def to_float(x: Any) -> float:
   return float(jax.device_get(x))
 
 
+@caches.register
 def clear_compiled() -> None:
-  """Forgets the memoised compiled functions of :func:`cached_jit` (e.g. between models)."""
+  """Forgets the memoised compiled functions of :func:`cached_jit` (e.g. between models).
+
+  One of the caches :func:`safer_jax.clear_caches` empties.
+  """
   _generation[0] += 1

@@ -20,11 +20,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from safer_jax import layers as layers_lib
-from safer_jax import norms
+from safer_jax.core import layers as layers_lib
+from safer_jax.core import norms
+from safer_jax.core.progress import Progress
 from safer_jax.criteria import _common
-from safer_jax.progress import Progress
-from safer_jax.norms import dual_norm, project  # noqa: F401  (public here too)
+from safer_jax.core.norms import dual_norm, project  # noqa: F401  (public here too)
 
 
 def _check_n(n: Any) -> int | None:
@@ -59,7 +59,7 @@ def corruption_first_order(loss_fn: _common.LossFn, params: _common.Params, batc
   """First-order estimate of the worst-case corruption loss increase, eps_abs * ||g||_q.
 
   The maximiser of <g, a> over ``||a||_p <= eps_abs`` (and at most ``n_sparse``
-  non-zeros) is ``safer_jax.norms.steepest_ascent``; its value is
+  non-zeros) is ``safer_jax.core.norms.steepest_ascent``; its value is
   ``eps_abs * ||g||_q`` with ``1/p + 1/q = 1`` (p=2: ||g||_2, p=inf: sum |g|,
   p=1: max |g|). With ``n_sparse`` the q-norm is taken over the ``n_sparse``
   largest |g| (p=inf: their sum; p=2: their 2-norm; p=1: unchanged).

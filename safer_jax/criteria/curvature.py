@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from safer_jax import layers as layers_lib
+from safer_jax.core import layers as layers_lib
 from safer_jax.criteria import _common
 from safer_jax.criteria._common import kernels_hvp  # every layer's HVP in one call (tests)
+from safer_jax.core.progress import Progress
 from safer_jax.criteria import confidence as confidence_lib
 from safer_jax.criteria.data_free import quant_sq_errors
-from safer_jax.progress import Progress
 
 
 class TraceEstimate(NamedTuple):
@@ -707,7 +707,7 @@ def hawq_v2(loss_fn: _common.LossFn, params: _common.Params, batches: Any, *,
 
   score = tr(H) / n * ||Q_b(W) - W||_2^2 (Dong et al. 2020), the second-order
   loss increase of quantizing the layer to ``bits`` bits when the error is
-  spread isotropically. ``Q_b`` is ``safer_jax.perturb.quantize``; tr(H) is
+  spread isotropically. ``Q_b`` is ``safer_jax.core.perturb.quantize``; tr(H) is
   the Hutchinson estimate (see ``hutchinson_trace``).
 
   Args:

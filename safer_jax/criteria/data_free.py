@@ -13,10 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from safer_jax import layers as layers_lib
-from safer_jax import norms
+from safer_jax.core import layers as layers_lib
+from safer_jax.core import norms
+from safer_jax.core.perturb import quantize
 from safer_jax.criteria import _common
-from safer_jax.perturb import quantize
 
 def param_count(loss_fn: Any, params: _common.Params, batches: Any = None, *,
                 layers: Any = None, key: jax.Array | None = None) -> _common.Scores:
@@ -51,7 +51,7 @@ def weight_norm(loss_fn: Any, params: _common.Params, batches: Any = None, *,
     loss_fn, params, batches, layers, key: the criterion signature (:mod:`safer_jax.criteria`);
       data-free: ``loss_fn``, ``batches`` and ``key`` are ignored (may be None).
     ord: ``'l1'`` (sum |w|), ``'l2'`` (sqrt of sum w^2) or ``'linf'`` (max |w|);
-      any spelling of :func:`safer_jax.norms.normalize_p` (``1``, ``2``, ``inf``) works.
+      any spelling of :func:`safer_jax.core.norms.normalize_p` (``1``, ``2``, ``inf``) works.
     per_param: normalise by the kernel size n: ``'l1'`` -> mean |w|,
       ``'l2'`` -> root mean square ||W||_2 / sqrt(n), ``'linf'`` unchanged.
 
@@ -66,7 +66,7 @@ def weight_norm(loss_fn: Any, params: _common.Params, batches: Any = None, *,
     p = norms.normalize_p(ord)
   except ValueError:
     raise ValueError(f"Unsupported ord={ord!r}; allowed: 'l1', 'l2', 'linf' "
-                     f"(or any p of safer_jax.norms.normalize_p).") from None
+                     f"(or any p of safer_jax.core.norms.normalize_p).") from None
   names = _common.setup_data_free(params, layers)
   out = {}
   for n in names:
@@ -84,7 +84,7 @@ def quant_error(loss_fn: Any, params: _common.Params, batches: Any = None, *,
                 layers: Any = None, key: jax.Array | None = None, bits: int = 4) -> _common.Scores:
   """Squared quantization error ||Q_b(W) - W||_2^2 of each layer's kernel.
 
-  ``Q_b`` is ``safer_jax.perturb.quantize`` (symmetric, per output channel).
+  ``Q_b`` is ``safer_jax.core.perturb.quantize`` (symmetric, per output channel).
   This is the weight-space distortion that HAWQ-v2 multiplies by the mean
   Hessian eigenvalue.
 
@@ -108,7 +108,8 @@ def quant_error(loss_fn: Any, params: _common.Params, batches: Any = None, *,
 
 
 def quant_sq_error(w: jax.Array, bits: int) -> jax.Array:
-  """``||Q_b(w) - w||_2^2``: the squared error of :func:`safer_jax.perturb.quantize` at ``bits``.
+  """``||Q_b(w) - w||_2^2``: the squared error of :func:`safer_jax.core.perturb.quantize` at
+  ``bits``.
 
   Args:
     w: float kernel, any shape (per output channel = last axis).

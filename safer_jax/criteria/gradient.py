@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from safer_jax import layers as layers_lib
+from safer_jax.core import layers as layers_lib
 from safer_jax.criteria import _common
 
 

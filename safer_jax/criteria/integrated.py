@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safer_jax import layers as layers_lib
+from safer_jax.core import layers as layers_lib
+from safer_jax.core.perturb import quantize
+from safer_jax.core.progress import Progress
 from safer_jax.criteria import _common
-from safer_jax.perturb import quantize
-from safer_jax.progress import Progress
 
 _BASELINES = ("zero", "quantized")
 _RULES = ("gauss_legendre", "riemann")
@@ -96,7 +96,7 @@ def integrated_gradients_attributions(
       program: on XLA:CPU, 4 nodes in one call took 15x one node's time (zoo
       mobilenet_v2, 32 images).
     full_range: the ``'quantized'`` baseline on qwix's full signed grid
-      (:func:`safer_jax.perturb.quantize_grid`).
+      (:func:`safer_jax.core.perturb.quantize_grid`).
     progress: show layers done and an ETA (stderr).
 
   Returns:

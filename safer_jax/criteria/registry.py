@@ -9,10 +9,10 @@ from typing import Any
 
 import jax
 
-from safer_jax.criteria import corruption, curvature, data_free, gradient, integrated
+from safer_jax.core.progress import Progress
 from safer_jax.criteria import _common
+from safer_jax.criteria import corruption, curvature, data_free, gradient, integrated
 from safer_jax.criteria import settings
-from safer_jax.progress import Progress
 
 Criterion = Callable[..., _common.Scores]
 
