@@ -321,7 +321,7 @@ class Plan:
     if self.kind != "bits":
       raise ValueError(f"verify() needs a bits plan (qwix deploys bit widths); this plan holds "
                        f"pruning ratios (kind={self.kind!r}).")
-    from safer_jax import deploy  # pylint: disable=import-outside-toplevel
+    from safer_jax.budgeting import deploy  # pylint: disable=import-outside-toplevel
     return deploy.verify(model, variables, self.values, *example_inputs, **kwargs)
 
   def to_json(self) -> str:
