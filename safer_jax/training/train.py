@@ -389,6 +389,8 @@ def train(model: nn.Module, dataset: data_lib.Dataset, config: TrainConfig = Tra
   bs = min(config.batch_size, n)
   steps_per_epoch = n // bs
   task.validate_split(dataset.train, "training split")
+  if wrapping.is_model(model) and not isinstance(model, (wrapping.WrappedModel, nn.Module)):
+    model = wrapping.wrap(model)  # an nnx.Module: its variables (the module is not changed)
   if variables is None and isinstance(model, wrapping.WrappedModel):
     variables = model.variables
   elif variables is None and generic:
