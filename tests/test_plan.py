@@ -4,6 +4,7 @@ import dataclasses
 import re
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from conftest import train_small
@@ -192,7 +193,6 @@ def test_protect_plan_takes_the_most_sensitive_weights_per_param_and_keeps_the_b
   assert p.resource == sum(sizes[n] for n in p.protected) <= p.capacity == int(0.3 * sum(sizes.values()))
   # Independently: grad norm per kernel weight from jax.grad, layers greedily by that score.
   loss_fn = train.task_loss_fn(model, variables)
-  import jax  # pylint: disable=import-outside-toplevel
   g = jax.grad(loss_fn)(variables["params"], calib.as_batch())
   score = {n: float(np.linalg.norm(np.asarray(layers.get_kernel({"params": g}, n)))) / sizes[n]
            for n in sizes}

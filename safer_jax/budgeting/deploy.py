@@ -284,8 +284,6 @@ def quantized_apply(model: Any, rules: Sequence[qwix.QtRule]) -> Callable:
   if not isinstance(model, wrapping.WrappedModel):  # a linen module, run in inference mode
     quantized = qwix.quantize_model(model, provider)
     mode = wrapping.inference_kwargs(model)  # e.g. a `train` flag without a default
-    if not mode:
-      return _jit(quantized.apply)
     return _jit(lambda variables, *args, **kw: quantized.apply(variables, *args, **{**mode, **kw}))
   kwargs = dict(model.apply_kwargs)
   if model.kind == "linen":

@@ -149,7 +149,7 @@ class ProtectBudget:
     fraction: the share of all kernel weights that may be protected, in ``[0, 1]``.
     per_param: rank the layers by score per kernel weight (what a weight of
       protection buys) instead of by score; layers are then taken greedily in
-      that order while they fit (:func:`safer_jax.protection.select_protected`).
+      that order while they fit (:func:`safer_jax.budgeting.protection.select_protected`).
 
   Raises:
     ValueError: a bad value, naming it and what is allowed.
@@ -210,11 +210,15 @@ class Plan:
   source: str
   search: dict | None = None
 
+  def _require(self, kind: str, what: str, why: str) -> None:
+    """Raises ValueError naming ``what`` unless this is a ``kind`` plan."""
+    if self.kind != kind:
+      raise ValueError(f"{what} needs a {kind} plan ({why}); this plan holds kind={self.kind!r}.")
+
   @property
   def protected(self) -> list[str]:
     """A protect plan's protected layers, in layer order."""
-    if self.kind != "protect":
-      raise ValueError(f"protected needs a 'protect' plan; this plan holds kind={self.kind!r}.")
+    self._require("protect", "protected", "layers kept fault-free")
     return [n for n, p in self.values.items() if p]
 
   def apply(self, variables: Any) -> dict:
@@ -228,7 +232,8 @@ class Plan:
     if self.kind == "protect":
       raise ValueError("apply() of a protect plan: protection changes no weight; plan.evaluate("
                        "model, data, rate=...) measures it under random bit flips, "
-                       "safer_jax.protection.inject(variables, names, mask, rate, key) injects them.")
+                       "safer_jax.budgeting.protection.inject(variables, names, mask, rate, key) "
+                       "injects them.")
     if self.kind == "bits":
       return mixed_precision.quantize_model(variables, self.values)
     return pruning.prune_model(variables, self.values)
@@ -257,9 +262,10 @@ class Plan:
     model, variables = wrapping.as_model(model, variables)
     if self.kind != "protect":
       return train_lib.evaluate(model, self.apply(variables), data, task=task)
-    if tasks_lib.get(task).name != "classification":
+    task_name = tasks_lib.get(task).name
+    if task_name != "classification":
       raise ValueError(f"evaluate() of a protect plan measures classification under bit flips; "
-                       f"task {tasks_lib.get(task).name!r} is not supported.")
+                       f"task {task_name!r} is not supported.")
     if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
       raise ValueError(f"seeds={seeds!r}; allowed: an integer >= 1 (fault patterns).")
     if not (_is_number(rate) and 0 <= rate <= 1):
@@ -282,12 +288,10 @@ class Plan:
     ``group_size``). :func:`safer_jax.budgeting.deploy.from_qwix_rules` reads them back.
 
     Raises:
-      ValueError: a ratios plan (qwix deploys bit widths; prune with :meth:`apply`).
+      ValueError: not a bits plan (qwix deploys bit widths; prune with :meth:`apply`).
     """
-    if self.kind != "bits":
-      raise ValueError(f"to_qwix() needs a bits plan (qwix deploys bit widths); this plan holds "
-                       f"pruning ratios (kind={self.kind!r}): use plan.apply(variables) for the "
-                       f"pruned variables.")
+    self._require("bits", "to_qwix()", "qwix deploys bit widths; plan.apply(variables) gives "
+                  "pruned variables")
     from safer_jax.budgeting import deploy  # pylint: disable=import-outside-toplevel  # qwix: ~1 s
     return deploy.to_qwix_rules(self.values, variables=variables, group_size=group_size)
 
@@ -306,21 +310,19 @@ class Plan:
   def verify(self, model: Any, variables: Any, *example_inputs: Any, **kwargs: Any) -> Any:
     """Whether qwix deploys this plan as simulated, layer by layer and all together.
 
-    :func:`safer_jax.deploy.verify` of :attr:`values`: prints as a table, ``.ok``
+    :func:`safer_jax.budgeting.deploy.verify` of :attr:`values`: prints as a table, ``.ok``
     is True when every layer's deployed output matches the simulation.
 
     Args:
       model: the model (linen with ``variables``, nnx or wrapped).
       variables: its float variables (None for a wrapped or nnx model).
       *example_inputs: one batch of inputs (e.g. a few images; ids and a mask).
-      **kwargs: :func:`safer_jax.deploy.verify`'s options (``atol``, ``axes``, ...).
+      **kwargs: :func:`safer_jax.budgeting.deploy.verify`'s options (``atol``, ``axes``, ...).
 
     Raises:
-      ValueError: a ratios plan.
+      ValueError: not a bits plan.
     """
-    if self.kind != "bits":
-      raise ValueError(f"verify() needs a bits plan (qwix deploys bit widths); this plan holds "
-                       f"pruning ratios (kind={self.kind!r}).")
+    self._require("bits", "verify()", "qwix deploys bit widths")
     from safer_jax.budgeting import deploy  # pylint: disable=import-outside-toplevel
     return deploy.verify(model, variables, self.values, *example_inputs, **kwargs)
 
@@ -398,10 +400,9 @@ def _allocate_protection(model, variables, calib, budget: ProtectBudget, source:
                      f"{sorted(criteria.CRITERIA)}.")
   names = layers_lib.find_layers(variables)
   sizes = {n: int(np.size(layers_lib.get_kernel(variables, n))) for n in names}
-  size = min(CALIB_BATCH, len(calib))
   scores, _ = criteria.compute_all(
       [source], train_lib.task_loss_fn(model, variables, task), variables["params"],
-      calib.batches(size, max(1, len(calib) // size)), key=jax.random.key(seed),
+      calib.batches(CALIB_BATCH), key=jax.random.key(seed),
       layers=[re.escape(n) for n in names])
   score = {n: float(scores[source][n]) / (sizes[n] if budget.per_param else 1) for n in names}
   chosen = set(protection.select_protected(score, sizes, budget.fraction))
