@@ -19,7 +19,8 @@ The package, by role (each imports only the roles above it in this list):
 """
 
 from safer_jax import budgeting, core, criteria, measure, report, training, zoo
-from safer_jax.budgeting.plan import BitBudget, Plan, ProtectBudget, RatioBudget, allocate
+from safer_jax.budgeting.plan import (BitBudget, Plan, Planner, ProtectBudget, RatioBudget,
+                                      allocate)
 from safer_jax.core import tasks
 from safer_jax.core.caches import clear_caches
 from safer_jax.core.data import Dataset, Split, load_dataset
@@ -46,7 +47,7 @@ __all__ = [
     "Dataset", "Split", "load_dataset",
     "find_layers", "get_kernel", "replace_kernel", "select_layers",
     "get_model", "list_models",
-    "BitBudget", "Plan", "ProtectBudget", "RatioBudget", "allocate",
+    "BitBudget", "Plan", "Planner", "ProtectBudget", "RatioBudget", "allocate",
     "SweepConfig", "importance", "run_sweep",
     "TrainConfig", "evaluate", "fit", "init_variables", "task_loss_fn",
     "pretrained",

@@ -153,7 +153,7 @@ def test_clear_errors(linen, digits):
     sj.BitBudget(9)
   with pytest.raises(ValueError, match=r"candidates=\(0, 4\).*1\.\.16.*bad: \[0\]"):
     sj.BitBudget(4.0, candidates=(0, 4))
-  with pytest.raises(ValueError, match=r"unit='bytes'; allowed: \['bits'\]"):
+  with pytest.raises(ValueError, match=r"unit='bytes'; allowed: \['bits', 'bops'\]"):
     sj.BitBudget(4.0, unit="bytes")
   with pytest.raises(ValueError, match=r"sparsity=1\.0 is out of range; allowed: .*\[0, 1\)"):
     sj.RatioBudget(1.0)
@@ -221,3 +221,164 @@ def test_protect_plan_takes_the_most_sensitive_weights_per_param_and_keeps_the_b
     sj.allocate(model, variables, calib, sj.ProtectBudget(0.3), source="nope")
   with pytest.raises(ValueError, match="not searched"):
     sj.allocate(model, variables, calib, sj.ProtectBudget(0.3), source="fisher", search=4)
+
+
+# ---------------------------------------------------------------------------
+# Planner: many budgets on one model, each cost table once.
+# ---------------------------------------------------------------------------
+
+
+def _counting(monkeypatch, module):
+  """Patches ``module.cost_tables`` to record the sources of each call; returns the record."""
+  calls, real = [], module.cost_tables
+
+  def counted(*args, **kwargs):
+    calls.append(tuple(args[4]))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(module, "cost_tables", counted)
+  return calls
+
+
+def test_planner_computes_each_table_once_across_budgets(linen, digits, monkeypatch):
+  model, variables = linen
+  bit_calls = _counting(monkeypatch, mixed_precision)
+  ratio_calls = _counting(monkeypatch, pruning)
+  planner = sj.Planner(model, variables, digits, calib_examples=CALIB)
+  tables = planner.cost_tables(sj.BitBudget(3.0), ("fisher", "quant_error", "uniform"))
+  assert list(tables) == ["fisher", "quant_error"] and bit_calls == [("fisher", "quant_error")]
+  plans = [planner.allocate(sj.BitBudget(b), source=s, search=n)
+           for b in (3.0, 4.0, 6.0) for s, n in (("fisher", 0), ("quant_error", 4))]
+  assert bit_calls == [("fisher", "quant_error")]  # every budget reused the two tables
+  planner.allocate(sj.BitBudget(3.0, candidates=(2, 4, 8)))  # other candidates: a new table
+  planner.allocate(sj.BitBudget(3.0, full_range=False))  # another grid: a new table
+  assert bit_calls[1:] == [("fisher",), ("fisher",)]
+  # ... and gave what sj.allocate (a planner of its own) gives
+  assert plans[2] == sj.allocate(model, variables, digits, sj.BitBudget(4.0),
+                                 calib_examples=CALIB)
+  for sparsity in (0.5, 0.7, 0.9):
+    planner.allocate(sj.RatioBudget(sparsity), source="fisher")
+  assert ratio_calls == [("fisher",)]
+  assert set(planner.seconds) == {"fisher", "quant_error"}
+
+
+def test_planner_search_from_several_sources_is_search_allocation_from_their_solutions(
+    linen, digits):
+  model, variables = linen
+  planner = sj.Planner(model, variables, digits, calib_examples=CALIB, search_examples=256,
+                       search_batch=4, seed=3)
+  b = sj.BitBudget(3.5)
+  starts = {s: planner.allocate(b, source=s).values for s in ("fisher", "quant_error", "uniform")}
+  p = planner.allocate(b, source=("fisher", "quant_error", "uniform"), search=10)
+  sizes, cands = _sizes(variables), b.candidates
+  ev = search.AllocationEvaluator(model, variables, digits.train.take(256),
+                                  search.quantized_options(variables, list(sizes), cands))
+  ref = search.search_allocation(ev, {n: {w: sizes[n] * w for w in cands} for n in sizes},
+                                 p.capacity, starts, evaluations=10, batch=4, seed=3)
+  assert p.values == ref.allocation and p.resource == ref.resource <= p.capacity
+  assert p.method == "search" and p.source == ("fisher", "quant_error", "uniform")
+  assert set(p.search["starts"]) == set(starts) and p.search["start"] == ref.result.start
+  assert p.search["calib_examples"] == 256 and p.search["skipped_starts"] == []
+  assert sj.Plan.from_json(p.to_json()) == p
+  # pruning: a start over the budget (uniform's per-layer flooring) is skipped, not fatal
+  r = planner.allocate(sj.RatioBudget(0.77), source=("uniform", "fisher"), search=6)
+  assert r.search["skipped_starts"] == ["uniform"] and list(r.search["starts"]) == ["fisher"]
+  assert r.resource <= r.capacity
+
+
+def test_planner_baselines_are_the_lower_level_ones(linen, digits):
+  model, variables = linen
+  planner = sj.Planner(model, variables, digits, calib_examples=CALIB, seed=5)
+  sizes, b = _sizes(variables), sj.BitBudget(3.7)
+  cap = budget.budget_from_avg_bits(sizes, 3.7)
+  uniform = planner.allocate(b, source="uniform")
+  assert uniform.values == budget.uniform_allocation(sizes, b.candidates, cap).bits
+  assert uniform.method == "uniform"
+  for seed in (None, 1):
+    drawn = planner.allocate(b, source="random", seed=seed)
+    ref = budget.random_allocation(sizes, b.candidates, cap, 5 if seed is None else seed)
+    assert drawn.values == ref.bits and drawn.method == "random" and drawn.resource <= cap
+
+
+def test_planner_bops_budget_weighs_layers_by_their_macs(digits):
+  model, variables = train_small(digits, "lenet", epochs=1)
+  planner = sj.Planner(model, variables, digits, calib_examples=CALIB)
+  macs = layers.macs_per_layer(model.apply, variables, digits.eval.images[:1])
+  names = list(planner.macs)
+  assert planner.macs == macs and len(set(macs[n] / _sizes(variables)[n] for n in names)) > 1
+  p = planner.allocate(sj.BitBudget(3.0, unit="bops"), source="quant_error")
+  table = planner.cost_tables(p.budget, ("quant_error",))["quant_error"]
+  ref = budget.allocate_bits(table, macs, p.budget.candidates,
+                             budget.budget_from_avg_bits(macs, 3.0))
+  assert p.values == ref.bits and p.resource == sum(macs[n] * b for n, b in p.values.items())
+  assert p.capacity == ref.budget_bits and p.resource <= p.capacity
+  assert p.resource == budget.bops(p.values, macs, 8) // 8
+  size = planner.allocate(sj.BitBudget(3.0), source="quant_error")
+  assert size.values != p.values  # the units weigh layers differently here
+  assert sj.Plan.from_json(p.to_json()) == p
+
+
+def test_planner_honours_tie_groups_and_the_grid(linen, digits):
+  model, variables = linen
+  planner = sj.Planner(model, variables, digits, calib_examples=CALIB)
+  ties = [["dense1/fc", "head/fc"]]
+  b = sj.BitBudget(3.3, tie_groups=ties, full_range=False, group_size=16)
+  assert b.tie_groups == (("dense1/fc", "head/fc"),)
+  sizes = _sizes(variables)
+  cap = budget.budget_from_avg_bits(sizes, 3.3)
+  table = planner.cost_tables(b, ("fisher",))["fisher"]
+  for source, seed in (("fisher", None), ("random", 0), ("random", 1)):
+    p = planner.allocate(b, source=source, seed=seed)
+    assert p.values["dense1/fc"] == p.values["head/fc"]
+    ref = (budget.allocate_bits(table, sizes, b.candidates, cap, tie_groups=ties)
+           if source == "fisher" else
+           budget.random_allocation(sizes, b.candidates, cap, seed, tie_groups=ties))
+    assert p.values == ref.bits
+  searched = planner.allocate(b, source=("fisher", "uniform"), search=8)
+  assert searched.values["dense1/fc"] == searched.values["head/fc"]
+  # the grid: the table, the applied weights and the qwix rules follow the budget's
+  ref_tables, _ = mixed_precision.cost_tables(model, variables, digits.train.take(CALIB),
+                                              b.candidates, ("fisher",), max_batches=None,
+                                              full_range=False, group_size=16)
+  assert table == ref_tables["fisher"]
+  applied = p.apply(variables)
+  want = mixed_precision.quantize_model(variables, p.values, full_range=False, group_size=16)
+  assert all(np.array_equal(layers.get_kernel(applied, n), layers.get_kernel(want, n))
+             for n in sizes)
+  assert p.to_qwix(variables) == deploy.to_qwix_rules(p.values, variables=variables,
+                                                      group_size=16)
+  assert sj.Plan.from_json(searched.to_json()) == searched
+
+
+def test_planner_clear_errors(linen, digits):
+  model, variables = linen
+  planner = sj.Planner(model, variables, digits, calib_examples=CALIB)
+  with pytest.raises(ValueError, match=r"tie_groups name \['nope'\].*allowed: \['dense1/fc'"):
+    planner.allocate(sj.BitBudget(4.0, tie_groups=(("nope", "head/fc"),)))
+  with pytest.raises(ValueError, match=r"tie_groups=.*each layer in one group"):
+    sj.BitBudget(4.0, tie_groups=(("a", "b"), ("b", "c")))
+  with pytest.raises(ValueError, match=r"tie_groups='ab'; allowed: groups of layer paths"):
+    sj.BitBudget(4.0, tie_groups="ab")
+  with pytest.raises(ValueError, match=r"group_size=0; allowed: None .* integer >= 1"):
+    sj.BitBudget(4.0, group_size=0)
+  with pytest.raises(ValueError, match=r"full_range='yes'; allowed: True or False"):
+    sj.BitBudget(4.0, full_range="yes")
+  with pytest.raises(ValueError, match=r"source=\('fisher', 'uniform'\) names several sources"
+                                       r".*search > 0"):
+    planner.allocate(sj.BitBudget(4.0), source=("fisher", "uniform"))
+  with pytest.raises(ValueError, match=r"source=\(\); allowed: a source name"):
+    planner.allocate(sj.BitBudget(4.0), source=(), search=4)
+  with pytest.raises(ValueError, match=r"Unknown source 'nope' for bit widths"):
+    planner.allocate(sj.BitBudget(4.0), source=("fisher", "nope"), search=4)
+  with pytest.raises(ValueError, match=r"seed=-1; allowed: an integer >= 0"):
+    planner.allocate(sj.BitBudget(4.0), source="random", seed=-1)
+  with pytest.raises(ValueError, match=r"recalibrate_bn=True: the model has no BatchNorm"):
+    planner.allocate(sj.BitBudget(4.0), search=4, recalibrate_bn=True)
+  with pytest.raises(ValueError, match=r"cost_tables\(\) of a ProtectBudget"):
+    planner.cost_tables(sj.ProtectBudget(0.3), ("fisher",))
+  with pytest.raises(ValueError, match=r"search=4 starts from sources \['uniform', 'erk'\]"):
+    planner.allocate(sj.RatioBudget(0.77), source=("uniform", "erk"), search=4)
+  with pytest.raises(ValueError, match=r"search_batch=0; allowed: an integer >= 1"):
+    sj.Planner(model, variables, digits, search_batch=0)
+  with pytest.raises(ValueError, match=r"calib_examples=0; allowed: an integer >= 1"):
+    sj.Planner(model, variables, digits, calib_examples=0)

@@ -1,7 +1,8 @@
 """From sensitivities to a compressed model: per-layer budgets, and applying them.
 
 * :mod:`~safer_jax.budgeting.plan` -- ``safer_jax.allocate(model, variables, data,
-  budget)`` -> a :class:`~safer_jax.budgeting.plan.Plan`;
+  budget)`` -> a :class:`~safer_jax.budgeting.plan.Plan`; a
+  :class:`~safer_jax.budgeting.plan.Planner` for many budgets (each cost table once);
 * :mod:`~safer_jax.budgeting.budget` -- bit widths / pruning ratios under a budget
   (exact knapsack);
 * :mod:`~safer_jax.budgeting.mixed_precision`, :mod:`~safer_jax.budgeting.pruning` --
