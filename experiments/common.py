@@ -649,19 +649,20 @@ def validate_search(check: "Checker", magnitude: str, rule: Callable) -> None:
   check.rule("interaction.top", integer(2, note="layers paired in the interaction figure"))
 
 
-def search_record(result) -> dict:
-  """What ``search.json`` keeps of one :class:`safer_jax.budgeting.search.SearchResult`.
+def search_record(record: dict) -> dict:
+  """What ``search.json`` keeps of one search: a :class:`safer_jax.Plan`'s ``search`` record.
 
   Evaluations, seconds, where the result came from, its calibration scores and those of the
   best start (lowest calibration loss) and of every start.
   """
-  best_start = min(result.starts, key=lambda k: result.starts[k][1])
-  return {"evaluations": result.evaluations, "seconds": result.seconds,
-          "converged": result.converged, "from": result.start, "calib_loss": result.loss,
-          "calib_accuracy": result.accuracy, "best_start": best_start,
-          "best_start_calib_loss": result.starts[best_start][1], "z": result.z,
-          "kept_start": result.kept_start,
-          "starts": {k: {"accuracy": a, "loss": l} for k, (a, l) in result.starts.items()}}
+  starts = record["starts"]
+  best_start = min(starts, key=lambda k: starts[k]["loss"])
+  return {"evaluations": record["evaluations"], "seconds": record["seconds"],
+          "converged": record["converged"], "from": record["start"],
+          "calib_loss": record["calib_loss"], "calib_accuracy": record["calib_accuracy"],
+          "best_start": best_start, "best_start_calib_loss": starts[best_start]["loss"],
+          "z": float("nan") if record["z"] is None else record["z"],
+          "kept_start": record["kept_start"], "starts": starts}
 
 
 def write_allocation_files(workdir: str, results: pd.DataFrame, costs: dict, summary: str,

@@ -17,6 +17,9 @@ loss, without fine-tuning. Sources:
   - ``fisher`` — Σ F_ii w_i² over the removed weights, F the diagonal
     empirical Fisher (:func:`safer_jax.criteria.fisher_diagonal`).
 
+  Each allocation is one :meth:`safer_jax.Planner.allocate` call (one planner:
+  each cost table once).
+
 * ``searched`` — whole allocations measured, not per-layer costs added: a
   batched local search (:mod:`safer_jax.budgeting.search`) from every source's ratios,
   scored by loss on ``search.examples`` training images; with BatchNorm,
@@ -43,6 +46,7 @@ import pandas as pd
 
 from experiments import common
 from safer_jax.budgeting import budget, pruning, search
+from safer_jax.budgeting import plan as plan_lib
 from safer_jax.core import io, layers, perturb
 from safer_jax.core.errors import ConfigError
 from safer_jax.report import plots
@@ -67,7 +71,7 @@ def get_config(tiny: bool = False):
   # Interaction-aware search (source 'searched'): `evals` whole-model evaluations per target,
   # from every source's ratios, selected by loss on `examples` training images (never the
   # eval split), `batch` candidates per batched evaluation; the candidate ratios plus every
-  # source's ratios are the options. evals=0: off.
+  # source's ratios at that target are the options. evals=0: off.
   config.search = common.search_config(tiny)
   # The interaction figure: every layer pruned alone and the `top` most sensitive ones in
   # pairs, at pruning ratio `ratio` (None: no figure).
@@ -103,56 +107,42 @@ def run(config, workdir: str) -> dict:
   entry = common.pretrained(config)
   variables, split = entry.variables, entry.dataset.eval
   names = layers.find_layers(variables)
-  kernels = {n: np.asarray(layers.get_kernel(variables, n)) for n in names}
-  sizes = {n: int(w.size) for n, w in kernels.items()}
+  sizes = {n: int(layers.get_kernel(variables, n).size) for n in names}
   candidates = tuple(float(r) for r in config.candidates)
-  unknown = [s for s in config.sources if s not in FIXED_SOURCES + COST_SOURCES]
-  if unknown:
-    raise ValueError(f"Unknown source(s) {unknown}; valid: {list(FIXED_SOURCES + COST_SOURCES)}")
-  calib = entry.dataset.train.take(config.calib_examples)
+  planner = plan_lib.Planner(
+      entry.model, variables, entry.dataset.train, calib_examples=config.calib_examples,
+      search_examples=config.search.examples, batch_size=config.calib_batch_size,
+      seed=config.seed, search_batch=config.search.batch, progress=config.progress)
+  budgets = {float(t): plan_lib.RatioBudget(float(t), candidates) for t in config.targets}
   cost_sources = [s for s in config.sources if s in COST_SOURCES]
-  print(f"cost tables from {len(calib)} calibration images: {cost_sources}", flush=True)
-  tables, seconds = pruning.cost_tables(entry.model, variables, calib, candidates, cost_sources,
-                                        names=names, batch_size=config.calib_batch_size,
-                                        progress=config.progress)
+  print(f"cost tables from {len(planner.calib)} calibration images: {cost_sources}", flush=True)
+  tables = planner.cost_tables(next(iter(budgets.values())), config.sources)
+  seconds = dict(planner.seconds)
   base = train.evaluate(entry.model.apply, variables, split)
   bn = bool(config.bn_recalibration) and "batch_stats" in variables
-  allocations = {}  # (source, target) -> ratios
-  for target in config.targets:
+  plans = {}  # (source, target) -> Plan
+  for target, ratio_budget in budgets.items():
     for source in config.sources:
       try:
-        allocations[source, float(target)] = pruning.ratios_for(source, float(target), kernels,
-                                                                tables, candidates)
+        plans[source, target] = planner.allocate(ratio_budget, source=source)
       except ValueError as e:  # e.g. an unreachable target for the candidate ratios
         print(f"  {source} at {target}: {e}", flush=True)
-  searching = config.search.evals > 0 and bool(allocations)
-  if searching or config.interaction.ratio:
-    search_split = entry.dataset.train.take(config.search.examples)
-  if searching:
-    # Options: the candidate ratios and every ratio a source gave the layer (sorted).
-    options = search.pruned_options(variables, {n: sorted(
-        set(candidates) | {float(r[n]) for r in allocations.values()}) for n in names})
-    evaluators = {"searched": search.AllocationEvaluator(entry.model, variables, search_split,
-                                                         options)}
-    if bn:  # a second search scored after re-estimating BatchNorm, as the _bn columns are
-      evaluators["searched_bn"] = search.AllocationEvaluator(
-          entry.model, variables, search_split, options,
-          transform=lambda v: train.recalibrate_bn(entry.model, v, calib.images))
-    evaluator = evaluators["searched"]
-    kept = {n: {r: sizes[n] - budget.prune_count(r, sizes[n]) for r in evaluator.values[n]}
-            for n in names}
-    seconds.update({label: 0.0 for label in evaluators})
+  # Searches from every source's ratios; with BatchNorm a second one scored after
+  # re-estimating its statistics, as the _bn columns are.
+  searches_by = ({"searched": False, **({"searched_bn": True} if bn else {})}
+                 if config.search.evals > 0 and plans else {})
+  seconds.update({label: 0.0 for label in searches_by})
 
-  def measure(source: str, target: float, ratios: dict) -> dict:
+  def measure(source: str, target: float, plan: plan_lib.Plan) -> dict:
     """The row of one allocation: held-out accuracy and loss (BN re-estimated, fine-tuned)."""
-    pruned = pruning.prune_model(variables, ratios)
+    pruned = plan.apply(variables)
     m = train.evaluate(entry.model.apply, pruned, split)
     row = {"source": source, "target": target,
-           "achieved_sparsity": budget.global_sparsity(ratios, sizes),
+           "achieved_sparsity": budget.global_sparsity(plan.values, sizes),
            "accuracy": m["accuracy"], "loss": m["loss"],
            "accuracy_drop": base["accuracy"] - m["accuracy"]}
     if bn:
-      recalibrated = train.recalibrate_bn(entry.model, pruned, calib.images)
+      recalibrated = train.recalibrate_bn(entry.model, pruned, planner.calib.images)
       mb = train.evaluate(entry.model.apply, recalibrated, split)
       row.update(accuracy_bn=mb["accuracy"], loss_bn=mb["loss"])
     if config.finetune_steps > 0:
@@ -162,29 +152,25 @@ def run(config, workdir: str) -> dict:
                              learning_rate=float(config.finetune_lr), seed=config.seed)
       mf = train.evaluate(entry.model.apply, tuned, split)
       row.update(accuracy_ft=mf["accuracy"], loss_ft=mf["loss"])
-    return {**row, "ratios": json.dumps({n: float(ratios[n]) for n in names})}
+    return {**row, "ratios": json.dumps(plan.values)}
 
   rows, searches = [], []
-  for target in config.targets:
-    target = float(target)
-    for source in config.sources:
-      if (source, target) in allocations:
-        rows.append(measure(source, target, allocations[source, target]))
-    capacity = sum(sizes.values()) - budget.prune_count(target, sum(sizes.values()))
-    starts = {s: r for (s, t), r in allocations.items() if t == target
-              and sum(kept[n][float(r[n])] for n in names) <= capacity} if searching else {}
-    for label, ev in (evaluators.items() if starts else ()):
-      found = search.search_allocation(
-          ev, kept, capacity, {s: {n: float(r[n]) for n in names} for s, r in starts.items()},
-          evaluations=config.search.evals, batch=config.search.batch, seed=config.seed,
-          progress=config.progress)
-      r = found.result
-      seconds[label] += r.seconds
+  for target, ratio_budget in budgets.items():
+    reached = [s for s in config.sources if (s, target) in plans]
+    rows += [measure(s, target, plans[s, target]) for s in reached]
+    for label, recalibrate in (searches_by.items() if reached else ()):
+      try:
+        plan = planner.allocate(ratio_budget, source=reached, search=config.search.evals,
+                                recalibrate_bn=recalibrate)
+      except ValueError as e:  # every source's ratios over the budget (per-layer flooring)
+        print(f"  {label} at {target}: {e}", flush=True)
+        continue
+      r = plan.search
+      seconds[label] += r["seconds"]
       searches.append({"source": label, "target": target, **common.search_record(r),
-                       "skipped_starts": sorted(s for (s, t) in allocations
-                                                if t == target and s not in starts)})
-      rows.append({**measure(label, target, found.allocation),
-                   "search_evals": r.evaluations, "search_seconds": r.seconds})
+                       "skipped_starts": r["skipped_starts"]})
+      rows.append({**measure(label, target, plan),
+                   "search_evals": r["evaluations"], "search_seconds": r["seconds"]})
     print(f"  sparsity {target:.2f}: " + ", ".join(
         f"{r['source']} {100 * r['accuracy']:.1f}%"
         + (f" (bn {100 * r['accuracy_bn']:.1f}%)" if bn else "")
@@ -192,9 +178,9 @@ def run(config, workdir: str) -> dict:
   interactions = None
   if config.interaction.ratio:
     interactions = search.interactions(
-        entry.model, variables, search_split,
-        {n: perturb.prune(jnp.asarray(kernels[n]), float(config.interaction.ratio))
-         for n in names}, top=min(config.interaction.top, len(names)))
+        entry.model, variables, planner.search_split,
+        {n: perturb.prune(jnp.asarray(w), float(config.interaction.ratio))
+         for n, w in planner.kernels.items()}, top=min(config.interaction.top, len(names)))
   if not rows:
     raise ConfigError(f"--config.targets={tuple(config.targets)}: no source reached any target "
                       f"with the candidate ratios {candidates}; add a fixed source (uniform, "

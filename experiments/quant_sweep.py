@@ -5,7 +5,9 @@ uniform and random) and each budget (average bits per weight, weighted by
 parameter count): allocate a bit width per layer exactly (multiple-choice
 knapsack, :func:`safer_jax.budgeting.budget.allocate_bits`), build that model and measure
 its real accuracy and loss on the eval split. Costs are computed on
-calibration data from the *training* split, never on the eval split.
+calibration data from the *training* split, never on the eval split. Every
+allocation is one :meth:`safer_jax.Planner.allocate` call (one planner: each cost
+table once) and measured through the :class:`safer_jax.Plan` it returns.
 
 Quantization follows qwix's convention by default (``full_range``: the full
 signed grid, what qwix deploys), and each allocation is also deployed *through
@@ -41,7 +43,8 @@ from ml_collections import config_dict
 
 from experiments import common
 from safer_jax.budgeting import budget, deploy, mixed_precision, search
-from safer_jax.core import data, io, layers, staged, tasks
+from safer_jax.budgeting import plan as plan_lib
+from safer_jax.core import data, io, layers, tasks
 from safer_jax.measure import activations
 from safer_jax.report import plots
 from safer_jax.training import train
@@ -102,9 +105,10 @@ def validate(config, check: common.Checker) -> None:
   """Bit widths, budgets, sources, seeds and tie groups (see :func:`common.validate_config`)."""
   check.rule("candidates", common.sequence(common.integer(1, 16), unique=True,
                                            note="bit widths"))
-  lowest = min(config.candidates)
+  lowest, highest = min(config.candidates), max(config.candidates)
   check.rule("budgets", common.sequence(common.number(
-      lowest, note=f"average bits per weight, at least the smallest candidate ({lowest})")))
+      lowest, highest, note="average bits per weight, from the smallest to the largest "
+      "candidate")))
   check.rule("sources", common.sequence(common.choice(mixed_precision.COST_SOURCES),
                                         nonempty=False, unique=True))
   check.rule("random_seeds", common.sequence(common.SEED, nonempty=False, unique=True))
@@ -182,6 +186,14 @@ def text_defaults(config):
   return config
 
 
+def _bit_budget(config, avg: float, ties: list[list[str]] | None) -> plan_lib.BitBudget:
+  """The :class:`safer_jax.budgeting.plan.BitBudget` of ``avg`` under ``config``'s unit, grid
+  and ties."""
+  return plan_lib.BitBudget(avg, tuple(int(b) for b in config.candidates),
+                            unit=config.budget_unit, tie_groups=ties or (),
+                            full_range=config.full_range, group_size=config.group_size)
+
+
 def run(config, workdir: str) -> dict:
   if models.ALIASES.get(config.model, config.model) in models.TEXT_MODELS:
     config = text_defaults(config)
@@ -189,87 +201,62 @@ def run(config, workdir: str) -> dict:
   task = entry.task
   score = score_of(task)
   variables, split = entry.variables, entry.dataset.eval
+  calib = plan_lib.calibration_split(entry.dataset.train, config.calib_examples)
   # The layers qwix deploys (kernels of Dense/Conv/Einsum); embeddings stay in float.
-  names = [n for n in layers.find_layers(variables) if layers.kernel_leaf(variables, n) == "kernel"]
+  names = plan_lib.quantized_layers(variables)
+  apply = entry.model.apply
+  if config.quantize_acts:  # W + A: every layer's input at act_bits, calibrated ranges
+    ranges = activations.input_ranges(entry.model, variables, data.batches_from_split(
+        calib, config.calib_batch_size), names)
+    apply = activations.quantized_inputs_apply(entry.model, ranges, config.act_bits)
+  planner = plan_lib.Planner(
+      entry.model, variables, entry.dataset.train, task=task,
+      calib_examples=config.calib_examples, search_examples=config.search.examples,
+      batch_size=config.calib_batch_size, seed=config.seed, search_batch=config.search.batch,
+      search_model=apply if config.quantize_acts else None, progress=config.progress)
   kept = [n for n in layers.find_layers(variables) if n not in names]
   if kept:
     print(f"kept in float (qwix does not quantize embedding lookups): {kept}", flush=True)
   sizes = {n: int(layers.get_kernel(variables, n).size) for n in names}
-  macs = layers.macs_per_layer(entry.model.apply, variables,
-                               staged.split_inputs(split, task))
-  macs = {n: macs[n] for n in names}
-  # The knapsack's item weights: kernel weights (bits budget) or MACs (BOPs budget); a budget
-  # of `avg` allows sum(weights * bits) <= avg * sum(weights).
-  weights = macs if config.budget_unit == "bops" else sizes
+  macs = {n: planner.macs[n] for n in names}
   ties = _tie_groups(config.tie_groups)
   tie_qkv = (config.tie_qkv if config.tie_qkv is not None
              else models.ALIASES.get(entry.name, entry.name) in models.TEXT_MODELS)
   if tie_qkv:
     ties = (ties or []) + mixed_precision.tie_groups(names)
     print(f"tied bit widths: {ties}", flush=True)
-  if ties:
-    layers.select_layers(variables, [n for g in ties for n in g])  # unknown names -> error
-  candidates = tuple(int(b) for b in config.candidates)
-  for b in candidates:
-    if not 1 <= b <= 16:
-      raise ValueError(f"bits={b} in candidates is out of range; allowed: integers 1..16")
-  min_avg = min(candidates)
-  for avg in config.budgets:
-    if avg < min_avg:
-      raise ValueError(f"budget {avg} average bits is below the smallest candidate "
-                       f"({min_avg} bits): infeasible.")
-  calib = entry.dataset.train.take(config.calib_examples)
+  budgets = {avg: _bit_budget(config, avg, ties) for avg in config.budgets}
   print(f"cost tables from {len(calib)} calibration examples: {list(config.sources)}",
         flush=True)
-  tables, seconds = mixed_precision.cost_tables(
-      entry.model, variables, calib, candidates, tuple(config.sources),
-      batch_size=config.calib_batch_size, seed=config.seed, full_range=config.full_range,
-      group_size=config.group_size, progress=config.progress, task=task,
-      layers=[re.escape(n) for n in names])
-  apply = entry.model.apply
-  if config.quantize_acts:  # W + A: every layer's input at act_bits, calibrated ranges
-    ranges = activations.input_ranges(entry.model, variables, data.batches_from_split(
-        calib, config.calib_batch_size), names)
-    apply = activations.quantized_inputs_apply(entry.model, ranges, config.act_bits)
+  tables = planner.cost_tables(next(iter(budgets.values())), config.sources)
+  seconds = dict(planner.seconds)
   base = train.evaluate(entry.model.apply, variables, split, task=task)
   rows, rules, deployed = [], {}, {}
 
-  def qwix_rules(bits: dict) -> list:
-    return deploy.to_qwix_rules(bits, group_size=config.group_size, variables=variables)
-
-  def through_qwix(bits: dict) -> dict:
+  def through_qwix(plan: plan_lib.Plan) -> dict:
     """The allocation deployed by qwix and evaluated (one compilation per distinct one)."""
-    key = tuple(sorted(bits.items()))
+    key = tuple(sorted(plan.values.items()))
     if key not in deployed:
-      apply = deploy.quantized_apply(entry.model, qwix_rules(bits))
-      deployed[key] = train.evaluate(apply, variables, split, task=task)
+      deployed[key] = train.evaluate(plan.deploy(entry.model, variables), variables, split,
+                                     task=task)
     return deployed[key]
 
-  plan = [(s, None) for s in config.sources] + [("uniform", None)] + [
+  baselines = [(s, None) for s in config.sources] + [("uniform", None)] + [
       ("random", seed) for seed in config.random_seeds]
-  model = apply if config.quantize_acts else entry.model
   searching = config.search.evals > 0
-  if searching or config.interaction.bits:
-    search_split = entry.dataset.train.take(config.search.examples)
   if searching:
-    options = search.quantized_options(variables, names, candidates, full_range=config.full_range,
-                                       group_size=config.group_size)
-    evaluator = search.AllocationEvaluator(model, variables, search_split, options, task=task)
-    resource = {n: {b: weights[n] * b for b in candidates} for n in names}
-    plan.append(("searched", None))
     seconds["searched"] = 0.0
 
-  def measure(source: str, seed: int | None, avg: float, bits: dict, solver: str) -> dict:
+  def measure(source: str, seed: int | None, avg: float, plan: plan_lib.Plan,
+              solver: str) -> dict:
     """The row of one allocation: held-out accuracy and loss, qwix, size, BOPs."""
-    quantized = mixed_precision.quantize_model(variables, bits, full_range=config.full_range,
-                                               group_size=config.group_size)
-    m = train.evaluate(apply, quantized, split, task=task)
-    bits = {n: int(bits[n]) for n in names}
+    m = plan.evaluate(apply, split, task, variables=variables)
+    bits = plan.values
     # (W + A: qwix's QtProvider refuses a convolution whose input and weight types differ.)
-    q = (through_qwix(bits) if config.qwix and not config.quantize_acts
+    q = (through_qwix(plan) if config.qwix and not config.quantize_acts
          else {score.column: np.nan, "loss": np.nan})
     label = source if seed is None else f"{source}_seed{seed}"
-    rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(qwix_rules(bits))
+    rules.setdefault(label, {})[f"{avg:g}"] = deploy.rules_to_json(plan.to_qwix(variables))
     size_bits = sum(sizes[n] * b for n, b in bits.items())
     return {"source": source, "seed": -1 if seed is None else seed, "budget_avg_bits": avg,
             "budget_unit": config.budget_unit,
@@ -286,40 +273,30 @@ def run(config, workdir: str) -> dict:
             "bits": json.dumps(bits), "solver": solver}
 
   searches = []
-  for avg in config.budgets:
-    cap = budget.budget_from_avg_bits(weights, avg)
-    starts = {}
-    for source, seed in plan:
-      if source == "searched":
-        found = search.search_allocation(
-            evaluator, resource, cap, starts, tie_groups=ties, evaluations=config.search.evals,
-            batch=config.search.batch, seed=config.seed, progress=config.progress)
-        r = found.result
-        seconds["searched"] += r.seconds
-        searches.append({"budget_avg_bits": avg, **common.search_record(r)})
-        rows.append({**measure(source, None, avg, found.allocation, f"search from {r.start}"),
-                     "search_evals": r.evaluations, "search_seconds": r.seconds})
-        continue
-      if source == "uniform":
-        alloc = budget.uniform_allocation(weights, candidates, cap)
-      elif source == "random":
-        alloc = budget.random_allocation(weights, candidates, cap, seed, tie_groups=ties)
-      else:
-        alloc = budget.allocate_bits(tables[source], weights, candidates, cap, tie_groups=ties)
-      if seed is None:
-        starts[source] = {n: int(alloc.bits[n]) for n in names}
-      rows.append(measure(source, seed, avg, alloc.bits, alloc.method))
+  for avg, bit_budget in budgets.items():
+    for source, seed in baselines:
+      plan = planner.allocate(bit_budget, source=source, seed=seed)
+      rows.append(measure(source, seed, avg, plan, plan.method))
+    if searching:  # from the knapsack solutions of every source, and uniform
+      plan = planner.allocate(bit_budget, source=(*config.sources, "uniform"),
+                              search=config.search.evals)
+      r = plan.search
+      seconds["searched"] += r["seconds"]
+      searches.append({"budget_avg_bits": avg, **common.search_record(r)})
+      rows.append({**measure("searched", None, avg, plan, f"search from {r['start']}"),
+                   "search_evals": r["evaluations"], "search_seconds": r["seconds"]})
     print(f"  budget {avg:4.1f} bits: " + ", ".join(
-        f"{r['source']} {score.fmt(r[score.column])}" for r in rows[-len(plan):]
-        if r["seed"] <= 0), flush=True)
+        f"{r['source']} {score.fmt(r[score.column])}"
+        for r in rows[-len(baselines) - searching:] if r["seed"] <= 0), flush=True)
   interactions = None
   if config.interaction.bits:
     perturbed = {n: mixed_precision.quantize_model(
         variables, {n: config.interaction.bits}, full_range=config.full_range,
         group_size=config.group_size)["params"] for n in names}
     perturbed = {n: layers.get_kernel(p, n) for n, p in perturbed.items()}
-    interactions = search.interactions(model, variables, search_split, perturbed,
-                                       top=min(config.interaction.top, len(names)), task=task)
+    interactions = search.interactions(planner.search_model, variables, planner.search_split,
+                                       perturbed, top=min(config.interaction.top, len(names)),
+                                       task=task)
   results = pd.DataFrame(rows)
   check = None
   if config.qwix and config.verify and not config.quantize_acts:
