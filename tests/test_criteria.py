@@ -327,17 +327,44 @@ def test_fixed_probes_report_confidence_without_a_target():
   assert est["l0"].warning is None and 0.0 <= est["l0"].confidence <= 1.0
 
 
+def _t_dof(x):
+  """Kurtosis-matched degrees of freedom, from scipy's moments: 2 / (2 / (P - 1) + k / P)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  p = x.shape[0]
+  k = max(float(np.max(stats.kurtosis(x, axis=0, fisher=True, bias=True))), 0.0)
+  return max(2 / (2 / (p - 1) + k / p), 1.0)
+
+
 def test_ranking_confidence_matches_student_t_for_one_pair():
-  """Two layers: the confidence is the t_{P-1} probability of the difference's sign."""
+  """Two layers: the confidence is the t probability of the difference beyond the tie band."""
   from scipy import stats  # pylint: disable=import-outside-toplevel
   from safer_jax.criteria import confidence  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(3)
   for p in (5, 12, 40):
     x = rng.standard_normal((p, 2)) + np.array([1.5, 0.0])
     d = x[:, 0] - x[:, 1]
-    expected = stats.t.cdf(abs(d.mean()) / (d.std(ddof=1) / math.sqrt(p)), p - 1)
+    se = d.std(ddof=1) / math.sqrt(p)
+    expected = stats.t.cdf(abs(d.mean()) / se, _t_dof(x))
     v = confidence.verdict(x, tie_rtol=0.0, target=0.5, n_draws=40000)
     assert len(v.above) == 1 and abs(v.confidence - expected) < 0.01, (p, v, expected)
+    # Normal probes: the degrees of freedom stay near P - 1.
+    assert confidence.degrees_of_freedom(x) == pytest.approx(_t_dof(x), rel=1e-9)
+  # Heavy-tailed probes (exponential, excess kurtosis 6): fewer degrees of freedom, wider tails.
+  x = rng.exponential(size=(64, 2)) * np.array([3.0, 1.0])
+  assert confidence.degrees_of_freedom(x) == pytest.approx(_t_dof(x), rel=1e-9)
+  assert confidence.degrees_of_freedom(x) < 0.5 * 63
+  # With a tie band the confidence is that of the gap exceeding it (10% of the larger mean
+  # here: means ~1.0 and ~0.75, band ~0.1), not merely of the order: lower, and the t value.
+  x = 0.6 * rng.standard_normal((24, 2)) + np.array([1.0, 0.75])
+  d = x[:, 0] - x[:, 1]
+  se = d.std(ddof=1) / math.sqrt(24)
+  band = 0.1 * x[:, 0].mean()
+  banded = confidence.verdict(x, tie_rtol=0.1, target=0.5, n_draws=40000)
+  plain = confidence.verdict(x, tie_rtol=0.0, target=0.5, n_draws=40000)
+  assert len(banded.above) == 1
+  assert banded.confidence == pytest.approx(stats.t.cdf((d.mean() - band) / se, _t_dof(x)),
+                                            abs=0.02)
+  assert banded.confidence < plain.confidence - 0.01
   # Three layers, 1.0 / 0.99 / 0.5, stderr ~0.009: the first two cannot be ordered but are
   # surely within 5% (tied, settled); with tie_rtol=0 they stay unresolved, reported tied.
   x = np.array([1.0, 0.99, 0.5]) + 0.05 * rng.standard_normal((32, 3))
