@@ -53,7 +53,7 @@ def test_snippets_run(page, tmp_path, zoo_cache):
 
 
 def test_runner_names_the_failing_snippet_and_stops(tmp_path):
-  """A failing snippet: its page and index and its traceback, no later snippet run; fresh globals."""
+  """A failing snippet: its page:index and traceback, no later snippet run; fresh globals."""
   snippets = [["page.md:0", "x = 1"], ["page.md:1", "print(x)"], ["page.md:2", "print('later')"]]
   out = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(snippets), cwd=tmp_path,
                        capture_output=True, text=True, timeout=60, check=False)
