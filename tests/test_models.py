@@ -29,7 +29,9 @@ def test_output_shape_on_another_input_and_class_count(name):
   assert logits.shape == (3, 7) and logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", ALL)
+# vit_tiny's stages: tests/test_vit.py (names, every parameter path, stage by stage and
+# prefix + suffix against the full forward).
+@pytest.mark.parametrize("name", [m for m in ALL if m != "vit_tiny"])
 def test_stage_prefix_suffix_equals_full_forward(name):
   """``apply(apply(x, stop=k), start=k) == apply(x)`` at every stage boundary ``k``.
 
@@ -124,8 +126,9 @@ def test_depthwise_conv_equals_lax_also_under_vmap(strides, padding):
     return common.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn,
                                        feature_group_count=6)
 
-  np.testing.assert_allclose(jax.vmap(ours)(kernels), jax.vmap(ref)(kernels), atol=1e-5)
-  np.testing.assert_allclose(ours(kernels[0]), ref(kernels[0]), atol=1e-5)
+  # jitted (as the zoo runs them): op by op, the shifted multiply-adds compiled one by one.
+  np.testing.assert_allclose(jax.jit(jax.vmap(ours))(kernels), jax.vmap(ref)(kernels), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(ours)(kernels[0]), ref(kernels[0]), atol=1e-5)
 
 
 def test_macs_per_layer_by_hand():
