@@ -61,9 +61,8 @@ def pytest_configure(config):
   compile-bound (1148 tests on 2 idle cores: 611 s at the default level, 464 s
   at 0, 1136 -> 847 CPU-seconds, every test passing both ways). It changes how
   XLA's generated loops are optimised, not what they compute. What users run
-  keeps the default level: ``launch.py``, the experiments, the notebook outside
-  pytest; and inside the suite the multi-process and fake-device tests
-  (``local_cluster.cpu_env`` resets ``$XLA_FLAGS``) still compile at it.
+  keeps the default level: ``launch.py``, the experiments, the library outside
+  pytest.
   """
   del config
   import tempfile

@@ -18,9 +18,12 @@ ROOT = os.path.dirname(TESTS)
 def cpu_env(devices: int | None = None, **extra: str) -> dict:
   """The environment of a CPU subprocess with ``devices`` fake devices (None: the default one)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, TESTS]), **extra)
-  env.pop("XLA_FLAGS", None)
+  # Only the suite's optimisation level (tests/conftest.py) carries over, then the device count.
+  flags = [f for f in env.pop("XLA_FLAGS", "").split() if "backend_optimization_level" in f]
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  if flags:
+    env["XLA_FLAGS"] = " ".join(flags)
   return env
 
 
