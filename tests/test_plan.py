@@ -223,6 +223,22 @@ def test_protect_plan_takes_the_most_sensitive_weights_per_param_and_keeps_the_b
     sj.allocate(model, variables, calib, sj.ProtectBudget(0.3), source="fisher", search=4)
 
 
+
+def test_protect_plan_draws_its_criterion_with_the_allocate_seed(linen, digits, monkeypatch):
+  """``Planner.allocate(seed=)`` reaches the criterion's key (it used the planner's seed)."""
+  model, variables = linen
+  keys, real = [], plan.criteria.compute_all
+
+  def recorded(*args, **kwargs):
+    keys.append(np.asarray(jax.random.key_data(kwargs["key"])).tolist())
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(plan.criteria, "compute_all", recorded)
+  planner = sj.Planner(model, variables, digits.train.take(CALIB), seed=0)
+  planner.allocate(sj.ProtectBudget(0.3), source="grad_norm")
+  planner.allocate(sj.ProtectBudget(0.3), source="grad_norm", seed=7)
+  assert keys == [np.asarray(jax.random.key_data(jax.random.key(s))).tolist() for s in (0, 7)]
+
 # ---------------------------------------------------------------------------
 # Planner: many budgets on one model, each cost table once.
 # ---------------------------------------------------------------------------

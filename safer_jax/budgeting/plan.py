@@ -813,7 +813,7 @@ class Planner:
     seed = self.seed if seed is None else _count("seed", seed, 0, "random numbers")
     if kind == "protect":
       return _allocate_protection(self.model, self.variables, self.calib, budget, source,
-                                  evaluations, self.task, self.seed)
+                                  evaluations, self.task, seed)
     names = resolve_sources(kind, source, evaluations)
     problem = self._problem(budget)
     solved = {s: self._solve(problem, budget, s, seed) for s in names}
