@@ -73,7 +73,8 @@ def degrees_of_freedom(samples: np.ndarray) -> float:
   centred = samples - samples.mean(axis=0)
   m2 = np.mean(centred ** 2, axis=0)
   m4 = np.mean(centred ** 4, axis=0)
-  excess = np.where(m2 > 0, m4 / np.maximum(m2, np.finfo(np.float64).tiny) ** 2 - 3, 0.0)
+  spread = m2 > 0  # a constant layer (every probe equal) adds no tail
+  excess = np.where(spread, m4 / np.where(spread, m2, 1.0) ** 2 - 3, 0.0)
   k = max(float(np.max(excess)), 0.0)
   return max(2.0 / (2.0 / (p - 1) + k / p), 1.0)
 
